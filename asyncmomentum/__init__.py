@@ -1,0 +1,29 @@
+"""asyncmomentum: momentum that retunes itself to the asynchrony of training.
+
+Asynchronous SGD with ``M`` workers carries an implicit momentum ``1 - 1/M``
+(Mitliagkas et al., 2016). :class:`AsyncMomentumSGD` measures the staleness of the gradients it
+applies, estimates ``M`` and applies ``target - implicit`` so the total stays what you tuned.
+"""
+
+from asyncmomentum.optim import AsyncMomentumSGD, NonFiniteGradientError
+from asyncmomentum.staleness import StalenessEstimator, VersionClock
+from asyncmomentum.tuning import (
+    algorithmic_momentum,
+    implicit_momentum,
+    total_momentum,
+    workers_from_staleness,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncMomentumSGD",
+    "NonFiniteGradientError",
+    "StalenessEstimator",
+    "VersionClock",
+    "__version__",
+    "algorithmic_momentum",
+    "implicit_momentum",
+    "total_momentum",
+    "workers_from_staleness",
+]

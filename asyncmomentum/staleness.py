@@ -1,0 +1,337 @@
+"""Where staleness comes from, and what it says about the number of workers.
+
+:class:`VersionClock` counts applied updates exactly, across threads and (after
+:meth:`~VersionClock.share_memory`) across processes. :class:`StalenessEstimator` turns the
+staleness of each applied gradient into an estimate of the number of asynchronous workers ``M``
+and of the implicit momentum ``1 - 1/M`` they add.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import operator
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from asyncmomentum import tuning
+
+__all__ = ["StalenessEstimator", "VersionClock", "check_staleness"]
+
+#: Layout version of the state dicts of the clock and the estimator.
+STATE_FORMAT = 1
+
+
+def check_staleness(tau: Any) -> int:
+    """Return ``tau`` as an ``int`` if it is a non-negative integer, else raise ``ValueError``.
+
+    Args:
+        tau: number of updates applied between a worker's read and its write-back.
+    """
+    if isinstance(tau, torch.Tensor) and tau.numel() == 1 and not tau.is_floating_point():
+        tau = tau.item()
+    if isinstance(tau, bool):
+        raise ValueError(f"staleness must be a non-negative integer, got {tau!r}")
+    try:
+        as_int = operator.index(tau)
+    except TypeError:
+        raise ValueError(
+            f"staleness must be a non-negative integer (updates between read and write), "
+            f"got {tau!r} of type {type(tau).__name__}"
+        ) from None
+    if as_int < 0:
+        raise ValueError(
+            f"staleness must be a non-negative integer, got {as_int}; a gradient cannot be "
+            "computed from parameters newer than the ones it is applied to"
+        )
+    return as_int
+
+
+class _SharableLock:
+    """A lock that is a thread lock until ``share_memory()`` and a process lock after.
+
+    A process lock can only travel to a child when the child is created (pickled while spawning);
+    pickled any other way the object becomes an independent, unshared copy with a fresh lock.
+    """
+
+    _shared: bool
+    _lock: Any
+
+    def _init_lock(self) -> None:
+        self._shared = False
+        self._lock = threading.Lock()
+
+    def _share_lock(self) -> None:
+        if not self._shared:
+            self._lock = multiprocessing.get_context("spawn").Lock()
+            self._shared = True
+
+    @property
+    def is_shared(self) -> bool:
+        """Whether the state lives in shared memory, visible to child processes."""
+        return self._shared
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        spawning = multiprocessing.context.get_spawning_popen() is not None
+        if not (self._shared and spawning):
+            # Plain pickling (copy, save) yields an independent copy: drop the unpicklable lock.
+            state["_lock"] = None
+            state["_shared"] = False
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._lock is None:
+            self._lock = threading.Lock()
+            self._detach_storage()
+
+    def _detach_storage(self) -> None:
+        """Give an unshared copy its own tensors (plain pickling already copies them)."""
+
+
+class VersionClock(_SharableLock):
+    """Monotonic count of applied updates, exact under threads and processes.
+
+    Every applied update calls :meth:`tick`, which returns the version the update was applied
+    at and advances the clock by one. A worker notes :attr:`value` when it reads the parameters;
+    the staleness of its gradient is the version at apply time minus the version it read.
+
+    Args:
+        start: initial version.
+    """
+
+    def __init__(self, start: int = 0) -> None:
+        # A tensor, not an int, so that share_memory() can put it where child processes see it.
+        self._count = torch.tensor([check_staleness(start)], dtype=torch.int64)
+        self._init_lock()
+
+    @property
+    def value(self) -> int:
+        """The current version: the number of updates applied so far."""
+        return int(self._count[0])
+
+    def tick(self) -> int:
+        """Atomically advance the clock by one; return the version before the increment."""
+        # A plain `tensor += 1` from several processes loses increments: read-modify-write races.
+        with self._lock:
+            version = int(self._count[0])
+            self._count[0] = version + 1
+        return version
+
+    def share_memory(self) -> VersionClock:
+        """Move the counter to shared memory and guard it with a process lock; returns self."""
+        self._count.share_memory_()
+        self._share_lock()
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """The clock's state: ``{"format", "value"}``."""
+        return {"format": STATE_FORMAT, "value": self.value}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the clock from :meth:`state_dict`.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+        """
+        _check_format(state_dict, "VersionClock")
+        value = check_staleness(state_dict["value"])
+        with self._lock:
+            self._count[0] = value
+
+    def __repr__(self) -> str:
+        return f"VersionClock(value={self.value}, shared={self.is_shared})"
+
+
+def _check_format(state_dict: Any, owner: str) -> None:
+    if not isinstance(state_dict, dict) or "format" not in state_dict:
+        raise ValueError(
+            f"{owner}.load_state_dict expects a dict from {owner}.state_dict(), got "
+            f"{type(state_dict).__name__}; was this checkpoint written by another program?"
+        )
+    if state_dict["format"] != STATE_FORMAT:
+        raise ValueError(
+            f"{owner} state has format {state_dict['format']!r} but this version of asyncmomentum "
+            f"reads format {STATE_FORMAT}; load it with the asyncmomentum version that wrote it, "
+            "or start the tuner afresh"
+        )
+
+
+class StalenessEstimator(_SharableLock):
+    """Estimates the number of asynchronous workers ``M`` from observed staleness.
+
+    Keeps an exponential moving average of the staleness ``tau`` of applied gradients and reports
+    ``M_hat = 1 + mean(tau)`` (exact for the geometric staleness of ``M`` memoryless workers).
+    Each observation is first winsorized at a high quantile of a recent window of raw
+    observations, so that one straggler (``tau = 10_000`` among small ones) barely moves the
+    estimate, while a real change of regime soon moves the quantile itself.
+
+    Args:
+        horizon: span of the moving average, in updates: an observation's weight is
+            ``2 / (horizon + 1)``, and the estimate follows a change of ``M`` within about
+            ``3 * horizon`` updates. Smaller reacts faster; larger is less noisy.
+        warmup: number of observations before which the estimate stays ``M = 1``
+            (no implicit momentum), so the first few gradients don't set the momentum.
+        workers: the known number of workers; if given, estimation is skipped and ``M`` is this.
+            Observations are still recorded for :attr:`mean`.
+        straggler_quantile: quantile of the recent window at which observations are winsorized.
+        window: number of recent raw observations kept for the quantile.
+    """
+
+    #: Fewer recent observations than this give no reliable quantile: no winsorizing before it.
+    MIN_WINDOW_FOR_QUANTILE = 32
+
+    def __init__(
+        self,
+        horizon: int = 1000,
+        warmup: int = 20,
+        workers: float | None = None,
+        straggler_quantile: float = 0.99,
+        window: int = 512,
+    ) -> None:
+        if not (isinstance(horizon, int) and horizon >= 1):
+            raise ValueError(f"horizon must be an integer >= 1 (updates), got {horizon!r}")
+        if not (isinstance(warmup, int) and warmup >= 0):
+            raise ValueError(f"warmup must be an integer >= 0 (observations), got {warmup!r}")
+        if workers is not None:
+            tuning.implicit_momentum(workers)  # validates workers >= 1
+        if not 0.5 <= straggler_quantile <= 1.0:
+            raise ValueError(f"straggler_quantile must lie in [0.5, 1], got {straggler_quantile!r}")
+        if not (isinstance(window, int) and window >= 1):
+            raise ValueError(f"window must be an integer >= 1, got {window!r}")
+        self.horizon = horizon
+        self.warmup = warmup
+        self.workers = None if workers is None else float(workers)
+        self.straggler_quantile = float(straggler_quantile)
+        self._alpha = 2.0 / (horizon + 1.0)
+        # Tensors so share_memory() can make one estimate for all Hogwild processes.
+        self._ema = torch.zeros(2, dtype=torch.float64)  # [weighted sum, total weight]
+        self._counts = torch.zeros(2, dtype=torch.int64)  # [observations, ring cursor]
+        self._window = torch.zeros(window, dtype=torch.int64)
+        self._init_lock()
+
+    # -- observations -------------------------------------------------------------------------
+
+    def observe(self, tau: int) -> None:
+        """Record the staleness of one applied gradient.
+
+        Args:
+            tau: updates applied between the worker's read and this gradient's application (>= 0).
+        """
+        tau = check_staleness(tau)
+        with self._lock:
+            self._observe_locked(tau)
+
+    def _observe_locked(self, tau: int) -> None:
+        count, cursor = (int(v) for v in self._counts)
+        size = self._window.numel()
+        self._window[cursor] = tau
+        filled = min(count + 1, size)
+        value = float(tau)
+        if filled >= min(self.MIN_WINDOW_FOR_QUANTILE, size):
+            recent = self._window.numpy()[:filled]
+            k = min(filled - 1, math.ceil(self.straggler_quantile * (filled - 1)))
+            value = min(value, float(np.partition(recent, k)[k]))
+        decay = 1.0 - self._alpha
+        self._ema[0] = decay * float(self._ema[0]) + self._alpha * value
+        self._ema[1] = decay * float(self._ema[1]) + self._alpha
+        self._counts[0] = count + 1
+        self._counts[1] = (cursor + 1) % size
+
+    # -- estimates ----------------------------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        """Number of observations so far."""
+        return int(self._counts[0])
+
+    @property
+    def mean(self) -> float:
+        """Moving average of the (winsorized) staleness; 0 before any observation."""
+        total, weight = (float(v) for v in self._ema)
+        return total / weight if weight > 0 else 0.0
+
+    @property
+    def estimated_workers(self) -> float:
+        """``M_hat``: the known ``workers``, else 1 during warm-up, else ``1 + mean``."""
+        if self.workers is not None:
+            return self.workers
+        if self.count < self.warmup:
+            return 1.0
+        return tuning.workers_from_staleness(self.mean)
+
+    @property
+    def implicit_momentum(self) -> float:
+        """Implicit momentum ``1 - 1/M_hat`` of the observed asynchrony."""
+        return tuning.implicit_momentum(self.estimated_workers)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget every observation."""
+        with self._lock:
+            self._ema.zero_()
+            self._counts.zero_()
+            self._window.zero_()
+
+    def share_memory(self) -> StalenessEstimator:
+        """Move the estimate to shared memory, guarded by a process lock; returns self."""
+        for tensor in (self._ema, self._counts, self._window):
+            tensor.share_memory_()
+        self._share_lock()
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """The estimator's state (observations, not configuration), as plain values and tensors."""
+        with self._lock:
+            count, cursor = (int(v) for v in self._counts)
+            size = self._window.numel()
+            filled = min(count, size)
+            # Oldest first, so a window of another size can take the most recent entries.
+            order = [(cursor - filled + i) % size for i in range(filled)]
+            return {
+                "format": STATE_FORMAT,
+                "count": count,
+                "ema": self._ema.tolist(),
+                "window": self._window[order].clone(),
+            }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore observations from :meth:`state_dict`; the configuration stays this object's.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+        """
+        _check_format(state_dict, "StalenessEstimator")
+        try:
+            count = check_staleness(state_dict["count"])
+            ema = torch.as_tensor(state_dict["ema"], dtype=torch.float64)
+            recent = torch.as_tensor(state_dict["window"], dtype=torch.int64).flatten()
+        except KeyError as missing:
+            raise ValueError(f"StalenessEstimator state is missing {missing}") from None
+        if ema.shape != (2,) or not torch.isfinite(ema).all() or bool((recent < 0).any()):
+            raise ValueError("StalenessEstimator state is corrupt: bad 'ema' or 'window' values")
+        size = self._window.numel()
+        recent = recent[-size:]
+        with self._lock:
+            self._ema.copy_(ema)
+            self._window.zero_()
+            self._window[: recent.numel()] = recent
+            self._counts[0] = count
+            self._counts[1] = recent.numel() % size
+
+    def _detach_storage(self) -> None:
+        self._ema = self._ema.clone()
+        self._counts = self._counts.clone()
+        self._window = self._window.clone()
+
+    def __repr__(self) -> str:
+        return (
+            f"StalenessEstimator(count={self.count}, mean={self.mean:.3g}, "
+            f"estimated_workers={self.estimated_workers:.3g}, horizon={self.horizon}, "
+            f"warmup={self.warmup}, workers={self.workers}, shared={self.is_shared})"
+        )

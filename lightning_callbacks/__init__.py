@@ -1,0 +1,1 @@
+"""PyTorch Lightning callbacks for asyncmomentum."""
