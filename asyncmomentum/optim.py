@@ -12,6 +12,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from asyncmomentum import tuning
 from asyncmomentum.staleness import StalenessEstimator, VersionClock, check_staleness
+from asyncmomentum.tuner import MomentumTuner
 
 __all__ = ["AsyncMomentumSGD", "NonFiniteGradientError"]
 
@@ -116,11 +117,16 @@ class AsyncMomentumSGD(Optimizer):
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         # The tuner exists before the groups: adding a group sets its first momentum from it.
-        self.rule = tuning.check_rule(rule)
-        self.momentum_bounds = tuning.check_momentum_bounds(momentum_bounds)
         self.nonfinite = nonfinite
         self._clock = VersionClock()
-        self._estimator = StalenessEstimator(horizon=horizon, warmup=warmup, workers=workers)
+        # The tuner's own target is unused: every group carries its target_momentum.
+        self._tuner = MomentumTuner(
+            rule=rule,
+            momentum_bounds=momentum_bounds,
+            workers=workers,
+            horizon=horizon,
+            warmup=warmup,
+        )
         self._version_read = 0
         self._last_staleness = 0
         self._skipped_steps = 0
@@ -163,7 +169,7 @@ class AsyncMomentumSGD(Optimizer):
             self.param_groups.pop()
             raise
         if group["target_momentum"] is not None:
-            group["momentum"] = self._tuned_momentum(group, self._estimator.implicit_momentum)
+            group["momentum"] = self._tuner.algorithmic_momentum(group["target_momentum"])
 
     @staticmethod
     def _validate_group(group: dict[str, Any]) -> None:
@@ -202,11 +208,6 @@ class AsyncMomentumSGD(Optimizer):
                         f"{sorted(_FUSED_DEVICES)}, got {p.dtype} on {p.device}"
                     )
 
-    def _tuned_momentum(self, group: dict[str, Any], implicit: float) -> float:
-        return tuning.algorithmic_momentum(
-            group["target_momentum"], implicit, self.rule, self.momentum_bounds
-        )
-
     # -- what the tuner sees ------------------------------------------------------------------
 
     @property
@@ -215,14 +216,29 @@ class AsyncMomentumSGD(Optimizer):
         return self._clock
 
     @property
+    def tuner(self) -> MomentumTuner:
+        """The tuner that turns measured staleness into this optimizer's momentum."""
+        return self._tuner
+
+    @property
     def estimator(self) -> StalenessEstimator:
         """The staleness estimator this optimizer feeds."""
-        return self._estimator
+        return self._tuner.estimator
+
+    @property
+    def rule(self) -> str:
+        """The tuning rule's name."""
+        return self._tuner.rule
+
+    @property
+    def momentum_bounds(self) -> tuple[float, float]:
+        """Clip range of the tuned momentum."""
+        return self._tuner.momentum_bounds
 
     @property
     def implicit_momentum(self) -> float:
         """Implicit momentum ``1 - 1/M_hat`` of the measured asynchrony."""
-        return self._estimator.implicit_momentum
+        return self._tuner.estimator.implicit_momentum
 
     @property
     def algorithmic_momentum(self) -> float:
@@ -232,17 +248,17 @@ class AsyncMomentumSGD(Optimizer):
     @property
     def total_momentum(self) -> float:
         """Algorithmic and implicit momentum composed under :attr:`rule`, for the first group."""
-        return tuning.total_momentum(self.algorithmic_momentum, self.implicit_momentum, self.rule)
+        return self._tuner.total_momentum(self.algorithmic_momentum)
 
     @property
     def estimated_workers(self) -> float:
         """``M_hat``, the estimated number of asynchronous workers."""
-        return self._estimator.estimated_workers
+        return self._tuner.estimator.estimated_workers
 
     @property
     def staleness_mean(self) -> float:
         """Moving average of the staleness of applied gradients."""
-        return self._estimator.mean
+        return self._tuner.estimator.mean
 
     @property
     def last_staleness(self) -> int:
@@ -308,13 +324,12 @@ class AsyncMomentumSGD(Optimizer):
         # Claim this update's version atomically: the staleness is exact under concurrency.
         version = self._clock.tick()
         tau = staleness if staleness is not None else max(version - self._version_read, 0)
-        self._estimator.observe(tau)
+        self._tuner.observe(tau)
         self._last_staleness = tau
-        implicit = self._estimator.implicit_momentum
 
         for group, (params, grads, buffers) in zip(self.param_groups, gathered):
             if group["target_momentum"] is not None:
-                group["momentum"] = self._tuned_momentum(group, implicit)
+                group["momentum"] = self._tuner.algorithmic_momentum(group["target_momentum"])
             if params:
                 self._update_group(group, params, grads, buffers)
         self._version_read = version + 1
@@ -385,7 +400,7 @@ class AsyncMomentumSGD(Optimizer):
                         )
                     state["momentum_buffer"].share_memory_()
         self._clock.share_memory()
-        self._estimator.share_memory()
+        self._tuner.share_memory()
         return self
 
     def state_dict(self) -> dict[str, Any]:
@@ -394,7 +409,7 @@ class AsyncMomentumSGD(Optimizer):
         state[_STATE_KEY] = {
             "format": STATE_FORMAT,
             "clock": self._clock.state_dict(),
-            "estimator": self._estimator.state_dict(),
+            "tuner": self._tuner.state_dict(),
             "version_read": self._version_read,
             "last_staleness": self._last_staleness,
             "skipped_steps": self._skipped_steps,
@@ -425,13 +440,11 @@ class AsyncMomentumSGD(Optimizer):
                 raise ValueError(f"param group {i} of this state_dict has no 'target_momentum'")
         # Validate the tuner state on throwaway objects before touching our own.
         VersionClock().load_state_dict(extra["clock"])
-        StalenessEstimator(window=self._estimator._window.numel()).load_state_dict(
-            extra["estimator"]
-        )
+        MomentumTuner().load_state_dict(extra["tuner"])
         torch_state = {k: v for k, v in state_dict.items() if k != _STATE_KEY}
         super().load_state_dict(torch_state)
         self._clock.load_state_dict(extra["clock"])
-        self._estimator.load_state_dict(extra["estimator"])
+        self._tuner.load_state_dict(extra["tuner"])
         self._version_read = int(extra["version_read"])
         self._last_staleness = int(extra["last_staleness"])
         self._skipped_steps = int(extra["skipped_steps"])
@@ -439,11 +452,9 @@ class AsyncMomentumSGD(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         for name in (
-            "rule",
-            "momentum_bounds",
             "nonfinite",
             "_clock",
-            "_estimator",
+            "_tuner",
             "_version_read",
             "_last_staleness",
             "_skipped_steps",

@@ -4,26 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-
-class SmallCNN(nn.Module):
-    """A tiny CNN for 8x8 single-channel images (the shape of sklearn's digits)."""
-
-    def __init__(self, classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.head = nn.Linear(16 * 2 * 2, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).flatten(1))
+from asyncmomentum.digits import SmallCNN
 
 
 @pytest.fixture
