@@ -69,7 +69,7 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> DigitsSplit
     images = torch.as_tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.as_tensor(data.target, dtype=torch.int64)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    n_test = int(round(test_fraction * len(labels)))
+    n_test = round(test_fraction * len(labels))
     test, train = order[:n_test], order[n_test:]
     return DigitsSplit(images[train], labels[train], images[test], labels[test])
 
