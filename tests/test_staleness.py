@@ -1,0 +1,182 @@
+"""VersionClock exactness across processes, and the StalenessEstimator's accuracy and robustness."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch.multiprocessing as mp
+
+from asyncmomentum.staleness import StalenessEstimator, VersionClock, check_staleness
+from asyncmomentum.tuner import MomentumTuner
+
+BUMPS = 5_000
+PROCESSES = 4
+
+
+def _bump(clock: VersionClock, times: int) -> None:
+    for _ in range(times):
+        clock.tick()
+
+
+def test_version_clock_loses_no_increment_across_processes():
+    clock = VersionClock().share_memory()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_bump, args=(clock, BUMPS)) for _ in range(PROCESSES)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        assert [p.exitcode for p in procs] == [0] * PROCESSES
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert clock.value == PROCESSES * BUMPS
+
+
+def test_version_clock_tick_returns_version_before_increment():
+    clock = VersionClock(start=5)
+    assert clock.tick() == 5
+    assert clock.value == 6
+    copy = pickle.loads(pickle.dumps(clock))
+    copy.tick()
+    assert (clock.value, copy.value) == (6, 7)
+
+
+def _geometric(workers: float, n: int, seed: int) -> np.ndarray:
+    # numpy's geometric counts trials (>= 1); staleness counts failures (>= 0).
+    return np.random.default_rng(seed).geometric(1.0 / workers, size=n) - 1
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4, 8, 16, 32])
+def test_estimate_within_ten_percent_on_geometric_staleness(workers):
+    est = StalenessEstimator()
+    for tau in _geometric(workers, 5_000, seed=workers):
+        est.observe(int(tau))
+    assert est.estimated_workers == pytest.approx(workers, rel=0.10)
+    assert est.implicit_momentum == pytest.approx(1 - 1 / workers, abs=0.02)
+
+
+def test_estimate_follows_a_step_change_within_three_horizons():
+    est = StalenessEstimator(horizon=200)
+    for tau in _geometric(8, 2_000, seed=1):
+        est.observe(int(tau))
+    assert est.estimated_workers == pytest.approx(8, rel=0.15)
+    for tau in _geometric(2, 3 * 200, seed=2):
+        est.observe(int(tau))
+    assert est.estimated_workers == pytest.approx(2, rel=0.10)
+
+
+@pytest.mark.parametrize("workers", [2, 4, 8])
+def test_one_straggler_moves_the_estimate_by_less_than_ten_percent(workers):
+    est = StalenessEstimator(horizon=100)
+    for tau in _geometric(workers, 1_000, seed=3):
+        est.observe(int(tau))
+    before = est.estimated_workers
+    est.observe(10_000)
+    assert abs(est.estimated_workers - before) < 0.10 * before
+    # Without winsorizing the same straggler would have moved it a lot: the test can fail.
+    naive_shift = 2 / (100 + 1) * (10_000 - est.mean)
+    assert naive_shift > before
+
+
+def test_a_real_regime_change_is_not_winsorized_away():
+    est = StalenessEstimator(horizon=50)
+    for _ in range(600):
+        est.observe(0)
+    for _ in range(300):
+        est.observe(15)
+    assert est.estimated_workers == pytest.approx(16, rel=0.05)
+
+
+def test_warmup_reports_one_worker_and_known_workers_skip_estimation():
+    est = StalenessEstimator(warmup=10)
+    for _ in range(9):
+        est.observe(7)
+    assert est.estimated_workers == 1.0 and est.implicit_momentum == 0.0
+    est.observe(7)
+    assert est.estimated_workers == pytest.approx(8)
+    known = StalenessEstimator(workers=4)
+    known.observe(100)
+    assert known.estimated_workers == 4 and known.mean == pytest.approx(100)
+
+
+def test_state_dict_round_trip_continues_identically():
+    a, b = StalenessEstimator(horizon=30), StalenessEstimator(horizon=30)
+    taus = _geometric(6, 700, seed=5)
+    for tau in taus[:400]:
+        a.observe(int(tau))
+    b.load_state_dict(a.state_dict())
+    for tau in taus[400:]:
+        a.observe(int(tau))
+        b.observe(int(tau))
+    assert a.estimated_workers == b.estimated_workers
+    assert a.state_dict()["ema"] == b.state_dict()["ema"]
+
+
+def test_bad_state_and_bad_staleness_raise_and_change_nothing():
+    est = StalenessEstimator(warmup=0)
+    est.observe(3)
+    before = est.state_dict()
+    with pytest.raises(ValueError, match="format"):
+        est.load_state_dict({"format": 999, "count": 1, "ema": [0, 0], "window": []})
+    with pytest.raises(ValueError, match="state_dict"):
+        est.load_state_dict([1, 2, 3])
+    for bad in (-1, 2.5, "3", True):
+        with pytest.raises(ValueError, match="staleness"):
+            est.observe(bad)
+    assert est.state_dict()["ema"] == before["ema"] and est.count == 1
+    assert check_staleness(np.int64(4)) == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"horizon": 0}, "horizon"),
+        ({"warmup": -1}, "warmup"),
+        ({"workers": 0.5}, "workers"),
+        ({"straggler_quantile": 0.1}, "straggler_quantile"),
+        ({"window": 0}, "window"),
+    ],
+)
+def test_estimator_refuses_bad_configuration(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StalenessEstimator(**kwargs)
+
+
+def _observe_many(est: StalenessEstimator, tau: int, times: int) -> None:
+    for _ in range(times):
+        est.observe(tau)
+
+
+def test_shared_estimator_counts_observations_from_all_processes():
+    est = StalenessEstimator(warmup=0).share_memory()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_observe_many, args=(est, 3, 500)) for _ in range(2)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        assert [p.exitcode for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert est.count == 1_000
+    assert est.estimated_workers == pytest.approx(4)
+
+
+def test_tuner_applies_the_rule_to_the_estimate():
+    tuner = MomentumTuner(target_momentum=0.9, warmup=0, horizon=10)
+    for _ in range(200):
+        tuner.observe(19)  # M = 20: implicit 0.95, additive wants -0.05
+    assert tuner.estimated_workers == pytest.approx(20)
+    assert tuner.algorithmic_momentum() == pytest.approx(-0.05)
+    assert tuner.total_momentum(tuner.algorithmic_momentum()) == pytest.approx(0.9)
+    assert tuner.algorithmic_momentum(target=0.99) == pytest.approx(0.04)
