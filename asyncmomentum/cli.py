@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from asyncmomentum import __version__
+from asyncmomentum import __version__, bench
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Momentum that retunes itself to the asynchrony of training.",
     )
     parser.add_argument("--version", action="version", version=f"asyncmomentum {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in (bench,):
+        command.register(subparsers)
     return parser
 
 
