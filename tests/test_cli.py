@@ -1,0 +1,108 @@
+"""The ``asyncmomentum`` command end to end, at tiny sizes."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asyncmomentum import __version__, demo
+from asyncmomentum.cli import main
+
+
+def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "asyncmomentum", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_version():
+    done = _cli("--version")
+    assert done.returncode == 0 and __version__ in done.stdout
+
+
+def test_demo_simulated_writes_table_csv_and_plot(tmp_path):
+    out = tmp_path / "demo"
+    done = _cli(
+        "demo",
+        "--backend",
+        "simulate",
+        "--workers",
+        "4",
+        "--steps",
+        "10",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "AsyncMomentumSGD(target_momentum=0.9)" in done.stdout
+    assert "torch.optim.SGD(momentum=0.9)" in done.stdout
+    rows = list(csv.DictReader((out / "demo.csv").open()))
+    assert {row["run"] for row in rows} == set(demo.RUNS)
+    assert len(rows) == 2 * 40
+    assert (out / "demo.png").stat().st_size > 10_000
+    assert not list(out.glob(".partial-*"))
+
+
+def test_demo_with_real_hogwild_processes_estimates_more_than_one_worker(tmp_path):
+    config = demo.DemoConfig(workers=3, steps=25, out=tmp_path / "hogwild", progress=False)
+    result = demo.run_demo(config)
+    fixed, tuned = result.runs
+    assert fixed.updates == tuned.updates == 75
+    assert tuned.estimated_workers > 1.0
+    assert tuned.algorithmic_momentum < 0.9  # it removed momentum for the asynchrony
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["demo", "--workers", "0"], "workers must be an integer >= 1"),
+        (["demo", "--backend", "mpi"], "invalid choice"),
+        (["demo", "--steps", "many"], "invalid int value"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_clear_message(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unwritable_out_exits_2_and_leaves_nothing(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = main(["demo", "--backend", "simulate", "--out", str(blocker / "out"), "--no-progress"])
+    assert code == 2
+    assert "cannot write to --out" in capsys.readouterr().err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_failed_write_leaves_previous_results_and_no_partial_files(tmp_path, monkeypatch):
+    out = tmp_path / "demo"
+    config = demo.DemoConfig(workers=2, steps=12, backend="simulate", out=out, progress=False)
+    demo.run_demo(config)
+    before = (out / "demo.csv").read_bytes()
+
+    def broken_plot(path: Path, *args) -> None:
+        path.write_bytes(b"half a png")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(demo, "_write_plot", broken_plot)
+    with pytest.raises(OSError, match="disk full"):
+        demo.run_demo(config)
+    assert (out / "demo.csv").read_bytes() == before
+    assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in out.iterdir()) == ["demo.csv", "demo.png"]
+
+
+def test_formats_a_diverged_run_without_nan():
+    run = demo.RunSummary(label="torch.optim.SGD(momentum=0.9)", updates=5)
+    table = demo.format_table([run])
+    assert "diverged" in table and "nan" not in table.lower()
