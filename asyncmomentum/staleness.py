@@ -50,21 +50,36 @@ def check_staleness(tau: Any) -> int:
     return as_int
 
 
-class _SharableLock:
-    """A lock that is a thread lock until ``share_memory()`` and a process lock after.
+class _SharableState:
+    """State in tensors (so it can move to shared memory) behind a lock that is a thread lock
+    until ``share_memory()`` and a process lock after.
 
-    A process lock can only travel to a child when the child is created (pickled while spawning);
-    pickled any other way the object becomes an independent, unshared copy with a fresh lock.
+    The hot path reads and writes through cached numpy views of the tensors: a numpy scalar
+    access costs about a tenth of a torch one. A process lock can only travel to a child when the
+    child is created (pickled while spawning); pickled any other way the object becomes an
+    independent, unshared copy with a fresh lock.
     """
 
+    #: Names of the tensor attributes that hold the state.
+    _TENSORS: tuple[str, ...] = ()
     _shared: bool
     _lock: Any
+    _views: dict[str, np.ndarray] | None
 
     def _init_lock(self) -> None:
         self._shared = False
         self._lock = threading.Lock()
+        self._views = None
 
-    def _share_lock(self) -> None:
+    def _np(self, name: str) -> np.ndarray:
+        if self._views is None:
+            self._views = {t: getattr(self, t).numpy() for t in self._TENSORS}
+        return self._views[name]
+
+    def _share_memory(self) -> None:
+        for name in self._TENSORS:
+            getattr(self, name).share_memory_()  # moves the storage: old views are stale
+        self._views = None
         if not self._shared:
             self._lock = multiprocessing.get_context("spawn").Lock()
             self._shared = True
@@ -76,6 +91,7 @@ class _SharableLock:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
+        state["_views"] = None
         spawning = multiprocessing.context.get_spawning_popen() is not None
         if not (self._shared and spawning):
             # Plain pickling (copy, save) yields an independent copy: drop the unpicklable lock.
@@ -90,10 +106,12 @@ class _SharableLock:
             self._detach_storage()
 
     def _detach_storage(self) -> None:
-        """Give an unshared copy its own tensors (plain pickling already copies them)."""
+        # Plain pickling already copied the tensors; clone anyway so nothing aliases a sender.
+        for name in self._TENSORS:
+            setattr(self, name, getattr(self, name).clone())
 
 
-class VersionClock(_SharableLock):
+class VersionClock(_SharableState):
     """Monotonic count of applied updates, exact under threads and processes.
 
     Every applied update calls :meth:`tick`, which returns the version the update was applied
@@ -104,6 +122,8 @@ class VersionClock(_SharableLock):
         start: initial version.
     """
 
+    _TENSORS = ("_count",)
+
     def __init__(self, start: int = 0) -> None:
         # A tensor, not an int, so that share_memory() can put it where child processes see it.
         self._count = torch.tensor([check_staleness(start)], dtype=torch.int64)
@@ -112,20 +132,20 @@ class VersionClock(_SharableLock):
     @property
     def value(self) -> int:
         """The current version: the number of updates applied so far."""
-        return int(self._count[0])
+        return int(self._np("_count")[0])
 
     def tick(self) -> int:
         """Atomically advance the clock by one; return the version before the increment."""
         # A plain `tensor += 1` from several processes loses increments: read-modify-write races.
+        count = self._np("_count")
         with self._lock:
-            version = int(self._count[0])
-            self._count[0] = version + 1
+            version = int(count[0])
+            count[0] = version + 1
         return version
 
     def share_memory(self) -> VersionClock:
         """Move the counter to shared memory and guard it with a process lock; returns self."""
-        self._count.share_memory_()
-        self._share_lock()
+        self._share_memory()
         return self
 
     def state_dict(self) -> dict[str, Any]:
@@ -141,7 +161,7 @@ class VersionClock(_SharableLock):
         _check_format(state_dict, "VersionClock")
         value = check_staleness(state_dict["value"])
         with self._lock:
-            self._count[0] = value
+            self._np("_count")[0] = value
 
     def __repr__(self) -> str:
         return f"VersionClock(value={self.value}, shared={self.is_shared})"
@@ -161,7 +181,7 @@ def _check_format(state_dict: Any, owner: str) -> None:
         )
 
 
-class StalenessEstimator(_SharableLock):
+class StalenessEstimator(_SharableState):
     """Estimates the number of asynchronous workers ``M`` from observed staleness.
 
     Keeps an exponential moving average of the staleness ``tau`` of applied gradients and reports
@@ -184,6 +204,11 @@ class StalenessEstimator(_SharableLock):
 
     #: Fewer recent observations than this give no reliable quantile: no winsorizing before it.
     MIN_WINDOW_FOR_QUANTILE = 32
+    #: The winsorizing cap is recomputed every this many observations (it moves slowly; a
+    #: partial sort of the window every update would dominate the tuner's cost).
+    CAP_EVERY = 8
+
+    _TENSORS = ("_stats", "_counts", "_window")
 
     def __init__(
         self,
@@ -209,7 +234,8 @@ class StalenessEstimator(_SharableLock):
         self.straggler_quantile = float(straggler_quantile)
         self._alpha = 2.0 / (horizon + 1.0)
         # Tensors so share_memory() can make one estimate for all Hogwild processes.
-        self._ema = torch.zeros(2, dtype=torch.float64)  # [weighted sum, total weight]
+        # [weighted sum, total weight, winsorizing cap (inf: none yet)]
+        self._stats = torch.tensor([0.0, 0.0, math.inf], dtype=torch.float64)
         self._counts = torch.zeros(2, dtype=torch.int64)  # [observations, ring cursor]
         self._window = torch.zeros(window, dtype=torch.int64)
         self._init_lock()
@@ -227,33 +253,36 @@ class StalenessEstimator(_SharableLock):
             self._observe_locked(tau)
 
     def _observe_locked(self, tau: int) -> None:
-        count, cursor = (int(v) for v in self._counts)
-        size = self._window.numel()
-        self._window[cursor] = tau
+        stats, counts, window = self._np("_stats"), self._np("_counts"), self._np("_window")
+        count, cursor = int(counts[0]), int(counts[1])
+        size = window.shape[0]
+        window[cursor] = tau
         filled = min(count + 1, size)
-        value = float(tau)
-        if filled >= min(self.MIN_WINDOW_FOR_QUANTILE, size):
-            recent = self._window.numpy()[:filled]
+        if filled >= min(self.MIN_WINDOW_FOR_QUANTILE, size) and (
+            count % self.CAP_EVERY == 0 or math.isinf(stats[2])
+        ):
             k = min(filled - 1, math.ceil(self.straggler_quantile * (filled - 1)))
-            value = min(value, float(np.partition(recent, k)[k]))
+            stats[2] = float(np.partition(window[:filled], k)[k])
+        value = min(float(tau), float(stats[2]))
         decay = 1.0 - self._alpha
-        self._ema[0] = decay * float(self._ema[0]) + self._alpha * value
-        self._ema[1] = decay * float(self._ema[1]) + self._alpha
-        self._counts[0] = count + 1
-        self._counts[1] = (cursor + 1) % size
+        stats[0] = decay * stats[0] + self._alpha * value
+        stats[1] = decay * stats[1] + self._alpha
+        counts[0] = count + 1
+        counts[1] = (cursor + 1) % size
 
     # -- estimates ----------------------------------------------------------------------------
 
     @property
     def count(self) -> int:
         """Number of observations so far."""
-        return int(self._counts[0])
+        return int(self._np("_counts")[0])
 
     @property
     def mean(self) -> float:
         """Moving average of the (winsorized) staleness; 0 before any observation."""
-        total, weight = (float(v) for v in self._ema)
-        return total / weight if weight > 0 else 0.0
+        stats = self._np("_stats")
+        weight = float(stats[1])
+        return float(stats[0]) / weight if weight > 0 else 0.0
 
     @property
     def estimated_workers(self) -> float:
@@ -274,15 +303,13 @@ class StalenessEstimator(_SharableLock):
     def reset(self) -> None:
         """Forget every observation."""
         with self._lock:
-            self._ema.zero_()
+            self._stats.copy_(torch.tensor([0.0, 0.0, math.inf], dtype=torch.float64))
             self._counts.zero_()
             self._window.zero_()
 
     def share_memory(self) -> StalenessEstimator:
         """Move the estimate to shared memory, guarded by a process lock; returns self."""
-        for tensor in (self._ema, self._counts, self._window):
-            tensor.share_memory_()
-        self._share_lock()
+        self._share_memory()
         return self
 
     def state_dict(self) -> dict[str, Any]:
@@ -296,7 +323,8 @@ class StalenessEstimator(_SharableLock):
             return {
                 "format": STATE_FORMAT,
                 "count": count,
-                "ema": self._ema.tolist(),
+                "ema": self._stats[:2].tolist(),
+                "cap": float(self._stats[2]),
                 "window": self._window[order].clone(),
             }
 
@@ -310,24 +338,22 @@ class StalenessEstimator(_SharableLock):
         try:
             count = check_staleness(state_dict["count"])
             ema = torch.as_tensor(state_dict["ema"], dtype=torch.float64)
+            cap = float(state_dict.get("cap", math.inf))
             recent = torch.as_tensor(state_dict["window"], dtype=torch.int64).flatten()
         except KeyError as missing:
             raise ValueError(f"StalenessEstimator state is missing {missing}") from None
-        if ema.shape != (2,) or not torch.isfinite(ema).all() or bool((recent < 0).any()):
+        bad_cap = math.isnan(cap) or cap < 0
+        if ema.shape != (2,) or not torch.isfinite(ema).all() or bad_cap or (recent < 0).any():
             raise ValueError("StalenessEstimator state is corrupt: bad 'ema' or 'window' values")
         size = self._window.numel()
         recent = recent[-size:]
         with self._lock:
-            self._ema.copy_(ema)
+            self._stats[:2] = ema
+            self._stats[2] = cap
             self._window.zero_()
             self._window[: recent.numel()] = recent
             self._counts[0] = count
             self._counts[1] = recent.numel() % size
-
-    def _detach_storage(self) -> None:
-        self._ema = self._ema.clone()
-        self._counts = self._counts.clone()
-        self._window = self._window.clone()
 
     def __repr__(self) -> str:
         return (
