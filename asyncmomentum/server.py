@@ -1,0 +1,1323 @@
+"""An asynchronous parameter server on ``torch.distributed.rpc`` (TensorPipe).
+
+Rank 0 is the server: it owns the model and the optimizer. Every other rank is a worker that
+loops: compute a gradient from the parameters it holds, push ``(gradients, version)`` and receive
+the parameters as they are right after the gradient was applied, with their version. The server
+applies each gradient as it arrives, with ``optimizer.step(staleness=version_now - version)``
+when the optimizer is an :class:`~asyncmomentum.optim.AsyncMomentumSGD` (any other optimizer
+gets a plain ``step()``; staleness is measured and reported all the same).
+
+Push and pull are one round trip, and the version a worker reads is the one right after its own
+update. In the long run the mean staleness is then exactly ``M - 1`` for ``M`` workers whatever
+their speeds (each worker sees the updates of the others during one of its cycles), which is what
+the estimator of ``M`` assumes.
+
+Fault tolerance. ``init_rpc`` forms a static group and ``rpc.shutdown(graceful=True)`` is a
+barrier over every rank, which never completes once a worker is dead. So every process here
+shuts its agent down locally (``graceful=False``) and the end of the job is agreed on separately:
+
+* the server stops on the first of: ``total_updates`` applied, ``max_seconds`` elapsed, or no
+  worker left; gradients that arrive after that are answered with "stop" and not applied;
+* a worker that is not heard from for ``worker_timeout`` seconds is dropped: its later gradients
+  are refused, and the server stops waiting for it;
+* a leaving worker says so over RPC, shuts its agent down, then writes a key into a small
+  ``TCPStore`` the server hosts; the server shuts its own agent down only once every worker
+  still alive has written its key (or timed out), so no reply is cut off mid-flight.
+
+Launch it with ``torchrun`` (rank 0 is the server) or with the usual environment variables
+(``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``) through :func:`run_from_env`, or as
+one local job of spawned processes on 127.0.0.1 with :func:`launch_local`. Note that torchrun's
+agent ends every process of its group as soon as one of them dies (torch's policy, not this
+module's): to keep training through dead workers, start the processes without torchrun (by hand,
+by a cluster scheduler, or with :func:`launch_local`). A stalled worker is dropped either way.
+
+Example::
+
+    job = ParameterServerJob(model_fn=make_model, optimizer_fn=make_optimizer,
+                             batches_fn=make_batches)      # top-level functions: picklable
+    result = launch_local(job, workers=3, config=ServerConfig(total_updates=500))
+    print(result.server.estimated_workers, result.server.algorithmic_momentum)
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import math
+import multiprocessing
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from multiprocessing.connection import Connection, wait
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.distributed.rpc as rpc
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from asyncmomentum.optim import AsyncMomentumSGD, NonFiniteGradientError
+from asyncmomentum.staleness import StalenessEstimator, check_staleness
+
+__all__ = [
+    "SERVER_NAME",
+    "CheckpointInfo",
+    "LocalJobResult",
+    "ParameterServer",
+    "ParameterServerJob",
+    "ServerConfig",
+    "ServerResult",
+    "TracePoint",
+    "WorkerOutcome",
+    "WorkerResult",
+    "launch_local",
+    "load_checkpoint",
+    "request_checkpoint",
+    "run_from_env",
+    "run_server",
+    "run_worker",
+    "worker_name",
+]
+
+#: RPC name of rank 0, the server.
+SERVER_NAME = "server"
+
+#: Layout version of the checkpoints this module writes.
+CHECKPOINT_FORMAT = 1
+
+# A worker that leaves says so over RPC; this bounds that last call when the server is gone.
+_LEAVE_TIMEOUT_S = 5.0
+
+# Seconds a child of launch_local gets to end after SIGTERM before SIGKILL.
+_KILL_GRACE_S = 5.0
+
+
+def worker_name(rank: int) -> str:
+    """RPC name of the worker of global rank ``rank`` (>= 1)."""
+    return f"worker{rank}"
+
+
+# -- configuration and results -------------------------------------------------------------------
+
+
+def _check_positive(value: Any, name: str, *, integer: bool, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    kind = "an integer" if integer else "a number"
+    valid_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not valid_type or not value > 0 or not math.isfinite(value):
+        raise ValueError(
+            f"{name} must be {kind} > 0{' or None' if optional else ''}, got {value!r}"
+        )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the server runs, stops, checkpoints and reports.
+
+    Args:
+        total_updates: stop once this many gradients have been applied (``None``: no limit).
+        max_seconds: stop once this many seconds have passed since serving began (``None``:
+            no limit). At least one of ``total_updates`` and ``max_seconds`` must be given, so
+            that the job ends even when workers die.
+        worker_timeout: a worker not heard from for this many seconds is dropped: its later
+            gradients are refused and the server no longer waits for it at the end.
+        rpc_timeout: timeout of every RPC and of the store workers sign off in, in seconds.
+        checkpoint_path: where the server saves model and optimizer at the end and on request
+            (``None``: only explicit requests with a path save).
+        checkpoint_every: also save every this many applied updates (needs ``checkpoint_path``).
+        trace_every: record one :class:`TracePoint` every this many applied updates.
+        progress_every: call ``on_progress`` every this many applied updates (``None``: never).
+        on_progress: called with the latest :class:`TracePoint` (in the server process, from an
+            RPC thread; under :func:`launch_local` it must be picklable: a top-level function).
+        staleness_horizon: horizon of the estimator that reports ``M`` for optimizers that do
+            not estimate it themselves (e.g. ``torch.optim.SGD``); AsyncMomentumSGD uses its own.
+        staleness_warmup: warm-up of that estimator, in observations.
+    """
+
+    total_updates: int | None = 1000
+    max_seconds: float | None = None
+    worker_timeout: float = 60.0
+    rpc_timeout: float = 120.0
+    checkpoint_path: str | None = None
+    checkpoint_every: int | None = None
+    trace_every: int = 1
+    progress_every: int | None = None
+    on_progress: Callable[[TracePoint], None] | None = None
+    staleness_horizon: int = 100
+    staleness_warmup: int = 20
+
+    def __post_init__(self) -> None:
+        _check_positive(self.total_updates, "total_updates", integer=True, optional=True)
+        _check_positive(self.max_seconds, "max_seconds", integer=False, optional=True)
+        if self.total_updates is None and self.max_seconds is None:
+            raise ValueError(
+                "give total_updates or max_seconds (or both): without either the server would "
+                "wait forever for workers that may have died"
+            )
+        _check_positive(self.worker_timeout, "worker_timeout", integer=False)
+        _check_positive(self.rpc_timeout, "rpc_timeout", integer=False)
+        _check_positive(self.checkpoint_every, "checkpoint_every", integer=True, optional=True)
+        if self.checkpoint_every is not None and self.checkpoint_path is None:
+            raise ValueError("checkpoint_every needs a checkpoint_path to save to")
+        _check_positive(self.trace_every, "trace_every", integer=True)
+        _check_positive(self.progress_every, "progress_every", integer=True, optional=True)
+        if self.on_progress is not None and not callable(self.on_progress):
+            raise ValueError(f"on_progress must be callable or None, got {self.on_progress!r}")
+        # Validates horizon and warmup with the estimator's own messages.
+        StalenessEstimator(horizon=self.staleness_horizon, warmup=self.staleness_warmup)
+
+
+class TracePoint(NamedTuple):
+    """The state of training right after one applied update, for logs and plots."""
+
+    #: Number of updates applied so far, this one included.
+    update: int
+    #: Rank of the worker whose gradient this was.
+    worker: int
+    #: The worker's loss on the batch it computed the gradient from (at stale parameters).
+    loss: float
+    #: Updates applied between the worker's read and this update.
+    staleness: int
+    #: Momentum the optimizer applies (first parameter group).
+    algorithmic_momentum: float
+    #: Implicit momentum ``1 - 1/M_hat`` of the measured asynchrony.
+    implicit_momentum: float
+    #: ``M_hat``, the estimated number of asynchronous workers.
+    estimated_workers: float
+    #: Seconds since serving began.
+    time: float
+
+
+@dataclass(frozen=True)
+class ServerResult:
+    """What the server did.
+
+    Attributes:
+        updates: gradients applied.
+        updates_per_worker: applied gradients by worker rank.
+        refused: gradients answered with "stop" (they arrived after the end, or from a dropped
+            worker), not applied.
+        dropped_workers: ranks dropped for silence (dead or stalled).
+        left_workers: ranks that left by themselves.
+        stop_reason: ``"total_updates"``, ``"max_seconds"`` or ``"no_workers"``.
+        estimated_workers: final ``M_hat``.
+        implicit_momentum: final implicit momentum.
+        algorithmic_momentum: final momentum of the optimizer's first parameter group.
+        staleness_mean: final moving average of the staleness.
+        trace: one :class:`TracePoint` every ``trace_every`` updates.
+        checkpoint_path: the final checkpoint, or ``None``.
+        wall_time: seconds from the start of serving to the stop.
+        update_seconds: time spent applying updates (under the lock, parameter copy included).
+        optimizer_seconds: the part of ``update_seconds`` spent in ``optimizer.step``.
+    """
+
+    updates: int
+    updates_per_worker: dict[int, int]
+    refused: int
+    dropped_workers: tuple[int, ...]
+    left_workers: tuple[int, ...]
+    stop_reason: str
+    estimated_workers: float
+    implicit_momentum: float
+    algorithmic_momentum: float
+    staleness_mean: float
+    trace: list[TracePoint]
+    checkpoint_path: str | None
+    wall_time: float
+    update_seconds: float
+    optimizer_seconds: float
+
+    @property
+    def updates_per_second(self) -> float:
+        """Applied updates per second of wall time."""
+        return self.updates / self.wall_time if self.wall_time > 0 else 0.0
+
+    @property
+    def optimizer_share(self) -> float:
+        """Share of the server's update time spent in ``optimizer.step``."""
+        return self.optimizer_seconds / self.update_seconds if self.update_seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    """What one worker did.
+
+    Attributes:
+        rank: the worker's global rank.
+        steps: gradients of this worker the server applied.
+        refused: gradients the server refused (sent after the end).
+        stop_reason: ``"server"`` (told to stop), ``"max_steps"`` or ``"batches_exhausted"``.
+        wall_time: seconds from joining to leaving.
+    """
+
+    rank: int
+    steps: int
+    refused: int
+    stop_reason: str
+    wall_time: float
+
+
+class CheckpointInfo(NamedTuple):
+    """What :func:`load_checkpoint` read besides the state it loaded."""
+
+    #: Updates the server had applied when it saved.
+    updates: int
+    #: Class name of the optimizer whose state the checkpoint holds.
+    optimizer_class: str
+
+
+# -- the server's state, without RPC ------------------------------------------------------------
+
+
+class _Reply(NamedTuple):
+    """The server's answer to a join or a push: parameters, their version, and whether to stop."""
+
+    params: list[Tensor]
+    version: int
+    stop: bool
+    applied: bool
+    control_port: int
+
+
+class ParameterServer:
+    """The server's state and rules, callable in-process; :func:`run_server` puts it behind RPC.
+
+    One lock serializes reading the parameters (a copy) and applying an update, so a worker never
+    sees a half-applied update.
+
+    Args:
+        model: the model whose parameters are served (on CPU).
+        optimizer: an optimizer over (some of) ``model``'s parameters; an
+            :class:`~asyncmomentum.optim.AsyncMomentumSGD` gets each gradient's staleness.
+        num_workers: number of workers, with ranks ``1 .. num_workers``.
+        config: stop conditions, timeouts, checkpoints, reporting.
+        control_port: port of the store on which leaving workers sign off (sent to workers).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        num_workers: int,
+        config: ServerConfig | None = None,
+        *,
+        control_port: int = 0,
+    ) -> None:
+        self.config = ServerConfig() if config is None else config
+        _check_positive(num_workers, "num_workers", integer=True)
+        self.model = model
+        self.optimizer = optimizer
+        self.num_workers = num_workers
+        self._params = list(model.parameters())
+        _check_model_and_optimizer(self._params, optimizer)
+        self._control_port = control_port
+        self._cond = threading.Condition()  # guards everything below, and the parameters
+        self._version = 0
+        self._updates_per_worker = dict.fromkeys(range(1, num_workers + 1), 0)
+        self._last_seen: dict[int, float] = {}
+        self._left: set[int] = set()
+        self._dropped: set[int] = set()
+        self._refused = 0
+        self._stop_reason: str | None = None
+        self._started: float | None = None
+        self._stopped: float | None = None
+        self._update_seconds = 0.0
+        self._optimizer_seconds = 0.0
+        self._trace: list[TracePoint] = []
+        # Optimizers that do not estimate M themselves get one, for reports only.
+        self._monitor = (
+            None
+            if isinstance(optimizer, AsyncMomentumSGD)
+            else StalenessEstimator(
+                horizon=self.config.staleness_horizon, warmup=self.config.staleness_warmup
+            )
+        )
+
+    # -- what workers call ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the clocks of ``max_seconds`` and of the worker timeouts (idempotent)."""
+        with self._cond:
+            self._start_locked()
+
+    def join(self, rank: int) -> _Reply:
+        """A worker's first read: the current parameters and their version.
+
+        Args:
+            rank: the worker's rank, in ``1 .. num_workers``.
+        """
+        rank = self._check_rank(rank)
+        with self._cond:
+            self._start_locked()
+            self._last_seen[rank] = time.monotonic()
+            if self._refuses_locked(rank):
+                return self._reply_locked(stop=True, applied=False)
+            return self._reply_locked(stop=False, applied=False)
+
+    def push(
+        self, rank: int, grads: Sequence[Tensor | None], version: int, loss: float = math.nan
+    ) -> _Reply:
+        """Apply a worker's gradient and answer with the parameters right after it.
+
+        Args:
+            rank: the worker's rank.
+            grads: one gradient per parameter of the model, in ``model.parameters()`` order
+                (``None`` for a parameter without gradient).
+            version: the version of the parameters the gradient was computed from.
+            loss: the worker's loss on its batch, for the trace.
+
+        Returns:
+            The parameters and version to compute the next gradient from, ``stop`` when the
+            worker should leave, and ``applied`` whether this gradient was applied.
+        """
+        rank = self._check_rank(rank)
+        grads = _check_gradients(grads, self._params)
+        version = check_staleness(version)
+        loss = float(loss)
+        point = None
+        with self._cond:
+            self._last_seen[rank] = time.monotonic()
+            if self._refuses_locked(rank):
+                self._refused += 1
+                return self._reply_locked(stop=True, applied=False)
+            if version > self._version:
+                raise ValueError(
+                    f"worker {rank} pushed a gradient of version {version}, but only "
+                    f"{self._version} updates exist; versions come from this server's replies"
+                )
+            began = time.perf_counter()
+            staleness = self._version - version
+            applied = self._apply_locked(grads, staleness)
+            if applied:
+                point = self._record_locked(rank, loss, staleness)
+            reply = self._reply_locked(stop=self._stop_reason is not None, applied=applied)
+            self._update_seconds += time.perf_counter() - began
+        if point is not None:
+            self._after_update(point)
+        return reply
+
+    def leave(self, rank: int) -> None:
+        """A worker says it is leaving; the server no longer expects its gradients.
+
+        Args:
+            rank: the worker's rank.
+        """
+        rank = self._check_rank(rank)
+        with self._cond:
+            self._left.add(rank)
+            self._update_stop_locked(time.monotonic())
+            self._cond.notify_all()
+
+    # -- the server's own loop -----------------------------------------------------------------
+
+    def serve(self) -> str:
+        """Block until a stop condition holds, dropping silent workers; returns the reason."""
+        with self._cond:
+            self._start_locked()
+            while True:
+                now = time.monotonic()
+                self._drop_silent_locked(now)
+                if self._update_stop_locked(now):
+                    return str(self._stop_reason)
+                self._cond.wait(timeout=self._next_deadline_locked(now) - now)
+
+    def await_departures(self, signed_off: Callable[[int, float], bool]) -> None:
+        """After the stop, wait until every worker still alive has signed off, or drop it.
+
+        Args:
+            signed_off: ``signed_off(rank, timeout_s)`` is ``True`` once the worker has shut its
+                RPC agent down, ``False`` if it did not within ``timeout_s``.
+        """
+        for rank in range(1, self.num_workers + 1):
+            with self._cond:
+                if rank in self._dropped:
+                    continue
+                last_seen = self._last_seen.get(rank, self._started or time.monotonic())
+            remaining = last_seen + self.config.worker_timeout - time.monotonic()
+            if not signed_off(rank, max(remaining, 0.0)):
+                with self._cond:
+                    self._dropped.add(rank)
+
+    def checkpoint(self, path: str | os.PathLike[str] | None = None) -> str:
+        """Save model and optimizer (tuner included) atomically; returns the path written.
+
+        Args:
+            path: where to save; default ``config.checkpoint_path``.
+        """
+        target = path if path is not None else self.config.checkpoint_path
+        if target is None:
+            raise ValueError("no checkpoint path: pass one or set ServerConfig.checkpoint_path")
+        with self._cond:
+            # Copies, so that the file is written outside the lock from a consistent snapshot.
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "optimizer_class": type(self.optimizer).__name__,
+                "updates": self._version,
+            }
+        target = os.fspath(target)
+        partial = f"{target}.partial-{os.getpid()}-{threading.get_ident()}"
+        torch.save(state, partial)
+        os.replace(partial, target)  # a reader never sees a half-written checkpoint
+        return target
+
+    def result(self, checkpoint_path: str | None = None) -> ServerResult:
+        """A summary of the run so far.
+
+        Args:
+            checkpoint_path: the final checkpoint's path, to report.
+        """
+        with self._cond:
+            algorithmic, implicit, workers = self._momentum_locked()
+            end = self._stopped if self._stopped is not None else time.monotonic()
+            return ServerResult(
+                updates=self._version,
+                updates_per_worker=dict(self._updates_per_worker),
+                refused=self._refused,
+                dropped_workers=tuple(sorted(self._dropped)),
+                left_workers=tuple(sorted(self._left - self._dropped)),
+                stop_reason=self._stop_reason or "running",
+                estimated_workers=workers,
+                implicit_momentum=implicit,
+                algorithmic_momentum=algorithmic,
+                staleness_mean=self._staleness_mean_locked(),
+                trace=list(self._trace),
+                checkpoint_path=checkpoint_path,
+                wall_time=end - self._started if self._started is not None else 0.0,
+                update_seconds=self._update_seconds,
+                optimizer_seconds=self._optimizer_seconds,
+            )
+
+    @property
+    def version(self) -> int:
+        """Number of updates applied."""
+        with self._cond:
+            return self._version
+
+    # -- internals (the caller holds the lock where the name ends in _locked) -------------------
+
+    def _check_rank(self, rank: Any) -> int:
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.num_workers:
+            raise ValueError(
+                f"worker rank must be an integer in 1..{self.num_workers}, got {rank!r}"
+            )
+        return rank
+
+    def _start_locked(self) -> None:
+        if self._started is None:
+            self._started = time.monotonic()
+
+    def _refuses_locked(self, rank: int) -> bool:
+        return self._stop_reason is not None or rank in self._dropped or rank in self._left
+
+    def _apply_locked(self, grads: list[Tensor | None], staleness: int) -> bool:
+        """Install the gradient, step, clear it; ``False`` if the optimizer skipped the step."""
+        optimizer = self.optimizer
+        tuned = isinstance(optimizer, AsyncMomentumSGD)
+        if not tuned:
+            _refuse_nonfinite(grads)  # torch's optimizers would write NaN into the weights
+        skipped_before = getattr(optimizer, "skipped_steps", 0)
+        try:
+            for param, grad in zip(self._params, grads):
+                param.grad = grad
+            began = time.perf_counter()
+            if tuned:  # it checks gradients itself (and raises or skips as configured)
+                optimizer.step(staleness=staleness)
+            else:
+                optimizer.step()
+            self._optimizer_seconds += time.perf_counter() - began
+        finally:
+            for param in self._params:
+                param.grad = None
+        if getattr(optimizer, "skipped_steps", 0) != skipped_before:
+            return False
+        if self._monitor is not None:
+            self._monitor.observe(staleness)
+        self._version += 1
+        return True
+
+    def _record_locked(self, rank: int, loss: float, staleness: int) -> TracePoint:
+        self._updates_per_worker[rank] += 1
+        updates = self._version
+        algorithmic, implicit, workers = self._momentum_locked()
+        assert self._started is not None
+        point = TracePoint(
+            update=updates,
+            worker=rank,
+            loss=loss,
+            staleness=staleness,
+            algorithmic_momentum=algorithmic,
+            implicit_momentum=implicit,
+            estimated_workers=workers,
+            time=time.monotonic() - self._started,
+        )
+        if updates % self.config.trace_every == 0:
+            self._trace.append(point)
+        total = self.config.total_updates
+        if total is not None and updates >= total and self._stop_reason is None:
+            self._set_stop_locked("total_updates")
+        return point
+
+    def _after_update(self, point: TracePoint) -> None:
+        """Periodic checkpoint and progress report, outside the lock.
+
+        Their failures are warnings: the update is applied, and a full disk or a broken progress
+        printer must not turn into an error on the worker that happened to push.
+        """
+        config = self.config
+        try:
+            if config.checkpoint_every is not None and point.update % config.checkpoint_every == 0:
+                self.checkpoint()
+            if (
+                config.on_progress is not None
+                and config.progress_every is not None
+                and point.update % config.progress_every == 0
+            ):
+                config.on_progress(point)
+        except Exception as error:
+            warnings.warn(f"after update {point.update}: {error!r}", stacklevel=2)
+
+    def _momentum_locked(self) -> tuple[float, float, float]:
+        """(algorithmic, implicit, estimated workers) as of now."""
+        optimizer = self.optimizer
+        if isinstance(optimizer, AsyncMomentumSGD):
+            return (
+                optimizer.algorithmic_momentum,
+                optimizer.implicit_momentum,
+                optimizer.estimated_workers,
+            )
+        assert self._monitor is not None
+        group = optimizer.param_groups[0]
+        momentum = group.get("momentum")
+        if momentum is None and "betas" in group:
+            momentum = group["betas"][0]  # Adam-like: the first beta plays momentum's role
+        return (
+            float(momentum or 0.0),
+            self._monitor.implicit_momentum,
+            self._monitor.estimated_workers,
+        )
+
+    def _staleness_mean_locked(self) -> float:
+        if isinstance(self.optimizer, AsyncMomentumSGD):
+            return self.optimizer.staleness_mean
+        assert self._monitor is not None
+        return self._monitor.mean
+
+    def _reply_locked(self, *, stop: bool, applied: bool) -> _Reply:
+        # The copy is made under the lock: RPC serializes the reply after the lock is released.
+        params = [] if stop else [p.detach().clone() for p in self._params]
+        return _Reply(params, self._version, stop, applied, self._control_port)
+
+    def _drop_silent_locked(self, now: float) -> None:
+        assert self._started is not None
+        for rank in range(1, self.num_workers + 1):
+            if rank in self._left or rank in self._dropped:
+                continue
+            if now - self._last_seen.get(rank, self._started) > self.config.worker_timeout:
+                self._dropped.add(rank)
+
+    def _update_stop_locked(self, now: float) -> bool:
+        if self._stop_reason is None and self._started is not None:
+            if (
+                self.config.max_seconds is not None
+                and now - self._started >= self.config.max_seconds
+            ):
+                self._set_stop_locked("max_seconds")
+            elif len(self._left | self._dropped) == self.num_workers:
+                self._set_stop_locked("no_workers")
+        return self._stop_reason is not None
+
+    def _set_stop_locked(self, reason: str) -> None:
+        self._stop_reason = reason
+        self._stopped = time.monotonic()
+        self._cond.notify_all()
+
+    def _next_deadline_locked(self, now: float) -> float:
+        assert self._started is not None
+        deadlines = [
+            self._last_seen.get(rank, self._started) + self.config.worker_timeout
+            for rank in range(1, self.num_workers + 1)
+            if rank not in self._left and rank not in self._dropped
+        ]
+        if self.config.max_seconds is not None:
+            deadlines.append(self._started + self.config.max_seconds)
+        # A small floor keeps a deadline that just passed from spinning the loop.
+        return max(min(deadlines, default=now + 1.0), now + 1e-3)
+
+
+def _check_model_and_optimizer(params: list[Tensor], optimizer: torch.optim.Optimizer) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)!r}")
+    if not params:
+        raise ValueError("the model has no parameters to serve")
+    for p in params:
+        if p.device.type != "cpu":
+            raise ValueError(
+                f"the served model must be on CPU, found a parameter on {p.device}: tensors "
+                "travel over RPC without device maps; move the model with model.cpu()"
+            )
+    served = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in served:
+                raise ValueError(
+                    "the optimizer holds a parameter that is not one of the model's: build the "
+                    "optimizer from model.parameters() of the same model object"
+                )
+
+
+def _check_gradients(grads: Any, params: list[Tensor]) -> list[Tensor | None]:
+    """Return ``grads`` as a list if it matches ``params`` one to one, else raise ValueError."""
+    if isinstance(grads, Tensor) or not isinstance(grads, (list, tuple)):
+        raise ValueError(
+            f"grads must be a list with one tensor (or None) per parameter, got {type(grads)!r}"
+        )
+    if len(grads) != len(params):
+        raise ValueError(
+            f"grads has {len(grads)} entries but the model has {len(params)} parameters; "
+            "do worker and server build the same model?"
+        )
+    checked: list[Tensor | None] = []
+    for index, (grad, param) in enumerate(zip(grads, params)):
+        if grad is None:
+            checked.append(None)
+            continue
+        if not isinstance(grad, Tensor) or grad.shape != param.shape:
+            found = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
+            raise ValueError(
+                f"gradient {index} has shape {found} but its parameter has shape "
+                f"{tuple(param.shape)}; do worker and server build the same model?"
+            )
+        if grad.dtype != param.dtype or grad.device != param.device:
+            raise ValueError(
+                f"gradient {index} is {grad.dtype} on {grad.device} but its parameter is "
+                f"{param.dtype} on {param.device}"
+            )
+        checked.append(grad)
+    return checked
+
+
+def _refuse_nonfinite(grads: list[Tensor | None]) -> None:
+    for index, grad in enumerate(grads):
+        if grad is not None and not bool(torch.isfinite(grad).all()):
+            raise NonFiniteGradientError(
+                f"gradient {index} holds NaN or inf; it was not applied and the parameters are "
+                "unchanged. Lower the learning rate or clip gradients on the workers."
+            )
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> CheckpointInfo:
+    """Load a checkpoint of :meth:`ParameterServer.checkpoint` into a model (and optimizer).
+
+    The optimizer must be of the class that was trained (an AsyncMomentumSGD gets its tuner
+    back, so the momentum continues where it was).
+
+    Args:
+        path: the checkpoint file.
+        model: a model of the trained architecture.
+        optimizer: an optimizer over ``model``'s parameters, or ``None`` to load weights only.
+    """
+    state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a parameter-server checkpoint of format "
+            f"{CHECKPOINT_FORMAT} (found {found!r}); was it written by ParameterServer.checkpoint?"
+        )
+    if optimizer is not None and type(optimizer).__name__ != state["optimizer_class"]:
+        raise ValueError(
+            f"the checkpoint holds the state of a {state['optimizer_class']}, not of a "
+            f"{type(optimizer).__name__}; build the optimizer the run used, or pass optimizer=None"
+        )
+    # Checked first: a failed load must leave model and optimizer as they were.
+    _check_same_tensors(model.state_dict(), state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    model.load_state_dict(state["model"])
+    return CheckpointInfo(state["updates"], state["optimizer_class"])
+
+
+def _check_same_tensors(expected: dict[str, Tensor], found: dict[str, Tensor]) -> None:
+    if expected.keys() != found.keys():
+        missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
+        raise ValueError(
+            f"the checkpoint's model does not match this model: missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)}; build the model the run used"
+        )
+    for name, tensor in expected.items():
+        if tensor.shape != found[name].shape:
+            raise ValueError(
+                f"the checkpoint's {name!r} has shape {tuple(found[name].shape)}, this model's "
+                f"{tuple(tensor.shape)}; build the model the run used"
+            )
+
+
+# -- RPC glue ------------------------------------------------------------------------------------
+
+# The server of this process, reached by the remote functions below (RPC calls module functions).
+_SERVING: ParameterServer | None = None
+
+
+def _serving() -> ParameterServer:
+    if _SERVING is None:
+        raise RuntimeError(f"no parameter server runs in this process; is this {SERVER_NAME!r}?")
+    return _SERVING
+
+
+def _remote_join(rank: int) -> _Reply:
+    return _serving().join(rank)
+
+
+def _remote_push(rank: int, grads: list[Tensor | None], version: int, loss: float) -> _Reply:
+    return _serving().push(rank, grads, version, loss)
+
+
+def _remote_leave(rank: int) -> None:
+    _serving().leave(rank)
+
+
+def _remote_checkpoint(path: str | None) -> str:
+    return _serving().checkpoint(path)
+
+
+def request_checkpoint(path: str | None = None, timeout: float | None = None) -> str:
+    """Ask the server to save a checkpoint now; returns the path it wrote (on the server's disk).
+
+    Call it from any process of a running job (a worker, or a helper rank).
+
+    Args:
+        path: where to save; default the server's ``checkpoint_path``.
+        timeout: seconds to wait for the save; default the RPC timeout.
+    """
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    return rpc.rpc_sync(SERVER_NAME, _remote_checkpoint, args=(path,), **kwargs)
+
+
+def _rpc_options(rpc_timeout: float, init_method: str) -> rpc.TensorPipeRpcBackendOptions:
+    return rpc.TensorPipeRpcBackendOptions(rpc_timeout=rpc_timeout, init_method=init_method)
+
+
+def _init_rpc(
+    name: str, rank: int, world_size: int, options: rpc.TensorPipeRpcBackendOptions
+) -> None:
+    with warnings.catch_warnings():
+        # torch's own init_rpc trips its own deprecation warning; nothing a user can act on.
+        warnings.filterwarnings("ignore", message="You are using a Backend", category=UserWarning)
+        rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=options)
+
+
+def _signed_off_key(rank: int) -> str:
+    return f"asyncmomentum/left/{rank}"
+
+
+def _check_world_size(world_size: Any) -> int:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 2:
+        raise ValueError(
+            f"world_size must be an integer >= 2 (one server and at least one worker), "
+            f"got {world_size!r}"
+        )
+    return world_size
+
+
+def run_server(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    world_size: int,
+    config: ServerConfig | None = None,
+    init_method: str = "env://",
+) -> ServerResult:
+    """Serve ``model`` as rank 0 of an RPC group of ``world_size`` until a stop condition holds.
+
+    Saves a final checkpoint when ``config.checkpoint_path`` is set. Returns once every worker
+    still alive has left, or timed out.
+
+    Args:
+        model: the model to train, on CPU.
+        optimizer: an optimizer over the model's parameters.
+        world_size: 1 server + the number of workers.
+        config: stop conditions, timeouts, checkpoints, reporting.
+        init_method: RPC rendezvous; ``"env://"`` reads ``MASTER_ADDR`` and ``MASTER_PORT``.
+    """
+    global _SERVING
+    world_size = _check_world_size(world_size)
+    config = ServerConfig() if config is None else config
+    if _SERVING is not None:
+        raise RuntimeError("a parameter server already runs in this process")
+    control = _host_control_store(config.rpc_timeout)
+    server = ParameterServer(model, optimizer, world_size - 1, config, control_port=control.port)
+    _SERVING = server
+    try:
+        _init_rpc(SERVER_NAME, 0, world_size, _rpc_options(config.rpc_timeout, init_method))
+        try:
+            server.start()
+            server.serve()
+            server.await_departures(lambda rank, timeout: _wait_key(control, rank, timeout))
+        finally:
+            rpc.shutdown(graceful=False)
+        path = server.checkpoint() if config.checkpoint_path is not None else None
+        return server.result(checkpoint_path=path)
+    finally:
+        _SERVING = None
+
+
+def _wait_key(store: dist.Store, rank: int, timeout_s: float) -> bool:
+    try:
+        store.wait([_signed_off_key(rank)], _seconds(max(timeout_s, 1e-3)))
+    except dist.DistStoreError:
+        return False
+    return True
+
+
+def _seconds(value: float) -> timedelta:
+    return timedelta(seconds=value)
+
+
+def run_worker(
+    model: nn.Module,
+    batches: Iterable[tuple[Any, Tensor]],
+    *,
+    rank: int,
+    world_size: int,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    max_steps: int | None = None,
+    rpc_timeout: float = 120.0,
+    init_method: str = "env://",
+    num_threads: int | None = 1,
+) -> WorkerResult:
+    """Train as worker ``rank``: pull, compute a gradient on the next batch, push, repeat.
+
+    Only parameters travel; buffers (e.g. batch-norm statistics) stay each worker's own.
+
+    Args:
+        model: a model of the same architecture as the server's (its weights are overwritten).
+        batches: this worker's ``(inputs, targets)`` batches.
+        rank: the worker's global rank, in ``1 .. world_size - 1``.
+        world_size: 1 server + the number of workers.
+        loss_fn: ``loss_fn(model(inputs), targets)`` is the scalar loss.
+        max_steps: leave after this many applied gradients (``None``: until the server stops).
+        rpc_timeout: timeout of every RPC, in seconds.
+        init_method: RPC rendezvous; ``"env://"`` reads ``MASTER_ADDR`` and ``MASTER_PORT``.
+        num_threads: torch intra-op threads of this process (``None``: leave as is); 1 keeps
+            several workers on one machine from fighting over cores.
+    """
+    world_size = _check_world_size(world_size)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank < world_size:
+        raise ValueError(f"a worker's rank must be an integer in 1..{world_size - 1}, got {rank!r}")
+    _check_positive(max_steps, "max_steps", integer=True, optional=True)
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    _init_rpc(worker_name(rank), rank, world_size, _rpc_options(rpc_timeout, init_method))
+    control: dist.TCPStore | None = None
+    try:
+        began = time.monotonic()
+        reply = rpc.rpc_sync(SERVER_NAME, _remote_join, args=(rank,))
+        control = _connect_control(reply.control_port, rpc_timeout)
+        steps, refused, reason = _train_loop(model, iter(batches), loss_fn, rank, reply, max_steps)
+        return WorkerResult(rank, steps, refused, reason, time.monotonic() - began)
+    finally:
+        # Leave, shut the agent down, then sign off: the server shuts its agent down only after
+        # the sign-off, so none of this worker's calls is cut off.
+        _try_leave(rank)
+        rpc.shutdown(graceful=False)
+        if control is not None:
+            _sign_off(control, rank)
+
+
+def _train_loop(
+    model: nn.Module,
+    batches: Iterator[tuple[Any, Tensor]],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    rank: int,
+    reply: _Reply,
+    max_steps: int | None,
+) -> tuple[int, int, str]:
+    """The worker's loop; returns (applied steps, refused pushes, why it stopped)."""
+    params = list(model.parameters())
+    trainable = [i for i, p in enumerate(params) if p.requires_grad]
+    model.train()
+    steps = refused = 0
+    while not reply.stop:
+        if max_steps is not None and steps >= max_steps:
+            return steps, refused, "max_steps"
+        _load_parameters(params, reply.params)
+        try:
+            inputs, targets = next(batches)
+        except StopIteration:
+            return steps, refused, "batches_exhausted"
+        loss = loss_fn(model(inputs), targets)
+        computed = torch.autograd.grad(loss, [params[i] for i in trainable], allow_unused=True)
+        grads: list[Tensor | None] = [None] * len(params)
+        for i, grad in zip(trainable, computed):
+            grads[i] = grad
+        reply = rpc.rpc_sync(
+            SERVER_NAME, _remote_push, args=(rank, grads, reply.version, float(loss.detach()))
+        )
+        steps += int(reply.applied)
+        refused += int(not reply.applied)
+    return steps, refused, "server"
+
+
+@torch.no_grad()
+def _load_parameters(params: list[Tensor], values: list[Tensor]) -> None:
+    if len(values) != len(params):
+        raise RuntimeError(
+            f"the server sent {len(values)} parameters but this worker's model has "
+            f"{len(params)}; build the same model on every rank"
+        )
+    for param, value in zip(params, values):
+        param.copy_(value)
+
+
+def _host_control_store(timeout_s: float) -> dist.TCPStore:
+    """The store in which leaving workers sign off; its port travels in the server's replies."""
+    host = _control_host()
+    try:
+        listener = socket.create_server((host, 0))  # only where the workers will connect
+    except OSError:  # MASTER_ADDR is not an address of this machine: listen on all of them
+        listener = socket.create_server(("", 0))
+        host = "127.0.0.1"  # the store's own client connects here
+    port = listener.getsockname()[1]
+    return dist.TCPStore(
+        host,
+        port,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=_seconds(timeout_s),
+        master_listen_fd=listener.detach(),  # the store owns and closes the socket
+    )
+
+
+def _control_host() -> str:
+    # The server runs where MASTER_ADDR points (torchrun puts rank 0 on the master node).
+    return os.environ.get("MASTER_ADDR", "127.0.0.1")
+
+
+def _connect_control(port: int, timeout_s: float) -> dist.TCPStore:
+    return dist.TCPStore(_control_host(), port, is_master=False, timeout=_seconds(timeout_s))
+
+
+def _try_leave(rank: int) -> None:
+    """Tell the server this worker leaves; best effort, as the server may be gone already."""
+    try:
+        rpc.rpc_sync(SERVER_NAME, _remote_leave, args=(rank,), timeout=_LEAVE_TIMEOUT_S)
+    except Exception as error:  # don't mask the error that ended the worker, if any
+        warnings.warn(f"worker {rank} could not tell the server it leaves: {error}", stacklevel=2)
+
+
+def _sign_off(control: dist.TCPStore, rank: int) -> None:
+    try:
+        control.set(_signed_off_key(rank), "1")
+    except Exception as error:  # the server is gone: nobody waits for this key
+        warnings.warn(f"worker {rank} could not sign off: {error}", stacklevel=2)
+
+
+# -- launching -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParameterServerJob:
+    """What a job trains, as factories every process can call (picklable for spawned processes).
+
+    Args:
+        model_fn: builds the model (seed inside it: the server's copy is the one that counts).
+        optimizer_fn: builds the server's optimizer from the model's parameters.
+        batches_fn: ``batches_fn(worker_index, num_workers)`` gives the batches of one worker
+            (index ``0 .. num_workers - 1``, i.e. rank - 1): its shard of the data.
+        loss_fn: ``loss_fn(model(inputs), targets)`` is the scalar loss.
+        seed: workers seed torch with ``seed + rank`` (dropout and the like).
+    """
+
+    model_fn: Callable[[], nn.Module]
+    optimizer_fn: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+    batches_fn: Callable[[int, int], Iterable[tuple[Any, Tensor]]]
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("model_fn", "optimizer_fn", "batches_fn", "loss_fn"):
+            if not callable(getattr(self, name)):
+                raise ValueError(f"{name} must be callable, got {getattr(self, name)!r}")
+
+
+def _rank_from_env() -> tuple[int, int]:
+    missing = [
+        k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ
+    ]
+    if missing:
+        raise RuntimeError(
+            f"environment variables {missing} are not set: start this with torchrun, or set "
+            "MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE, or use launch_local() on one machine"
+        )
+    try:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        raise RuntimeError(
+            f"RANK={os.environ['RANK']!r} and WORLD_SIZE={os.environ['WORLD_SIZE']!r} must be "
+            "integers"
+        ) from None
+    _check_world_size(world_size)
+    if not 0 <= rank < world_size:
+        raise RuntimeError(f"RANK={rank} must lie in 0..WORLD_SIZE-1={world_size - 1}")
+    return rank, world_size
+
+
+def run_from_env(
+    job: ParameterServerJob,
+    config: ServerConfig | None = None,
+    *,
+    worker_max_steps: int | None = None,
+) -> ServerResult | WorkerResult:
+    """Run this process's part of a job: the server on rank 0, a worker on the others.
+
+    Reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` (set by ``torchrun``),
+    so the same script runs on one machine or many.
+
+    Args:
+        job: what to train.
+        config: the server's configuration (the workers use its ``rpc_timeout``).
+        worker_max_steps: each worker leaves after this many applied gradients.
+
+    Returns:
+        The :class:`ServerResult` on rank 0, a :class:`WorkerResult` elsewhere.
+    """
+    config = ServerConfig() if config is None else config
+    rank, world_size = _rank_from_env()
+    if rank == 0:
+        model = job.model_fn()
+        optimizer = job.optimizer_fn(model.parameters())
+        return run_server(model, optimizer, world_size=world_size, config=config)
+    torch.manual_seed(job.seed + rank)
+    return run_worker(
+        job.model_fn(),
+        job.batches_fn(rank - 1, world_size - 1),
+        rank=rank,
+        world_size=world_size,
+        loss_fn=job.loss_fn,
+        max_steps=worker_max_steps,
+        rpc_timeout=config.rpc_timeout,
+    )
+
+
+@dataclass(frozen=True)
+class WorkerOutcome:
+    """How one worker process of a local job ended.
+
+    Attributes:
+        exitcode: the process's exit code (negative: killed by that signal; ``None``: it had to
+            be killed by the launcher after the deadline).
+        result: its :class:`WorkerResult`, if it finished normally.
+        error: the traceback of the exception that ended it, if any.
+    """
+
+    exitcode: int | None
+    result: WorkerResult | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class LocalJobResult:
+    """What :func:`launch_local` ran.
+
+    Attributes:
+        server: the server's result.
+        workers: each worker's outcome, by rank.
+        pids: process ids of server and workers (all ended by the time this is returned).
+        port: the ``MASTER_PORT`` the job used.
+    """
+
+    server: ServerResult
+    workers: dict[int, WorkerOutcome] = field(default_factory=dict)
+    pids: tuple[int, ...] = ()
+    port: int = 0
+
+
+def launch_local(
+    job: ParameterServerJob,
+    workers: int = 3,
+    config: ServerConfig | None = None,
+    *,
+    worker_max_steps: int | None = None,
+    timeout: float = 300.0,
+    host: str = "127.0.0.1",
+) -> LocalJobResult:
+    """Run a whole job on this machine: 1 server and ``workers`` worker processes (spawned).
+
+    Every process is ended before this returns, even on error or timeout.
+
+    Args:
+        job: what to train (its factories are pickled into the processes).
+        workers: number of worker processes.
+        config: the server's configuration.
+        worker_max_steps: each worker leaves after this many applied gradients.
+        timeout: seconds the whole job may take, start-up included; then every process is
+            killed and ``TimeoutError`` raised.
+        host: address to rendezvous on (loopback by default).
+
+    Raises:
+        RuntimeError: the server failed (its traceback is in the message).
+        TimeoutError: the job did not finish within ``timeout``.
+    """
+    _check_positive(workers, "workers", integer=True)
+    _check_positive(timeout, "timeout", integer=False)
+    if not isinstance(job, ParameterServerJob):
+        raise ValueError(f"job must be a ParameterServerJob, got {type(job)!r}")
+    config = ServerConfig() if config is None else config
+    deadline = time.monotonic() + timeout
+    port = _free_port(host)
+    env = _local_env(host, port, world_size=workers + 1)
+    context = multiprocessing.get_context("spawn")
+    processes, connections = [], []
+    finished = False
+    try:
+        for rank in range(workers + 1):
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(
+                target=_local_entry,
+                args=(rank, env, job, config, worker_max_steps, sender),
+                name=SERVER_NAME if rank == 0 else worker_name(rank),
+                daemon=True,
+            )
+            process.start()
+            sender.close()  # the child holds its end; ours must close so EOF shows a crash
+            processes.append(process)
+            connections.append(receiver)
+        server = _collect_server(processes[0], connections[0], deadline)
+        outcomes = _collect_workers(processes[1:], connections[1:], deadline)
+        finished = True
+        return LocalJobResult(server, outcomes, tuple(p.pid for p in processes), port)
+    finally:
+        # After a failure the other children cannot finish their job: end them now.
+        _end_processes(processes, deadline if finished else time.monotonic())
+        for connection in connections:
+            connection.close()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _local_env(host: str, port: int, world_size: int) -> dict[str, str]:
+    env = {"MASTER_ADDR": host, "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size)}
+    interface = _loopback_interface() if _is_loopback(host) else None
+    if interface is not None:
+        # TensorPipe and Gloo pick an interface from the host name unless told: keep to loopback.
+        env["TP_SOCKET_IFNAME"] = interface
+        env["GLOO_SOCKET_IFNAME"] = interface
+    return env
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _loopback_interface() -> str | None:
+    names = [name for _, name in socket.if_nameindex()]
+    if "lo" in names:
+        return "lo"
+    return next((name for name in names if name.startswith("lo")), None)
+
+
+def _local_entry(
+    rank: int,
+    env: dict[str, str],
+    job: ParameterServerJob,
+    config: ServerConfig,
+    worker_max_steps: int | None,
+    connection: Connection,
+) -> None:
+    """Body of one spawned process of :func:`launch_local`: its part, its result down the pipe."""
+    os.environ.update(env)
+    os.environ["RANK"] = str(rank)
+    # A launcher that itself runs under torchrun must not send this job to torchrun's store.
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    torch.set_num_threads(1)
+    try:
+        result = run_from_env(job, config, worker_max_steps=worker_max_steps)
+    except BaseException:
+        connection.send(("error", traceback.format_exc()))
+        connection.close()
+        raise
+    connection.send(("ok", result))
+    connection.close()
+    # The work is done and the RPC agent is down, but the interpreter's teardown of torch's RPC
+    # and Gloo state takes seconds (measured: about 5 s per process on 2 cores). Skip it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _receive(connection: Connection, process: Any, deadline: float) -> tuple[str, Any] | None:
+    """The message a child sends before it ends, or ``None`` if it ended without one."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0 or not wait([connection, process.sentinel], timeout=remaining):
+        raise TimeoutError(f"{process.name} did not finish within the launcher's timeout")
+    try:
+        return connection.recv() if connection.poll() else None
+    except EOFError:
+        return None
+
+
+def _collect_server(process: Any, connection: Connection, deadline: float) -> ServerResult:
+    message = _receive(connection, process, deadline)
+    if message is None:
+        process.join(timeout=max(deadline - time.monotonic(), 0.0))
+        raise RuntimeError(
+            f"the server process died without a result (exit code {process.exitcode})"
+        )
+    status, payload = message
+    if status != "ok":
+        raise RuntimeError(f"the parameter server failed:\n{payload}")
+    return payload
+
+
+def _collect_workers(
+    processes: list[Any], connections: list[Connection], deadline: float
+) -> dict[int, WorkerOutcome]:
+    outcomes = {}
+    for rank, (process, connection) in enumerate(zip(processes, connections), start=1):
+        try:
+            message = _receive(connection, process, deadline)
+        except TimeoutError:
+            # The server's result is in: a stuck worker must not lose it. It will be killed.
+            message = ("error", "still running at the launcher's deadline; killed")
+        process.join(timeout=max(deadline - time.monotonic(), 0.0))
+        status, payload = message if message is not None else ("died", None)
+        outcomes[rank] = WorkerOutcome(
+            exitcode=process.exitcode,
+            result=payload if status == "ok" else None,
+            error=payload if status == "error" else None,
+        )
+    return outcomes
+
+
+def _end_processes(processes: list[Any], deadline: float) -> None:
+    """Join every child until ``deadline``; terminate, then kill, the ones still running."""
+    for process in processes:
+        process.join(timeout=max(deadline - time.monotonic(), 0.0))
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=_KILL_GRACE_S)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=_KILL_GRACE_S)

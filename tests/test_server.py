@@ -1,0 +1,442 @@
+"""The parameter server: its rules in-process, and real RPC jobs of processes on loopback."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import multiprocessing
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from statistics import mean
+
+import pytest
+import torch
+from conftest import make_cnn
+
+from asyncmomentum import tuning
+from asyncmomentum.optim import AsyncMomentumSGD, NonFiniteGradientError
+from asyncmomentum.server import (
+    ParameterServer,
+    ParameterServerJob,
+    ServerConfig,
+    launch_local,
+    load_checkpoint,
+    request_checkpoint,
+    run_from_env,
+    run_server,
+    run_worker,
+)
+
+# -- helpers (top-level: spawned processes unpickle them by name) -------------------------------
+
+
+def teacher_batches(
+    worker_index: int,
+    num_workers: int,
+    *,
+    seed: int = 0,
+    kill: tuple[int, int] | None = None,
+    checkpoint: tuple[int, int, str] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless batches whose labels a fixed random teacher assigns, so the loss can fall.
+
+    Args:
+        worker_index: 0-based worker index (rank - 1).
+        num_workers: number of workers (unused: every worker draws its own stream).
+        seed: seed of teacher and stream.
+        kill: ``(rank, step)``: that worker SIGKILLs itself when asked for batch ``step``.
+        checkpoint: ``(rank, step, path)``: that worker asks the server for a checkpoint then.
+    """
+    rank = worker_index + 1
+    teacher = torch.randn(64, 10, generator=torch.Generator().manual_seed(seed))
+    stream = torch.Generator().manual_seed(seed + rank)
+    for step in itertools.count():
+        if kill is not None and kill == (rank, step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if checkpoint is not None and checkpoint[:2] == (rank, step):
+            request_checkpoint(checkpoint[2], timeout=30.0)
+        x = torch.randn(16, 1, 8, 8, generator=stream)
+        yield x, (x.flatten(1) @ teacher).argmax(dim=1)
+
+
+def gradients(model: torch.nn.Module, seed: int = 0) -> list[torch.Tensor]:
+    x, y = next(teacher_batches(0, 1, seed=seed))
+    return list(
+        torch.autograd.grad(
+            torch.nn.functional.cross_entropy(model(x), y), list(model.parameters())
+        )
+    )
+
+
+def snapshot(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def assert_all_ended(pids: tuple[int, ...]) -> None:
+    assert multiprocessing.active_children() == []
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def assert_port_free(port: int) -> None:
+    """Nothing listens on ``port`` any more (closed connections may linger in TIME_WAIT)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))
+
+
+def async_sgd(**kwargs) -> functools.partial:
+    return functools.partial(AsyncMomentumSGD, lr=0.05, target_momentum=0.9, **kwargs)
+
+
+# -- the rules, in-process ----------------------------------------------------------------------
+
+
+def make_server(num_workers: int = 2, **config) -> ParameterServer:
+    model = make_cnn(0)
+    optimizer = AsyncMomentumSGD(model.parameters(), lr=0.05, target_momentum=0.9, warmup=0)
+    config.setdefault("total_updates", 100)
+    return ParameterServer(model, optimizer, num_workers, ServerConfig(**config))
+
+
+def test_staleness_is_the_number_of_updates_between_read_and_apply() -> None:
+    server = make_server()
+    first, second = server.join(1), server.join(2)
+    assert first.version == second.version == 0
+    grads = gradients(server.model)
+    reply = server.push(1, grads, first.version, loss=2.0)  # nothing happened since: tau 0
+    assert reply.applied and reply.version == 1 and not reply.stop
+    server.push(2, grads, second.version)  # worker 1 updated since worker 2 read: tau 1
+    server.push(1, grads, reply.version)  # worker 2 updated since: tau 1
+    result = server.result()
+    assert [p.staleness for p in result.trace] == [0, 1, 1]
+    assert [p.worker for p in result.trace] == [1, 2, 1]
+    assert result.updates == server.version == server.optimizer.clock.value == 3
+    assert result.updates_per_worker == {1: 2, 2: 1}
+    # The tuner saw exactly these: mean of (0, 1, 1) under the moving average is in (0, 1).
+    assert 0.0 < result.staleness_mean < 1.0
+    assert result.estimated_workers == pytest.approx(1.0 + result.staleness_mean)
+
+
+def test_reply_is_a_copy_of_the_parameters_right_after_the_update() -> None:
+    server = make_server()
+    reply = server.push(1, gradients(server.model), server.join(1).version)
+    assert same(reply.params, snapshot(server.model))
+    reply.params[0].add_(1.0)  # the worker owns its copy
+    assert not torch.equal(reply.params[0], next(server.model.parameters()))
+
+
+def test_bad_pushes_raise_and_change_nothing() -> None:
+    server = make_server()
+    server.push(1, gradients(server.model), server.join(1).version)  # momentum buffers exist now
+    params = snapshot(server.model)
+    buffers = [s["momentum_buffer"].clone() for s in server.optimizer.state.values()]
+    grads = gradients(server.model)
+    bad_pushes = {
+        "too few gradients": (1, grads[:-1], 0),
+        "a wrong shape": (1, [*grads[:-1], torch.zeros(3)], 0),
+        "a wrong dtype": (1, [*grads[:-1], grads[-1].double()], 0),
+        "not a list": (1, grads[0], 0),
+        "a version from the future": (1, grads, 5),
+        "a negative version": (1, grads, -1),
+        "an unknown rank": (3, grads, 0),
+        "rank 0, the server": (0, grads, 0),
+    }
+    for what, args in bad_pushes.items():
+        with pytest.raises(ValueError):
+            server.push(*args)
+        assert same(snapshot(server.model), params), what
+    assert server.version == 1
+    after = [s["momentum_buffer"] for s in server.optimizer.state.values()]
+    assert same(after, buffers)
+    assert all(p.grad is None for p in server.model.parameters())
+
+
+def test_a_nonfinite_gradient_is_refused_for_plain_sgd() -> None:
+    model = make_cnn(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    server = ParameterServer(model, optimizer, 1, ServerConfig(total_updates=10))
+    params = snapshot(model)
+    grads = gradients(model)
+    grads[0] = torch.full_like(grads[0], math.nan)
+    with pytest.raises(NonFiniteGradientError):
+        server.push(1, grads, server.join(1).version)
+    assert same(snapshot(model), params) and server.version == 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_end_refuses_late_gradients_and_keeps_what_was_applied() -> None:
+    server = make_server(total_updates=2)
+    grads = gradients(server.model)
+    first = server.push(1, grads, server.join(1).version)
+    assert first.applied and not first.stop
+    last = server.push(2, grads, server.join(2).version)
+    assert last.applied and last.stop and last.params == []
+    params = snapshot(server.model)
+    late = server.push(1, grads, first.version)
+    assert not late.applied and late.stop
+    assert same(snapshot(server.model), params)
+    result = server.result()
+    assert (result.updates, result.refused, result.stop_reason) == (2, 1, "total_updates")
+
+
+def test_a_silent_worker_is_dropped_and_the_server_stops_without_workers() -> None:
+    server = make_server(worker_timeout=0.3)
+    server.start()
+    server.push(1, gradients(server.model), server.join(1).version)
+    server.leave(1)
+    assert server.serve() == "no_workers"  # returns once worker 2 has been silent 0.3 s
+    result = server.result()
+    assert result.dropped_workers == (2,) and result.left_workers == (1,)
+    refused = server.push(2, gradients(server.model), 0)
+    assert refused.stop and not refused.applied and server.version == 1
+
+
+def test_max_seconds_stops_the_server() -> None:
+    server = make_server(total_updates=None, max_seconds=0.3, worker_timeout=30.0)
+    assert server.serve() == "max_seconds"
+    assert server.result().wall_time >= 0.3
+    assert server.join(1).stop
+
+
+def test_checkpoint_loads_into_a_fresh_model_and_optimizer(tmp_path) -> None:
+    server = make_server()
+    server.join(1)
+    for _ in range(5):  # each gradient one update late (but the first), so M_hat > 1
+        server.push(1, gradients(server.model), max(server.version - 1, 0))
+    path = server.checkpoint(tmp_path / "ps.pt")
+    model = make_cnn(1)
+    optimizer = AsyncMomentumSGD(model.parameters(), lr=0.05, target_momentum=0.9, warmup=0)
+    info = load_checkpoint(path, model, optimizer)
+    assert info.updates == 5 and info.optimizer_class == "AsyncMomentumSGD"
+    assert same(snapshot(model), snapshot(server.model))
+    assert optimizer.clock.value == 5
+    assert optimizer.estimated_workers == server.optimizer.estimated_workers > 1.0
+    assert optimizer.algorithmic_momentum == server.optimizer.algorithmic_momentum
+
+
+def test_a_mismatched_checkpoint_raises_and_changes_nothing(tmp_path) -> None:
+    server = make_server()
+    server.push(1, gradients(server.model), server.join(1).version)
+    path = server.checkpoint(tmp_path / "ps.pt")
+    model = make_cnn(1)
+    params = snapshot(model)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="AsyncMomentumSGD"):
+        load_checkpoint(path, model, sgd)
+    wider = torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="does not match"):
+        load_checkpoint(path, wider)
+    torch.save({"not": "a checkpoint"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a parameter-server checkpoint"):
+        load_checkpoint(tmp_path / "other.pt", model)
+    assert same(snapshot(model), params) and sgd.state_dict()["state"] == {}
+
+
+def test_bad_arguments_raise(monkeypatch) -> None:
+    for kwargs in (
+        {"total_updates": 0},
+        {"total_updates": 2.5},
+        {"total_updates": None, "max_seconds": None},
+        {"max_seconds": -1.0},
+        {"worker_timeout": 0},
+        {"rpc_timeout": math.inf},
+        {"checkpoint_every": 10},  # without checkpoint_path
+        {"trace_every": 0},
+        {"progress_every": 0},
+        {"on_progress": "print"},
+        {"staleness_horizon": 0},
+    ):
+        with pytest.raises(ValueError):
+            ServerConfig(**kwargs)
+    model = make_cnn(0)
+    foreign = torch.optim.SGD(make_cnn(1).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="not one of the model's"):
+        ParameterServer(model, foreign, 2)
+    with pytest.raises(ValueError, match="num_workers"):
+        ParameterServer(model, torch.optim.SGD(model.parameters(), lr=0.1), 0)
+    with pytest.raises(ValueError, match="callable"):
+        ParameterServerJob(model_fn=3, optimizer_fn=async_sgd(), batches_fn=teacher_batches)
+    job = ParameterServerJob(make_cnn, async_sgd(), teacher_batches)
+    with pytest.raises(ValueError, match="workers"):
+        launch_local(job, workers=0)
+    with pytest.raises(ValueError, match="ParameterServerJob"):
+        launch_local("job", workers=2)
+    with pytest.raises(ValueError, match="world_size"):
+        run_server(model, torch.optim.SGD(model.parameters(), lr=0.1), world_size=1)
+    with pytest.raises(ValueError, match="rank"):
+        run_worker(model, [], rank=0, world_size=3)
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        run_from_env(job)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "3")
+    with pytest.raises(RuntimeError, match="RANK=3"):
+        run_from_env(job)
+
+
+# -- real jobs: 1 server + N spawned worker processes over RPC on 127.0.0.1 ---------------------
+
+
+def test_three_workers_then_one_killed_server_goes_on_and_momentum_follows(tmp_path) -> None:
+    # Worker 3 dies after 100 gradients, early enough that even a worker 3 several times slower
+    # than the others dies well before the end: the estimate needs updates to settle after it.
+    kill_rank, kill_step, total = 3, 100, 900
+    job = ParameterServerJob(
+        model_fn=make_cnn,
+        optimizer_fn=async_sgd(horizon=30, warmup=10),
+        batches_fn=functools.partial(
+            teacher_batches,
+            kill=(kill_rank, kill_step),
+            checkpoint=(1, 30, str(tmp_path / "requested.pt")),
+        ),
+    )
+    config = ServerConfig(
+        total_updates=total, worker_timeout=4.0, checkpoint_path=str(tmp_path / "final.pt")
+    )
+    job_result = launch_local(job, workers=3, config=config, timeout=120.0)
+    assert_all_ended(job_result.pids)
+    assert_port_free(job_result.port)
+    result = job_result.server
+    # The killed worker died by SIGKILL after exactly kill_step pushes; the others finished.
+    assert job_result.workers[kill_rank].exitcode == -signal.SIGKILL
+    assert result.dropped_workers == (kill_rank,)
+    assert result.updates_per_worker[kill_rank] == kill_step
+    assert (result.updates, result.stop_reason) == (total, "total_updates")
+    for rank in (1, 2):
+        outcome = job_result.workers[rank]
+        assert outcome.exitcode == 0 and outcome.result is not None
+        assert outcome.result.steps == result.updates_per_worker[rank]
+    assert sum(result.updates_per_worker.values()) == total == len(result.trace)
+
+    # With 3 workers the estimate is near 3; after the kill it falls toward 2. The estimator's
+    # horizon is short (30 updates) so that the change shows; read it over a window of updates.
+    death = max(i for i, p in enumerate(result.trace) if p.worker == kill_rank)
+    before, after = result.trace[death - 100 : death + 1], result.trace[-60:]
+    assert len(before) == 101 and len(result.trace) - death > 150  # 5 horizons to settle
+    assert {p.worker for p in result.trace[death + 1 :]} == {1, 2}
+    assert abs(mean(p.estimated_workers for p in before) - 3.0) <= 0.35 * 3.0
+    assert abs(mean(p.estimated_workers for p in after) - 2.0) <= 0.35 * 2.0
+    assert result.estimated_workers < 2.5  # the final estimate: nearer 2 than 3
+    # The algorithmic momentum followed: less implicit momentum, more algorithmic.
+    assert result.algorithmic_momentum > mean(p.algorithmic_momentum for p in before)
+    assert result.algorithmic_momentum == pytest.approx(
+        tuning.algorithmic_momentum(0.9, result.implicit_momentum)
+    )
+
+    # Checkpoints: on request mid-run, and at the end; both load into fresh objects.
+    model = make_cnn(5)
+    optimizer = async_sgd(horizon=30, warmup=10)(model.parameters())
+    assert 0 < load_checkpoint(tmp_path / "requested.pt", model, optimizer).updates < total
+    assert result.checkpoint_path == str(tmp_path / "final.pt")
+    info = load_checkpoint(result.checkpoint_path, model, optimizer)
+    assert info.updates == optimizer.clock.value == total
+    assert optimizer.estimated_workers == pytest.approx(result.estimated_workers)
+    assert optimizer.algorithmic_momentum == pytest.approx(result.algorithmic_momentum)
+    assert not same(snapshot(model), snapshot(make_cnn(0)))  # trained weights
+
+
+def test_plain_torch_sgd_on_the_server_and_workers_that_stop_by_themselves(tmp_path) -> None:
+    job = ParameterServerJob(
+        model_fn=make_cnn,
+        optimizer_fn=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+        batches_fn=teacher_batches,
+    )
+    config = ServerConfig(
+        total_updates=10_000,  # never reached: each worker leaves after 100 steps
+        staleness_horizon=30,
+        staleness_warmup=10,
+        checkpoint_path=str(tmp_path / "sgd.pt"),
+    )
+    job_result = launch_local(job, workers=2, config=config, worker_max_steps=100, timeout=120.0)
+    assert_all_ended(job_result.pids)
+    assert_port_free(job_result.port)
+    result = job_result.server
+    assert (result.updates, result.stop_reason) == (200, "no_workers")
+    assert result.updates_per_worker == {1: 100, 2: 100}
+    assert result.left_workers == (1, 2) and result.dropped_workers == ()
+    for outcome in job_result.workers.values():
+        assert outcome.exitcode == 0 and outcome.result.stop_reason == "max_steps"
+    # Staleness is measured for torch's SGD too, and M is near 2.
+    assert [p.update for p in result.trace] == list(range(1, 201))
+    assert all(0 <= p.staleness < p.update for p in result.trace)
+    assert max(p.staleness for p in result.trace) >= 1
+    # Mid-run, both workers are active (at the end one may briefly train alone).
+    assert abs(mean(p.estimated_workers for p in result.trace[50:150]) - 2.0) <= 0.35 * 2.0
+    assert result.algorithmic_momentum == 0.9  # torch's SGD keeps its fixed momentum
+    first, last = result.trace[:30], result.trace[-30:]
+    assert sum(p.loss for p in last) < sum(p.loss for p in first)  # it trains
+    model = make_cnn(5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    assert load_checkpoint(result.checkpoint_path, model, optimizer).updates == 200
+    assert len(optimizer.state_dict()["state"]) == len(list(model.parameters()))
+
+
+def failing_optimizer(params) -> torch.optim.Optimizer:
+    raise ValueError("this optimizer cannot be built")
+
+
+def test_a_failing_server_raises_with_its_traceback_and_leaves_no_process() -> None:
+    job = ParameterServerJob(make_cnn, failing_optimizer, teacher_batches)
+    with pytest.raises(RuntimeError, match="this optimizer cannot be built"):
+        launch_local(job, workers=1, config=ServerConfig(total_updates=10), timeout=120.0)
+    assert multiprocessing.active_children() == []
+
+
+# -- the example, both ways (slow: several process start-ups) -----------------------------------
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "parameter_server_digits.py"
+
+
+def run_bounded(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``command`` in its own process group; on timeout kill the whole group."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    return subprocess.CompletedProcess(command, process.returncode, output)
+
+
+def check_example_output(output: str) -> None:
+    progress = re.findall(r"update +(\d+) .*M_hat +([\d.]+) \| implicit ([+-][\d.]+)", output)
+    assert [int(update) for update, _, _ in progress] == [100, 200, 300], output
+    final_m = float(re.search(r"-> M_hat ([\d.]+)", output).group(1))
+    assert abs(final_m - 2.0) <= 0.35 * 2.0, output
+    assert float(re.search(r"held-out accuracy ([\d.]+)", output).group(1)) > 0.5, output
+
+
+@pytest.mark.slow
+def test_example_runs_as_a_local_job(tmp_path) -> None:
+    command = [sys.executable, str(EXAMPLE), "--workers", "2", "--updates", "300"]
+    done = run_bounded([*command, "--checkpoint", str(tmp_path / "ps.pt")], timeout=240.0)
+    assert done.returncode == 0, done.stdout
+    check_example_output(done.stdout)
+
+
+@pytest.mark.slow
+def test_example_runs_under_torchrun(tmp_path) -> None:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    command = [*torchrun, "3", str(EXAMPLE), "--updates", "300"]
+    done = run_bounded([*command, "--checkpoint", str(tmp_path / "ps.pt")], timeout=240.0)
+    assert done.returncode == 0, done.stdout
+    check_example_output(done.stdout)
