@@ -1,1 +1,12 @@
-"""PyTorch Lightning callbacks for asyncmomentum."""
+"""PyTorch Lightning callbacks for asyncmomentum.
+
+- :class:`AsyncMomentumCallback`: keeps the total momentum of any optimizer at a target under
+  asynchrony, and logs implicit/algorithmic/total momentum, staleness and the estimated workers.
+- :class:`StaleGradients`: makes a run asynchronous on one machine (gradients at parameters of
+  ``tau`` steps ago, ``tau`` from :mod:`asyncmomentum.simulate`'s staleness models), for studies.
+"""
+
+from lightning_callbacks.momentum import AsyncMomentumCallback
+from lightning_callbacks.stale_gradients import StaleGradients
+
+__all__ = ["AsyncMomentumCallback", "StaleGradients"]

@@ -1,0 +1,552 @@
+"""AsyncMomentumCallback: asynchrony-aware momentum for any optimizer of a Lightning run.
+
+Asynchronous SGD with ``M`` workers carries an implicit momentum ``1 - 1/M`` (Mitliagkas et al.,
+2016). This callback keeps the *total* momentum of a run at a target by setting, before every
+optimizer step, the *algorithmic* momentum that the core's
+:class:`~asyncmomentum.tuner.MomentumTuner` asks for, and logs what it did.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.core.optimizer import LightningOptimizer
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from asyncmomentum import tuning
+from asyncmomentum.metrics import StalenessMetric
+from asyncmomentum.optim import AsyncMomentumSGD
+from asyncmomentum.staleness import check_staleness
+from asyncmomentum.tuner import MomentumTuner
+
+__all__ = ["AsyncMomentumCallback"]
+
+#: Layout version of :meth:`AsyncMomentumCallback.state_dict`.
+STATE_FORMAT = 1
+
+# How an optimizer exposes its momentum:
+#   "self":     an AsyncMomentumSGD, which measures staleness and tunes itself; read-only here.
+#   "momentum": param groups carry ``momentum`` (SGD-like); this callback's tuner sets it.
+#   "betas":    param groups carry ``betas`` (Adam-like); the first beta is set.
+_Kind = Literal["self", "momentum", "betas"]
+
+
+@dataclass
+class _Tracked:
+    """One optimizer of the run whose momentum is tuned (or, for AsyncMomentumSGD, watched)."""
+
+    optimizer: Optimizer
+    kind: _Kind
+    tuner: MomentumTuner
+    metric: StalenessMetric
+    suffix: str
+    group_suffixes: list[str]
+    pending_staleness: int | None = None
+    steps_since_log: int = 0
+    last_clock: int = 0
+    warned_clip: bool = False
+    hooks: list[RemovableHandle] = field(default_factory=list)
+
+
+class AsyncMomentumCallback(Callback):
+    r"""Tune the momentum of every optimizer to the asynchrony of the run, and log it.
+
+    Asynchronous training adds an implicit momentum ``1 - 1/M`` for ``M`` asynchronous workers;
+    to keep the total momentum at ``target_momentum`` the optimizer should apply the
+    *algorithmic* momentum ``target - (1 - 1/M)`` (the ``"additive"`` rule; see
+    :data:`asyncmomentum.tuning.RULES`). Before every optimizer step (Lightning's
+    ``on_before_optimizer_step``, called inside the closure) this callback:
+
+    - with an :class:`~asyncmomentum.optim.AsyncMomentumSGD`: does nothing to it. The optimizer
+      measures staleness and tunes itself, after the closure; a second tuner would fight it.
+      The callback reads the optimizer's own tuner and logs it. This callback's
+      ``target_momentum``, ``workers``, ``rule``, ... do not apply to it (a warning says so
+      when they differ from the optimizer's).
+    - with any other optimizer whose param groups carry ``momentum`` (SGD-like) or ``betas``
+      (Adam-like: the first beta plays the role of momentum): feeds the staleness reported for
+      this step (by :class:`~lightning_callbacks.StaleGradients` or
+      :meth:`observe_staleness`) to a :class:`~asyncmomentum.tuner.MomentumTuner` and writes
+      the momentum it asks for into every group. A group may carry its own
+      ``target_momentum``. These optimizers cannot take negative momentum
+      (``torch.optim.SGD`` refuses it, Adam's ``beta1`` must lie in ``[0, 1)``), so a negative
+      value is clipped at 0, with one warning per optimizer.
+
+    Optimizers with neither ``momentum`` nor ``betas`` are skipped with a warning; if no
+    optimizer of the run has a momentum to tune, training stops with a ``ValueError``.
+
+    At the trainer's logging interval (``Trainer(log_every_n_steps=...)``), it logs to every
+    logger of the trainer:
+
+    - ``momentum/implicit``: ``1 - 1/M_hat``.
+    - ``momentum/algorithmic``: the momentum the optimizer applies (after any clipping).
+    - ``momentum/total``: algorithmic and implicit composed under ``rule``.
+    - ``staleness/mean``, ``staleness/max``: over the gradients applied since the previous log
+      line, reduced exactly over all ranks (:class:`~asyncmomentum.metrics.StalenessMetric`);
+      absent when no staleness was observed in that window.
+    - ``workers/estimated``: ``M_hat``, the tuner's smoothed estimate (a moving average over
+      ``horizon`` updates, after ``warmup`` observations), which sets the momentum.
+
+    With several tuned optimizers, names get a ``/<OptimizerClass>`` suffix (``-1``, ``-2``
+    for repeats); with several param groups, ``momentum/algorithmic`` and ``momentum/total``
+    get a ``/<group name or pgN>`` suffix. The values are also put in
+    ``trainer.callback_metrics``.
+
+    Resuming from a Lightning checkpoint continues the estimate: the tuners of non-AsyncMomentumSGD
+    optimizers are saved in this callback's state, AsyncMomentumSGD saves its own in the
+    optimizer's state. The state key is the class name, whatever the settings: the estimate of
+    ``M`` does not depend on the target, and one trainer takes one such callback (Lightning
+    refuses two, which would both set the momentum).
+
+    Args:
+        target_momentum: total momentum to keep, in (-1, 1).
+        workers: known number of asynchronous workers ``M``; skips estimation for the optimizers
+            this callback tunes. Staleness is still recorded for logging.
+        rule: a name in :data:`asyncmomentum.tuning.RULES`.
+        momentum_bounds: ``(low, high)`` clip range of the algorithmic momentum, inside (-1, 1).
+        log: log the metrics above; ``False`` only tunes.
+        horizon: span, in updates, of the staleness moving average.
+        warmup: observations before the estimate leaves ``M = 1``.
+
+    Raises:
+        ValueError: for a bad argument (when constructed) or when no optimizer of the run has a
+            momentum to tune (when training starts).
+
+    Example::
+
+        trainer = pl.Trainer(
+            callbacks=[StaleGradients(workers=8), AsyncMomentumCallback(target_momentum=0.9)],
+            log_every_n_steps=10,
+        )
+    """
+
+    def __init__(
+        self,
+        target_momentum: float = 0.9,
+        *,
+        workers: float | None = None,
+        rule: str = "additive",
+        momentum_bounds: tuple[float, float] = tuning.DEFAULT_MOMENTUM_BOUNDS,
+        log: bool = True,
+        horizon: int = 1000,
+        warmup: int = 20,
+    ) -> None:
+        if not isinstance(log, bool):
+            raise ValueError(f"log must be True or False, got {log!r}")
+        self._tuner_options: dict[str, Any] = {
+            "target_momentum": target_momentum,
+            "rule": rule,
+            "momentum_bounds": momentum_bounds,
+            "workers": workers,
+            "horizon": horizon,
+            "warmup": warmup,
+        }
+        # A throwaway tuner validates every option with the core's own checks and messages.
+        checked = MomentumTuner(**self._tuner_options)
+        self.target_momentum = checked.target_momentum
+        self.rule = checked.rule
+        self.momentum_bounds = checked.momentum_bounds
+        self.workers = checked.estimator.workers
+        self.horizon = horizon
+        self.warmup = warmup
+        # Not `self.log`: Lightning overwrites that attribute of callbacks with `pl_module.log`.
+        self.enable_logging = log
+        # Tuners of the optimizers this callback drives, by position in trainer.optimizers. They
+        # outlive a fit so that fitting again with the same callback continues the estimate.
+        self._tuners: dict[int, MomentumTuner] = {}
+        self._tracked: list[_Tracked] = []
+        self._warned_no_logger = False
+
+    @property
+    def tuners(self) -> dict[int, MomentumTuner]:
+        """The tuners this callback drives, by position in ``trainer.optimizers``.
+
+        An :class:`~asyncmomentum.optim.AsyncMomentumSGD` has none here: it uses its own
+        ``optimizer.tuner``.
+        """
+        return dict(self._tuners)
+
+    # -- what the callback is told ------------------------------------------------------------
+
+    def observe_staleness(
+        self, staleness: int, optimizer: Optimizer | LightningOptimizer | None = None
+    ) -> None:
+        """Report the staleness of the gradient the next step of ``optimizer`` will apply.
+
+        :class:`~lightning_callbacks.StaleGradients` calls this every step; a system that
+        knows its staleness (e.g. a parameter server tagging gradients with versions) can too.
+        A second report before the step replaces the first. An
+        :class:`~asyncmomentum.optim.AsyncMomentumSGD` measures its own staleness (give it
+        ``step(staleness=...)``), so reports for it are ignored.
+
+        Args:
+            staleness: updates applied between the read of the parameters and this gradient's
+                application (a non-negative integer).
+            optimizer: the optimizer that will apply the gradient; ``None`` for every optimizer
+                this callback tunes.
+
+        Raises:
+            ValueError: for a negative or non-integer staleness, or an optimizer not in the run.
+            RuntimeError: outside training (the optimizers are not known then).
+        """
+        tau = check_staleness(staleness)
+        if not self._tracked:
+            raise RuntimeError(
+                "observe_staleness() was called outside training: the callback learns the "
+                "run's optimizers in on_train_start and lets them go when training ends; "
+                "report staleness from training hooks (e.g. on_train_batch_start)"
+            )
+        if optimizer is None:
+            targets = self._tracked
+        else:
+            found = self._find(optimizer)
+            if found is None:
+                raise ValueError(
+                    f"{type(optimizer).__name__} is not an optimizer this callback tunes; pass "
+                    "one of trainer.optimizers that has a momentum, or None for all of them"
+                )
+            targets = [found]
+        for tracked in targets:
+            if tracked.kind != "self":
+                tracked.pending_staleness = tau
+
+    # -- binding to the run -------------------------------------------------------------------
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Find the optimizers to tune and hook their steps (after checkpoint restore)."""
+        self._release()
+        kinds = [(i, opt, _momentum_kind(opt)) for i, opt in enumerate(trainer.optimizers)]
+        skipped = [type(opt).__name__ for _, opt, kind in kinds if kind is None]
+        tunable = [(i, opt, kind) for i, opt, kind in kinds if kind is not None]
+        if not tunable:
+            raise ValueError(
+                "AsyncMomentumCallback found no optimizer with a momentum to tune among "
+                f"{[type(opt).__name__ for opt in trainer.optimizers]}: it needs param groups "
+                "with 'momentum' (SGD-like) or 'betas' (Adam-like), or an AsyncMomentumSGD. "
+                "Change the optimizer in configure_optimizers, or remove the callback."
+            )
+        if skipped:
+            rank_zero_warn(
+                f"AsyncMomentumCallback skips {skipped}: their param groups have neither "
+                "'momentum' nor 'betas', so there is no momentum to tune"
+            )
+        suffixes = _optimizer_suffixes([opt for _, opt, _ in tunable])
+        for (index, optimizer, kind), suffix in zip(tunable, suffixes):
+            self._tracked.append(self._track(index, optimizer, kind, suffix, pl_module.device))
+        self._warn_about_settings(trainer)
+
+    def _track(
+        self, index: int, optimizer: Optimizer, kind: _Kind, suffix: str, device: torch.device
+    ) -> _Tracked:
+        if kind == "self":
+            assert isinstance(optimizer, AsyncMomentumSGD)
+            tuner = optimizer.tuner
+        else:
+            tuner = self._tuners.setdefault(index, MomentumTuner(**self._tuner_options))
+        tracked = _Tracked(
+            optimizer=optimizer,
+            kind=kind,
+            tuner=tuner,
+            # On the module's device, so that its cross-rank reduction works under NCCL too.
+            metric=StalenessMetric().to(device),
+            suffix=suffix,
+            group_suffixes=_group_suffixes(optimizer.param_groups),
+        )
+        if kind == "self":
+            tracked.last_clock = optimizer.clock.value
+        else:
+            # Before the first step too: the momentum is right from the start (known workers).
+            self._apply_momentum(tracked)
+        tracked.hooks.append(optimizer.register_step_post_hook(self._make_post_hook(tracked)))
+        return tracked
+
+    def _warn_about_settings(self, trainer: pl.Trainer) -> None:
+        if self.enable_logging and not trainer.loggers and not self._warned_no_logger:
+            self._warned_no_logger = True
+            rank_zero_warn(
+                "AsyncMomentumCallback(log=True) but the Trainer has no logger: it tunes the "
+                "momentum and fills trainer.callback_metrics, nothing is written"
+            )
+        for tracked in self._tracked:
+            if tracked.kind == "self":
+                self._warn_if_optimizer_differs(tracked.optimizer)
+        drives_any = any(t.kind != "self" for t in self._tracked)
+        has_source = any(_is_staleness_source(cb) for cb in trainer.callbacks)
+        if drives_any and self.workers is None and not has_source:
+            rank_zero_warn(
+                "AsyncMomentumCallback tunes a torch optimizer but nothing reports staleness "
+                "(no StaleGradients callback) and workers=None: until observe_staleness() is "
+                "called the estimate stays M = 1 and the momentum stays at target_momentum"
+            )
+
+    def _warn_if_optimizer_differs(self, optimizer: Optimizer) -> None:
+        assert isinstance(optimizer, AsyncMomentumSGD)
+        targets = {g["target_momentum"] for g in optimizer.param_groups} - {None}
+        differences = []
+        if targets and targets != {self.target_momentum}:
+            differences.append(f"target_momentum {sorted(targets)} vs {self.target_momentum}")
+        if self.workers is not None and optimizer.estimator.workers != self.workers:
+            differences.append(f"workers {optimizer.estimator.workers} vs {self.workers}")
+        if optimizer.rule != self.rule:
+            differences.append(f"rule {optimizer.rule!r} vs {self.rule!r}")
+        if differences:
+            rank_zero_warn(
+                "AsyncMomentumSGD tunes its own momentum with its own settings, which differ "
+                f"from AsyncMomentumCallback's ({'; '.join(differences)}); the optimizer's "
+                "apply. Pass the settings to AsyncMomentumSGD to change them."
+            )
+
+    def _make_post_hook(self, tracked: _Tracked) -> Any:
+        def after_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+            tracked.steps_since_log += 1
+            if tracked.kind == "self":
+                assert isinstance(optimizer, AsyncMomentumSGD)
+                clock = optimizer.clock.value
+                # A step refused for a non-finite gradient does not tick the clock: nothing new.
+                if clock != tracked.last_clock:
+                    tracked.metric.update(optimizer.last_staleness)
+                tracked.last_clock = clock
+
+        return after_step
+
+    def _find(self, optimizer: Optimizer | LightningOptimizer) -> _Tracked | None:
+        if isinstance(optimizer, LightningOptimizer):  # what self.optimizers() returns
+            optimizer = optimizer.optimizer
+        return next((t for t in self._tracked if t.optimizer is optimizer), None)
+
+    def _release(self) -> None:
+        for tracked in self._tracked:
+            for handle in tracked.hooks:
+                handle.remove()
+        self._tracked = []
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Unhook the optimizers."""
+        self._release()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Unhook the optimizers when training fails."""
+        self._release()
+
+    # -- tuning -------------------------------------------------------------------------------
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        """Feed this step's staleness to the tuner and set the momentum it asks for."""
+        tracked = self._find(optimizer)
+        if tracked is None or tracked.kind == "self":
+            return
+        tau, tracked.pending_staleness = tracked.pending_staleness, None
+        if tau is not None:
+            tracked.tuner.observe(tau)
+            tracked.metric.update(tau)
+        self._apply_momentum(tracked)
+
+    def _apply_momentum(self, tracked: _Tracked) -> None:
+        for group in tracked.optimizer.param_groups:
+            target = group.get("target_momentum")
+            if target is not None:
+                target = tuning.check_momentum(target, "a param group's target_momentum")
+            value = tracked.tuner.algorithmic_momentum(target)
+            if value < 0.0:
+                # torch.optim.SGD rejects momentum < 0 at construction and Adam needs beta1 >= 0:
+                # their updates are not meant for it. AsyncMomentumSGD is.
+                self._warn_clip_once(tracked, value)
+                value = 0.0
+            _write_momentum(group, tracked.kind, value)
+
+    def _warn_clip_once(self, tracked: _Tracked, value: float) -> None:
+        if tracked.warned_clip:
+            return
+        tracked.warned_clip = True
+        name = type(tracked.optimizer).__name__
+        what = (
+            "beta1 (betas[0]) must lie in [0, 1)"
+            if tracked.kind == "betas"
+            else ("momentum must be >= 0 (torch optimizers reject negative momentum)")
+        )
+        rank_zero_warn(
+            f"the asynchrony (M_hat = {tracked.tuner.estimated_workers:.3g}) asks for a negative "
+            f"algorithmic momentum ({value:.3g}), but for {name} {what}; clipping it at 0, so "
+            "the total momentum exceeds the target. Use asyncmomentum.AsyncMomentumSGD, which "
+            "applies negative momentum. (Warned once.)"
+        )
+
+    # -- logging ------------------------------------------------------------------------------
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Log at the trainer's interval, after the step (AsyncMomentumSGD tunes inside it)."""
+        stepped = any(t.steps_since_log for t in self._tracked)
+        if not (self.enable_logging and stepped and _should_log(trainer)):
+            return
+        metrics = self._collect_metrics()
+        step = _logging_step(trainer)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        device = pl_module.device
+        trainer.callback_metrics.update(
+            {name: torch.tensor(value, device=device) for name, value in metrics.items()}
+        )
+
+    def _collect_metrics(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for tracked in self._tracked:
+            suffix = tracked.suffix
+            summary = _compute_and_reset(tracked.metric)
+            tracked.steps_since_log = 0
+            metrics[f"momentum/implicit{suffix}"] = tracked.tuner.implicit_momentum
+            metrics[f"workers/estimated{suffix}"] = tracked.tuner.estimated_workers
+            if int(summary["count"]) > 0:
+                metrics[f"staleness/mean{suffix}"] = float(summary["mean"])
+                metrics[f"staleness/max{suffix}"] = float(summary["max"])
+            groups = tracked.optimizer.param_groups
+            for group, group_suffix in zip(groups, tracked.group_suffixes):
+                algorithmic = _read_momentum(group, tracked.kind)
+                metrics[f"momentum/algorithmic{suffix}{group_suffix}"] = algorithmic
+                metrics[f"momentum/total{suffix}{group_suffix}"] = tracked.tuner.total_momentum(
+                    algorithmic
+                )
+        return metrics
+
+    # -- checkpointing ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The estimates of the tuners this callback drives (AsyncMomentumSGD saves its own)."""
+        return {
+            "format": STATE_FORMAT,
+            "tuners": {index: tuner.state_dict() for index, tuner in self._tuners.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the estimates from :meth:`state_dict`; a bad state raises and changes nothing.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+        """
+        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
+            found = state_dict.get("format") if isinstance(state_dict, dict) else state_dict
+            raise ValueError(
+                f"AsyncMomentumCallback state has format {found!r}, this version reads "
+                f"{STATE_FORMAT}; resume with the asyncmomentum version that wrote the checkpoint"
+            )
+        tuners = state_dict.get("tuners")
+        if not isinstance(tuners, dict):
+            raise ValueError("AsyncMomentumCallback state has no 'tuners' dict")
+        restored = {}
+        for index, tuner_state in tuners.items():
+            tuner = MomentumTuner(**self._tuner_options)
+            tuner.load_state_dict(tuner_state)  # raises on a corrupt state, before any change
+            restored[int(index)] = tuner
+        self._tuners = restored
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _momentum_kind(optimizer: Optimizer) -> _Kind | None:
+    if isinstance(optimizer, AsyncMomentumSGD):
+        return "self"
+    groups = optimizer.param_groups
+    if groups and all("momentum" in g for g in groups):
+        return "momentum"
+    if groups and all(_has_betas(g) for g in groups):
+        return "betas"
+    return None
+
+
+def _has_betas(group: dict[str, Any]) -> bool:
+    betas = group.get("betas")
+    return isinstance(betas, tuple | list) and len(betas) >= 1
+
+
+def _read_momentum(group: dict[str, Any], kind: _Kind) -> float:
+    value = group["betas"][0] if kind == "betas" else group["momentum"]
+    return float(value.item() if isinstance(value, Tensor) else value)
+
+
+def _write_momentum(group: dict[str, Any], kind: _Kind, value: float) -> None:
+    if kind == "betas":
+        first, *rest = group["betas"]
+        if isinstance(first, Tensor):
+            # Tensor betas (capturable Adam) are read by compiled kernels: update in place.
+            first.fill_(value)
+        else:
+            group["betas"] = (value, *rest)
+    elif isinstance(group["momentum"], Tensor):
+        group["momentum"].fill_(value)
+    else:
+        group["momentum"] = value
+
+
+def _optimizer_suffixes(optimizers: list[Optimizer]) -> list[str]:
+    """``""`` for a single optimizer, else ``/Class``, ``/Class-1``, ... in order."""
+    if len(optimizers) == 1:
+        return [""]
+    seen: Counter[str] = Counter()
+    suffixes = []
+    for optimizer in optimizers:
+        name = type(optimizer).__name__
+        suffixes.append(f"/{name}" if seen[name] == 0 else f"/{name}-{seen[name]}")
+        seen[name] += 1
+    return suffixes
+
+
+def _group_suffixes(groups: list[dict[str, Any]]) -> list[str]:
+    """``""`` for a single group, else ``/<name>`` or ``/pgN`` (1-based), made unique."""
+    if len(groups) == 1:
+        return [""]
+    names = [str(g.get("name", f"pg{i}")) for i, g in enumerate(groups, start=1)]
+    if len(set(names)) != len(names):
+        names = [f"pg{i}" for i in range(1, len(groups) + 1)]
+    return [f"/{name}" for name in names]
+
+
+def _compute_and_reset(metric: StalenessMetric) -> dict[str, Tensor]:
+    # Every rank calls compute (a collective under DDP) even with an empty window, which
+    # torchmetrics warns about; an empty window is normal here and reported as count 0.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*compute.*before.*update.*")
+        summary = metric.compute()
+    metric.reset()
+    return summary
+
+
+def _logging_step(trainer: pl.Trainer) -> int:
+    # Lightning indexes its own training log rows by the batches that stepped an optimizer (not
+    # global_step, which counts every optimizer's steps); LearningRateMonitor uses the same
+    # counter, so these rows line up with theirs.
+    epoch_loop = getattr(trainer.fit_loop, "epoch_loop", None)
+    return int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
+
+
+def _should_log(trainer: pl.Trainer) -> bool:
+    # The rule Lightning applies to its own step metrics, at the end of a batch: the counter
+    # is incremented after on_train_batch_end, hence the + 1.
+    every = trainer.log_every_n_steps
+    if every <= 0:
+        return False
+    return (_logging_step(trainer) + 1) % every == 0 or trainer.should_stop
+
+
+def _is_staleness_source(callback: Callback) -> bool:
+    from lightning_callbacks.stale_gradients import StaleGradients
+
+    return isinstance(callback, StaleGradients)
