@@ -242,8 +242,15 @@ class AsyncMomentumSGD(Optimizer):
 
     @property
     def algorithmic_momentum(self) -> float:
-        """Momentum the first parameter group applies (tuned or fixed)."""
-        return float(self.param_groups[0]["momentum"])
+        """Momentum the first parameter group applies (tuned or fixed).
+
+        A tuned group's value comes from the tuner, so it is current also in a process that
+        shares the estimate with Hogwild workers but did not step itself.
+        """
+        group = self.param_groups[0]
+        if group["target_momentum"] is None:
+            return float(group["momentum"])
+        return self._tuner.algorithmic_momentum(group["target_momentum"])
 
     @property
     def total_momentum(self) -> float:
@@ -280,7 +287,20 @@ class AsyncMomentumSGD(Optimizer):
         Args:
             set_to_none: set gradients to ``None`` instead of zero, as in torch.
         """
-        super().zero_grad(set_to_none=set_to_none)
+        # Not torch's Optimizer.zero_grad: its first call imports torch._dynamo, seconds of CPU
+        # in every freshly spawned Hogwild worker.
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
         self.mark_read()
 
     # -- the step -----------------------------------------------------------------------------

@@ -8,10 +8,12 @@ and of the implicit momentum ``1 - 1/M`` they add.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import operator
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,9 @@ import torch
 from asyncmomentum import tuning
 
 __all__ = ["StalenessEstimator", "VersionClock", "check_staleness"]
+
+#: Seconds to wait for the clock's or estimator's lock before concluding its holder died.
+LOCK_TIMEOUT_S = 60.0
 
 #: Layout version of the state dicts of the clock and the estimator.
 STATE_FORMAT = 1
@@ -70,6 +75,21 @@ class _SharableState:
         self._shared = False
         self._lock = threading.Lock()
         self._views = None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        # A process killed while holding a shared lock leaves it held forever: fail loudly
+        # instead of hanging every other process.
+        if not self._lock.acquire(timeout=LOCK_TIMEOUT_S):
+            raise RuntimeError(
+                f"{type(self).__name__}: could not take its lock within {LOCK_TIMEOUT_S:.0f} s; "
+                "a process sharing it probably died while holding it. Recreate the shared "
+                "state (or restart the job) to go on."
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _np(self, name: str) -> np.ndarray:
         if self._views is None:
@@ -138,7 +158,7 @@ class VersionClock(_SharableState):
         """Atomically advance the clock by one; return the version before the increment."""
         # A plain `tensor += 1` from several processes loses increments: read-modify-write races.
         count = self._np("_count")
-        with self._lock:
+        with self._locked():
             version = int(count[0])
             count[0] = version + 1
         return version
@@ -160,7 +180,7 @@ class VersionClock(_SharableState):
         """
         _check_format(state_dict, "VersionClock")
         value = check_staleness(state_dict["value"])
-        with self._lock:
+        with self._locked():
             self._np("_count")[0] = value
 
     def __repr__(self) -> str:
@@ -249,7 +269,7 @@ class StalenessEstimator(_SharableState):
             tau: updates applied between the worker's read and this gradient's application (>= 0).
         """
         tau = check_staleness(tau)
-        with self._lock:
+        with self._locked():
             self._observe_locked(tau)
 
     def _observe_locked(self, tau: int) -> None:
@@ -302,7 +322,7 @@ class StalenessEstimator(_SharableState):
 
     def reset(self) -> None:
         """Forget every observation."""
-        with self._lock:
+        with self._locked():
             self._stats.copy_(torch.tensor([0.0, 0.0, math.inf], dtype=torch.float64))
             self._counts.zero_()
             self._window.zero_()
@@ -314,7 +334,7 @@ class StalenessEstimator(_SharableState):
 
     def state_dict(self) -> dict[str, Any]:
         """The estimator's state (observations, not configuration), as plain values and tensors."""
-        with self._lock:
+        with self._locked():
             count, cursor = (int(v) for v in self._counts)
             size = self._window.numel()
             filled = min(count, size)
@@ -347,7 +367,7 @@ class StalenessEstimator(_SharableState):
             raise ValueError("StalenessEstimator state is corrupt: bad 'ema' or 'window' values")
         size = self._window.numel()
         recent = recent[-size:]
-        with self._lock:
+        with self._locked():
             self._stats[:2] = ema
             self._stats[2] = cap
             self._window.zero_()

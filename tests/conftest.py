@@ -8,6 +8,16 @@ import torch
 from asyncmomentum.digits import SmallCNN
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    # Tests that start worker processes share 2 cores with this one: a second intra-op thread
+    # here only adds contention (a backward pass went from 3 ms to 300 ms under load).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def cnn_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Ten fixed batches of synthetic 8x8 images and labels."""

@@ -180,3 +180,17 @@ def test_tuner_applies_the_rule_to_the_estimate():
     assert tuner.algorithmic_momentum() == pytest.approx(-0.05)
     assert tuner.total_momentum(tuner.algorithmic_momentum()) == pytest.approx(0.9)
     assert tuner.algorithmic_momentum(target=0.99) == pytest.approx(0.04)
+
+
+def test_a_lock_held_by_a_dead_holder_fails_loudly_instead_of_hanging(monkeypatch):
+    from asyncmomentum import staleness
+
+    monkeypatch.setattr(staleness, "LOCK_TIMEOUT_S", 0.05)
+    clock = VersionClock().share_memory()
+    clock._lock.acquire()  # as if a process died inside tick()
+    try:
+        with pytest.raises(RuntimeError, match="probably died while holding it"):
+            clock.tick()
+    finally:
+        clock._lock.release()
+    assert clock.tick() == 0
