@@ -1183,6 +1183,11 @@ def launch_local(
     context = multiprocessing.get_context("spawn")
     processes, connections = [], []
     finished = False
+    # TensorPipe warns on stderr of every peer that shuts down; the children read the level
+    # from the environment they are spawned with. A level the user set wins.
+    quiet = "TORCH_CPP_LOG_LEVEL" not in os.environ
+    if quiet:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
     try:
         for rank in range(workers + 1):
             receiver, sender = context.Pipe(duplex=False)
@@ -1196,11 +1201,16 @@ def launch_local(
             sender.close()  # the child holds its end; ours must close so EOF shows a crash
             processes.append(process)
             connections.append(receiver)
+        if quiet:
+            del os.environ["TORCH_CPP_LOG_LEVEL"]
+            quiet = False
         server = _collect_server(processes[0], connections[0], deadline)
         outcomes = _collect_workers(processes[1:], connections[1:], deadline)
         finished = True
         return LocalJobResult(server, outcomes, tuple(p.pid for p in processes), port)
     finally:
+        if quiet:
+            os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
         # After a failure the other children cannot finish their job: end them now.
         _end_processes(processes, deadline if finished else time.monotonic())
         for connection in connections:
