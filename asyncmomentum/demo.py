@@ -358,22 +358,22 @@ def _write_plot(path: Path, runs: list[RunSummary], config: DemoConfig) -> None:
             xs, ys = zip(*finite)
             ax_loss.plot(xs, ys, color=color, lw=0.6, alpha=0.25)
             ax_loss.plot(xs, _moving_average(ys, 25), color=color, lw=1.8, label=run.label)
-        ax_mom.plot(update, algorithmic, color=color, lw=1.5, label=f"{run.label}: algorithmic")
+        name = run.label.split("(")[0]
+        total = [a + i for a, i in zip(algorithmic, implicit)]
+        ax_mom.plot(update, algorithmic, color=color, lw=1.5, label=f"{name}: algorithmic")
+        ax_mom.plot(update, total, color=color, ls=":", lw=1.5, label=f"{name}: total")
         if RUNS[run.label] == "tuned":
-            ax_mom.plot(
-                update, implicit, color=color, ls="--", lw=1, label="measured implicit 1 - 1/M"
-            )
-            total = [a + i for a, i in zip(algorithmic, implicit)]
-            ax_mom.plot(update, total, color="black", ls=":", lw=1, label="algorithmic + implicit")
+            ax_mom.plot(update, implicit, color="grey", ls="--", lw=1, label="implicit 1 - 1/M_hat")
     ax_loss.set(
         xlabel="updates applied", ylabel="training loss (worker batches, mean of 25)", yscale="log"
     )
     ax_loss.set_title(f"Loss, {config.workers} asynchronous workers ({config.backend})")
     ax_loss.legend(fontsize=8)
-    ax_mom.axhline(0.9, color="grey", lw=0.8, label="target total momentum 0.9")
-    ax_mom.set(xlabel="updates applied", ylabel="momentum", ylim=(-1.0, 1.05))
-    ax_mom.set_title("Momentum applied by the optimizer")
-    ax_mom.legend(fontsize=8, loc="lower right")
+    ax_mom.axhline(0.9, color="black", lw=0.6, label="target total momentum 0.9")
+    ax_mom.axhline(1.0, color="black", lw=0.6, ls="--", alpha=0.5)
+    ax_mom.set(xlabel="updates applied", ylabel="momentum", ylim=(-1.0, 2.0))
+    ax_mom.set_title("Momentum: applied, and in total (algorithmic + implicit)")
+    ax_mom.legend(fontsize=8, loc="lower left")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
