@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from asyncmomentum import __version__, bench, demo
+from asyncmomentum import __version__, bench, demo, sweep
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"asyncmomentum {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (demo, bench):
+    for command in (demo, sweep, bench):
         command.register(subparsers)
     return parser
 

@@ -1,0 +1,10 @@
+"""``python -m asyncmomentum.sweep [options]``: the same as ``asyncmomentum sweep [options]``."""
+
+import argparse
+
+from asyncmomentum.sweep.command import DESCRIPTION, add_arguments
+
+parser = argparse.ArgumentParser(prog="asyncmomentum sweep", description=DESCRIPTION)
+add_arguments(parser)
+arguments = parser.parse_args()
+raise SystemExit(arguments.handler(arguments))
