@@ -1,0 +1,870 @@
+"""Stability-aware momentum: the largest momentum the delayed heavy-ball recursion tolerates.
+
+Along one eigendirection of curvature ``lambda`` the linearized asynchronous heavy ball is
+
+    w_{t+1} = (1 + mu) w_t - mu w_{t-1} - a w_{t - tau_t},        a = lr * lambda,
+
+with ``tau_t`` drawn from the staleness distribution ``p``. Its mean (the "mean-field" recursion
+of the issue) replaces ``w_{t - tau_t}`` by ``sum_l p(l) w_{t-l}``; :func:`spectral_radius` is the
+spectral radius of that linear recursion. With *random* delays the mean says too little: every
+update applies one whole stale gradient, not the average of many, and the spread of the delays
+feeds energy back. :func:`mean_square_radius` is the per-step growth factor of the root mean
+square of ``w`` for independent delays (exact for them, see ``docs/stability-rule.md``); it
+equals :func:`spectral_radius` for a constant delay and exceeds it otherwise.
+
+:func:`largest_stable_momentum` scans momentum from the cap down and refines the largest stable
+value by bisection (the radius is not monotone in ``mu``). :class:`StabilityRule` puts it to
+work online: a bounded, windowed :class:`StalenessHistogram`, an estimate of ``lr * lambda_max``
+(:class:`CurvatureEstimator`: power iteration with Hessian-vector products, warm-started, run
+every few hundred steps), and a cache so that asking for the momentum every step costs
+microseconds.
+
+All the stability tests work on the unit circle: with ``u = z^-1`` the recursion's
+characteristic function is ``D(u) = 1 - (1 + mu) u + mu u^2 + a u P(u)``, ``P(u) = sum_l p(l) u^l``.
+The recursion is stable iff ``D`` has no zero in the disc ``|u| <= 1`` (a winding number on
+the circle), and mean-square stable iff, in addition, the staleness-noise gain
+``a^2 mean_w (1 - |P|^2) / |D|^2`` is below 1. Both are evaluated with one FFT of ``p`` and a few
+vectorized operations per momentum value.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from asyncmomentum import tuning
+from asyncmomentum.staleness import check_staleness
+
+__all__ = [
+    "DEFAULT_TAIL_MASS",
+    "CurvatureEstimator",
+    "StabilityRule",
+    "StalenessHistogram",
+    "check_pmf",
+    "is_stable",
+    "largest_stable_momentum",
+    "mean_square_radius",
+    "spectral_radius",
+    "truncate_pmf",
+]
+
+#: Mass of the staleness tail that :func:`truncate_pmf` may fold into the last kept lag.
+DEFAULT_TAIL_MASS = 1e-3
+
+#: Layout version of the state dicts of this module.
+STATE_FORMAT = 1
+
+Criterion = Literal["mean_square", "mean_field"]
+_CRITERIA = ("mean_square", "mean_field")
+
+# Points on the circle for the frequency-domain tests: the winding number is exact while
+# adjacent samples differ by less than half a turn, i.e. for zeros farther than about
+# 2 pi / _FREQUENCIES (8e-4) from the circle and supports of up to ~1000 lags.
+_FREQUENCIES = 8192
+_MAX_FREQUENCIES = 1 << 17
+
+
+# -- staleness distributions ----------------------------------------------------------------------
+
+
+def check_pmf(staleness_pmf: Any) -> np.ndarray:
+    """Return ``staleness_pmf`` as a float64 array normalized to sum 1, else raise ``ValueError``.
+
+    Args:
+        staleness_pmf: ``P(tau = l)`` for ``l = 0, 1, ...``: a 1-D sequence of finite,
+            non-negative numbers with a positive sum (counts are fine: they are normalized).
+    """
+    try:
+        pmf = np.asarray(staleness_pmf, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"staleness_pmf must be a 1-D sequence of probabilities, got {staleness_pmf!r}"
+        ) from None
+    if pmf.ndim != 1 or pmf.size == 0:
+        raise ValueError(
+            f"staleness_pmf must be a non-empty 1-D sequence (P(tau = 0), P(tau = 1), ...), "
+            f"got shape {pmf.shape}"
+        )
+    if not np.isfinite(pmf).all() or (pmf < 0).any():
+        raise ValueError("staleness_pmf must hold finite, non-negative probabilities")
+    total = pmf.sum()
+    if not total > 0:
+        raise ValueError("staleness_pmf must have a positive sum; it is all zeros")
+    return pmf / total
+
+
+def truncate_pmf(staleness_pmf: Any, tail_mass: float = DEFAULT_TAIL_MASS) -> np.ndarray:
+    """The pmf on the shortest support ``0..L`` that holds ``>= 1 - tail_mass`` of the mass.
+
+    The tail beyond ``L`` is folded into ``P(L)`` (lumped, not dropped), so the result still
+    sums to 1 and keeps the mean within ``tail_mass * (E[tau | tau > L] - L)``. Folding moves
+    that mass to *shorter* delays, which is slightly optimistic; with the default ``1e-3`` it is
+    far below anything the rule can resolve. Trailing zeros are removed.
+
+    Args:
+        staleness_pmf: see :func:`check_pmf`.
+        tail_mass: largest mass to fold, in [0, 1).
+    """
+    pmf = check_pmf(staleness_pmf)
+    if not 0.0 <= tail_mass < 1.0:
+        raise ValueError(f"tail_mass must lie in [0, 1), got {tail_mass!r}")
+    cumulative = np.cumsum(pmf)
+    last = int(np.searchsorted(cumulative, 1.0 - tail_mass - 1e-12))
+    last = min(last, int(np.flatnonzero(pmf).max()))
+    kept = pmf[: last + 1].copy()
+    kept[-1] += 1.0 - kept.sum()
+    return kept
+
+
+# -- the recursion --------------------------------------------------------------------------------
+
+
+def _check_scalar(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _characteristic_polynomial(mu: float, a: float, pmf: np.ndarray) -> np.ndarray:
+    """Coefficients, highest power first, of the characteristic polynomial
+
+    ``z^(L+1) - (1 + mu) z^L + mu z^(L-1) + a sum_l p_l z^(L-l)``.
+    """
+    lags = max(pmf.size - 1, 1)  # at least one lag: the momentum term needs w_{t-1}
+    coefficients = np.zeros(lags + 2)
+    coefficients[0] = 1.0
+    coefficients[1] = -(1.0 + mu)
+    coefficients[2] += mu
+    coefficients[1 : 1 + pmf.size] += a * pmf
+    return coefficients
+
+
+def spectral_radius(
+    mu: float, a: float, staleness_pmf: Any, *, tail_mass: float = DEFAULT_TAIL_MASS
+) -> float:
+    """Spectral radius of the mean-field delayed heavy-ball recursion.
+
+    The recursion is ``w_{t+1} = (1 + mu) w_t - mu w_{t-1} - a sum_l p(l) w_{t-l}``; the radius
+    is the largest modulus of the roots of its characteristic polynomial (the eigenvalues of its
+    companion matrix). Below 1 the recursion decays; above, it blows up. Exact for a constant
+    delay; optimistic for random delays (see :func:`mean_square_radius`).
+
+    Args:
+        mu: algorithmic momentum.
+        a: ``lr * lambda``, learning rate times curvature (>= 0 for a minimum).
+        staleness_pmf: ``P(tau = l)``; truncated with :func:`truncate_pmf`.
+        tail_mass: see :func:`truncate_pmf`.
+    """
+    pmf = truncate_pmf(staleness_pmf, tail_mass)
+    roots = np.roots(
+        _characteristic_polynomial(_check_scalar(mu, "mu"), _check_scalar(a, "a"), pmf)
+    )
+    return float(np.abs(roots).max())
+
+
+def _circle(
+    pmf: np.ndarray, radius: np.ndarray, points: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per radius (one per row): ``u`` on ``|u| = 1 / radius``, ``P(u)`` there, and
+    ``sum_l p_l radius^(-2 l)``."""
+    decay = radius ** -np.arange(pmf.size, dtype=np.float64)  # (rows, lags)
+    # numpy's FFT is sum_l x_l e^{-2 pi i k l / N}: P at u_k = e^{-2 pi i k / N} / radius.
+    transform = np.fft.fft(pmf * decay, points, axis=1)
+    u = np.exp(-2j * np.pi * np.arange(points) / points) / radius
+    return u, transform, (pmf * decay * decay).sum(axis=1, keepdims=True)
+
+
+def _points_for(pmf: np.ndarray) -> int:
+    points = _FREQUENCIES
+    while points < 8 * (pmf.size + 2) and points < _MAX_FREQUENCIES:
+        points *= 2
+    return points
+
+
+def _stability_at(
+    mus: np.ndarray,
+    a: float,
+    pmf: np.ndarray,
+    radius: float | np.ndarray,
+    criterion: Criterion,
+    points: int | None = None,
+) -> np.ndarray:
+    """Whether each momentum in ``mus`` gives a recursion that decays faster than ``radius^t``.
+
+    ``"mean_field"``: every root of the characteristic polynomial lies inside ``|z| < radius``.
+    ``"mean_square"``: that, and the second moment for independent delays decays faster than
+    ``radius^(2t)`` (the staleness-noise gain on the circle is below 1). ``radius`` is one
+    number, or one per momentum.
+    """
+    points = points or _points_for(pmf)
+    mus = np.asarray(mus, dtype=np.float64)[:, None]
+    radius = np.broadcast_to(np.asarray(radius, dtype=np.float64), (mus.shape[0],))[:, None]
+    u, transform, tail_weight = _circle(pmf, radius, points)
+    d = 1.0 - (1.0 + mus) * u + mus * u * u + a * u * transform
+    magnitude = np.abs(d)
+    # Winding number of D around 0 on the circle: zero iff no root of D inside |u| <= 1/radius,
+    # i.e. no root of the characteristic polynomial outside |z| < radius.
+    safe = np.where(magnitude > 0, d, 1.0)
+    turns = np.angle(np.roll(safe, -1, axis=1) / safe).sum(axis=1)
+    stable = (np.abs(turns) < np.pi) & (magnitude.min(axis=1) > 0)
+    if criterion == "mean_square":
+        spread = np.clip(tail_weight - np.abs(transform) ** 2, 0.0, None)
+        noise = np.mean(spread / np.maximum(magnitude, 1e-300) ** 2, axis=1)
+        stable &= (a * a / radius[:, 0] ** 2) * noise < 1.0
+    return stable
+
+
+def _check_criterion(criterion: str) -> Criterion:
+    if criterion not in _CRITERIA:
+        raise ValueError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
+    return criterion  # type: ignore[return-value]
+
+
+def is_stable(
+    mu: float,
+    a: float,
+    staleness_pmf: Any,
+    *,
+    margin: float = 0.0,
+    criterion: Criterion = "mean_square",
+    tail_mass: float = DEFAULT_TAIL_MASS,
+) -> bool:
+    """Whether the delayed heavy ball decays faster than ``(1 - margin)^t``.
+
+    Args:
+        mu: algorithmic momentum.
+        a: ``lr * lambda``.
+        staleness_pmf: ``P(tau = l)``; truncated with :func:`truncate_pmf`.
+        margin: required decay per step, in [0, 1): the radius must stay below ``1 - margin``.
+        criterion: ``"mean_square"`` (:func:`mean_square_radius`, the default) or
+            ``"mean_field"`` (:func:`spectral_radius`).
+        tail_mass: see :func:`truncate_pmf`.
+    """
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must lie in [0, 1), got {margin!r}")
+    pmf = truncate_pmf(staleness_pmf, tail_mass)
+    mus = np.array([_check_scalar(mu, "mu")])
+    return bool(
+        _stability_at(mus, _check_scalar(a, "a"), pmf, 1.0 - margin, _check_criterion(criterion))[0]
+    )
+
+
+def mean_square_radius(
+    mu: float, a: float, staleness_pmf: Any, *, tail_mass: float = DEFAULT_TAIL_MASS
+) -> float:
+    """Per-step growth factor of the root mean square of the delayed heavy ball.
+
+    For independent delays ``tau_t ~ p`` the second moment ``E[w_t^2]`` grows or decays like
+    ``r^(2t)``; this returns ``r`` (so it compares with :func:`spectral_radius`, which it is
+    never below, and which it equals for a constant delay). Found by bisection on the radius of
+    the circle on which the stability test of the module docstring is run.
+
+    Args:
+        mu: algorithmic momentum.
+        a: ``lr * lambda``.
+        staleness_pmf: ``P(tau = l)``; truncated with :func:`truncate_pmf`.
+        tail_mass: see :func:`truncate_pmf`.
+    """
+    pmf = truncate_pmf(staleness_pmf, tail_mass)
+    mu, a = _check_scalar(mu, "mu"), _check_scalar(a, "a")
+    mus = np.array([mu])
+    low = mean_field = spectral_radius(mu, a, pmf, tail_mass=0.0)
+    high = max(2.0 * low, 1.0)
+    while not _stability_at(mus, a, pmf, high, "mean_square")[0]:
+        if high > 1e6:  # only for absurd inputs: say so instead of looping
+            return math.inf
+        low, high = high, 2.0 * high
+    for _ in range(48):
+        middle = 0.5 * (low + high)
+        # Near the mean-field root the integrand peaks: sample the circle more densely there.
+        gap = max(middle - mean_field, 1e-9)
+        points = min(_MAX_FREQUENCIES, max(_points_for(pmf), 1 << math.ceil(math.log2(16 / gap))))
+        if _stability_at(mus, a, pmf, middle, "mean_square", points)[0]:
+            high = middle
+        else:
+            low = middle
+        if high - low < 1e-7:
+            break
+    return high
+
+
+def largest_stable_momentum(
+    a: float,
+    staleness_pmf: Any,
+    *,
+    cap: float,
+    floor: float = tuning.DEFAULT_MOMENTUM_BOUNDS[0],
+    margin: float = 0.0,
+    curvature_margin: float = 0.0,
+    criterion: Criterion = "mean_square",
+    tail_mass: float = DEFAULT_TAIL_MASS,
+    grid_step: float = 0.05,
+    tolerance: float = 1e-3,
+) -> float:
+    """The largest momentum in ``[floor, cap]`` at which the delayed heavy ball is stable.
+
+    Stable means: the radius (see ``criterion``) stays below ``1 - margin`` for a curvature
+    inflated by ``1 + curvature_margin`` (a safety factor on ``lr * lambda_max``, which also
+    absorbs estimation error). The radius is not monotone in ``mu``, so the momenta
+    ``cap, cap - grid_step, ...`` are tested first, and the gap above the largest stable one is
+    then bisected to ``tolerance``. If no momentum in the range is stable (the learning rate is
+    too large for this staleness), the one with the smallest radius on the grid is returned:
+    the least unstable choice.
+
+    Args:
+        a: ``lr * lambda_max``, learning rate times the largest curvature (>= 0).
+        staleness_pmf: ``P(tau = l)``; truncated with :func:`truncate_pmf`.
+        cap: the largest momentum to return (the target), in (-1, 1).
+        floor: the smallest momentum to return, in (-1, cap].
+        margin: required decay per step, in [0, 1).
+        curvature_margin: relative safety factor on ``a`` (>= 0).
+        criterion: ``"mean_square"`` (default) or ``"mean_field"``; see :func:`is_stable`.
+        tail_mass: see :func:`truncate_pmf`.
+        grid_step: spacing of the scan (> 0).
+        tolerance: width of the final bisection (> 0).
+    """
+    a = _check_scalar(a, "a")
+    if a < 0:
+        raise ValueError(f"a = lr * lambda_max must be >= 0, got {a!r}")
+    cap = tuning.check_momentum(cap, "cap")
+    floor = tuning.check_momentum(floor, "floor")
+    if floor > cap:
+        raise ValueError(f"floor must be <= cap, got floor={floor!r}, cap={cap!r}")
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must lie in [0, 1), got {margin!r}")
+    if not curvature_margin >= 0.0:
+        raise ValueError(f"curvature_margin must be >= 0, got {curvature_margin!r}")
+    if not (grid_step > 0 and tolerance > 0):
+        raise ValueError(f"grid_step and tolerance must be > 0, got {grid_step!r}, {tolerance!r}")
+    criterion = _check_criterion(criterion)
+    pmf = truncate_pmf(staleness_pmf, tail_mass)
+    a_test = a * (1.0 + curvature_margin)
+    radius = 1.0 - margin
+
+    def stable(mus: np.ndarray) -> np.ndarray:
+        return _stability_at(mus, a_test, pmf, radius, criterion)
+
+    steps = math.floor((cap - floor) / grid_step + 1e-9)
+    grid = np.append(cap - grid_step * np.arange(steps + 1), floor)
+    grid = grid[grid >= floor - 1e-12]
+    verdict = stable(grid)
+    if verdict[0]:
+        return cap
+    if not verdict.any():
+        return _least_unstable(grid, a_test, pmf, criterion)
+    index = int(np.argmax(verdict))  # the first stable one from the top: the largest
+    low, high = float(grid[index]), float(grid[index - 1])
+    while high - low > tolerance:
+        middle = 0.5 * (low + high)
+        if stable(np.array([middle]))[0]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _least_unstable(grid: np.ndarray, a: float, pmf: np.ndarray, criterion: Criterion) -> float:
+    """The momentum of ``grid`` with the smallest radius (bisection on all radii at once)."""
+    low = np.zeros(grid.size)
+    high = np.ones(grid.size)
+    while not _stability_at(grid, a, pmf, high, criterion).all() and high[0] < 1e6:
+        high *= 2.0
+    for _ in range(30):
+        middle = 0.5 * (low + high)
+        verdict = _stability_at(grid, a, pmf, middle, criterion)
+        high = np.where(verdict, middle, high)
+        low = np.where(verdict, low, middle)
+    return float(grid[int(np.argmin(high))])
+
+
+# -- the observed staleness -----------------------------------------------------------------------
+
+
+class StalenessHistogram:
+    """Histogram of the staleness of the last ``window`` applied gradients.
+
+    Bounded twice: a ring of the last ``window`` observations (older ones leave the histogram,
+    so it follows a change of regime within ``window`` updates) and a cap ``max_staleness`` at
+    which larger values are counted (a straggler of ``tau = 10_000`` costs one bin, not a
+    10,000-long array). Observing costs O(1).
+
+    Args:
+        window: number of recent observations kept (>= 1).
+        max_staleness: largest bin; larger observations are counted there (>= 0).
+    """
+
+    def __init__(self, window: int = 4096, max_staleness: int = 1024) -> None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an integer >= 1 (observations), got {window!r}")
+        if (
+            isinstance(max_staleness, bool)
+            or not isinstance(max_staleness, int)
+            or max_staleness < 0
+        ):
+            raise ValueError(f"max_staleness must be an integer >= 0, got {max_staleness!r}")
+        self.window = window
+        self.max_staleness = max_staleness
+        self._ring = np.zeros(window, dtype=np.int64)
+        self._counts = np.zeros(max_staleness + 1, dtype=np.int64)
+        self._observed = 0
+
+    def observe(self, tau: int) -> None:
+        """Count the staleness of one applied gradient.
+
+        Args:
+            tau: updates applied between the gradient's read and its application (>= 0).
+        """
+        value = min(check_staleness(tau), self.max_staleness)
+        slot = self._observed % self.window
+        if self._observed >= self.window:
+            self._counts[self._ring[slot]] -= 1
+        self._ring[slot] = value
+        self._counts[value] += 1
+        self._observed += 1
+
+    @property
+    def count(self) -> int:
+        """Observations so far (not bounded by the window)."""
+        return self._observed
+
+    @property
+    def size(self) -> int:
+        """Observations in the histogram now: ``min(count, window)``."""
+        return min(self._observed, self.window)
+
+    @property
+    def mean(self) -> float:
+        """Mean staleness of the window (capped values count at the cap); 0 when empty."""
+        if self.size == 0:
+            return 0.0
+        return float(np.dot(np.arange(self._counts.size), self._counts) / self.size)
+
+    def pmf(self, tail_mass: float = DEFAULT_TAIL_MASS) -> np.ndarray | None:
+        """Empirical ``P(tau = l)`` of the window, truncated by :func:`truncate_pmf`; ``None``
+        before the first observation.
+
+        Args:
+            tail_mass: see :func:`truncate_pmf`.
+        """
+        if self.size == 0:
+            return None
+        return truncate_pmf(self._counts, tail_mass)
+
+    def reset(self) -> None:
+        """Forget every observation."""
+        self._ring[:] = 0
+        self._counts[:] = 0
+        self._observed = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The observations of the window, oldest first, and the total count."""
+        size = self.size
+        order = (self._observed - size + np.arange(size)) % self.window
+        return {"format": STATE_FORMAT, "count": self._observed, "recent": self._ring[order].copy()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore observations from :meth:`state_dict` (the configuration stays this object's).
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+        """
+        _check_state(state_dict, "StalenessHistogram", ("count", "recent"))
+        recent = np.asarray(state_dict["recent"], dtype=np.int64).ravel()
+        count = check_staleness(state_dict["count"])
+        if (recent < 0).any() or count < recent.size:
+            raise ValueError("StalenessHistogram state is corrupt: bad 'count' or 'recent'")
+        recent = np.minimum(recent[-self.window :], self.max_staleness)
+        self.reset()
+        # Put the kept observations where the ring's cursor (count % window) expects them.
+        self._ring[(count - recent.size + np.arange(recent.size)) % self.window] = recent
+        self._counts[:] = np.bincount(recent, minlength=self._counts.size)
+        self._observed = count
+
+    def __repr__(self) -> str:
+        return (
+            f"StalenessHistogram(size={self.size}, mean={self.mean:.3g}, window={self.window}, "
+            f"max_staleness={self.max_staleness})"
+        )
+
+
+def _check_state(state_dict: Any, owner: str, keys: Sequence[str]) -> None:
+    if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
+        raise ValueError(
+            f"{owner}.load_state_dict expects a dict from {owner}.state_dict() (format "
+            f"{STATE_FORMAT}), got {type(state_dict).__name__}"
+        )
+    missing = [key for key in keys if key not in state_dict]
+    if missing:
+        raise ValueError(f"{owner} state is missing {missing}")
+
+
+# -- the curvature --------------------------------------------------------------------------------
+
+
+def _dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> float:
+    return float(sum(torch.dot(x.flatten(), y.flatten()) for x, y in zip(xs, ys)))
+
+
+def _normalized(xs: Sequence[Tensor]) -> list[Tensor] | None:
+    norm = math.sqrt(_dot(xs, xs))
+    if not (norm > 0 and math.isfinite(norm)):
+        return None
+    return [x / norm for x in xs]
+
+
+class CurvatureEstimator:
+    """Largest Hessian eigenvalue by power iteration with Hessian-vector products.
+
+    Each :meth:`estimate` evaluates ``loss_fn()`` once (a mini-batch loss at the current
+    parameters, with its graph), takes its gradient with ``create_graph=True`` and runs power
+    iteration with double-backward Hessian-vector products. The vector is kept between calls,
+    so after the first call (``iterations`` products) a few products (``warm_iterations``) track
+    the top eigenvector as training moves. If the dominant eigenvalue is negative (a saddle),
+    a shifted iteration finds the largest positive one, which is what limits stability.
+
+    Cost: one forward, one backward with graph, and ``k`` Hessian-vector products (about two
+    backwards each), every time it is called; memory: one copy of the parameters. Call it every
+    few hundred steps (``StabilityRule`` takes the maximum of the last ``history`` values).
+
+    Args:
+        params: the parameters the Hessian is taken with respect to.
+        iterations: products of the first call (>= 1).
+        warm_iterations: products of later, warm-started calls (>= 1).
+        tolerance: relative change of the eigenvalue at which an iteration stops early.
+        history: number of recent estimates :attr:`value` takes the maximum of (>= 1).
+        seed: seed of the first vector.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        *,
+        iterations: int = 20,
+        warm_iterations: int = 4,
+        tolerance: float = 1e-3,
+        history: int = 4,
+        seed: int = 0,
+    ) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("CurvatureEstimator needs at least one parameter with requires_grad")
+        for name, value in (("iterations", iterations), ("warm_iterations", warm_iterations)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise ValueError(f"history must be an integer >= 1, got {history!r}")
+        if not tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
+        self.iterations = iterations
+        self.warm_iterations = warm_iterations
+        self.tolerance = float(tolerance)
+        self.history = history
+        self._generator = torch.Generator().manual_seed(seed)
+        self._vector: list[Tensor] | None = None
+        self._estimates: list[float] = []
+        self.products = 0
+
+    @property
+    def value(self) -> float | None:
+        """The largest of the last ``history`` estimates (curvature can rise quickly; being
+        late to see it is what makes a run diverge), ``None`` before the first."""
+        return max(self._estimates) if self._estimates else None
+
+    def _random_vector(self) -> list[Tensor]:
+        vector = [
+            torch.randn(p.shape, generator=self._generator, dtype=p.dtype).to(p.device)
+            for p in self.params
+        ]
+        return _normalized(vector) or vector
+
+    def estimate(self, loss_fn: Callable[[], Tensor]) -> float:
+        """Run power iteration at the current parameters; record and return the eigenvalue.
+
+        Parameters and their ``.grad`` are left untouched.
+
+        Args:
+            loss_fn: computes a scalar loss of the parameters (e.g. one mini-batch), with grad.
+        """
+        with torch.enable_grad():
+            loss = loss_fn()
+            if not (isinstance(loss, Tensor) and loss.numel() == 1 and loss.requires_grad):
+                raise ValueError(
+                    "loss_fn must return a scalar tensor that depends on the parameters "
+                    f"(requires_grad), got {type(loss).__name__}"
+                )
+            if not torch.isfinite(loss.detach()).all():
+                raise ValueError(f"loss_fn returned a non-finite loss ({loss.item()}); no estimate")
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+            if not any(g.requires_grad for g in grads):
+                eigenvalue = 0.0  # the loss is linear in the parameters: no curvature
+            else:
+                eigenvalue = self._power_iteration(grads)
+        self._estimates = [*self._estimates, eigenvalue][-self.history :]
+        return eigenvalue
+
+    def _product(self, grads: Sequence[Tensor], vector: Sequence[Tensor]) -> list[Tensor]:
+        self.products += 1
+        out = torch.autograd.grad(
+            grads, self.params, grad_outputs=list(vector), retain_graph=True, allow_unused=True
+        )
+        return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(self.params, out)]
+
+    def _power_iteration(self, grads: Sequence[Tensor]) -> float:
+        steps = self.iterations if self._vector is None else self.warm_iterations
+        vector = self._vector or self._random_vector()
+        eigenvalue, vector = self._iterate(grads, vector, steps, shift=0.0)
+        if eigenvalue < 0:
+            # The dominant eigenvalue is negative: iterate on H - eigenvalue * I, whose dominant
+            # eigenvalue is (largest positive - eigenvalue).
+            shifted, vector = self._iterate(
+                grads, self._random_vector(), self.iterations, eigenvalue
+            )
+            eigenvalue = max(shifted + eigenvalue, 0.0)
+        self._vector = vector
+        return eigenvalue
+
+    def _iterate(
+        self, grads: Sequence[Tensor], vector: list[Tensor], steps: int, shift: float
+    ) -> tuple[float, list[Tensor]]:
+        eigenvalue = math.nan
+        for _ in range(steps):
+            product = self._product(grads, vector)
+            if shift:
+                product = [h - shift * v for h, v in zip(product, vector)]
+            previous, eigenvalue = eigenvalue, _dot(vector, product)
+            following = _normalized(product)
+            if following is None:  # H v = 0: v is in the kernel
+                return 0.0, vector
+            vector = following
+            if abs(eigenvalue - previous) <= self.tolerance * abs(eigenvalue):
+                break
+        return eigenvalue, vector
+
+    def __repr__(self) -> str:
+        return f"CurvatureEstimator(value={self.value}, products={self.products})"
+
+
+# -- the rule -------------------------------------------------------------------------------------
+
+
+class StabilityRule:
+    """Staleness and curvature in, the largest stable algorithmic momentum out.
+
+    Keeps a :class:`StalenessHistogram` of the applied gradients' staleness and an estimate of
+    the largest curvature ``lambda_max`` (fed by :meth:`observe_curvature`, e.g. from a
+    :class:`CurvatureEstimator`); :meth:`algorithmic_momentum` returns
+    :func:`largest_stable_momentum` for ``a = lr * lambda_max``, capped by the target.
+
+    Results are cached by (target, ``a`` to 1 %). The histogram is re-read at doubling counts
+    (1, 2, 4, ... observations: at start-up it changes fast, and the first delays are short
+    because every worker starts from version 0) and then every ``refresh`` observations; the
+    cache is dropped when the total-variation distance of its pmf from the one last used
+    exceeds ``pmf_tolerance``. A cached answer costs a few microseconds; a new one 20-30
+    milliseconds (see ``docs/stability-rule.md``).
+
+    It speaks from ``min_observations`` observations on (by default the first: at start-up the
+    staleness grows by one per update, and a warm-up spent at the target momentum is what made
+    runs with many workers diverge). Before that, or while no curvature is known, it returns
+    the caller's ``fallback`` (the optimizer passes its additive rule's momentum).
+
+    Args:
+        curvature_margin: relative safety factor on ``lr * lambda_max`` (see
+            :func:`largest_stable_momentum`); absorbs the estimate's error, curvature that
+            rises between estimates, and the start-up transient. 0.25 was the best of
+            {0, 0.25, 0.5} on the sweep's quadratic (0 diverged with a constant delay).
+        margin: required decay per step, in [0, 1).
+        criterion: ``"mean_square"`` (random delays, the default) or ``"mean_field"``
+            (optimistic for random delays: it diverged on the quadratic from M = 8).
+        momentum_bounds: ``(low, high)``: the floor of the result, and a ceiling under the target.
+        window: staleness observations kept (see :class:`StalenessHistogram`).
+        max_staleness: the histogram's cap.
+        tail_mass: see :func:`truncate_pmf`.
+        refresh: observations between checks of the histogram, once warm.
+        pmf_tolerance: total-variation change of the pmf that invalidates the cache.
+        min_observations: observations before the rule speaks.
+        grid_step: scan spacing of :func:`largest_stable_momentum`.
+    """
+
+    def __init__(
+        self,
+        *,
+        curvature_margin: float = 0.25,
+        margin: float = 0.0,
+        criterion: Criterion = "mean_square",
+        momentum_bounds: tuple[float, float] = tuning.DEFAULT_MOMENTUM_BOUNDS,
+        window: int = 1024,
+        max_staleness: int = 1024,
+        tail_mass: float = DEFAULT_TAIL_MASS,
+        refresh: int = 256,
+        pmf_tolerance: float = 0.02,
+        min_observations: int = 1,
+        grid_step: float = 0.05,
+    ) -> None:
+        if not curvature_margin >= 0:
+            raise ValueError(f"curvature_margin must be >= 0, got {curvature_margin!r}")
+        if not 0.0 <= margin < 1.0:
+            raise ValueError(f"margin must lie in [0, 1), got {margin!r}")
+        if not 0.0 <= tail_mass < 1.0:
+            raise ValueError(f"tail_mass must lie in [0, 1), got {tail_mass!r}")
+        if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
+            raise ValueError(f"refresh must be an integer >= 1, got {refresh!r}")
+        if not 0.0 <= pmf_tolerance <= 1.0:
+            raise ValueError(f"pmf_tolerance must lie in [0, 1], got {pmf_tolerance!r}")
+        if (
+            isinstance(min_observations, bool)
+            or not isinstance(min_observations, int)
+            or min_observations < 1
+        ):
+            raise ValueError(f"min_observations must be an integer >= 1, got {min_observations!r}")
+        if not grid_step > 0:
+            raise ValueError(f"grid_step must be > 0, got {grid_step!r}")
+        self.curvature_margin = float(curvature_margin)
+        self.margin = float(margin)
+        self.criterion = _check_criterion(criterion)
+        self.momentum_bounds = tuning.check_momentum_bounds(momentum_bounds)
+        self.tail_mass = float(tail_mass)
+        self.refresh = refresh
+        self.pmf_tolerance = float(pmf_tolerance)
+        self.min_observations = min_observations
+        self.grid_step = float(grid_step)
+        self.histogram = StalenessHistogram(window, max_staleness)
+        self._curvature: float | None = None
+        self._pmf: np.ndarray | None = None
+        self._checked_at = -1
+        self._cache: dict[tuple[float, int], float] = {}
+        self.computations = 0
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def observe(self, tau: int) -> None:
+        """Record the staleness of one applied gradient.
+
+        Args:
+            tau: updates applied between the gradient's read and its application (>= 0).
+        """
+        self.histogram.observe(tau)
+
+    def observe_curvature(self, lambda_max: float) -> None:
+        """Set the current estimate of the largest Hessian eigenvalue (not times ``lr``).
+
+        Args:
+            lambda_max: largest curvature of the loss (>= 0), e.g. ``CurvatureEstimator.value``.
+        """
+        value = _check_scalar(lambda_max, "lambda_max")
+        if value < 0:
+            raise ValueError(f"lambda_max must be >= 0, got {lambda_max!r}")
+        self._curvature = value
+
+    @property
+    def curvature(self) -> float | None:
+        """The current estimate of ``lambda_max``, ``None`` until :meth:`observe_curvature`."""
+        return self._curvature
+
+    @property
+    def ready(self) -> bool:
+        """Whether the rule has a curvature and enough staleness observations to speak."""
+        return self._curvature is not None and self.histogram.count >= self.min_observations
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def algorithmic_momentum(
+        self, target: float, lr: float, *, fallback: float | None = None
+    ) -> float:
+        """Largest stable algorithmic momentum for ``a = lr * lambda_max``, capped by ``target``.
+
+        Args:
+            target: the total momentum the user wants: the cap of the result.
+            lr: the learning rate of the parameter group (>= 0).
+            fallback: returned while the rule is not :attr:`ready`; default ``target``
+                clipped to the bounds.
+        """
+        target = tuning.check_momentum(target)
+        lr = _check_scalar(lr, "lr")
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr!r}")
+        low, high = self.momentum_bounds
+        if not self.ready:
+            chosen = target if fallback is None else float(fallback)
+            return min(max(chosen, low), high)
+        self._refresh_pmf()
+        a = lr * self._curvature  # type: ignore[operator]
+        key = (round(target, 9), _bucket(a))
+        if key not in self._cache:
+            self.computations += 1
+            cap = min(target, high)
+            self._cache[key] = largest_stable_momentum(
+                a,
+                self._pmf,
+                cap=max(cap, low),
+                floor=low,
+                margin=self.margin,
+                curvature_margin=self.curvature_margin,
+                criterion=self.criterion,
+                tail_mass=0.0,  # the histogram's pmf is already truncated
+                grid_step=self.grid_step,
+            )
+        return self._cache[key]
+
+    def _refresh_pmf(self) -> None:
+        """Re-read the histogram (at doubling counts, then every ``refresh`` observations); drop
+        the cache if it moved."""
+        count = self.histogram.count
+        # Early on the histogram changes fast (and starts from the short delays of start-up):
+        # check at doubling counts until `refresh` observations apart.
+        if self._pmf is not None and count - self._checked_at < min(self.refresh, self._checked_at):
+            return
+        self._checked_at = count
+        pmf = self.histogram.pmf(self.tail_mass)
+        if self._pmf is None or _total_variation(pmf, self._pmf) > self.pmf_tolerance:
+            self._pmf = pmf
+            self._cache.clear()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The histogram's observations and the curvature (the cache is rebuilt on demand)."""
+        return {
+            "format": STATE_FORMAT,
+            "histogram": self.histogram.state_dict(),
+            "curvature": self._curvature,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+        """
+        _check_state(state_dict, "StabilityRule", ("histogram", "curvature"))
+        curvature = state_dict["curvature"]
+        if curvature is not None and not (
+            isinstance(curvature, numbers.Real) and math.isfinite(curvature) and curvature >= 0
+        ):
+            raise ValueError(f"StabilityRule state is corrupt: curvature {curvature!r}")
+        self.histogram.load_state_dict(state_dict["histogram"])
+        self._curvature = None if curvature is None else float(curvature)
+        self._pmf = None
+        self._cache.clear()
+
+    def __repr__(self) -> str:
+        return (
+            f"StabilityRule(curvature={self._curvature}, histogram={self.histogram!r}, "
+            f"curvature_margin={self.curvature_margin}, criterion={self.criterion!r})"
+        )
+
+
+def _bucket(a: float) -> int:
+    """``a`` to about 1 % (log scale); 0 and tiny values share one bucket."""
+    return -(10**9) if a < 1e-12 else round(math.log(a) / math.log(1.01))
+
+
+def _total_variation(p: np.ndarray, q: np.ndarray) -> float:
+    size = max(p.size, q.size)
+    return 0.5 * float(np.abs(np.pad(p, (0, size - p.size)) - np.pad(q, (0, size - q.size))).sum())
