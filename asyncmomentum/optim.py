@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from asyncmomentum import tuning
+from asyncmomentum.meter import MomentumMeter
 from asyncmomentum.staleness import StalenessEstimator, VersionClock, check_staleness
 from asyncmomentum.tuner import MomentumTuner
 
@@ -85,6 +86,11 @@ class AsyncMomentumSGD(Optimizer):
         nonfinite: what a NaN or inf gradient does: ``"raise"`` a
             :class:`NonFiniteGradientError` or ``"skip"`` the step (counted in
             :attr:`skipped_steps`). Either way parameters, buffers, clock and tuner are untouched.
+        measure_momentum: run a :class:`~asyncmomentum.meter.MomentumMeter` that measures the
+            total momentum from the trajectory (see :attr:`measured_total_momentum`): about
+            0.25 ms per step and a fit every 256 steps on 11.7M parameters (it samples 512
+            coordinates). It needs one process to see every update in order (a simulator, a
+            parameter server, Lightning): not Hogwild workers.
 
     Example:
         >>> model = torch.nn.Linear(4, 1)
@@ -113,6 +119,7 @@ class AsyncMomentumSGD(Optimizer):
         horizon: int = 1000,
         warmup: int = 20,
         nonfinite: Literal["raise", "skip"] = "raise",
+        measure_momentum: bool = False,
     ) -> None:
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
@@ -142,6 +149,7 @@ class AsyncMomentumSGD(Optimizer):
             "fused": fused,
         }
         super().__init__(params, defaults)
+        self._meter = MomentumMeter(self.param_groups, rule=rule) if measure_momentum else None
 
     # -- groups -------------------------------------------------------------------------------
 
@@ -273,6 +281,16 @@ class AsyncMomentumSGD(Optimizer):
         return self._last_staleness
 
     @property
+    def measured_total_momentum(self) -> float | None:
+        """Total momentum measured from the trajectory by the momentum meter.
+
+        ``None`` without ``measure_momentum=True`` or before the meter has enough updates. With no
+        asynchrony it reads the algorithmic momentum; under asynchrony, algorithmic plus
+        implicit (see ``docs/momentum-meter.md`` for the derivation and its limits).
+        """
+        return None if self._meter is None else self._meter.measured_total_momentum
+
+    @property
     def skipped_steps(self) -> int:
         """Steps skipped for a non-finite gradient (with ``nonfinite="skip"``)."""
         return self._skipped_steps
@@ -352,6 +370,9 @@ class AsyncMomentumSGD(Optimizer):
                 group["momentum"] = self._tuner.algorithmic_momentum(group["target_momentum"])
             if params:
                 self._update_group(group, params, grads, buffers)
+        if self._meter is not None:
+            # The gradient was computed at version - tau: the meter attributes it there.
+            self._meter.record(version, version - tau)
         self._version_read = version + 1
         return loss
 
@@ -433,6 +454,7 @@ class AsyncMomentumSGD(Optimizer):
             "version_read": self._version_read,
             "last_staleness": self._last_staleness,
             "skipped_steps": self._skipped_steps,
+            "meter": None if self._meter is None else self._meter.state_dict(),
         }
         return state
 
@@ -468,6 +490,8 @@ class AsyncMomentumSGD(Optimizer):
         self._version_read = int(extra["version_read"])
         self._last_staleness = int(extra["last_staleness"])
         self._skipped_steps = int(extra["skipped_steps"])
+        if self._meter is not None and extra.get("meter") is not None:
+            self._meter.load_state_dict(extra["meter"])
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -478,6 +502,7 @@ class AsyncMomentumSGD(Optimizer):
             "_version_read",
             "_last_staleness",
             "_skipped_steps",
+            "_meter",
         ):
             state[name] = self.__dict__[name]
         return state

@@ -89,6 +89,8 @@ class AsyncMomentumCallback(Callback):
     - ``momentum/implicit``: ``1 - 1/M_hat``.
     - ``momentum/algorithmic``: the momentum the optimizer applies (after any clipping).
     - ``momentum/total``: algorithmic and implicit composed under ``rule``.
+    - ``momentum/measured``: the total momentum measured from the trajectory, for an
+      ``AsyncMomentumSGD(measure_momentum=True)`` once its meter has a reading.
     - ``staleness/mean``, ``staleness/max``: over the gradients applied since the previous log
       line, reduced exactly over all ranks (:class:`~asyncmomentum.metrics.StalenessMetric`);
       absent when no staleness was observed in that window.
@@ -414,6 +416,9 @@ class AsyncMomentumCallback(Callback):
             tracked.steps_since_log = 0
             metrics[f"momentum/implicit{suffix}"] = tracked.tuner.implicit_momentum
             metrics[f"workers/estimated{suffix}"] = tracked.tuner.estimated_workers
+            measured = getattr(tracked.optimizer, "measured_total_momentum", None)
+            if measured is not None:
+                metrics[f"momentum/measured{suffix}"] = measured
             if int(summary["count"]) > 0:
                 metrics[f"staleness/mean{suffix}"] = float(summary["mean"])
                 metrics[f"staleness/max{suffix}"] = float(summary["max"])

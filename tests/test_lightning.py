@@ -482,3 +482,24 @@ def test_corrupt_callback_state_is_refused_and_changes_nothing() -> None:
         callback.load_state_dict({"format": 1, "tuners": {0: {"estimator": {"format": 1}}}})
     assert callback.tuners == {}
     assert math.isclose(callback.target_momentum, 0.9)
+
+
+def test_measured_momentum_is_logged_for_a_metered_optimizer(
+    tmp_path: Path, digits_loader: DataLoader
+) -> None:
+    pl.seed_everything(0, verbose=False)
+
+    def metered(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return AsyncMomentumSGD(params, lr=0.05, momentum=0.0, measure_momentum=True)
+
+    stale = StaleGradients(workers=4, model="exponential", seed=0)
+    callback = AsyncMomentumCallback(target_momentum=0.9, **ESTIMATOR)
+    trainer = make_trainer(tmp_path, [stale, callback], max_steps=300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the callback warns that the optimizer's momentum is fixed
+        trainer.fit(DigitsModule(metered), digits_loader)
+    measured = [
+        row["momentum/measured"] for row in read_rows(tmp_path) if "momentum/measured" in row
+    ]
+    assert measured, "momentum/measured was never logged"
+    assert measured[-1] == pytest.approx(1 - 1 / 4, abs=0.15)
