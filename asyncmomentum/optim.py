@@ -71,8 +71,9 @@ class AsyncMomentumSGD(Optimizer):
         weight_decay: L2 penalty, >= 0.
         nesterov: Nesterov momentum. A fixed momentum must then be > 0 and dampening 0.
         maximize: maximize the objective instead of minimizing it.
-        foreach: ``True`` for the multi-tensor path (``torch._foreach_*`` ops on cache-sized
-            buckets), ``False`` for the per-tensor loop, ``None`` to choose (see ``fused``).
+        foreach: ``True`` for the multi-tensor path (torch's fused multi-tensor kernel where the
+            device and dtype have it, else ``torch._foreach_*`` ops on cache-sized buckets),
+            ``False`` for the per-tensor loop, ``None`` to choose (see ``fused``).
         fused: ``True`` for torch's fused SGD kernel. When both ``foreach`` and ``fused`` are
             ``None`` the fused kernel is used where the device and dtype have it (the fastest
             path), else foreach on accelerators and the per-tensor loop otherwise.
@@ -371,8 +372,10 @@ class AsyncMomentumSGD(Optimizer):
             if params:
                 self._update_group(group, params, grads, buffers)
         if self._meter is not None:
-            # The gradient was computed at version - tau: the meter attributes it there.
-            self._meter.record(version, version - tau)
+            # The gradient was computed at version - tau: the meter attributes it there. A
+            # staleness reported beyond the start of this optimizer's clock (a caller's own
+            # count, a resumed job) dates the gradient to the oldest version there is.
+            self._meter.record(version, max(version - tau, 0))
         self._version_read = version + 1
         return loss
 
@@ -565,9 +568,14 @@ def _choose_update(group: dict[str, Any], params: list[Tensor], grads: list[Tens
         return _single_tensor_update
     if group["fused"]:
         return _fused_update
-    if group["foreach"] is not None:
-        return _multi_tensor_update if group["foreach"] else _single_tensor_update
-    if all(p.is_floating_point() and p.device.type in _FUSED_DEVICES for p in params):
+    fusable = all(p.is_floating_point() and p.device.type in _FUSED_DEVICES for p in params)
+    if group["foreach"] is False:
+        return _single_tensor_update
+    if group["foreach"]:
+        # The multi-tensor path: torch's fused multi-tensor kernel where the device and dtype
+        # have it (one pass over memory, where the _foreach ops make three), else those ops.
+        return _fused_update if fusable else _multi_tensor_update
+    if fusable:
         return _fused_update
     return _multi_tensor_update if params[0].device.type != "cpu" else _single_tensor_update
 

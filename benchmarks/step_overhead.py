@@ -53,7 +53,9 @@ def _parameters(seed: int) -> list[torch.nn.Parameter]:
     return params
 
 
-def measure(path: str, steps: int, warmup: int = 5, seed: int = 0) -> dict[str, float]:
+def measure(
+    path: str, steps: int, warmup: int = 5, seed: int = 0, meter: bool = False
+) -> dict[str, float]:
     """Median step times (ms) of both optimizers on one path, interleaved step by step.
 
     Args:
@@ -61,8 +63,11 @@ def measure(path: str, steps: int, warmup: int = 5, seed: int = 0) -> dict[str, 
         steps: timed steps per optimizer.
         warmup: untimed steps per optimizer first.
         seed: seed of parameters, gradients and staleness.
+        meter: also run the momentum meter (``measure_momentum=True``).
     """
-    ours = AsyncMomentumSGD(_parameters(seed), lr=1e-3, target_momentum=0.9, **PATHS[path])
+    ours = AsyncMomentumSGD(
+        _parameters(seed), lr=1e-3, target_momentum=0.9, measure_momentum=meter, **PATHS[path]
+    )
     torch_sgd = torch.optim.SGD(_parameters(seed), lr=1e-3, momentum=0.9, **PATHS[path])
     staleness = iter(np.random.default_rng(seed).geometric(0.25, size=steps + warmup) - 1)
 
@@ -98,11 +103,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="timed steps per optimizer")
     parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
+    parser.add_argument("--meter", action="store_true", help="ours with measure_momentum=True")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     params = resnet18_shapes()
     numel = sum(int(np.prod(s)) for s in params)
-    results = [measure(path, args.steps) for path in args.paths]
+    results = [measure(path, args.steps, meter=args.meter) for path in args.paths]
     if args.json:
         print(json.dumps(results, indent=2))
         return results

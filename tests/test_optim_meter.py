@@ -43,3 +43,12 @@ def test_off_by_default_and_carried_by_state_dict_and_pickle():
     # The meter's state is its windows; the reading is refitted from them on load.
     assert resumed.measured_total_momentum == pytest.approx(0.75, abs=0.1)
     assert pickle.loads(pickle.dumps(opt)).measured_total_momentum == opt.measured_total_momentum
+
+
+def test_staleness_older_than_the_clock_is_dated_to_its_start():
+    problem = get_problem("quadratic")
+    model = problem.make_model(0)
+    opt = AsyncMomentumSGD(model.parameters(), lr=0.1, measure_momentum=True)
+    problem.loss_fn(model, next(problem.batches(0))).backward()
+    opt.step(staleness=5)  # at version 0: the meter must not refuse it after the update
+    assert opt.clock.value == 1
