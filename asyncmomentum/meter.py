@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from asyncmomentum import tuning
+from asyncmomentum.staleness import check_state
 
 __all__ = ["ClosedLoopController", "MomentumMeter", "MomentumReading"]
 
@@ -454,7 +455,9 @@ class MomentumMeter:
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
         """
-        _check_state(state_dict, "MomentumMeter", _METER_STATE_KEYS)
+        check_state(
+            state_dict, "MomentumMeter", expected_format=STATE_FORMAT, keys=_METER_STATE_KEYS
+        )
         shape = (self.window, self.coordinates)
         if tuple(state_dict["params_ring"].shape) != shape:
             raise ValueError(
@@ -634,17 +637,6 @@ _METER_STATE_KEYS = (
 )
 
 
-def _check_state(state_dict: Any, owner: str, keys: tuple[str, ...]) -> None:
-    if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
-        raise ValueError(
-            f"{owner}.load_state_dict expects a dict from {owner}.state_dict() (format "
-            f"{STATE_FORMAT}), got {type(state_dict).__name__}"
-        )
-    missing = [key for key in keys if key not in state_dict]
-    if missing:
-        raise ValueError(f"{owner} state is missing {missing}; was it written by another class?")
-
-
 def _flat_view(tensor: Tensor) -> np.ndarray | None:
     """A numpy view of ``tensor``'s elements in flat (row-major) order, ``None`` if numpy cannot
     view it without a copy (strided, or a dtype numpy lacks)."""
@@ -808,7 +800,12 @@ class ClosedLoopController:
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
         """
-        _check_state(state_dict, "ClosedLoopController", ("updates", "last_error", "last_reading"))
+        check_state(
+            state_dict,
+            "ClosedLoopController",
+            expected_format=STATE_FORMAT,
+            keys=("updates", "last_error", "last_reading"),
+        )
         self.updates = int(state_dict["updates"])
         self.last_error = state_dict["last_error"]
         self._last_reading = state_dict["last_reading"]

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from asyncmomentum import tuning
-from asyncmomentum.staleness import check_staleness
+from asyncmomentum.staleness import check_staleness, check_state
 
 __all__ = [
     "DEFAULT_TAIL_MASS",
@@ -474,7 +474,9 @@ class StalenessHistogram:
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
         """
-        _check_state(state_dict, "StalenessHistogram", ("count", "recent"))
+        check_state(
+            state_dict, "StalenessHistogram", expected_format=STATE_FORMAT, keys=("count", "recent")
+        )
         recent = np.asarray(state_dict["recent"], dtype=np.int64).ravel()
         count = check_staleness(state_dict["count"])
         if (recent < 0).any() or count < recent.size:
@@ -491,17 +493,6 @@ class StalenessHistogram:
             f"StalenessHistogram(size={self.size}, mean={self.mean:.3g}, window={self.window}, "
             f"max_staleness={self.max_staleness})"
         )
-
-
-def _check_state(state_dict: Any, owner: str, keys: Sequence[str]) -> None:
-    if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
-        raise ValueError(
-            f"{owner}.load_state_dict expects a dict from {owner}.state_dict() (format "
-            f"{STATE_FORMAT}), got {type(state_dict).__name__}"
-        )
-    missing = [key for key in keys if key not in state_dict]
-    if missing:
-        raise ValueError(f"{owner} state is missing {missing}")
 
 
 # -- the curvature --------------------------------------------------------------------------------
@@ -842,7 +833,12 @@ class StabilityRule:
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
         """
-        _check_state(state_dict, "StabilityRule", ("histogram", "curvature"))
+        check_state(
+            state_dict,
+            "StabilityRule",
+            expected_format=STATE_FORMAT,
+            keys=("histogram", "curvature"),
+        )
         curvature = state_dict["curvature"]
         if curvature is not None and not (
             isinstance(curvature, numbers.Real) and math.isfinite(curvature) and curvature >= 0

@@ -13,7 +13,7 @@ import math
 import multiprocessing
 import operator
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch
 
 from asyncmomentum import tuning
 
-__all__ = ["StalenessEstimator", "VersionClock", "check_staleness"]
+__all__ = ["StalenessEstimator", "VersionClock", "check_staleness", "check_state"]
 
 #: Seconds to wait for the clock's or estimator's lock before concluding its holder died.
 LOCK_TIMEOUT_S = 60.0
@@ -178,7 +178,7 @@ class VersionClock(_SharableState):
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
         """
-        _check_format(state_dict, "VersionClock")
+        check_state(state_dict, "VersionClock")
         value = check_staleness(state_dict["value"])
         with self._locked():
             self._np("_count")[0] = value
@@ -187,18 +187,37 @@ class VersionClock(_SharableState):
         return f"VersionClock(value={self.value}, shared={self.is_shared})"
 
 
-def _check_format(state_dict: Any, owner: str) -> None:
+def check_state(
+    state_dict: Any,
+    owner: str,
+    *,
+    expected_format: int = STATE_FORMAT,
+    keys: Iterable[str] = (),
+) -> None:
+    """Raise ``ValueError`` unless ``state_dict`` is a dict of ``expected_format`` with ``keys``.
+
+    The one check every ``load_state_dict`` of the package runs before it changes anything.
+
+    Args:
+        state_dict: what was passed to ``owner.load_state_dict``.
+        owner: the class name, for the message.
+        expected_format: the layout version ``owner`` reads.
+        keys: entries the state must have.
+    """
     if not isinstance(state_dict, dict) or "format" not in state_dict:
         raise ValueError(
             f"{owner}.load_state_dict expects a dict from {owner}.state_dict(), got "
             f"{type(state_dict).__name__}; was this checkpoint written by another program?"
         )
-    if state_dict["format"] != STATE_FORMAT:
+    if state_dict["format"] != expected_format:
         raise ValueError(
             f"{owner} state has format {state_dict['format']!r} but this version of asyncmomentum "
-            f"reads format {STATE_FORMAT}; load it with the asyncmomentum version that wrote it, "
-            "or start the tuner afresh"
+            f"reads format {expected_format}; load it with the asyncmomentum version that wrote "
+            "it, or start afresh"
         )
+    missing = [key for key in keys if key not in state_dict]
+    if missing:
+        raise ValueError(f"{owner} state is missing {missing}; was it written by another class?")
 
 
 class StalenessEstimator(_SharableState):
@@ -354,7 +373,7 @@ class StalenessEstimator(_SharableState):
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
         """
-        _check_format(state_dict, "StalenessEstimator")
+        check_state(state_dict, "StalenessEstimator")
         try:
             count = check_staleness(state_dict["count"])
             ema = torch.as_tensor(state_dict["ema"], dtype=torch.float64)
