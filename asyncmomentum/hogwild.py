@@ -835,6 +835,17 @@ def _check_arguments(
     ):
         raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
     _check_parameters(model, optimizer)
+    if isinstance(optimizer, AsyncMomentumSGD) and (
+        optimizer.rule in tuning.FEEDBACK_RULES or optimizer.meter is not None
+    ):
+        raise ValueError(
+            f"AsyncMomentumSGD(rule={optimizer.rule!r}"
+            f"{', measure_momentum=True' if optimizer.meter is not None else ''}) cannot run "
+            "in Hogwild workers: the momentum meter must see every update in order from one "
+            "process, and the stability rule's histogram and curvature probe are per process. "
+            "Use rule='additive' or 'compositional' here, or run the rule on the parameter "
+            "server (asyncmomentum.server), which applies every update in one place"
+        )
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     try:

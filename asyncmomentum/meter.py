@@ -449,8 +449,8 @@ class MomentumMeter:
             "gaps": self.gaps,
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict` of a meter built with the same arguments.
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError`` unless :meth:`load_state_dict` can take ``state_dict``.
 
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
@@ -464,6 +464,14 @@ class MomentumMeter:
                 f"MomentumMeter state has rings of shape {tuple(state_dict['params_ring'].shape)}"
                 f" but this meter keeps {shape}: build it with the same window and coordinates"
             )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` of a meter built with the same arguments.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+        """
+        self.check_state_dict(state_dict)
         device = self._params_ring.device
         self._params_ring = state_dict["params_ring"].to(device, torch.float32).clone()
         self._grads_ring = state_dict["grads_ring"].to(device, torch.float32).clone()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -12,6 +13,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from asyncmomentum import tuning
 from asyncmomentum.meter import MomentumMeter
+from asyncmomentum.stability import CurvatureEstimator
 from asyncmomentum.staleness import StalenessEstimator, VersionClock, check_staleness
 from asyncmomentum.tuner import MomentumTuner
 
@@ -77,8 +79,12 @@ class AsyncMomentumSGD(Optimizer):
         fused: ``True`` for torch's fused SGD kernel. When both ``foreach`` and ``fused`` are
             ``None`` the fused kernel is used where the device and dtype have it (the fastest
             path), else foreach on accelerators and the per-tensor loop otherwise.
-        rule: how the algorithmic momentum follows from target and implicit momentum; a name
-            in :data:`asyncmomentum.tuning.RULES` (``"additive"`` or ``"compositional"``).
+        rule: how the algorithmic momentum is set (see :class:`~asyncmomentum.tuner.MomentumTuner`):
+            ``"additive"`` (``target - (1 - 1/M)``, the default), ``"compositional"``,
+            ``"closed_loop"`` (the additive rule corrected by feedback from the momentum meter,
+            which it switches on) or ``"stability"`` (the largest momentum the delayed heavy ball
+            tolerates for the observed staleness histogram and ``lr * lambda_max``; needs a
+            ``curvature_probe`` or calls to :meth:`estimate_curvature`).
         momentum_bounds: ``(low, high)`` clip range of the tuned momentum, inside (-1, 1).
         workers: known number of asynchronous workers; skips estimation.
         horizon: span, in updates, of the staleness moving average (see
@@ -91,7 +97,18 @@ class AsyncMomentumSGD(Optimizer):
             total momentum from the trajectory (see :attr:`measured_total_momentum`): about
             0.25 ms per step and a fit every 256 steps on 11.7M parameters (it samples 512
             coordinates). It needs one process to see every update in order (a simulator, a
-            parameter server, Lightning): not Hogwild workers.
+            parameter server, Lightning): not Hogwild workers. ``rule="closed_loop"`` turns it on.
+        meter_options: keyword arguments of the :class:`~asyncmomentum.meter.MomentumMeter`
+            (e.g. ``refresh``, the updates between readings, which the closed loop acts on).
+        rule_options: keyword arguments of the feedback rule (``"closed_loop"``:
+            :class:`~asyncmomentum.meter.ClosedLoopController`, e.g. ``gain``; ``"stability"``:
+            :class:`~asyncmomentum.stability.StabilityRule`, e.g. ``curvature_margin``).
+        curvature_probe: for ``rule="stability"``: a callable with no arguments that returns a
+            scalar loss of the current parameters with its graph (a forward pass on a probe
+            batch, no ``backward``). Every ``curvature_every`` updates, :meth:`step` runs a few
+            Hessian-vector products on it (a :class:`~asyncmomentum.stability.CurvatureEstimator`)
+            to estimate ``lambda_max``. Gradients and parameters are left alone.
+        curvature_every: updates between curvature estimates (>= 1).
 
     Example:
         >>> model = torch.nn.Linear(4, 1)
@@ -121,20 +138,44 @@ class AsyncMomentumSGD(Optimizer):
         warmup: int = 20,
         nonfinite: Literal["raise", "skip"] = "raise",
         measure_momentum: bool = False,
+        meter_options: dict[str, Any] | None = None,
+        rule_options: dict[str, Any] | None = None,
+        curvature_probe: Callable[[], Tensor] | None = None,
+        curvature_every: int = 100,
     ) -> None:
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if curvature_probe is not None and not callable(curvature_probe):
+            raise ValueError(f"curvature_probe must be a callable, got {curvature_probe!r}")
+        if curvature_probe is not None and rule != "stability":
+            raise ValueError(
+                "curvature_probe is used by rule='stability' only; "
+                f"this optimizer's rule is {rule!r}"
+            )
+        if (
+            isinstance(curvature_every, bool)
+            or not isinstance(curvature_every, int)
+            or curvature_every < 1
+        ):
+            raise ValueError(f"curvature_every must be an integer >= 1, got {curvature_every!r}")
         # The tuner exists before the groups: adding a group sets its first momentum from it.
         self.nonfinite = nonfinite
         self._clock = VersionClock()
         # The tuner's own target is unused: every group carries its target_momentum.
-        self._tuner = MomentumTuner(
-            rule=rule,
-            momentum_bounds=momentum_bounds,
-            workers=workers,
-            horizon=horizon,
-            warmup=warmup,
-        )
+        self._tuner_options: dict[str, Any] = {
+            "rule": rule,
+            "momentum_bounds": momentum_bounds,
+            "workers": workers,
+            "horizon": horizon,
+            "warmup": warmup,
+            "rule_options": rule_options,
+        }
+        self._tuner = MomentumTuner(**self._tuner_options)
+        self._curvature_probe = curvature_probe
+        self.curvature_every = curvature_every
+        self._curvature_estimator: CurvatureEstimator | None = None
+        self._curvature_version: int | None = None  # clock value at the last estimate
+        self._warned_no_curvature = False
         self._version_read = 0
         self._last_staleness = 0
         self._skipped_steps = 0
@@ -150,7 +191,17 @@ class AsyncMomentumSGD(Optimizer):
             "fused": fused,
         }
         super().__init__(params, defaults)
-        self._meter = MomentumMeter(self.param_groups, rule=rule) if measure_momentum else None
+        # The closed loop feeds on the meter's readings.
+        measured = measure_momentum or self._tuner.rule == "closed_loop"
+        self._meter = None
+        if measured:
+            options = {"rule": rule, **(meter_options or {})}
+            try:
+                self._meter = MomentumMeter(self.param_groups, **options)
+            except TypeError as error:
+                raise ValueError(f"meter_options: {error}") from None
+        elif meter_options:
+            raise ValueError("meter_options need measure_momentum=True (or rule='closed_loop')")
 
     # -- groups -------------------------------------------------------------------------------
 
@@ -178,7 +229,7 @@ class AsyncMomentumSGD(Optimizer):
             self.param_groups.pop()
             raise
         if group["target_momentum"] is not None:
-            group["momentum"] = self._tuner.algorithmic_momentum(group["target_momentum"])
+            group["momentum"] = self._tuned_momentum(group)
 
     @staticmethod
     def _validate_group(group: dict[str, Any]) -> None:
@@ -259,7 +310,12 @@ class AsyncMomentumSGD(Optimizer):
         group = self.param_groups[0]
         if group["target_momentum"] is None:
             return float(group["momentum"])
-        return self._tuner.algorithmic_momentum(group["target_momentum"])
+        return self._tuned_momentum(group)
+
+    def _tuned_momentum(self, group: dict[str, Any]) -> float:
+        return self._tuner.algorithmic_momentum(
+            group["target_momentum"], lr=_to_scalar(group["lr"])
+        )
 
     @property
     def total_momentum(self) -> float:
@@ -292,9 +348,71 @@ class AsyncMomentumSGD(Optimizer):
         return None if self._meter is None else self._meter.measured_total_momentum
 
     @property
+    def meter(self) -> MomentumMeter | None:
+        """The momentum meter (with ``measure_momentum=True`` or ``rule="closed_loop"``)."""
+        return self._meter
+
+    @property
+    def curvature(self) -> float | None:
+        """``lambda_max`` the stability rule works with (``None`` for other rules, or before
+        the first estimate)."""
+        return self._tuner.curvature
+
+    @property
     def skipped_steps(self) -> int:
         """Steps skipped for a non-finite gradient (with ``nonfinite="skip"``)."""
         return self._skipped_steps
+
+    def estimate_curvature(self, loss_fn: Callable[[], Tensor] | None = None) -> float:
+        """Estimate the largest curvature ``lambda_max`` now and hand it to the stability rule.
+
+        :meth:`step` calls this every ``curvature_every`` updates when a ``curvature_probe``
+        was given; call it yourself to choose when (e.g. on a fresh batch).
+
+        Args:
+            loss_fn: returns a scalar loss of the parameters with its graph (default: the
+                ``curvature_probe``). Parameters and gradients are left untouched.
+
+        Returns:
+            The estimate of ``lambda_max`` (the largest of the estimator's recent ones).
+        """
+        if self._tuner.rule != "stability":
+            raise ValueError(
+                f"estimate_curvature feeds rule='stability'; this optimizer's rule is "
+                f"{self._tuner.rule!r}"
+            )
+        loss_fn = loss_fn or self._curvature_probe
+        if loss_fn is None:
+            raise ValueError(
+                "estimate_curvature needs a loss_fn, or a curvature_probe at construction"
+            )
+        if self._curvature_estimator is None:
+            params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+            self._curvature_estimator = CurvatureEstimator(params, history=1)
+        self._curvature_estimator.estimate(loss_fn)
+        value = self._curvature_estimator.value
+        assert value is not None
+        self._tuner.observe_curvature(value)
+        self._curvature_version = self._clock.value
+        return value
+
+    def _curvature_due(self) -> bool:
+        if self._tuner.rule != "stability":
+            return False
+        if self._curvature_probe is None:
+            if self._tuner.curvature is None and not self._warned_no_curvature:
+                self._warned_no_curvature = True
+                warnings.warn(
+                    "rule='stability' has no curvature yet and no curvature_probe: it follows the "
+                    "additive rule until estimate_curvature() is called",
+                    stacklevel=3,
+                )
+            return False
+        return (
+            self._curvature_version is None
+            or self._tuner.curvature is None
+            or self._clock.value - self._curvature_version >= self.curvature_every
+        )
 
     def mark_read(self) -> None:
         """Note that the parameters were just read: the next gradient is computed from them."""
@@ -360,6 +478,10 @@ class AsyncMomentumSGD(Optimizer):
                 "gradients, or pass nonfinite='skip' to drop such steps."
             )
 
+        if self._curvature_due():
+            # Before the update and before the clock moves: if the probe raises, nothing changed.
+            self.estimate_curvature()
+
         # Claim this update's version atomically: the staleness is exact under concurrency.
         version = self._clock.tick()
         tau = staleness if staleness is not None else max(version - self._version_read, 0)
@@ -368,7 +490,7 @@ class AsyncMomentumSGD(Optimizer):
 
         for group, (params, grads, buffers) in zip(self.param_groups, gathered):
             if group["target_momentum"] is not None:
-                group["momentum"] = self._tuner.algorithmic_momentum(group["target_momentum"])
+                group["momentum"] = self._tuned_momentum(group)
             if params:
                 self._update_group(group, params, grads, buffers)
         if self._meter is not None:
@@ -376,6 +498,8 @@ class AsyncMomentumSGD(Optimizer):
             # staleness reported beyond the start of this optimizer's clock (a caller's own
             # count, a resumed job) dates the gradient to the oldest version there is.
             self._meter.record(version, max(version - tau, 0))
+            if self._tuner.rule == "closed_loop":
+                self._tuner.observe_reading(self._meter.reading)
         self._version_read = version + 1
         return loss
 
@@ -458,6 +582,7 @@ class AsyncMomentumSGD(Optimizer):
             "last_staleness": self._last_staleness,
             "skipped_steps": self._skipped_steps,
             "meter": None if self._meter is None else self._meter.state_dict(),
+            "curvature_version": self._curvature_version,
         }
         return state
 
@@ -485,7 +610,9 @@ class AsyncMomentumSGD(Optimizer):
                 raise ValueError(f"param group {i} of this state_dict has no 'target_momentum'")
         # Validate the tuner state on throwaway objects before touching our own.
         VersionClock().load_state_dict(extra["clock"])
-        MomentumTuner().load_state_dict(extra["tuner"])
+        MomentumTuner(**self._tuner_options).load_state_dict(extra["tuner"])
+        if self._meter is not None and extra.get("meter") is not None:
+            self._meter.check_state_dict(extra["meter"])
         torch_state = {k: v for k, v in state_dict.items() if k != _STATE_KEY}
         super().load_state_dict(torch_state)
         self._clock.load_state_dict(extra["clock"])
@@ -495,6 +622,10 @@ class AsyncMomentumSGD(Optimizer):
         self._skipped_steps = int(extra["skipped_steps"])
         if self._meter is not None and extra.get("meter") is not None:
             self._meter.load_state_dict(extra["meter"])
+        if self._meter is not None and self._tuner.rule == "closed_loop":
+            self._tuner.observe_reading(self._meter.reading)
+        curvature_version = extra.get("curvature_version")
+        self._curvature_version = None if curvature_version is None else int(curvature_version)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -506,6 +637,12 @@ class AsyncMomentumSGD(Optimizer):
             "_last_staleness",
             "_skipped_steps",
             "_meter",
+            "_tuner_options",
+            "_curvature_probe",
+            "curvature_every",
+            "_curvature_estimator",
+            "_curvature_version",
+            "_warned_no_curvature",
         ):
             state[name] = self.__dict__[name]
         return state

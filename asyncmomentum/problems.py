@@ -62,6 +62,9 @@ class Problem:
             counted at the cap and flagged.
         eval_every: the sweep evaluates the full training loss every this many updates (the
             resolution of steps-to-target, traded against the cost of a full evaluation).
+        curvature_batch: ``seed -> batch`` for the curvature probe of ``rule="stability"``:
+            larger than a training batch (a minibatch Hessian overstates ``lambda_max``), drawn
+            independently of the training stream, fixed for the run.
     """
 
     name: str
@@ -74,6 +77,7 @@ class Problem:
     lr_grid: tuple[float, ...]
     max_steps: int
     eval_every: int
+    curvature_batch: Callable[[int], Batch]
 
 
 # -- quadratic ------------------------------------------------------------------------------------
@@ -125,6 +129,11 @@ def _quadratic_batches(seed: int) -> Iterator[torch.Tensor]:
         yield torch.randn(QUADRATIC_DIM, generator=gen) * QUADRATIC_NOISE
 
 
+def _quadratic_curvature_batch(seed: int) -> torch.Tensor:
+    # The Hessian does not depend on the noise: a zero batch probes the exact objective.
+    return torch.zeros(QUADRATIC_DIM)
+
+
 def _quadratic_full_loss(model: nn.Module) -> float:
     with torch.no_grad():
         return float(model.objective())
@@ -149,6 +158,18 @@ def _classification_loss(
 def _digits_batches(seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     x, y = _digits()
     return iterate_batches(x, y, batch_size=32, seed=seed)
+
+
+#: Samples in the curvature probe's batch (8 training batches).
+CURVATURE_BATCH_SIZE = 256
+
+
+def _digits_curvature_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _digits()
+    # A stream of its own (the seed's complement), so the probe does not shift training batches.
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(~seed & 0xFFFF_FFFF))
+    chosen = order[:CURVATURE_BATCH_SIZE]
+    return x[chosen], y[chosen]
 
 
 def _digits_full_loss(model: nn.Module) -> float:
@@ -188,6 +209,7 @@ PROBLEMS: dict[str, Problem] = {
         lr_grid=(0.125, 0.25, 0.5, 1.0, 2.0),
         max_steps=1000,
         eval_every=10,
+        curvature_batch=_quadratic_curvature_batch,
     ),
     "softmax": Problem(
         name="softmax",
@@ -200,6 +222,7 @@ PROBLEMS: dict[str, Problem] = {
         lr_grid=(0.25, 0.5, 1.0, 2.0, 4.0),
         max_steps=1500,
         eval_every=10,
+        curvature_batch=_digits_curvature_batch,
     ),
     "cnn": Problem(
         name="cnn",
@@ -212,6 +235,7 @@ PROBLEMS: dict[str, Problem] = {
         lr_grid=(0.025, 0.05, 0.1, 0.2, 0.4),
         max_steps=1000,
         eval_every=20,
+        curvature_batch=_digits_curvature_batch,
     ),
 }
 

@@ -13,13 +13,16 @@ from collections.abc import Callable
 
 __all__ = [
     "DEFAULT_MOMENTUM_BOUNDS",
+    "FEEDBACK_RULES",
     "RULES",
     "algorithmic_momentum",
     "check_momentum",
     "check_momentum_bounds",
     "check_rule",
+    "composition_rule",
     "implicit_momentum",
     "implicit_momentum_from_staleness",
+    "rule_names",
     "total_momentum",
     "workers_from_staleness",
 ]
@@ -87,15 +90,45 @@ RULES: dict[str, tuple[Callable[[float, float], float], Callable[[float, float],
 }
 
 
-def check_rule(rule: str) -> str:
+#: Rules that are not a formula of (target, implicit): they need state the
+#: :class:`~asyncmomentum.tuner.MomentumTuner` keeps (``"closed_loop"``: feedback on the measured
+#: total momentum; ``"stability"``: the staleness histogram and a curvature estimate). Until
+#: they have what they need they follow the additive rule, whose composition they also report.
+FEEDBACK_RULES: tuple[str, ...] = ("closed_loop", "stability")
+
+
+def rule_names() -> tuple[str, ...]:
+    """Every rule a tuner accepts: the formulas of :data:`RULES`, then :data:`FEEDBACK_RULES`."""
+    return (*RULES, *FEEDBACK_RULES)
+
+
+def check_rule(rule: str, *, formulas_only: bool = False) -> str:
     """Return ``rule`` if it names a known tuning rule, else raise ``ValueError``.
 
     Args:
-        rule: the rule's name, one of :data:`RULES`.
+        rule: the rule's name, one of :func:`rule_names`.
+        formulas_only: accept only the stateless formulas of :data:`RULES`.
     """
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {sorted(RULES)}, got {rule!r}")
-    return rule
+    known = tuple(RULES) if formulas_only else rule_names()
+    if rule in known:
+        return rule
+    if rule in FEEDBACK_RULES:
+        raise ValueError(
+            f"rule {rule!r} is not a formula of (target, implicit momentum): it keeps state. "
+            "Use asyncmomentum.MomentumTuner or AsyncMomentumSGD(rule=...) for it"
+        )
+    raise ValueError(f"rule must be one of {list(known)}, got {rule!r}")
+
+
+def composition_rule(rule: str) -> str:
+    """The formula under which ``rule`` composes algorithmic and implicit momentum.
+
+    The feedback rules report their totals as the additive rule does (their fallback).
+
+    Args:
+        rule: a name in :func:`rule_names`.
+    """
+    return "additive" if check_rule(rule) in FEEDBACK_RULES else rule
 
 
 def check_momentum(value: float, name: str = "target_momentum") -> float:
@@ -155,7 +188,7 @@ def algorithmic_momentum(
             (``1 - (1 - target) / (1 - implicit)``).
         bounds: ``(low, high)`` clip range of the result.
     """
-    solve, _ = RULES[check_rule(rule)]
+    solve, _ = RULES[check_rule(rule, formulas_only=True)]
     low, high = bounds
     return min(max(solve(target, implicit), low), high)
 
@@ -168,7 +201,7 @@ def total_momentum(algorithmic: float, implicit: float, rule: str = "additive") 
     Args:
         algorithmic: the momentum the optimizer applies.
         implicit: the implicit momentum of the asynchrony.
-        rule: the tuning rule whose composition to use.
+        rule: the tuning rule whose composition to use (see :func:`composition_rule`).
     """
-    _, compose = RULES[check_rule(rule)]
+    _, compose = RULES[composition_rule(rule)]
     return compose(algorithmic, implicit)

@@ -112,7 +112,8 @@ class AsyncMomentumCallback(Callback):
         target_momentum: total momentum to keep, in (-1, 1).
         workers: known number of asynchronous workers ``M``; skips estimation for the optimizers
             this callback tunes. Staleness is still recorded for logging.
-        rule: a name in :data:`asyncmomentum.tuning.RULES`.
+        rule: a name in :data:`asyncmomentum.tuning.RULES` (the feedback rules run inside
+            :class:`~asyncmomentum.optim.AsyncMomentumSGD`, which this callback logs).
         momentum_bounds: ``(low, high)`` clip range of the algorithmic momentum, inside (-1, 1).
         log: log the metrics above; ``False`` only tunes.
         horizon: span, in updates, of the staleness moving average.
@@ -143,6 +144,12 @@ class AsyncMomentumCallback(Callback):
     ) -> None:
         if not isinstance(log, bool):
             raise ValueError(f"log must be True or False, got {log!r}")
+        if rule in tuning.FEEDBACK_RULES:
+            raise ValueError(
+                f"rule {rule!r} needs what only the optimizer sees (the momentum meter's "
+                "trajectory, a curvature probe): use AsyncMomentumSGD(rule="
+                f"{rule!r}, ...) in configure_optimizers; this callback then logs what it does"
+            )
         self._tuner_options: dict[str, Any] = {
             "target_momentum": target_momentum,
             "rule": rule,

@@ -45,7 +45,7 @@ class SweepConfig:
             (kept sorted, each once).
         seeds: runs per setting, with seeds ``0 .. seeds - 1``.
         rules: tuning rules to run; ``None`` means every rule of
-            :data:`asyncmomentum.tuning.RULES` at run time, so new rules join automatically.
+            :func:`asyncmomentum.tuning.rule_names` at run time, so new rules join automatically.
         target_momentum: the baseline's fixed momentum and the rules' target total momentum.
         lr_safety: the sweep's learning rate is this times the fastest rate of the problem's
             ``lr_grid`` at ``M = 1`` with momentum ``target_momentum``.
@@ -69,7 +69,7 @@ class SweepConfig:
         self._check_names(self.problems, PROBLEMS, "problems")
         self._check_names(self.staleness_models, STALENESS_MODELS, "staleness_models")
         if self.rules is not None:
-            self._check_names(self.rules, tuning.RULES, "rules")
+            self._check_names(self.rules, tuning.rule_names(), "rules")
         if not self.workers or not all(_is_int_at_least(m, 1) for m in self.workers):
             raise ValueError(f"workers must be integers >= 1, got {self.workers!r}")
         if not self.momenta:
@@ -111,7 +111,7 @@ class SweepConfig:
     @property
     def rule_names(self) -> tuple[str, ...]:
         """The rules this sweep runs."""
-        return tuple(tuning.RULES) if self.rules is None else self.rules
+        return tuning.rule_names() if self.rules is None else self.rules
 
     @property
     def fixed_momenta(self) -> tuple[float, ...]:

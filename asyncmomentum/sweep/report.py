@@ -474,16 +474,23 @@ def _draw_panel(axis: Any, cells: list[Cell], result: SweepResult, handles: dict
     smooth = np.geomspace(1.0, max(max(workers), 2), 200)
     for index, rule in enumerate(config.rule_names):
         color = _RULE_COLORS[index % len(_RULE_COLORS)]
-        predicted = [
-            tuning.algorithmic_momentum(baseline, tuning.implicit_momentum(m), rule) for m in smooth
-        ]
-        (line,) = axis.plot(smooth, predicted, color=color, linewidth=1.6)
-        handles[f"{rule}: prediction for a known M"] = line
-        applied = [c.rules[rule].applied_momentum for c in cells if rule in c.rules]
+        if rule in tuning.RULES:  # a formula of M; the feedback rules have no curve to draw
+            predicted = [
+                tuning.algorithmic_momentum(baseline, tuning.implicit_momentum(m), rule)
+                for m in smooth
+            ]
+            (line,) = axis.plot(smooth, predicted, color=color, linewidth=1.6)
+            handles[f"{rule}: prediction for a known M"] = line
+        ran = [c for c in cells if rule in c.rules]
         marker = axis.scatter(
-            workers[: len(applied)], applied, facecolors="none", edgecolors=color, s=36, zorder=3
+            [c.workers for c in ran],
+            [c.rules[rule].applied_momentum for c in ran],
+            facecolors="none",
+            edgecolors=color,
+            s=36,
+            zorder=3,
         )
-        handles[f"{rule}: applied (its estimate of M)"] = marker
+        handles[f"{rule}: applied (mean over the run)"] = marker
     with_oracle = [c for c in cells if c.oracle is not None]
     if with_oracle:
         xs = [c.workers for c in with_oracle]

@@ -44,7 +44,7 @@ class RunSpec:
         staleness: a name in :data:`asyncmomentum.simulate.STALENESS_MODELS`.
         workers: the number of simulated asynchronous workers ``M``.
         method: ``"fixed"`` or ``"rule:<name>"`` with a name in
-            :data:`asyncmomentum.tuning.RULES`.
+            :func:`asyncmomentum.tuning.rule_names`.
         momentum: the fixed algorithmic momentum (``"fixed"``), or the target total momentum of
             the rule.
         lr: learning rate.
@@ -140,11 +140,33 @@ class _Evaluator:
             raise _Stop
 
 
-def _make_optimizer(spec: RunSpec, model: nn.Module) -> AsyncMomentumSGD:
+#: Updates between the meter's readings for ``rule="closed_loop"`` in the sweep (its default, 256,
+#: would give the loop two or three readings in a run of a thousand updates).
+METER_REFRESH = 64
+
+#: Updates between curvature estimates of ``rule="stability"`` in the sweep: runs are short
+#: (tens to a thousand updates) and curvature moves most early; 4 warm-started products each.
+CURVATURE_EVERY = 25
+
+
+def _make_optimizer(spec: RunSpec, model: nn.Module, problem: Problem) -> AsyncMomentumSGD:
     if spec.rule is None:
         return AsyncMomentumSGD(model.parameters(), lr=spec.lr, momentum=spec.momentum)
+    probe = None
+    if spec.rule == "stability":
+        batch = problem.curvature_batch(spec.seed)
+
+        def probe() -> torch.Tensor:
+            return problem.loss_fn(model, batch)
+
     return AsyncMomentumSGD(
-        model.parameters(), lr=spec.lr, target_momentum=spec.momentum, rule=spec.rule
+        model.parameters(),
+        lr=spec.lr,
+        target_momentum=spec.momentum,
+        rule=spec.rule,
+        curvature_probe=probe,
+        curvature_every=CURVATURE_EVERY,
+        meter_options={"refresh": METER_REFRESH} if spec.rule == "closed_loop" else None,
     )
 
 
@@ -160,7 +182,7 @@ def run_one(spec: RunSpec) -> RunResult:
     started, cpu_started = time.perf_counter(), time.process_time()
     problem: Problem = get_problem(spec.problem)
     model = problem.make_model(spec.seed)
-    optimizer = _make_optimizer(spec, model)
+    optimizer = _make_optimizer(spec, model, problem)
     evaluator = _Evaluator(model, problem.full_loss, spec)
     history = History()
 
