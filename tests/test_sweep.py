@@ -33,9 +33,15 @@ from asyncmomentum.sweep import (
 from asyncmomentum.sweep import report as report_module
 from asyncmomentum.sweep.analysis import build_cells, summarize
 from asyncmomentum.sweep.cache import CACHE_NAME
-from asyncmomentum.sweep.report import CSV_NAME, FIGURE_NAME, SUMMARY_NAME, TABLE_NAME
+from asyncmomentum.sweep.report import (
+    CSV_NAME,
+    FIGURE_NAME,
+    METER_FIGURE_NAME,
+    SUMMARY_NAME,
+    TABLE_NAME,
+)
 
-OUTPUTS = (CSV_NAME, TABLE_NAME, FIGURE_NAME, SUMMARY_NAME)
+OUTPUTS = (CSV_NAME, TABLE_NAME, FIGURE_NAME, METER_FIGURE_NAME, SUMMARY_NAME)
 
 #: The quadratic with a loose target (10% of the initial loss), three learning rates and a low
 #: cap: its runs take tens to hundreds of steps. Only the parent process reads these fields (a
@@ -51,10 +57,11 @@ TINY = FULL.with_changes(
     workers=(1, 8),
     momenta=(0.0, 0.5, 0.9),
     seeds=2,
+    meter_workers=(),
 )
 TINY_ARGS = [
     "--problems", "quadratic", "--staleness", "geometric,round_robin", "--workers", "1,8",
-    "--momenta", "0,0.5,0.9", "--seeds", "2", "--jobs", "1", "--no-progress",
+    "--momenta", "0,0.5,0.9", "--seeds", "2", "--jobs", "1", "--no-progress", "--no-meter",
 ]  # fmt: skip
 
 
@@ -291,7 +298,7 @@ def test_sweep_writes_the_csv_the_table_the_summary_and_the_figure(tiny_sweep):
         rows = list(csv.DictReader(file))
     assert len(rows) == expected_rows(TINY) == len(result.rows)
     grid_rows = [row for row in rows if row["phase"] == "grid"]
-    assert {row["method"] for row in grid_rows} == {"fixed", *tuning.RULES}
+    assert {row["method"] for row in grid_rows} == {"fixed", *tuning.rule_names()}
     assert {row["staleness"] for row in grid_rows} == set(TINY.staleness_models)
     assert {row["status"] for row in rows} <= {"converged", "capped", "diverged"}
     chosen = result.learning_rates["quadratic"]
@@ -299,12 +306,46 @@ def test_sweep_writes_the_csv_the_table_the_summary_and_the_figure(tiny_sweep):
     assert chosen.lr == pytest.approx(TINY.lr_safety * chosen.fastest)
 
     table = (out / TABLE_NAME).read_text()
-    for label in ("fixed 0.9", *tuning.RULES, "round_robin", "Kendall tau"):
+    for label in ("fixed 0.9", *tuning.rule_names(), "round_robin", "Kendall tau"):
         assert label in table
     summary = json.loads((out / SUMMARY_NAME).read_text(), parse_constant=reject_non_json)
-    assert {s["label"] for s in summary["summaries"]} == {"fixed 0.9", *tuning.RULES}
+    assert {s["label"] for s in summary["summaries"]} == {"fixed 0.9", *tuning.rule_names()}
     assert len(summary["cells"]) == len(TINY.staleness_models) * len(TINY.workers)
     assert (out / FIGURE_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_sweep_checks_the_momentum_meter_against_the_queuing_model(tmp_path):
+    config = TINY.with_changes(
+        staleness_models=("geometric",),
+        workers=(1,),
+        seeds=1,
+        meter_workers=(1, 4),
+        meter_steps=400,
+    )
+    result = run_sweep(config, tmp_path, jobs=1)
+    meter_rows = [row for row in result.rows if row["phase"] == "meter"]
+    # M = 1 with momenta 0, 0.5 and 0.9; M = 4 with momentum 0; run to the cap, not the target.
+    assert {(r["workers"], r["momentum"]) for r in meter_rows} == {
+        (1, 0.0),
+        (1, 0.5),
+        (1, 0.9),
+        (4, 0.0),
+    }
+    assert all(r["steps"] == 400 and r["status"] == "capped" for r in meter_rows)
+    assert all(
+        r["staleness"] == ("exponential" if r["workers"] > 1 else "geometric") for r in meter_rows
+    )
+    points = {(p.workers, p.momentum): p for p in result.meter}
+    assert points[(4, 0.0)].predicted == pytest.approx(0.75)
+    assert points[(1, 0.9)].predicted == pytest.approx(0.9)
+    for point in result.meter:
+        assert point.readings == 1
+        assert point.within, point  # the tolerances: 0.1 under asynchrony, 0.03 without
+    table = (tmp_path / TABLE_NAME).read_text()
+    assert "Momentum meter: measured against predicted" in table
+    summary = json.loads((tmp_path / SUMMARY_NAME).read_text(), parse_constant=reject_non_json)
+    assert len(summary["meter"]) == 4 and all(p["within"] for p in summary["meter"])
+    assert (tmp_path / METER_FIGURE_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def reject_non_json(constant: str) -> None:
@@ -443,7 +484,8 @@ def test_cli_runs_the_sweep_and_prints_the_table(tiny_sweep, tmp_path, capsys):
     assert {path.name for path in tmp_path.iterdir()} == {*OUTPUTS, CACHE_NAME}
     with (tmp_path / CSV_NAME).open() as file:
         assert [without_timing_row(r) for r in csv.DictReader(file)] == [
-            {k: str(v) for k, v in without_timing_row(r).items()} for r in result.rows
+            {k: "" if v is None else str(v) for k, v in without_timing_row(r).items()}
+            for r in result.rows
         ]
 
 

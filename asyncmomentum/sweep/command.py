@@ -206,6 +206,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help="learning rate = F x the fastest of the lr grid at M = 1 (default 0.5)",
     )
+    parser.add_argument(
+        "--no-meter", action="store_true", help="skip the check of the momentum meter"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run_sweep_command, sweep_parser=parser)
 
@@ -229,6 +232,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         value = getattr(args, option, None)
         if value is not None:
             changes[name] = value
+    if getattr(args, "no_meter", False):
+        changes["meter_workers"] = ()
     return config.with_changes(**changes) if changes else config
 
 

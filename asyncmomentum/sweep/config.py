@@ -52,6 +52,9 @@ class SweepConfig:
         max_steps: overrides every problem's step cap (for small test sweeps); ``None`` keeps
             them.
         limits: per-problem restrictions of the cells (see :class:`CellLimit`).
+        meter_problems: problems on which the momentum meter is checked (those the sweep runs).
+        meter_workers: worker counts of the meter check; empty for none.
+        meter_steps: updates per run of the meter check.
     """
 
     problems: tuple[str, ...] = tuple(PROBLEMS)
@@ -64,6 +67,9 @@ class SweepConfig:
     lr_safety: float = 0.5
     max_steps: int | None = None
     limits: Mapping[str, CellLimit] = field(default_factory=dict)
+    meter_problems: tuple[str, ...] = ("quadratic", "softmax")
+    meter_workers: tuple[int, ...] = (1, 2, 4, 8, 16)
+    meter_steps: int = 800
 
     def __post_init__(self) -> None:
         self._check_names(self.problems, PROBLEMS, "problems")
@@ -85,6 +91,14 @@ class SweepConfig:
             raise ValueError(f"lr_safety must be a number in (0, 1], got {self.lr_safety!r}")
         if self.max_steps is not None and not _is_int_at_least(self.max_steps, 1):
             raise ValueError(f"max_steps must be an integer >= 1 or None, got {self.max_steps!r}")
+        unknown = [p for p in self.meter_problems if p not in PROBLEMS]
+        if unknown:
+            raise ValueError(f"meter_problems: unknown {unknown}; choose from {sorted(PROBLEMS)}")
+        if not all(_is_int_at_least(m, 1) for m in self.meter_workers):
+            raise ValueError(f"meter_workers must be integers >= 1, got {self.meter_workers!r}")
+        object.__setattr__(self, "meter_workers", tuple(sorted(set(self.meter_workers))))
+        if not _is_int_at_least(self.meter_steps, 1):
+            raise ValueError(f"meter_steps must be an integer >= 1, got {self.meter_steps!r}")
         for name, limit in self.limits.items():
             self._check_names((name,), PROBLEMS, "limits")
             self._check_names(limit.staleness_models, STALENESS_MODELS, f"limits[{name!r}]")

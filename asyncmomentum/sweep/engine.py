@@ -19,6 +19,7 @@ from asyncmomentum.problems import get_problem
 from asyncmomentum.sweep.analysis import Cell, MethodSummary, build_cells, summarize
 from asyncmomentum.sweep.cache import RunCache
 from asyncmomentum.sweep.config import SweepConfig
+from asyncmomentum.sweep.meter_check import MeterPoint, meter_points, meter_specs
 from asyncmomentum.sweep.runs import RULE_PREFIX, RunResult, RunSpec, limit_threads, run_one
 
 __all__ = [
@@ -74,6 +75,7 @@ class SweepResult:
         rows: one dict per run (learning-rate tuning and grid), the CSV's rows.
         cells: the grid's cells, with their oracle.
         summaries: the baseline and each rule over every cell.
+        meter: the momentum meter's check (see :mod:`asyncmomentum.sweep.meter_check`).
         computed: runs computed by this call.
         cached: runs taken from the cache.
         seconds: wall time of the call.
@@ -85,6 +87,7 @@ class SweepResult:
     rows: list[dict[str, Any]]
     cells: list[Cell]
     summaries: list[MethodSummary]
+    meter: list[MeterPoint] = field(default_factory=list)
     computed: int = 0
     cached: int = 0
     seconds: float = 0.0
@@ -336,7 +339,7 @@ def _row(phase: str, staleness: str, spec: RunSpec, result: RunResult) -> dict[s
         "problem": spec.problem,
         "staleness": staleness,
         "workers": spec.workers,
-        "method": spec.rule or "fixed",
+        "method": spec.rule or spec.method,
         "momentum": spec.momentum,
         "lr": spec.lr,
         "seed": spec.seed,
@@ -352,6 +355,8 @@ def _row(phase: str, staleness: str, spec: RunSpec, result: RunResult) -> dict[s
         "final_estimated_workers": result.final_estimated_workers,
         "seconds": result.seconds,
         "cpu_seconds": result.cpu_seconds,
+        "measured_total_momentum": result.measured_total_momentum,
+        "measured_standard_error": result.measured_standard_error,
     }
 
 
@@ -404,13 +409,21 @@ def _compute(
     triples = [(staleness, s, grid_results[s]) for staleness, s in pairs]
     rows += [_row("grid", staleness, s, r) for staleness, s, r in triples]
     cells = build_cells(triples, config.momenta)
-    total = len(set(lr_results) | set(grid_results))
+
+    checks = [s for p in config.problems for s in meter_specs(config, p, choices[p].lr)]
+    meter_results, computed_meter = execute(
+        checks, cache, runner, progress=progress, desc="sweep: momentum meter"
+    )
+    computed += computed_meter
+    rows += [_row("meter", s.staleness, s, meter_results[s]) for s in checks]
+    total = len(set(lr_results) | set(grid_results) | set(meter_results))
     return SweepResult(
         config=config,
         learning_rates=choices,
         rows=rows,
         cells=cells,
         summaries=summarize(cells, float(config.target_momentum)),
+        meter=meter_points([(s, meter_results[s]) for s in checks]),
         computed=computed,
         cached=total - computed,
         seconds=time.perf_counter() - started,

@@ -19,10 +19,12 @@ from asyncmomentum import tuning
 from asyncmomentum.problems import get_problem
 from asyncmomentum.sweep.analysis import Cell, MethodStats, MethodSummary, kendall_tau, summarize
 from asyncmomentum.sweep.engine import SweepResult
+from asyncmomentum.sweep.meter_check import METER_FIGURE_NAME, format_meter, plot_meter
 
 __all__ = [
     "CSV_NAME",
     "FIGURE_NAME",
+    "METER_FIGURE_NAME",
     "SUMMARY_NAME",
     "TABLE_NAME",
     "SweepOutputError",
@@ -93,15 +95,22 @@ def write_outputs(result: SweepResult, out: Path) -> dict[str, Path]:
     try:
         write_csv(result.rows, staging / CSV_NAME)
         (staging / TABLE_NAME).write_text(
-            format_table(result) + "\n" + format_summary(result) + "\n", encoding="utf-8"
+            format_table(result)
+            + "\n"
+            + format_summary(result)
+            + "\n\n"
+            + format_meter(result.meter, result.config.meter_steps)
+            + "\n",
+            encoding="utf-8",
         )
         plot_oracle(result, staging / FIGURE_NAME)
+        plot_meter(result.meter, staging / METER_FIGURE_NAME)
         (staging / SUMMARY_NAME).write_text(
             json.dumps(_strict_json(summary_dict(result)), indent=2, allow_nan=False) + "\n",
             encoding="utf-8",
         )
         files = {}
-        for name in (CSV_NAME, TABLE_NAME, FIGURE_NAME, SUMMARY_NAME):
+        for name in (CSV_NAME, TABLE_NAME, FIGURE_NAME, METER_FIGURE_NAME, SUMMARY_NAME):
             os.replace(staging / name, out / name)
             files[name] = out / name
         return files
@@ -358,6 +367,7 @@ def summary_dict(result: SweepResult) -> dict[str, Any]:
         "summaries": [vars(s) for s in result.summaries],
         "trends": oracle_trends(result),
         "cells": cells,
+        "meter": [point.to_dict() for point in result.meter],
         "computed": result.computed,
         "cached": result.cached,
         "seconds": result.seconds,

@@ -30,9 +30,12 @@ DIVERGENCE_FACTOR = 10.0
 
 Status = Literal["converged", "capped", "diverged"]
 
-#: Method names: ``"fixed"`` (a constant algorithmic momentum) or ``"rule:<name>"`` (tuned).
+#: Method names: ``"fixed"`` (a constant algorithmic momentum), ``"rule:<name>"`` (tuned), or
+#: ``"meter"`` (a constant momentum with the momentum meter on, run to the step cap, not stopped
+#: at the target: the sweep's check of the meter).
 FIXED = "fixed"
 RULE_PREFIX = "rule:"
+METER_METHOD = "meter"
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,10 @@ class RunSpec:
         problem: a name in :data:`asyncmomentum.problems.PROBLEMS`.
         staleness: a name in :data:`asyncmomentum.simulate.STALENESS_MODELS`.
         workers: the number of simulated asynchronous workers ``M``.
-        method: ``"fixed"`` or ``"rule:<name>"`` with a name in
+        method: ``"fixed"``, ``"meter"``, or ``"rule:<name>"`` with a name in
             :func:`asyncmomentum.tuning.rule_names`.
-        momentum: the fixed algorithmic momentum (``"fixed"``), or the target total momentum of
-            the rule.
+        momentum: the fixed algorithmic momentum (``"fixed"``, ``"meter"``), or the target total
+            momentum of the rule.
         lr: learning rate.
         seed: seeds the model's initial weights, the batch order and the staleness stream.
         target_loss: full training loss that counts as reached.
@@ -92,6 +95,9 @@ class RunResult:
         seconds: wall time of the run (not part of any comparison; for budgeting).
         cpu_seconds: CPU time of the run's process during the run (what it costs on an idle
             core, less inflated than ``seconds`` on a shared machine).
+        measured_total_momentum: the momentum meter's total at the end (``"meter"`` runs;
+            ``None`` otherwise or without a reading).
+        measured_standard_error: the meter's standard error of it.
     """
 
     status: Status
@@ -102,6 +108,8 @@ class RunResult:
     final_estimated_workers: float
     seconds: float
     cpu_seconds: float = 0.0
+    measured_total_momentum: float | None = None
+    measured_standard_error: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict."""
@@ -135,7 +143,7 @@ class _Evaluator:
         if not loss <= DIVERGENCE_FACTOR * self.initial_loss:  # also catches NaN
             self.status = "diverged"
             raise _Stop
-        if loss <= self.spec.target_loss:
+        if loss <= self.spec.target_loss and self.spec.method != METER_METHOD:
             self.status = "converged"
             raise _Stop
 
@@ -151,7 +159,12 @@ CURVATURE_EVERY = 25
 
 def _make_optimizer(spec: RunSpec, model: nn.Module, problem: Problem) -> AsyncMomentumSGD:
     if spec.rule is None:
-        return AsyncMomentumSGD(model.parameters(), lr=spec.lr, momentum=spec.momentum)
+        return AsyncMomentumSGD(
+            model.parameters(),
+            lr=spec.lr,
+            momentum=spec.momentum,
+            measure_momentum=spec.method == METER_METHOD,
+        )
     probe = None
     if spec.rule == "stability":
         batch = problem.curvature_batch(spec.seed)
@@ -191,7 +204,7 @@ def run_one(spec: RunSpec) -> RunResult:
         history = seen  # keep a handle: simulate() does not return when we stop it early
         evaluator(step, seen)
 
-    if evaluator.initial_loss <= spec.target_loss:
+    if evaluator.initial_loss <= spec.target_loss and spec.method != METER_METHOD:
         evaluator.status = "converged"
     else:
         with contextlib.suppress(_Stop):  # the target was reached, or the run diverged
@@ -220,7 +233,18 @@ def run_one(spec: RunSpec) -> RunResult:
         final_estimated_workers=float(optimizer.estimated_workers),
         seconds=time.perf_counter() - started,
         cpu_seconds=time.process_time() - cpu_started,
+        **_meter_fields(optimizer),
     )
+
+
+def _meter_fields(optimizer: AsyncMomentumSGD) -> dict[str, float]:
+    reading = None if optimizer.meter is None else optimizer.meter.reading
+    if reading is None:
+        return {}
+    return {
+        "measured_total_momentum": float(optimizer.measured_total_momentum),
+        "measured_standard_error": float(reading.standard_error),
+    }
 
 
 def limit_threads() -> None:
