@@ -37,6 +37,11 @@ __all__ = [
 #: Grid momenta whose median cost is within this factor of the oracle's are "near optimal".
 NEAR_OPTIMAL = 1.1
 
+#: The default rule, which every other method is also compared with cell by cell.
+DEFAULT_RULE = "additive"
+#: A method is "worse than additive" in a cell when it needs more than this times its steps.
+WORSE_THAN_ADDITIVE = 1.1
+
 
 @dataclass(frozen=True)
 class MethodStats:
@@ -150,6 +155,9 @@ class MethodSummary:
         not_converged: cells (with an oracle) where this method did not converge.
         diverged_runs: runs that diverged, over every cell and seed.
         runs: runs over every cell and seed.
+        diverged_with_oracle: runs that diverged in cells where the oracle converges.
+        worse_than_additive: cells (with an oracle) where this method needed more than
+            :data:`WORSE_THAN_ADDITIVE` times the steps of the default ``additive`` rule.
     """
 
     label: str
@@ -158,6 +166,8 @@ class MethodSummary:
     not_converged: int
     diverged_runs: int
     runs: int
+    diverged_with_oracle: int = 0
+    worse_than_additive: int = 0
 
 
 def _stats(method: str, momentum: float, runs: Sequence[tuple[RunSpec, RunResult]]) -> MethodStats:
@@ -201,6 +211,12 @@ def build_cells(
 
 
 def _summary(label: str, pairs: list[tuple[Cell, MethodStats]]) -> MethodSummary:
+    with_oracle = [(cell, stats) for cell, stats in pairs if cell.ratio(stats) is not None]
+    worse = sum(
+        stats.median > WORSE_THAN_ADDITIVE * cell.rules[DEFAULT_RULE].median
+        for cell, stats in with_oracle
+        if DEFAULT_RULE in cell.rules
+    )
     with_ratio = [(cell.ratio(stats), stats) for cell, stats in pairs]
     scored = [(ratio, stats) for ratio, stats in with_ratio if ratio is not None]
     geomean = (
@@ -213,6 +229,8 @@ def _summary(label: str, pairs: list[tuple[Cell, MethodStats]]) -> MethodSummary
         not_converged=sum(not stats.converged for _, stats in scored),
         diverged_runs=sum(stats.diverged for _, stats in pairs),
         runs=sum(len(stats.costs) for _, stats in pairs),
+        diverged_with_oracle=sum(stats.diverged for _, stats in with_oracle),
+        worse_than_additive=worse,
     )
 
 

@@ -292,8 +292,9 @@ def format_summary(result: SweepResult) -> str:
         "",
         "| method | all cells | "
         + " | ".join(problems)
-        + " | cells not converged | diverged runs |",
-        "|" + "---|" * (5 + len(problems) - 1),
+        + " | cells not converged | diverged runs (where the oracle converges) "
+        + "| cells > 1.1 x additive's steps |",
+        "|" + "---|" * (6 + len(problems) - 1),
     ]
     per_problem = {p: _summaries_for(result, p) for p in problems}
     for summary in result.summaries:
@@ -305,7 +306,8 @@ def format_summary(result: SweepResult) -> str:
             f"| {summary.label} | {_geomean_text(summary.geomean_ratio, summary.cells)} | "
             + " | ".join(parts)
             + f" | {summary.not_converged} of {summary.cells} | "
-            f"{summary.diverged_runs} of {summary.runs} |"
+            f"{summary.diverged_runs} of {summary.runs} ({summary.diverged_with_oracle}) | "
+            f"{summary.worse_than_additive} of {summary.cells} |"
         )
     lines += [
         "",
