@@ -7,6 +7,12 @@ state; the figure is the ratio of median step times (below 1: ours is faster).
 
     python benchmarks/step_overhead.py            # foreach (the headline), fused, per-tensor
     python benchmarks/step_overhead.py --steps 200 --paths foreach
+    python benchmarks/step_overhead.py --meter --rule stability   # issue 6's overhead check
+
+With ``--rule stability`` the optimizer also estimates the curvature every ``--curvature-every``
+updates (Hessian-vector products on a quadratic loss of the parameters: the probe a user would
+supply). The median step shows the per-step cost; the mean, also printed, spreads the periodic
+costs (curvature estimates, the meter's fits) over the steps.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from asyncmomentum import AsyncMomentumSGD
+from asyncmomentum import AsyncMomentumSGD, tuning
 
 PATHS: dict[str, dict[str, bool]] = {
     "foreach": {"foreach": True},
@@ -53,8 +59,25 @@ def _parameters(seed: int) -> list[torch.nn.Parameter]:
     return params
 
 
+def _quadratic_probe(params: list[torch.nn.Parameter], seed: int) -> Callable[[], torch.Tensor]:
+    """A loss ``1/2 sum h p^2`` with random positive curvatures ``h``: a probe with a Hessian."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    curvatures = [torch.rand(p.shape, generator=gen) for p in params]
+
+    def probe() -> torch.Tensor:
+        return 0.5 * sum((h * p * p).sum() for h, p in zip(curvatures, params))
+
+    return probe
+
+
 def measure(
-    path: str, steps: int, warmup: int = 5, seed: int = 0, meter: bool = False
+    path: str,
+    steps: int,
+    warmup: int = 5,
+    seed: int = 0,
+    meter: bool = False,
+    rule: str = "additive",
+    curvature_every: int = 100,
 ) -> dict[str, float]:
     """Median step times (ms) of both optimizers on one path, interleaved step by step.
 
@@ -64,9 +87,19 @@ def measure(
         warmup: untimed steps per optimizer first.
         seed: seed of parameters, gradients and staleness.
         meter: also run the momentum meter (``measure_momentum=True``).
+        rule: our tuning rule.
+        curvature_every: updates between curvature estimates (``rule="stability"``).
     """
+    params = _parameters(seed)
     ours = AsyncMomentumSGD(
-        _parameters(seed), lr=1e-3, target_momentum=0.9, measure_momentum=meter, **PATHS[path]
+        params,
+        lr=1e-3,
+        target_momentum=0.9,
+        measure_momentum=meter,
+        rule=rule,
+        curvature_probe=_quadratic_probe(params, seed) if rule == "stability" else None,
+        curvature_every=curvature_every,
+        **PATHS[path],
     )
     torch_sgd = torch.optim.SGD(_parameters(seed), lr=1e-3, momentum=0.9, **PATHS[path])
     staleness = iter(np.random.default_rng(seed).geometric(0.25, size=steps + warmup) - 1)
@@ -85,12 +118,21 @@ def measure(
                 timings[name].append(time.perf_counter() - start)
     ours_ms = statistics.median(timings["ours"]) * 1e3
     torch_ms = statistics.median(timings["torch"]) * 1e3
+    ours_mean_ms = statistics.fmean(timings["ours"]) * 1e3
+    torch_mean_ms = statistics.fmean(timings["torch"]) * 1e3
     return {
         "path": path,
+        "rule": rule,
+        "meter": meter,
         "ours_ms": ours_ms,
         "torch_ms": torch_ms,
         "ratio": ours_ms / torch_ms,
+        "ours_mean_ms": ours_mean_ms,
+        "torch_mean_ms": torch_mean_ms,
+        "mean_ratio": ours_mean_ms / torch_mean_ms,
         "estimated_workers": ours.estimated_workers,
+        "algorithmic_momentum": ours.algorithmic_momentum,
+        "curvature": ours.curvature,
     }
 
 
@@ -104,21 +146,46 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per optimizer")
     parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
     parser.add_argument("--meter", action="store_true", help="ours with measure_momentum=True")
+    parser.add_argument(
+        "--rule", choices=tuning.rule_names(), default="additive", help="our tuning rule"
+    )
+    parser.add_argument(
+        "--curvature-every",
+        type=int,
+        default=100,
+        help="updates between curvature estimates (--rule stability)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     params = resnet18_shapes()
     numel = sum(int(np.prod(s)) for s in params)
-    results = [measure(path, args.steps, meter=args.meter) for path in args.paths]
+    results = [
+        measure(
+            path,
+            args.steps,
+            meter=args.meter,
+            rule=args.rule,
+            curvature_every=args.curvature_every,
+        )
+        for path in args.paths
+    ]
     if args.json:
         print(json.dumps(results, indent=2))
         return results
     print(
         f"ResNet-18-shaped parameters: {len(params)} tensors, {numel / 1e6:.2f}M elements; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps; "
+        f"ours: rule {args.rule!r}{', meter on' if args.meter else ''}"
     )
-    print(f"{'path':<8} {'AsyncMomentumSGD ms':>20} {'torch.optim.SGD ms':>19} {'ratio':>7}")
+    print(
+        f"{'path':<8} {'AsyncMomentumSGD ms':>20} {'torch.optim.SGD ms':>19} {'ratio':>7} "
+        f"{'mean ratio':>11}"
+    )
     for r in results:
-        print(f"{r['path']:<8} {r['ours_ms']:>20.2f} {r['torch_ms']:>19.2f} {r['ratio']:>7.3f}")
+        print(
+            f"{r['path']:<8} {r['ours_ms']:>20.2f} {r['torch_ms']:>19.2f} {r['ratio']:>7.3f} "
+            f"{r['mean_ratio']:>11.3f}"
+        )
     return results
 
 
