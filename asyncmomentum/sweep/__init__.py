@@ -3,9 +3,12 @@
 For each problem (:mod:`asyncmomentum.problems`), staleness model
 (:data:`asyncmomentum.simulate.STALENESS_MODELS`) and number of workers ``M``, the sweep
 grid-searches a fixed algorithmic momentum over [-0.9, 0.95] at one learning rate, runs the
-fixed 0.9 baseline and every tuning rule of :data:`asyncmomentum.tuning.RULES`
+fixed 0.9 baseline and every tuning rule of :func:`asyncmomentum.tuning.rule_names`
 (``AsyncMomentumSGD(target_momentum=0.9, rule=r)``, which estimates ``M`` from the staleness the
-simulator tells it), and measures the steps each needs to reach a target training loss.
+simulator tells it; ``"stability"`` gets a curvature probe on ``Problem.curvature_batch`` every
+25 updates, ``"closed_loop"`` a meter reading every 64), and measures the steps each needs to
+reach a target training loss. It then checks the momentum meter against the queuing model
+(:mod:`asyncmomentum.sweep.meter_check`).
 
 How it measures:
 
@@ -32,14 +35,15 @@ How it measures:
   an oracle, divergences are counted apart.
 - ``M = 1`` has no staleness under any model: it is simulated once and reported under each.
 
-Outputs (in ``--out``): ``runs.csv`` (every run), ``table.md`` (the steps table and the
-summary), ``summary.json``, ``oracle_momentum.png``, and ``cache.jsonl``, the cache a re-run
-reads (keyed by every parameter of a run and the code's versions).
+Outputs (in ``--out``): ``runs.csv`` (every run), ``table.md`` (the steps table, the summary and
+the meter check), ``summary.json``, ``oracle_momentum.png``, ``meter_validation.png``, and
+``cache.jsonl``, the cache a re-run reads (keyed by every parameter of a run and the code's
+versions: bump ``CACHE_VERSION`` in :mod:`asyncmomentum.sweep.cache` when a rule's behaviour
+changes, or its old runs are reused).
 
-Cost (measured on a 2-core x86 machine): ``--quick`` is 1,086 runs, 2 min 20 s with
-``--jobs 2`` (4 minutes while other work shared the machine). The full sweep (11 momenta,
-5 seeds, every cell) is 3,195 runs and about 1,430 CPU-seconds, 70% of them the CNN's: about
-12 minutes with ``--jobs 2`` on an otherwise idle machine.
+Cost (measured on a 2-core x86 machine): ``--quick`` is 1,338 runs (four rules and the meter
+check), 296 s with ``--jobs 2``. The full sweep (11 momenta, 5 seeds, every cell) was about
+12 minutes with ``--jobs 2`` with two rules; the two feedback rules add about 40% to it.
 """
 
 from asyncmomentum.sweep.analysis import Cell, MethodStats, MethodSummary, kendall_tau
