@@ -91,6 +91,8 @@ class AsyncMomentumCallback(Callback):
     - ``momentum/total``: algorithmic and implicit composed under ``rule``.
     - ``momentum/measured``: the total momentum measured from the trajectory, for an
       ``AsyncMomentumSGD(measure_momentum=True)`` once its meter has a reading.
+    - ``curvature/lambda_max``: the largest curvature an ``AsyncMomentumSGD(rule="stability")``
+      works with, once it has one.
     - ``staleness/mean``, ``staleness/max``: over the gradients applied since the previous log
       line, reduced exactly over all ranks (:class:`~asyncmomentum.metrics.StalenessMetric`);
       absent when no staleness was observed in that window.
@@ -304,7 +306,8 @@ class AsyncMomentumCallback(Callback):
             differences.append(f"target_momentum {sorted(targets)} vs {self.target_momentum}")
         if self.workers is not None and optimizer.estimator.workers != self.workers:
             differences.append(f"workers {optimizer.estimator.workers} vs {self.workers}")
-        if optimizer.rule != self.rule:
+        # The feedback rules live only in the optimizer: the callback cannot be set to them.
+        if optimizer.rule != self.rule and optimizer.rule not in tuning.FEEDBACK_RULES:
             differences.append(f"rule {optimizer.rule!r} vs {self.rule!r}")
         if differences:
             rank_zero_warn(
@@ -426,6 +429,9 @@ class AsyncMomentumCallback(Callback):
             measured = getattr(tracked.optimizer, "measured_total_momentum", None)
             if measured is not None:
                 metrics[f"momentum/measured{suffix}"] = measured
+            curvature = getattr(tracked.optimizer, "curvature", None)
+            if curvature is not None:
+                metrics[f"curvature/lambda_max{suffix}"] = curvature
             if int(summary["count"]) > 0:
                 metrics[f"staleness/mean{suffix}"] = float(summary["mean"])
                 metrics[f"staleness/max{suffix}"] = float(summary["max"])

@@ -503,3 +503,41 @@ def test_measured_momentum_is_logged_for_a_metered_optimizer(
     ]
     assert measured, "momentum/measured was never logged"
     assert measured[-1] == pytest.approx(1 - 1 / 4, abs=0.15)
+
+
+def test_stability_rule_runs_inside_lightning_and_is_logged(
+    tmp_path: Path, digits_loader: DataLoader
+) -> None:
+    pl.seed_everything(0, verbose=False)
+    split = load_digits_split(seed=0)
+    probe_x, probe_y = split.x_train[:128], split.y_train[:128]
+    module: DigitsModule
+
+    def stable(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return AsyncMomentumSGD(
+            params,
+            lr=0.05,
+            target_momentum=0.9,
+            rule="stability",
+            curvature_probe=lambda: nn.functional.cross_entropy(module.net(probe_x), probe_y),
+            curvature_every=20,
+            **ESTIMATOR,
+        )
+
+    module = DigitsModule(stable)
+    stale = StaleGradients(workers=8, model="round_robin", seed=0)
+    callback = AsyncMomentumCallback(target_momentum=0.9, **ESTIMATOR)
+    trainer = make_trainer(tmp_path, [stale, callback], max_steps=60)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, digits_loader)
+    # The callback cannot be set to a feedback rule, so it does not complain that they differ.
+    assert not [w for w in caught if "differ from AsyncMomentumCallback" in str(w.message)]
+    optimizer = trainer.optimizers[0]
+    rows = [row for row in read_rows(tmp_path) if "curvature/lambda_max" in row]
+    assert rows, "curvature/lambda_max was never logged"
+    assert rows[-1]["curvature/lambda_max"] == pytest.approx(optimizer.curvature)
+    # The logged momentum is the stability rule's, not the additive formula's.
+    assert rows[-1]["momentum/algorithmic"] == pytest.approx(optimizer.algorithmic_momentum)
+    additive = tuning.algorithmic_momentum(0.9, optimizer.implicit_momentum)
+    assert abs(optimizer.algorithmic_momentum - additive) > 0.05

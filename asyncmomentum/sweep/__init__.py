@@ -43,7 +43,7 @@ changes, or its old runs are reused).
 
 Cost (measured on a 2-core x86 machine): ``--quick`` is 1,338 runs (four rules and the meter
 check), 296 s with ``--jobs 2``. The full sweep (11 momenta, 5 seeds, every cell) was about
-12 minutes with ``--jobs 2`` with two rules; the two feedback rules add about 40% to it.
+12 minutes with ``--jobs 2`` with two rules and has not been re-timed with the two feedback rules.
 """
 
 from asyncmomentum.sweep.analysis import Cell, MethodStats, MethodSummary, kendall_tau
