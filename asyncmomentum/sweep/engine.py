@@ -20,7 +20,14 @@ from asyncmomentum.sweep.analysis import Cell, MethodSummary, build_cells, summa
 from asyncmomentum.sweep.cache import RunCache
 from asyncmomentum.sweep.config import SweepConfig
 from asyncmomentum.sweep.meter_check import MeterPoint, meter_points, meter_specs
-from asyncmomentum.sweep.runs import RULE_PREFIX, RunResult, RunSpec, limit_threads, run_one
+from asyncmomentum.sweep.runs import (
+    RULE_PREFIX,
+    RunResult,
+    RunSpec,
+    limit_threads,
+    run_one,
+    simulated_staleness,
+)
 
 __all__ = [
     "LearningRateChoice",
@@ -319,7 +326,7 @@ def grid_specs(config: SweepConfig, problem: str, lr: float) -> list[tuple[str, 
             for seed in range(config.seeds):
                 run = RunSpec(
                     problem=problem,
-                    staleness=staleness if workers > 1 else "geometric",
+                    staleness=simulated_staleness(staleness, workers),
                     workers=workers,
                     method=method,
                     momentum=float(momentum),

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from asyncmomentum import tuning
 from asyncmomentum.problems import get_problem
-from asyncmomentum.sweep.runs import METER_METHOD, RunResult, RunSpec
+from asyncmomentum.sweep.runs import METER_METHOD, RunResult, RunSpec, simulated_staleness
 
 if TYPE_CHECKING:
     from asyncmomentum.sweep.config import SweepConfig
@@ -108,7 +108,7 @@ def meter_specs(config: SweepConfig, problem: str, lr: float) -> list[RunSpec]:
     return [
         RunSpec(
             problem=problem,
-            staleness=METER_STALENESS if workers > 1 else "geometric",
+            staleness=simulated_staleness(METER_STALENESS, workers),
             workers=workers,
             method=METER_METHOD,
             momentum=float(momentum),

@@ -38,6 +38,17 @@ RULE_PREFIX = "rule:"
 METER_METHOD = "meter"
 
 
+def simulated_staleness(staleness: str, workers: int) -> str:
+    """The staleness model a run simulates: ``staleness``, except at ``M = 1``, where every
+    model gives ``tau = 0`` and the runs are simulated once, under ``"geometric"``.
+
+    Args:
+        staleness: a name in :data:`asyncmomentum.simulate.STALENESS_MODELS`.
+        workers: ``M``.
+    """
+    return staleness if workers > 1 else "geometric"
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """Everything that determines a run; two equal specs give the same result bit for bit.
