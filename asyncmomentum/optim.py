@@ -145,13 +145,6 @@ class AsyncMomentumSGD(Optimizer):
     ) -> None:
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-        if curvature_probe is not None and not callable(curvature_probe):
-            raise ValueError(f"curvature_probe must be a callable, got {curvature_probe!r}")
-        if curvature_probe is not None and rule != "stability":
-            raise ValueError(
-                "curvature_probe is used by rule='stability' only; "
-                f"this optimizer's rule is {rule!r}"
-            )
         if (
             isinstance(curvature_every, bool)
             or not isinstance(curvature_every, int)
@@ -171,7 +164,8 @@ class AsyncMomentumSGD(Optimizer):
             "rule_options": rule_options,
         }
         self._tuner = MomentumTuner(**self._tuner_options)
-        self._curvature_probe = curvature_probe
+        self._curvature_probe: Callable[[], Tensor] | None = None
+        self.curvature_probe = curvature_probe
         self.curvature_every = curvature_every
         self._curvature_estimator: CurvatureEstimator | None = None
         self._curvature_version: int | None = None  # clock value at the last estimate
@@ -346,6 +340,23 @@ class AsyncMomentumSGD(Optimizer):
         implicit (see ``docs/momentum-meter.md`` for the derivation and its limits).
         """
         return None if self._meter is None else self._meter.measured_total_momentum
+
+    @property
+    def curvature_probe(self) -> Callable[[], Tensor] | None:
+        """The loss :meth:`step` estimates the curvature on (``rule="stability"``); settable,
+        e.g. once the model it needs exists."""
+        return self._curvature_probe
+
+    @curvature_probe.setter
+    def curvature_probe(self, probe: Callable[[], Tensor] | None) -> None:
+        if probe is not None and not callable(probe):
+            raise ValueError(f"curvature_probe must be a callable, got {probe!r}")
+        if probe is not None and self._tuner.rule != "stability":
+            raise ValueError(
+                "curvature_probe is used by rule='stability' only; "
+                f"this optimizer's rule is {self._tuner.rule!r}"
+            )
+        self._curvature_probe = probe
 
     @property
     def meter(self) -> MomentumMeter | None:

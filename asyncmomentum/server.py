@@ -1040,6 +1040,9 @@ class ParameterServerJob:
             (index ``0 .. num_workers - 1``, i.e. rank - 1): its shard of the data.
         loss_fn: ``loss_fn(model(inputs), targets)`` is the scalar loss.
         seed: workers seed torch with ``seed + rank`` (dropout and the like).
+        probe_fn: for an ``AsyncMomentumSGD(rule="stability")``: ``probe_fn(model)`` returns
+            the curvature probe on the server's model (a loss on a batch the server holds; see
+            ``AsyncMomentumSGD(curvature_probe=...)``). The server has no data of its own.
     """
 
     model_fn: Callable[[], nn.Module]
@@ -1047,11 +1050,14 @@ class ParameterServerJob:
     batches_fn: Callable[[int, int], Iterable[tuple[Any, Tensor]]]
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
     seed: int = 0
+    probe_fn: Callable[[nn.Module], Callable[[], Tensor]] | None = None
 
     def __post_init__(self) -> None:
         for name in ("model_fn", "optimizer_fn", "batches_fn", "loss_fn"):
             if not callable(getattr(self, name)):
                 raise ValueError(f"{name} must be callable, got {getattr(self, name)!r}")
+        if self.probe_fn is not None and not callable(self.probe_fn):
+            raise ValueError(f"probe_fn must be callable or None, got {self.probe_fn!r}")
 
 
 def _rank_from_env() -> tuple[int, int]:
@@ -1100,6 +1106,18 @@ def run_from_env(
     if rank == 0:
         model = job.model_fn()
         optimizer = job.optimizer_fn(model.parameters())
+        if job.probe_fn is not None:
+            if not (isinstance(optimizer, AsyncMomentumSGD) and optimizer.rule == "stability"):
+                raise ValueError(
+                    "probe_fn feeds AsyncMomentumSGD(rule='stability'); this job's optimizer_fn "
+                    f"built {type(optimizer).__name__}"
+                    + (
+                        f"(rule={optimizer.rule!r})"
+                        if isinstance(optimizer, AsyncMomentumSGD)
+                        else ""
+                    )
+                )
+            optimizer.curvature_probe = job.probe_fn(model)
         return run_server(model, optimizer, world_size=world_size, config=config)
     torch.manual_seed(job.seed + rank)
     return run_worker(

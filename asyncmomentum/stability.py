@@ -466,7 +466,9 @@ class StalenessHistogram:
         """The observations of the window, oldest first, and the total count."""
         size = self.size
         order = (self._observed - size + np.arange(size)) % self.window
-        return {"format": STATE_FORMAT, "count": self._observed, "recent": self._ring[order].copy()}
+        # A tensor, not a numpy array: torch.load(weights_only=True) refuses numpy objects.
+        recent = torch.from_numpy(self._ring[order].copy())
+        return {"format": STATE_FORMAT, "count": self._observed, "recent": recent}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore observations from :meth:`state_dict` (the configuration stays this object's).

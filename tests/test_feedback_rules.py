@@ -313,3 +313,21 @@ def test_feedback_rules_are_refused_where_they_cannot_work():
             train_hogwild(model, opt, lambda m, b: m(b[0]).sum(), (torch.zeros(4, 2),), workers=2)
     with pytest.raises(ValueError, match="configure_optimizers"):
         AsyncMomentumCallback(rule="stability")
+
+
+@pytest.mark.parametrize("options", [{"rule": "stability"}, {"rule": "closed_loop"}])
+def test_checkpoints_load_with_torch_load_weights_only(tmp_path, options):
+    # torch.load defaults to weights_only=True, which refuses numpy arrays in a checkpoint.
+    problem, model, _, opt = _quadratic(probe=options["rule"] == "stability", **options)
+    batches = problem.batches(0)
+    for _ in range(300):  # past the meter's first reading (about 180 updates)
+        _step(problem, model, opt, next(batches), staleness=2)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    state = torch.load(tmp_path / "opt.pt", weights_only=True)
+    _, _, _, resumed = _quadratic(probe=options["rule"] == "stability", **options)
+    resumed.load_state_dict(state)
+    assert resumed.algorithmic_momentum == pytest.approx(opt.algorithmic_momentum, abs=3e-3)
+    if options["rule"] == "closed_loop":
+        assert resumed.measured_total_momentum is not None
+    else:
+        assert resumed.tuner.stability.histogram.count == 300

@@ -440,3 +440,51 @@ def test_example_runs_under_torchrun(tmp_path) -> None:
     done = run_bounded([*command, "--checkpoint", str(tmp_path / "ps.pt")], timeout=240.0)
     assert done.returncode == 0, done.stdout
     check_example_output(done.stdout)
+
+
+def teacher_probe(model: torch.nn.Module) -> functools.partial:
+    """The stability rule's probe on the server: the loss of a batch the server holds."""
+    x, y = next(teacher_batches(0, 1, seed=99))
+    return functools.partial(probe_loss, model, x, y)
+
+
+def probe_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+@pytest.mark.parametrize("rule", ["stability", "closed_loop"])
+def test_the_feedback_rules_run_on_the_server(tmp_path, rule) -> None:
+    options = {"curvature_every": 20} if rule == "stability" else {"meter_options": {"refresh": 32}}
+    job = ParameterServerJob(
+        model_fn=make_cnn,
+        optimizer_fn=async_sgd(rule=rule, horizon=30, warmup=10, **options),
+        batches_fn=teacher_batches,
+        probe_fn=teacher_probe if rule == "stability" else None,
+    )
+    config = ServerConfig(total_updates=300, checkpoint_path=str(tmp_path / "final.pt"))
+    job_result = launch_local(job, workers=2, config=config, timeout=120.0)
+    assert_all_ended(job_result.pids)
+    result = job_result.server
+    assert (result.updates, result.stop_reason) == (300, "total_updates")
+    model = make_cnn(5)
+    optimizer = async_sgd(rule=rule, horizon=30, warmup=10, **options)(model.parameters())
+    load_checkpoint(result.checkpoint_path, model, optimizer)
+    assert optimizer.algorithmic_momentum == pytest.approx(result.algorithmic_momentum, abs=5e-3)
+    if rule == "stability":
+        # The server probed its own model: the checkpoint carries the curvature it found.
+        assert optimizer.curvature is not None and optimizer.curvature > 0
+        assert optimizer.tuner.stability.histogram.count == 300
+    else:
+        # The meter read the server's trajectory, and the loop acted on its readings.
+        (loop,) = optimizer.tuner._loops.values()
+        assert loop.controller.updates >= 3
+        assert optimizer.measured_total_momentum is not None
+
+
+def test_a_probe_needs_the_stability_rule() -> None:
+    job = ParameterServerJob(
+        model_fn=make_cnn, optimizer_fn=async_sgd(), batches_fn=teacher_batches,
+        probe_fn=teacher_probe,
+    )  # fmt: skip
+    with pytest.raises(Exception, match="probe_fn feeds"):
+        launch_local(job, workers=1, config=ServerConfig(total_updates=10), timeout=120.0)
