@@ -23,6 +23,9 @@ torchrun ends the whole group when one worker dies; started without it, the serv
 worker and trains on with the others.
 
 Compare with torch's SGD (fixed momentum 0.9) under the same asynchrony: ``--optimizer sgd``.
+Choose the tuning rule with ``--rule``: ``stability`` probes the curvature of the server's model
+on 256 training images every 50 updates; ``closed_loop`` corrects the momentum from what the
+momentum meter measures.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
+from asyncmomentum import tuning
 from asyncmomentum.digits import SmallCNN, accuracy, iterate_batches, load_digits_split
 from asyncmomentum.optim import AsyncMomentumSGD
 from asyncmomentum.server import (
@@ -61,7 +66,13 @@ def make_model() -> SmallCNN:
 
 
 def make_optimizer(
-    params: Iterable[torch.nn.Parameter], *, kind: str, lr: float, momentum: float, horizon: int
+    params: Iterable[torch.nn.Parameter],
+    *,
+    kind: str,
+    lr: float,
+    momentum: float,
+    horizon: int,
+    rule: str = "additive",
 ) -> torch.optim.Optimizer:
     """The server's optimizer.
 
@@ -72,10 +83,36 @@ def make_optimizer(
         lr: learning rate.
         momentum: target total momentum (async) or fixed momentum (sgd).
         horizon: updates over which AsyncMomentumSGD averages the staleness.
+        rule: AsyncMomentumSGD's tuning rule.
     """
     if kind == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum)
-    return AsyncMomentumSGD(params, lr=lr, target_momentum=momentum, horizon=horizon, warmup=20)
+    return AsyncMomentumSGD(
+        params,
+        lr=lr,
+        target_momentum=momentum,
+        horizon=horizon,
+        warmup=20,
+        rule=rule,
+        curvature_every=50,
+    )
+
+
+def curvature_probe(model: torch.nn.Module, *, seed: int, size: int = 256) -> functools.partial:
+    """The stability rule's probe on the server's model: its loss on ``size`` training images.
+
+    Args:
+        model: the server's model.
+        seed: seed of the digits split.
+        size: images in the probe batch.
+    """
+    split = load_digits_split(seed=seed)
+    return functools.partial(probe_loss, model, split.x_train[:size], split.y_train[:size])
+
+
+def probe_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``model`` on one fixed batch, with its graph."""
+    return F.cross_entropy(model(x), y)
 
 
 def worker_batches(
@@ -111,6 +148,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=3, help="local job only (default 3)")
     parser.add_argument("--updates", type=int, default=1500, help="updates the server applies")
     parser.add_argument("--optimizer", choices=["async", "sgd"], default="async")
+    parser.add_argument(
+        "--rule", choices=tuning.rule_names(), default="additive", help="AsyncMomentumSGD's rule"
+    )
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--momentum", type=float, default=0.9, help="target (async) or fixed")
     parser.add_argument("--horizon", type=int, default=100, help="staleness averaging span")
@@ -137,9 +177,15 @@ def build(args: argparse.Namespace) -> tuple[ParameterServerJob, ServerConfig]:
             lr=args.lr,
             momentum=args.momentum,
             horizon=args.horizon,
+            rule=args.rule,
         ),
         batches_fn=functools.partial(worker_batches, batch_size=args.batch_size, seed=args.seed),
         seed=args.seed,
+        probe_fn=(
+            functools.partial(curvature_probe, seed=args.seed)
+            if args.optimizer == "async" and args.rule == "stability"
+            else None
+        ),
     )
     config = ServerConfig(
         total_updates=args.updates,
@@ -158,7 +204,8 @@ def report(result: ServerResult, args: argparse.Namespace, seconds: float) -> No
     load_checkpoint(result.checkpoint_path, model)
     split = load_digits_split(seed=args.seed)
     print(
-        f"\n{args.optimizer}: {result.updates} updates in {result.wall_time:.2f} s of training "
+        f"\n{args.optimizer} ({args.rule} rule): {result.updates} updates in "
+        f"{result.wall_time:.2f} s of training "
         f"({result.updates_per_second:.0f} updates/s; {seconds:.1f} s with start-up)\n"
         f"updates per worker {result.updates_per_worker}, dropped {list(result.dropped_workers)}\n"
         f"mean staleness {result.staleness_mean:.2f} -> M_hat {result.estimated_workers:.2f}, "

@@ -426,10 +426,12 @@ def check_example_output(output: str) -> None:
 
 
 @pytest.mark.slow
-def test_example_runs_as_a_local_job(tmp_path) -> None:
-    command = [sys.executable, str(EXAMPLE), "--workers", "2", "--updates", "300"]
+@pytest.mark.parametrize("rule", ["additive", "stability"])
+def test_example_runs_as_a_local_job(tmp_path, rule) -> None:
+    command = [sys.executable, str(EXAMPLE), "--workers", "2", "--updates", "300", "--rule", rule]
     done = run_bounded([*command, "--checkpoint", str(tmp_path / "ps.pt")], timeout=240.0)
     assert done.returncode == 0, done.stdout
+    assert f"({rule} rule)" in done.stdout
     check_example_output(done.stdout)
 
 
