@@ -499,6 +499,7 @@ def test_cli_runs_the_sweep_and_prints_the_table(tiny_sweep, tmp_path, capsys):
         (["--momenta", "0.5,1.2"], r"--momenta: momentum must lie in the open interval"),
         (["--seeds", "-1"], r"--seeds: expected an integer >= 1"),
         (["--lr-safety", "2"], r"--lr-safety: expected a number in \(0, 1\], got 2.0"),
+        (["--rules", "additive,stabilty"], r"--rules: unknown 'stabilty'; choose from additive"),
     ],
 )
 def test_cli_bad_argument_exits_2_with_the_reason(argv, message, capsys, tmp_path):
@@ -507,6 +508,17 @@ def test_cli_bad_argument_exits_2_with_the_reason(argv, message, capsys, tmp_pat
     assert exit_info.value.code == 2
     assert _matches(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_rules_and_no_meter_select_what_runs():
+    from asyncmomentum.sweep.command import config_from_args
+
+    args = sweep_parser().parse_args(["sweep", "--quick", "--rules", "stability,additive"])
+    assert config_from_args(args).rule_names == ("stability", "additive")
+    assert config_from_args(args).meter_workers == QUICK.meter_workers
+    args = sweep_parser().parse_args(["sweep", "--no-meter"])
+    assert config_from_args(args).meter_workers == ()
+    assert config_from_args(args).rule_names == tuning.rule_names()
 
 
 def _matches(pattern: str, text: str) -> bool:

@@ -201,6 +201,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seeds", type=_positive_int, metavar="N", help="seeds per setting")
     parser.add_argument(
+        "--rules",
+        type=_names(tuning.rule_names()),
+        metavar="R[,R...]",
+        help=f"only these tuning rules, of {', '.join(tuning.rule_names())}",
+    )
+    parser.add_argument(
         "--lr-safety",
         type=_safety,
         metavar="F",
@@ -227,6 +233,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         ("workers", "workers"),
         ("momenta", "momenta"),
         ("seeds", "seeds"),
+        ("rules", "rules"),
         ("lr_safety", "lr_safety"),
     ):
         value = getattr(args, option, None)
