@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from asyncmomentum import tuning
 from asyncmomentum.metrics import StalenessMetric
 from asyncmomentum.optim import AsyncMomentumSGD
-from asyncmomentum.staleness import check_staleness
+from asyncmomentum.staleness import check_staleness, check_state
 from asyncmomentum.tuner import MomentumTuner
 
 __all__ = ["AsyncMomentumCallback"]
@@ -459,15 +459,14 @@ class AsyncMomentumCallback(Callback):
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
         """
-        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
-            found = state_dict.get("format") if isinstance(state_dict, dict) else state_dict
-            raise ValueError(
-                f"AsyncMomentumCallback state has format {found!r}, this version reads "
-                f"{STATE_FORMAT}; resume with the asyncmomentum version that wrote the checkpoint"
-            )
-        tuners = state_dict.get("tuners")
+        check_state(
+            state_dict, "AsyncMomentumCallback", expected_format=STATE_FORMAT, keys=("tuners",)
+        )
+        tuners = state_dict["tuners"]
         if not isinstance(tuners, dict):
-            raise ValueError("AsyncMomentumCallback state has no 'tuners' dict")
+            raise ValueError(
+                "AsyncMomentumCallback state has a corrupt 'tuners' entry (not a dict)"
+            )
         restored = {}
         for index, tuner_state in tuners.items():
             tuner = MomentumTuner(**self._tuner_options)

@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from asyncmomentum.optim import AsyncMomentumSGD
 from asyncmomentum.simulate import STALENESS_MODELS, StalenessModel, staleness_model
+from asyncmomentum.staleness import check_state
 from lightning_callbacks.momentum import AsyncMomentumCallback
 
 __all__ = ["StaleGradients"]
@@ -314,12 +315,7 @@ class StaleGradients(Callback):
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
         """
-        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
-            found = state_dict.get("format") if isinstance(state_dict, dict) else state_dict
-            raise ValueError(
-                f"StaleGradients state has format {found!r}, this version reads {STATE_FORMAT}; "
-                "resume with the asyncmomentum version that wrote the checkpoint"
-            )
+        check_state(state_dict, "StaleGradients", expected_format=STATE_FORMAT)
         draws = _check_non_negative_int(state_dict.get("draws"), "the checkpoint's 'draws'")
         same = (state_dict.get("model"), state_dict.get("workers"), state_dict.get("seed")) == (
             self.model,
