@@ -32,7 +32,6 @@ rate-limited negative feedback (``rule="closed_loop"``).
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +41,7 @@ import torch
 from torch import Tensor
 
 from asyncmomentum import tuning
-from asyncmomentum.staleness import check_state
+from asyncmomentum.staleness import check_int, check_state
 
 __all__ = ["ClosedLoopController", "MomentumMeter", "MomentumReading"]
 
@@ -166,10 +165,10 @@ class MomentumMeter:
             ("min_rows", min_rows, 1),
             ("seed", seed, 0),
         ):
-            _check_int(value, name, minimum)
-        _check_int(window, "window", max_lag + min_rows + 2)
+            check_int(value, name, minimum)
+        check_int(window, "window", max_lag + min_rows + 2)
         if period is not None:
-            _check_int(period, "period", window + 1)
+            check_int(period, "period", window + 1)
         self.period = period
         self.rule = tuning.check_rule(rule)
         self.window = window
@@ -241,8 +240,8 @@ class MomentumMeter:
             momentum: algorithmic momentum of the update; default: the first group's, else
                 unknown (the reading's ``algorithmic`` is then ``nan``).
         """
-        version = _check_int(version, "version", 0)
-        version_read = _check_int(version_read, "version_read", 0)
+        version = check_int(version, "version", 0)
+        version_read = check_int(version_read, "version_read", 0)
         if version_read > version:
             raise ValueError(
                 f"version_read ({version_read}) must be <= version ({version}): a gradient "
@@ -655,12 +654,6 @@ def _flat_view(tensor: Tensor) -> np.ndarray | None:
 
 
 # -- coordinates ----------------------------------------------------------------------------------
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _split_params(

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from asyncmomentum import tuning
 from asyncmomentum.optim import AsyncMomentumSGD, NonFiniteGradientError
+from asyncmomentum.staleness import check_int
 
 __all__ = [
     "STALENESS_MODELS",
@@ -87,12 +88,6 @@ def _as_generator(seed: int | np.random.Generator) -> np.random.Generator:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer or a numpy Generator, got {seed!r}")
     return np.random.default_rng(int(seed))
-
-
-def _check_count(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 class StalenessModel(abc.ABC):
@@ -140,7 +135,7 @@ class StalenessModel(abc.ABC):
             n: number of draws (>= 0).
             seed: as in :meth:`stream`.
         """
-        n = _check_count(n, "n", 0)
+        n = check_int(n, "n", 0)
         return np.fromiter(islice(self.stream(seed), n), dtype=np.int64, count=n)
 
 
@@ -173,7 +168,7 @@ class GeometricStaleness(StalenessModel):
             raise ValueError(
                 f"q must be a number in [0, 1) (q = 1 - 1/M for M workers), got {self.q!r}"
             )
-        _check_count(self.max_staleness, "max_staleness", 0)
+        check_int(self.max_staleness, "max_staleness", 0)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -261,7 +256,7 @@ class WorkerQueueStaleness(StalenessModel):
 
     def __post_init__(self) -> None:
         _check_rates(self.rates)
-        _check_count(self.max_staleness, "max_staleness", 0)
+        check_int(self.max_staleness, "max_staleness", 0)
         # Frozen and hashable even when built from a list.
         object.__setattr__(self, "rates", tuple(float(rate) for rate in self.rates))
 
@@ -348,7 +343,7 @@ def workers(
         >>> round(model.expected_mean(), 3)
         3.0
     """
-    M = _check_count(M, "M (the number of workers)", 1)
+    M = check_int(M, "M (the number of workers)", 1)
     if rates is None:
         rates = (1.0,) * M
     else:
@@ -373,7 +368,7 @@ class RoundRobinStaleness(StalenessModel):
     M: int
 
     def __post_init__(self) -> None:
-        _check_count(self.M, "M (the number of workers)", 1)
+        check_int(self.M, "M (the number of workers)", 1)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -418,7 +413,7 @@ def round_robin(M: int) -> RoundRobinStaleness:
     Args:
         M: number of workers (>= 1).
     """
-    return RoundRobinStaleness(_check_count(M, "M (the number of workers)", 1))
+    return RoundRobinStaleness(check_int(M, "M (the number of workers)", 1))
 
 
 def staleness_model(name: str, workers: int) -> StalenessModel:
@@ -429,7 +424,7 @@ def staleness_model(name: str, workers: int) -> StalenessModel:
             an event queue) or ``"round_robin"``; see :data:`STALENESS_MODELS`.
         workers: the number of workers ``M`` (>= 1).
     """
-    M = _check_count(workers, "workers", 1)
+    M = check_int(workers, "workers", 1)
     if name == "geometric":
         return geometric(1.0 - 1.0 / M)
     if name == "exponential":
@@ -485,7 +480,7 @@ class SnapshotRing:
         self.tensors = list(tensors)
         if not self.tensors:
             raise ValueError("SnapshotRing needs at least one tensor to snapshot, got none")
-        self._capacity = _check_count(capacity, "capacity", 1)
+        self._capacity = check_int(capacity, "capacity", 1)
         # Group by (device, dtype): one flat buffer each, tensors in their original order.
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for index, tensor in enumerate(self.tensors):
@@ -754,8 +749,8 @@ def _check_simulate_args(
             "staleness must be a StalenessModel (geometric(q), workers(M), round_robin(M), "
             f"staleness_model(name, M)), got {type(staleness).__name__}"
         )
-    _check_count(steps, "steps", 0)
-    _check_count(seed, "seed", 0)
+    check_int(steps, "steps", 0)
+    check_int(seed, "seed", 0)
 
 
 def _scalar_loss(loss: Any) -> Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
+import numbers
 import operator
 import threading
 from collections.abc import Iterable, Iterator
@@ -21,13 +22,26 @@ import torch
 
 from asyncmomentum import tuning
 
-__all__ = ["StalenessEstimator", "VersionClock", "check_staleness", "check_state"]
+__all__ = ["StalenessEstimator", "VersionClock", "check_int", "check_staleness", "check_state"]
 
 #: Seconds to wait for the clock's or estimator's lock before concluding its holder died.
 LOCK_TIMEOUT_S = 60.0
 
 #: Layout version of the state dicts of the clock and the estimator.
 STATE_FORMAT = 1
+
+
+def check_int(value: Any, name: str, minimum: int) -> int:
+    """Return ``value`` as an ``int`` if it is an integer (not a bool) ``>= minimum``, else raise.
+
+    Args:
+        value: a count, size or period given by a caller.
+        name: the argument's name, for the message.
+        minimum: the smallest allowed value.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def check_staleness(tau: Any) -> int:
