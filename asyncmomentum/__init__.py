@@ -5,9 +5,9 @@ Asynchronous SGD with ``M`` workers carries an implicit momentum ``1 - 1/M``
 applies, estimates ``M`` and applies ``target - implicit`` so the total stays what you tuned.
 """
 
-from asyncmomentum.optim import AsyncMomentumSGD, NonFiniteGradientError
-from asyncmomentum.staleness import StalenessEstimator, VersionClock
-from asyncmomentum.tuning import (
+from asyncmomentum.core.measuring.staleness import StalenessEstimator, VersionClock
+from asyncmomentum.core.optimizer import AsyncMomentumSGD, NonFiniteGradientError
+from asyncmomentum.core.tuning.formulas import (
     algorithmic_momentum,
     implicit_momentum,
     total_momentum,

@@ -1,5 +1,5 @@
 """``python -m asyncmomentum`` runs the command-line interface."""
 
-from asyncmomentum.cli import main
+from asyncmomentum.applications.cli import main
 
 raise SystemExit(main())

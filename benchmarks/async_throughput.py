@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from asyncmomentum import AsyncMomentumSGD
-from asyncmomentum.digits import SmallCNN, iterate_batches, load_digits_split
-from asyncmomentum.hogwild import classification_loss, shard, train_hogwild
-from asyncmomentum.server import ParameterServerJob, ServerConfig, launch_local
+from asyncmomentum.applications.digits import SmallCNN, iterate_batches, load_digits_split
+from asyncmomentum.runtimes.hogwild import classification_loss, shard, train_hogwild
+from asyncmomentum.runtimes.server import ParameterServerJob, ServerConfig, launch_local
 
 WORKER_COUNTS = (1, 2, 4)
 

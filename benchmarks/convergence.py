@@ -2,7 +2,8 @@
 
 Runs ``asyncmomentum sweep --quick`` (cached: a second run only reads the cache), prints its
 steps-to-target table, and prints last, for the fixed 0.9 baseline and each rule of
-``asyncmomentum.tuning.rule_names()`` (additive, compositional, closed_loop, stability), the
+``asyncmomentum.core.tuning.formulas.rule_names()`` (additive, compositional, closed_loop,
+stability), the
 geometric mean of its steps over the oracle's (the best fixed momentum of the grid, per cell),
 how many of its runs diverged (and how many of those where the oracle converges), and in how
 many cells it needed more than 1.1 times the steps of the default additive rule. Below 1 a
@@ -19,8 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from asyncmomentum.sweep import FULL, QUICK, format_summary, format_table, run_sweep
-from asyncmomentum.sweep.command import DEFAULT_OUT
+from asyncmomentum.applications.sweep import FULL, QUICK, format_summary, format_table, run_sweep
+from asyncmomentum.applications.sweep.command import DEFAULT_OUT
 
 
 def main() -> int:

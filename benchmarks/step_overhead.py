@@ -26,7 +26,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from asyncmomentum import AsyncMomentumSGD, tuning
+from asyncmomentum import AsyncMomentumSGD
+from asyncmomentum.core.tuning import formulas
 
 PATHS: dict[str, dict[str, bool]] = {
     "foreach": {"foreach": True},
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
     parser.add_argument("--meter", action="store_true", help="ours with measure_momentum=True")
     parser.add_argument(
-        "--rule", choices=tuning.rule_names(), default="additive", help="our tuning rule"
+        "--rule", choices=formulas.rule_names(), default="additive", help="our tuning rule"
     )
     parser.add_argument(
         "--curvature-every",

@@ -21,8 +21,13 @@ import torch
 from torch.optim import Optimizer
 
 from asyncmomentum import AsyncMomentumSGD
-from asyncmomentum.digits import DigitsSplit, SmallCNN, accuracy, load_digits_split
-from asyncmomentum.hogwild import HogwildResult, WorkerProgress, classification_loss, train_hogwild
+from asyncmomentum.applications.digits import DigitsSplit, SmallCNN, accuracy, load_digits_split
+from asyncmomentum.runtimes.hogwild import (
+    HogwildResult,
+    WorkerProgress,
+    classification_loss,
+    train_hogwild,
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

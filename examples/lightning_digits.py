@@ -26,8 +26,8 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from asyncmomentum.digits import SmallCNN, load_digits_split
-from asyncmomentum.optim import AsyncMomentumSGD
+from asyncmomentum.applications.digits import SmallCNN, load_digits_split
+from asyncmomentum.core.optimizer import AsyncMomentumSGD
 from lightning_callbacks import AsyncMomentumCallback, StaleGradients
 
 TARGET_MOMENTUM = 0.9

@@ -45,10 +45,10 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from asyncmomentum import tuning
-from asyncmomentum.digits import SmallCNN, accuracy, iterate_batches, load_digits_split
-from asyncmomentum.optim import AsyncMomentumSGD
-from asyncmomentum.server import (
+from asyncmomentum.applications.digits import SmallCNN, accuracy, iterate_batches, load_digits_split
+from asyncmomentum.core.optimizer import AsyncMomentumSGD
+from asyncmomentum.core.tuning import formulas
+from asyncmomentum.runtimes.server import (
     ParameterServerJob,
     ServerConfig,
     ServerResult,
@@ -149,7 +149,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--updates", type=int, default=1500, help="updates the server applies")
     parser.add_argument("--optimizer", choices=["async", "sgd"], default="async")
     parser.add_argument(
-        "--rule", choices=tuning.rule_names(), default="additive", help="AsyncMomentumSGD's rule"
+        "--rule", choices=formulas.rule_names(), default="additive", help="AsyncMomentumSGD's rule"
     )
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--momentum", type=float, default=0.9, help="target (async) or fixed")

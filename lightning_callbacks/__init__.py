@@ -3,7 +3,8 @@
 - :class:`AsyncMomentumCallback`: keeps the total momentum of any optimizer at a target under
   asynchrony, and logs implicit/algorithmic/total momentum, staleness and the estimated workers.
 - :class:`StaleGradients`: makes a run asynchronous on one machine (gradients at parameters of
-  ``tau`` steps ago, ``tau`` from :mod:`asyncmomentum.simulate`'s staleness models), for studies.
+  ``tau`` steps ago, ``tau`` from :mod:`asyncmomentum.runtimes.simulate`'s staleness models), for
+  studies.
 """
 
 from lightning_callbacks.momentum import AsyncMomentumCallback

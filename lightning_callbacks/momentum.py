@@ -3,7 +3,7 @@
 Asynchronous SGD with ``M`` workers carries an implicit momentum ``1 - 1/M`` (Mitliagkas et al.,
 2016). This callback keeps the *total* momentum of a run at a target by setting, before every
 optimizer step, the *algorithmic* momentum that the core's
-:class:`~asyncmomentum.tuner.MomentumTuner` asks for, and logs what it did.
+:class:`~asyncmomentum.core.tuning.tuner.MomentumTuner` asks for, and logs what it did.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from asyncmomentum import tuning
-from asyncmomentum.metrics import StalenessMetric
-from asyncmomentum.optim import AsyncMomentumSGD
-from asyncmomentum.staleness import check_staleness, check_state
-from asyncmomentum.tuner import MomentumTuner
+from asyncmomentum.core.measuring.metrics import StalenessMetric
+from asyncmomentum.core.measuring.staleness import check_staleness, check_state
+from asyncmomentum.core.optimizer import AsyncMomentumSGD
+from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.tuning.tuner import MomentumTuner
 
 __all__ = ["AsyncMomentumCallback"]
 
@@ -63,10 +63,11 @@ class AsyncMomentumCallback(Callback):
     Asynchronous training adds an implicit momentum ``1 - 1/M`` for ``M`` asynchronous workers;
     to keep the total momentum at ``target_momentum`` the optimizer should apply the
     *algorithmic* momentum ``target - (1 - 1/M)`` (the ``"additive"`` rule; see
-    :data:`asyncmomentum.tuning.RULES`). Before every optimizer step (Lightning's
+    :data:`asyncmomentum.core.tuning.formulas.RULES`). Before every optimizer step (Lightning's
     ``on_before_optimizer_step``, called inside the closure) this callback:
 
-    - with an :class:`~asyncmomentum.optim.AsyncMomentumSGD`: does nothing to it. The optimizer
+    - with an :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD`: does nothing to it. The
+    optimizer
       measures staleness and tunes itself, after the closure; a second tuner would fight it.
       The callback reads the optimizer's own tuner and logs it. This callback's
       ``target_momentum``, ``workers``, ``rule``, ... do not apply to it (a warning says so
@@ -74,7 +75,8 @@ class AsyncMomentumCallback(Callback):
     - with any other optimizer whose param groups carry ``momentum`` (SGD-like) or ``betas``
       (Adam-like: the first beta plays the role of momentum): feeds the staleness reported for
       this step (by :class:`~lightning_callbacks.StaleGradients` or
-      :meth:`observe_staleness`) to a :class:`~asyncmomentum.tuner.MomentumTuner` and writes
+      :meth:`observe_staleness`) to a :class:`~asyncmomentum.core.tuning.tuner.MomentumTuner` and
+      writes
       the momentum it asks for into every group. A group may carry its own
       ``target_momentum``. These optimizers cannot take negative momentum
       (``torch.optim.SGD`` refuses it, Adam's ``beta1`` must lie in ``[0, 1)``), so a negative
@@ -94,7 +96,8 @@ class AsyncMomentumCallback(Callback):
     - ``curvature/lambda_max``: the largest curvature an ``AsyncMomentumSGD(rule="stability")``
       works with, once it has one.
     - ``staleness/mean``, ``staleness/max``: over the gradients applied since the previous log
-      line, reduced exactly over all ranks (:class:`~asyncmomentum.metrics.StalenessMetric`);
+      line, reduced exactly over all ranks
+      (:class:`~asyncmomentum.core.measuring.metrics.StalenessMetric`);
       absent when no staleness was observed in that window.
     - ``workers/estimated``: ``M_hat``, the tuner's smoothed estimate (a moving average over
       ``horizon`` updates, after ``warmup`` observations), which sets the momentum.
@@ -114,8 +117,9 @@ class AsyncMomentumCallback(Callback):
         target_momentum: total momentum to keep, in (-1, 1).
         workers: known number of asynchronous workers ``M``; skips estimation for the optimizers
             this callback tunes. Staleness is still recorded for logging.
-        rule: a name in :data:`asyncmomentum.tuning.RULES` (the feedback rules run inside
-            :class:`~asyncmomentum.optim.AsyncMomentumSGD`, which this callback logs).
+        rule: a name in :data:`asyncmomentum.core.tuning.formulas.RULES` (the feedback rules run
+        inside
+            :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD`, which this callback logs).
         momentum_bounds: ``(low, high)`` clip range of the algorithmic momentum, inside (-1, 1).
         log: log the metrics above; ``False`` only tunes.
         horizon: span, in updates, of the staleness moving average.
@@ -139,14 +143,14 @@ class AsyncMomentumCallback(Callback):
         *,
         workers: float | None = None,
         rule: str = "additive",
-        momentum_bounds: tuple[float, float] = tuning.DEFAULT_MOMENTUM_BOUNDS,
+        momentum_bounds: tuple[float, float] = formulas.DEFAULT_MOMENTUM_BOUNDS,
         log: bool = True,
         horizon: int = 1000,
         warmup: int = 20,
     ) -> None:
         if not isinstance(log, bool):
             raise ValueError(f"log must be True or False, got {log!r}")
-        if rule in tuning.FEEDBACK_RULES:
+        if rule in formulas.FEEDBACK_RULES:
             raise ValueError(
                 f"rule {rule!r} needs what only the optimizer sees (the momentum meter's "
                 "trajectory, a curvature probe): use AsyncMomentumSGD(rule="
@@ -180,7 +184,7 @@ class AsyncMomentumCallback(Callback):
     def tuners(self) -> dict[int, MomentumTuner]:
         """The tuners this callback drives, by position in ``trainer.optimizers``.
 
-        An :class:`~asyncmomentum.optim.AsyncMomentumSGD` has none here: it uses its own
+        An :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD` has none here: it uses its own
         ``optimizer.tuner``.
         """
         return dict(self._tuners)
@@ -195,7 +199,7 @@ class AsyncMomentumCallback(Callback):
         :class:`~lightning_callbacks.StaleGradients` calls this every step; a system that
         knows its staleness (e.g. a parameter server tagging gradients with versions) can too.
         A second report before the step replaces the first. An
-        :class:`~asyncmomentum.optim.AsyncMomentumSGD` measures its own staleness (give it
+        :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD` measures its own staleness (give it
         ``step(staleness=...)``), so reports for it are ignored.
 
         Args:
@@ -307,7 +311,7 @@ class AsyncMomentumCallback(Callback):
         if self.workers is not None and optimizer.estimator.workers != self.workers:
             differences.append(f"workers {optimizer.estimator.workers} vs {self.workers}")
         # The feedback rules live only in the optimizer: the callback cannot be set to them.
-        if optimizer.rule != self.rule and optimizer.rule not in tuning.FEEDBACK_RULES:
+        if optimizer.rule != self.rule and optimizer.rule not in formulas.FEEDBACK_RULES:
             differences.append(f"rule {optimizer.rule!r} vs {self.rule!r}")
         if differences:
             rank_zero_warn(
@@ -369,7 +373,7 @@ class AsyncMomentumCallback(Callback):
         for group in tracked.optimizer.param_groups:
             target = group.get("target_momentum")
             if target is not None:
-                target = tuning.check_momentum(target, "a param group's target_momentum")
+                target = formulas.check_momentum(target, "a param group's target_momentum")
             value = tracked.tuner.algorithmic_momentum(target)
             if value < 0.0:
                 # torch.optim.SGD rejects momentum < 0 at construction and Adam needs beta1 >= 0:

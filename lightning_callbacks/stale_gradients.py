@@ -1,7 +1,8 @@
 """StaleGradients: make a Lightning run asynchronous on one machine, for studies.
 
 Each training step computes its gradient at the parameters of ``tau`` optimizer steps ago, with
-``tau`` drawn from one of :mod:`asyncmomentum.simulate`'s staleness models, then applies it to the
+``tau`` drawn from one of :mod:`asyncmomentum.runtimes.simulate`'s staleness models, then applies
+it to the
 current parameters: what ``M`` asynchronous workers sharing one model would do, reproducibly.
 """
 
@@ -21,9 +22,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from asyncmomentum.optim import AsyncMomentumSGD
-from asyncmomentum.simulate import STALENESS_MODELS, StalenessModel, staleness_model
-from asyncmomentum.staleness import check_state
+from asyncmomentum.core.measuring.staleness import check_state
+from asyncmomentum.core.optimizer import AsyncMomentumSGD
+from asyncmomentum.runtimes.simulate import STALENESS_MODELS, StalenessModel, staleness_model
 from lightning_callbacks.momentum import AsyncMomentumCallback
 
 __all__ = ["StaleGradients"]
@@ -81,7 +82,8 @@ class StaleGradients(Callback):
     r"""Simulate ``M`` asynchronous workers in a Lightning run: gradients at stale parameters.
 
     Every optimizer step draws a staleness ``tau`` from
-    :func:`asyncmomentum.simulate.staleness_model` (``model``, ``workers``), seeded. The step's
+    :func:`asyncmomentum.runtimes.simulate.staleness_model` (``model``, ``workers``), seeded. The
+    step's
     forward and backward run at the parameters of ``tau`` steps ago; the current parameters are
     restored before the optimizer applies the gradient (in ``on_before_optimizer_step``, inside
     Lightning's closure). That is the update rule of asynchronous SGD,
@@ -96,7 +98,8 @@ class StaleGradients(Callback):
     The staleness reaches the tuners as follows (the value reported is the clamped one, the true
     staleness of the gradient):
 
-    - an :class:`~asyncmomentum.optim.AsyncMomentumSGD` receives ``step(staleness=tau)``: a step
+    - an :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD` receives ``step(staleness=tau)``:
+    a step
       pre-hook (``Optimizer.register_step_pre_hook``) adds the keyword to Lightning's
       ``optimizer.step(closure=...)`` call, so the optimizer's own tuner observes it exactly,
       without patching anything. An explicit ``staleness=`` from user code is left alone.
@@ -113,7 +116,7 @@ class StaleGradients(Callback):
 
     Args:
         workers: number of simulated asynchronous workers ``M`` (>= 1).
-        model: a staleness model in :data:`asyncmomentum.simulate.STALENESS_MODELS`:
+        model: a staleness model in :data:`asyncmomentum.runtimes.simulate.STALENESS_MODELS`:
             ``"exponential"`` (``M`` workers with exponential compute times in an event queue),
             ``"geometric"`` (``q = 1 - 1/M``) or ``"round_robin"`` (``tau = M - 1``).
         seed: seed of the staleness stream (a non-negative integer).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asyncmomentum.digits import SmallCNN
+from asyncmomentum.applications.digits import SmallCNN
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from asyncmomentum import __version__, demo
-from asyncmomentum.cli import main
+from asyncmomentum import __version__
+from asyncmomentum.applications import demo
+from asyncmomentum.applications.cli import main
 
 
 def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -10,26 +10,27 @@ import numpy as np
 import pytest
 import torch
 
-from asyncmomentum import AsyncMomentumSGD, tuning
-from asyncmomentum import simulate as sim
-from asyncmomentum.meter import MomentumReading
-from asyncmomentum.problems import get_problem
-from asyncmomentum.stability import largest_stable_momentum
-from asyncmomentum.tuner import MomentumTuner
+from asyncmomentum import AsyncMomentumSGD
+from asyncmomentum.applications.problems import get_problem
+from asyncmomentum.core.measuring.meter import MomentumReading
+from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.tuning.stability import largest_stable_momentum
+from asyncmomentum.core.tuning.tuner import MomentumTuner
+from asyncmomentum.runtimes import simulate as sim
 
 # -- tuning: the names -----------------------------------------------------------------------------
 
 
 def test_feedback_rules_are_rules_but_not_formulas():
-    for rule in tuning.FEEDBACK_RULES:
-        assert tuning.check_rule(rule) == rule
-        assert rule in tuning.rule_names()
+    for rule in formulas.FEEDBACK_RULES:
+        assert formulas.check_rule(rule) == rule
+        assert rule in formulas.rule_names()
         with pytest.raises(ValueError, match="keeps state"):
-            tuning.algorithmic_momentum(0.9, 0.5, rule)
+            formulas.algorithmic_momentum(0.9, 0.5, rule)
         # They report totals in the additive composition, their fallback.
-        assert tuning.total_momentum(0.1, 0.5, rule) == tuning.total_momentum(0.1, 0.5)
+        assert formulas.total_momentum(0.1, 0.5, rule) == formulas.total_momentum(0.1, 0.5)
     with pytest.raises(ValueError, match="rule must be one of"):
-        tuning.check_rule("stabilty")
+        formulas.check_rule("stabilty")
 
 
 # -- the tuner -------------------------------------------------------------------------------------
@@ -56,7 +57,7 @@ def test_closed_loop_integrates_each_reading_once_bounded_and_rate_limited():
     tuner = MomentumTuner(
         0.9, rule="closed_loop", workers=4, rule_options={"gain": 0.5, "max_change_per_step": 0.05}
     )
-    additive = tuning.algorithmic_momentum(0.9, 0.75)
+    additive = formulas.algorithmic_momentum(0.9, 0.75)
     assert tuner.algorithmic_momentum() == pytest.approx(additive)  # no reading yet
     # Measured total 0.7 with the momentum applied: error 0.2, gain 0.5 -> 0.1, capped at 0.05.
     tuner.observe_reading(_reading(0.7, additive, serial=1))
@@ -82,7 +83,7 @@ def test_closed_loop_keeps_its_correction_when_the_estimate_of_m_moves():
     assert corrected > base
     for _ in range(200):
         tuner.observe(1)  # M = 2: the additive part moves at once, the correction stays
-    moved = tuning.algorithmic_momentum(0.9, tuner.implicit_momentum)
+    moved = formulas.algorithmic_momentum(0.9, tuner.implicit_momentum)
     assert tuner.algorithmic_momentum() == pytest.approx(moved + (corrected - base), abs=1e-9)
 
 
@@ -104,7 +105,7 @@ def test_stability_rule_falls_back_to_additive_until_it_has_a_curvature():
         tuner.observe(7)
     assert tuner.curvature is None
     assert tuner.algorithmic_momentum(lr=0.25) == pytest.approx(
-        tuning.algorithmic_momentum(0.9, tuner.implicit_momentum)
+        formulas.algorithmic_momentum(0.9, tuner.implicit_momentum)
     )
     with pytest.raises(ValueError, match="needs the learning rate"):
         tuner.algorithmic_momentum()
@@ -200,7 +201,7 @@ def test_stability_probes_every_curvature_every_updates_and_applies_the_stable_m
     # To the rule's resolution: its cache holds lr * lambda_max to 1 %, the bisection to 1e-3.
     assert opt.param_groups[0]["momentum"] == pytest.approx(expected, abs=3e-3)
     assert opt.algorithmic_momentum == opt.param_groups[0]["momentum"]
-    additive = tuning.algorithmic_momentum(0.9, opt.implicit_momentum)
+    additive = formulas.algorithmic_momentum(0.9, opt.implicit_momentum)
     assert abs(expected - additive) > 0.05  # a constant delay is harsher than its mean says
 
 
@@ -232,7 +233,7 @@ def test_stability_without_a_probe_warns_once_and_follows_the_additive_rule():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _step(problem, model, opt, next(batches), staleness=3)
-    assert opt.algorithmic_momentum == tuning.algorithmic_momentum(0.9, opt.implicit_momentum)
+    assert opt.algorithmic_momentum == formulas.algorithmic_momentum(0.9, opt.implicit_momentum)
 
 
 def test_curvature_arguments_are_checked():
@@ -303,7 +304,7 @@ def test_closed_loop_corrects_a_wrong_model_of_the_asynchrony():
 
 
 def test_feedback_rules_are_refused_where_they_cannot_work():
-    from asyncmomentum.hogwild import train_hogwild
+    from asyncmomentum.runtimes.hogwild import train_hogwild
     from lightning_callbacks import AsyncMomentumCallback
 
     model = torch.nn.Linear(2, 1)

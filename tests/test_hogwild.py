@@ -17,7 +17,7 @@ import torch
 from conftest import make_cnn
 
 from asyncmomentum import AsyncMomentumSGD, VersionClock
-from asyncmomentum.hogwild import (
+from asyncmomentum.runtimes.hogwild import (
     HogwildError,
     WorkerFailure,
     WorkerProgress,

@@ -17,10 +17,10 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from asyncmomentum import tuning
-from asyncmomentum.digits import SmallCNN, load_digits_split
-from asyncmomentum.optim import AsyncMomentumSGD
-from asyncmomentum.simulate import staleness_model
+from asyncmomentum.applications.digits import SmallCNN, load_digits_split
+from asyncmomentum.core.optimizer import AsyncMomentumSGD
+from asyncmomentum.core.tuning import formulas
+from asyncmomentum.runtimes.simulate import staleness_model
 from lightning_callbacks import AsyncMomentumCallback, StaleGradients
 
 WORKERS = 8
@@ -131,8 +131,8 @@ def read_rows(tmp_path: Path) -> list[dict[str, float]]:
 
 def expected_algorithmic(row: dict[str, float], target: float, floor: float = -1.0) -> float:
     """The tuner's formula applied to the logged estimate of M (clipped at ``floor``)."""
-    implicit = tuning.implicit_momentum(row["workers/estimated"])
-    return max(floor, tuning.algorithmic_momentum(target, implicit))
+    implicit = formulas.implicit_momentum(row["workers/estimated"])
+    return max(floor, formulas.algorithmic_momentum(target, implicit))
 
 
 def fit_digits(
@@ -172,7 +172,7 @@ def test_async_momentum_sgd_estimates_workers_and_logs_everything(
     assert abs(last["workers/estimated"] - WORKERS) <= 0.25 * WORKERS
     for row in rows:
         assert row["momentum/algorithmic"] == pytest.approx(expected_algorithmic(row, 0.9))
-        implicit = tuning.implicit_momentum(row["workers/estimated"])
+        implicit = formulas.implicit_momentum(row["workers/estimated"])
         assert row["momentum/implicit"] == pytest.approx(implicit)
         assert row["momentum/total"] == pytest.approx(0.9)  # nothing clipped at M = 8
     # StaleGradients' staleness reached the optimizer: it applied exactly those.
@@ -539,5 +539,5 @@ def test_stability_rule_runs_inside_lightning_and_is_logged(
     assert rows[-1]["curvature/lambda_max"] == pytest.approx(optimizer.curvature)
     # The logged momentum is the stability rule's, not the additive formula's.
     assert rows[-1]["momentum/algorithmic"] == pytest.approx(optimizer.algorithmic_momentum)
-    additive = tuning.algorithmic_momentum(0.9, optimizer.implicit_momentum)
+    additive = formulas.algorithmic_momentum(0.9, optimizer.implicit_momentum)
     assert abs(optimizer.algorithmic_momentum - additive) > 0.05

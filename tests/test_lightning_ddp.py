@@ -14,8 +14,8 @@ from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from asyncmomentum.digits import SmallCNN
-from asyncmomentum.optim import AsyncMomentumSGD
+from asyncmomentum.applications.digits import SmallCNN
+from asyncmomentum.core.optimizer import AsyncMomentumSGD
 from lightning_callbacks import AsyncMomentumCallback, StaleGradients
 
 STEPS = 24

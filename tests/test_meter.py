@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from asyncmomentum.meter import ClosedLoopController, MomentumMeter
-from asyncmomentum.optim import AsyncMomentumSGD
-from asyncmomentum.problems import get_problem
-from asyncmomentum.simulate import round_robin, simulate, workers
+from asyncmomentum.applications.problems import get_problem
+from asyncmomentum.core.measuring.meter import ClosedLoopController, MomentumMeter
+from asyncmomentum.core.optimizer import AsyncMomentumSGD
+from asyncmomentum.runtimes.simulate import round_robin, simulate, workers
 
 STEPS = 700  # a full window (512 versions) and a little more
 #: Learning rates pinned here (the problems' own may be recalibrated): the sweep's rates.

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from asyncmomentum.metrics import StalenessMetric
+from asyncmomentum.core.measuring.metrics import StalenessMetric
 
 # Rank r observes these: different counts per rank, so a mean of per-rank means (2.0 and 10.0,
 # averaging to 6.0) differs from the mean of all observations (16 / 4 = 4.0).

@@ -11,7 +11,8 @@ import torch
 from conftest import make_cnn
 from torch import nn
 
-from asyncmomentum import AsyncMomentumSGD, NonFiniteGradientError, tuning
+from asyncmomentum import AsyncMomentumSGD, NonFiniteGradientError
+from asyncmomentum.core.tuning import formulas
 
 
 def _loss(model, batch):
@@ -257,4 +258,4 @@ def test_tuned_momentum_passing_through_zero_keeps_paths_consistent(cnn_batches)
     for other in results[1:]:
         for p, q in zip(results[0], other):
             torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
-    assert tuning.algorithmic_momentum(0.9, tuning.implicit_momentum(10)) == pytest.approx(0.0)
+    assert formulas.algorithmic_momentum(0.9, formulas.implicit_momentum(10)) == pytest.approx(0.0)

@@ -7,8 +7,8 @@ import pickle
 import pytest
 
 from asyncmomentum import AsyncMomentumSGD
-from asyncmomentum import simulate as sim
-from asyncmomentum.problems import get_problem
+from asyncmomentum.applications.problems import get_problem
+from asyncmomentum.runtimes import simulate as sim
 
 STEPS = 700
 

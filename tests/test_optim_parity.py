@@ -10,7 +10,7 @@ from conftest import make_cnn
 from torch import nn
 
 from asyncmomentum import AsyncMomentumSGD
-from asyncmomentum import optim as optim_module
+from asyncmomentum.core import optimizer as optim_module
 
 STEPS = 200
 

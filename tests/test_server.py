@@ -20,9 +20,9 @@ import pytest
 import torch
 from conftest import make_cnn
 
-from asyncmomentum import tuning
-from asyncmomentum.optim import AsyncMomentumSGD, NonFiniteGradientError
-from asyncmomentum.server import (
+from asyncmomentum.core.optimizer import AsyncMomentumSGD, NonFiniteGradientError
+from asyncmomentum.core.tuning import formulas
+from asyncmomentum.runtimes.server import (
     ParameterServer,
     ParameterServerJob,
     ServerConfig,
@@ -336,7 +336,7 @@ def test_three_workers_then_one_killed_server_goes_on_and_momentum_follows(tmp_p
     # The algorithmic momentum followed: less implicit momentum, more algorithmic.
     assert result.algorithmic_momentum > mean(p.algorithmic_momentum for p in before)
     assert result.algorithmic_momentum == pytest.approx(
-        tuning.algorithmic_momentum(0.9, result.implicit_momentum)
+        formulas.algorithmic_momentum(0.9, result.implicit_momentum)
     )
 
     # Checkpoints: on request mid-run, and at the end; both load into fresh objects.

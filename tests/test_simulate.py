@@ -11,7 +11,7 @@ from conftest import make_cnn
 from torch import nn
 
 from asyncmomentum import AsyncMomentumSGD
-from asyncmomentum.simulate import (
+from asyncmomentum.runtimes.simulate import (
     STALENESS_MODELS,
     History,
     SnapshotRing,

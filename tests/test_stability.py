@@ -10,10 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from asyncmomentum.optim import AsyncMomentumSGD
-from asyncmomentum.problems import QuadraticModel, get_problem
-from asyncmomentum.simulate import geometric, round_robin, simulate, workers
-from asyncmomentum.stability import (
+from asyncmomentum.applications.problems import QuadraticModel, get_problem
+from asyncmomentum.core.optimizer import AsyncMomentumSGD
+from asyncmomentum.core.tuning.stability import (
     CurvatureEstimator,
     StabilityRule,
     StalenessHistogram,
@@ -24,6 +23,7 @@ from asyncmomentum.stability import (
     spectral_radius,
     truncate_pmf,
 )
+from asyncmomentum.runtimes.simulate import geometric, round_robin, simulate, workers
 
 # -- brute force ----------------------------------------------------------------------------------
 

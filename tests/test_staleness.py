@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch.multiprocessing as mp
 
-from asyncmomentum.staleness import StalenessEstimator, VersionClock, check_staleness
-from asyncmomentum.tuner import MomentumTuner
+from asyncmomentum.core.measuring.staleness import StalenessEstimator, VersionClock, check_staleness
+from asyncmomentum.core.tuning.tuner import MomentumTuner
 
 BUMPS = 5_000
 PROCESSES = 4
@@ -183,7 +183,7 @@ def test_tuner_applies_the_rule_to_the_estimate():
 
 
 def test_a_lock_held_by_a_dead_holder_fails_loudly_instead_of_hanging(monkeypatch):
-    from asyncmomentum import staleness
+    from asyncmomentum.core.measuring import staleness
 
     monkeypatch.setattr(staleness, "LOCK_TIMEOUT_S", 0.05)
     clock = VersionClock().share_memory()

@@ -1,7 +1,8 @@
 """One run of the sweep: a problem, a staleness model, a momentum method, a seed.
 
-A run trains a fresh model inside :func:`asyncmomentum.simulate.simulate` with an
-:class:`~asyncmomentum.optim.AsyncMomentumSGD` (a fixed momentum, or a tuning rule that estimates
+A run trains a fresh model inside :func:`asyncmomentum.runtimes.simulate.simulate` with an
+:class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD` (a fixed momentum, or a tuning rule that
+estimates
 ``M`` from the staleness it is told) and stops as soon as the full training loss reaches the
 problem's target, diverges, or the step cap is hit.
 """
@@ -18,9 +19,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from asyncmomentum.optim import AsyncMomentumSGD
-from asyncmomentum.problems import Problem, get_problem
-from asyncmomentum.simulate import History, simulate, staleness_model
+from asyncmomentum.applications.problems import Problem, get_problem
+from asyncmomentum.core.optimizer import AsyncMomentumSGD
+from asyncmomentum.runtimes.simulate import History, simulate, staleness_model
 
 __all__ = ["DIVERGENCE_FACTOR", "RunResult", "RunSpec", "Status", "run_one"]
 
@@ -43,7 +44,7 @@ def simulated_staleness(staleness: str, workers: int) -> str:
     model gives ``tau = 0`` and the runs are simulated once, under ``"geometric"``.
 
     Args:
-        staleness: a name in :data:`asyncmomentum.simulate.STALENESS_MODELS`.
+        staleness: a name in :data:`asyncmomentum.runtimes.simulate.STALENESS_MODELS`.
         workers: ``M``.
     """
     return staleness if workers > 1 else "geometric"
@@ -54,11 +55,11 @@ class RunSpec:
     """Everything that determines a run; two equal specs give the same result bit for bit.
 
     Attributes:
-        problem: a name in :data:`asyncmomentum.problems.PROBLEMS`.
-        staleness: a name in :data:`asyncmomentum.simulate.STALENESS_MODELS`.
+        problem: a name in :data:`asyncmomentum.applications.problems.PROBLEMS`.
+        staleness: a name in :data:`asyncmomentum.runtimes.simulate.STALENESS_MODELS`.
         workers: the number of simulated asynchronous workers ``M``.
         method: ``"fixed"``, ``"meter"``, or ``"rule:<name>"`` with a name in
-            :func:`asyncmomentum.tuning.rule_names`.
+            :func:`asyncmomentum.core.tuning.formulas.rule_names`.
         momentum: the fixed algorithmic momentum (``"fixed"``, ``"meter"``), or the target total
             momentum of the rule.
         lr: learning rate.

@@ -4,7 +4,8 @@ Rank 0 is the server: it owns the model and the optimizer. Every other rank is a
 loops: compute a gradient from the parameters it holds, push ``(gradients, version)`` and receive
 the parameters as they are right after the gradient was applied, with their version. The server
 applies each gradient as it arrives, with ``optimizer.step(staleness=version_now - version)``
-when the optimizer is an :class:`~asyncmomentum.optim.AsyncMomentumSGD` (any other optimizer
+when the optimizer is an :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD` (any other
+optimizer
 gets a plain ``step()``; staleness is measured and reported all the same).
 
 Push and pull are one round trip, and the version a worker reads is the one right after its own
@@ -64,8 +65,8 @@ import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from asyncmomentum.optim import AsyncMomentumSGD, NonFiniteGradientError
-from asyncmomentum.staleness import StalenessEstimator, check_staleness
+from asyncmomentum.core.measuring.staleness import StalenessEstimator, check_staleness
+from asyncmomentum.core.optimizer import AsyncMomentumSGD, NonFiniteGradientError
 
 __all__ = [
     "SERVER_NAME",
@@ -297,7 +298,7 @@ class ParameterServer:
     Args:
         model: the model whose parameters are served (on CPU).
         optimizer: an optimizer over (some of) ``model``'s parameters; an
-            :class:`~asyncmomentum.optim.AsyncMomentumSGD` gets each gradient's staleness.
+            :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD` gets each gradient's staleness.
         num_workers: number of workers, with ranks ``1 .. num_workers``.
         config: stop conditions, timeouts, checkpoints, reporting.
         control_port: port of the store on which leaving workers sign off (sent to workers).

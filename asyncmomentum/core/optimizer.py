@@ -11,11 +11,11 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from asyncmomentum import tuning
-from asyncmomentum.meter import MomentumMeter
-from asyncmomentum.stability import CurvatureEstimator
-from asyncmomentum.staleness import StalenessEstimator, VersionClock, check_staleness
-from asyncmomentum.tuner import MomentumTuner
+from asyncmomentum.core.measuring.meter import MomentumMeter
+from asyncmomentum.core.measuring.staleness import StalenessEstimator, VersionClock, check_staleness
+from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.tuning.stability import CurvatureEstimator
+from asyncmomentum.core.tuning.tuner import MomentumTuner
 
 __all__ = ["AsyncMomentumSGD", "NonFiniteGradientError"]
 
@@ -79,7 +79,8 @@ class AsyncMomentumSGD(Optimizer):
         fused: ``True`` for torch's fused SGD kernel. When both ``foreach`` and ``fused`` are
             ``None`` the fused kernel is used where the device and dtype have it (the fastest
             path), else foreach on accelerators and the per-tensor loop otherwise.
-        rule: how the algorithmic momentum is set (see :class:`~asyncmomentum.tuner.MomentumTuner`):
+        rule: how the algorithmic momentum is set (see
+        :class:`~asyncmomentum.core.tuning.tuner.MomentumTuner`):
             ``"additive"`` (``target - (1 - 1/M)``, the default), ``"compositional"``,
             ``"closed_loop"`` (the additive rule corrected by feedback from the momentum meter,
             which it switches on) or ``"stability"`` (the largest momentum the delayed heavy ball
@@ -88,25 +89,29 @@ class AsyncMomentumSGD(Optimizer):
         momentum_bounds: ``(low, high)`` clip range of the tuned momentum, inside (-1, 1).
         workers: known number of asynchronous workers; skips estimation.
         horizon: span, in updates, of the staleness moving average (see
-            :class:`~asyncmomentum.staleness.StalenessEstimator`).
+            :class:`~asyncmomentum.core.measuring.staleness.StalenessEstimator`).
         warmup: observations before the estimate leaves ``M = 1``.
         nonfinite: what a NaN or inf gradient does: ``"raise"`` a
             :class:`NonFiniteGradientError` or ``"skip"`` the step (counted in
             :attr:`skipped_steps`). Either way parameters, buffers, clock and tuner are untouched.
-        measure_momentum: run a :class:`~asyncmomentum.meter.MomentumMeter` that measures the
+        measure_momentum: run a :class:`~asyncmomentum.core.measuring.meter.MomentumMeter` that
+        measures the
             total momentum from the trajectory (see :attr:`measured_total_momentum`): about
             0.25 ms per step and a fit every 256 steps on 11.7M parameters (it samples 512
             coordinates). It needs one process to see every update in order (a simulator, a
             parameter server, Lightning): not Hogwild workers. ``rule="closed_loop"`` turns it on.
-        meter_options: keyword arguments of the :class:`~asyncmomentum.meter.MomentumMeter`
+        meter_options: keyword arguments of the
+        :class:`~asyncmomentum.core.measuring.meter.MomentumMeter`
             (e.g. ``refresh``, the updates between readings, which the closed loop acts on).
         rule_options: keyword arguments of the feedback rule (``"closed_loop"``:
-            :class:`~asyncmomentum.meter.ClosedLoopController`, e.g. ``gain``; ``"stability"``:
-            :class:`~asyncmomentum.stability.StabilityRule`, e.g. ``curvature_margin``).
+            :class:`~asyncmomentum.core.measuring.meter.ClosedLoopController`, e.g. ``gain``;
+            ``"stability"``:
+            :class:`~asyncmomentum.core.tuning.stability.StabilityRule`, e.g. ``curvature_margin``).
         curvature_probe: for ``rule="stability"``: a callable with no arguments that returns a
             scalar loss of the current parameters with its graph (a forward pass on a probe
             batch, no ``backward``). Every ``curvature_every`` updates, :meth:`step` runs a few
-            Hessian-vector products on it (a :class:`~asyncmomentum.stability.CurvatureEstimator`)
+            Hessian-vector products on it (a
+            :class:`~asyncmomentum.core.tuning.stability.CurvatureEstimator`)
             to estimate ``lambda_max``. Gradients and parameters are left alone.
         curvature_every: updates between curvature estimates (>= 1).
 
@@ -132,7 +137,7 @@ class AsyncMomentumSGD(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         rule: str = "additive",
-        momentum_bounds: tuple[float, float] = tuning.DEFAULT_MOMENTUM_BOUNDS,
+        momentum_bounds: tuple[float, float] = formulas.DEFAULT_MOMENTUM_BOUNDS,
         workers: float | None = None,
         horizon: int = 1000,
         warmup: int = 20,
@@ -237,11 +242,11 @@ class AsyncMomentumSGD(Optimizer):
         if not 0.0 <= float(group["dampening"]) <= 1.0:
             raise ValueError(f"dampening must lie in [0, 1], got {group['dampening']!r}")
         if group["target_momentum"] is not None:
-            group["target_momentum"] = tuning.check_momentum(group["target_momentum"])
+            group["target_momentum"] = formulas.check_momentum(group["target_momentum"])
         elif group["momentum"] is None:
             raise ValueError("give target_momentum (tuned) or momentum (fixed); both are None")
         else:
-            group["momentum"] = tuning.check_momentum(group["momentum"], "momentum")
+            group["momentum"] = formulas.check_momentum(group["momentum"], "momentum")
         if group["nesterov"]:
             if group["dampening"] != 0:
                 raise ValueError(

@@ -22,7 +22,8 @@ A heavy ball with momentum ``m`` has ``kappa_0 = 1 - m``; the meter reports
 which is ``mu`` without asynchrony and ``1 - 1/M`` for ``M`` memoryless workers with ``mu = 0``
 (``p(0) = 1/M``). Given the algorithmic momentum the optimizer applied, it also splits the
 total into ``algorithmic`` and ``implicit = 1 - kappa_0 / (1 - mu)`` and composes them under
-any rule of :data:`asyncmomentum.tuning.RULES`. The derivation, why the *applied* gradient
+any rule of :data:`asyncmomentum.core.tuning.formulas.RULES`. The derivation, why the *applied*
+gradient
 cannot work, and the measured accuracy are in ``docs/momentum-meter.md``.
 
 :class:`ClosedLoopController` turns the meter's readings into an algorithmic momentum by bounded,
@@ -40,8 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from asyncmomentum import tuning
-from asyncmomentum.staleness import check_int, check_state
+from asyncmomentum.core.measuring.staleness import check_int, check_state
+from asyncmomentum.core.tuning import formulas
 
 __all__ = ["ClosedLoopController", "MomentumMeter", "MomentumReading"]
 
@@ -94,12 +95,12 @@ class MomentumReading:
         this is :attr:`total`.
 
         Args:
-            rule: a name in :data:`asyncmomentum.tuning.RULES`.
+            rule: a name in :data:`asyncmomentum.core.tuning.formulas.RULES`.
         """
-        tuning.check_rule(rule)
+        formulas.check_rule(rule)
         if math.isnan(self.algorithmic):
             return self.total
-        return tuning.total_momentum(self.algorithmic, self.implicit, rule)
+        return formulas.total_momentum(self.algorithmic, self.implicit, rule)
 
 
 class MomentumMeter:
@@ -137,7 +138,7 @@ class MomentumMeter:
             price of a reading every ``period`` updates; ``None`` (the default) records all.
         min_rows: fewest increments a fit uses; no reading before.
         rule: composition of :attr:`measured_total_momentum` (a name in
-            :data:`asyncmomentum.tuning.RULES`).
+            :data:`asyncmomentum.core.tuning.formulas.RULES`).
         seed: seed of the coordinate sample.
     """
 
@@ -170,7 +171,7 @@ class MomentumMeter:
         if period is not None:
             check_int(period, "period", window + 1)
         self.period = period
-        self.rule = tuning.check_rule(rule)
+        self.rule = formulas.check_rule(rule)
         self.window = window
         self.max_lag = max_lag
         self.refresh = refresh
@@ -737,7 +738,7 @@ class ClosedLoopController:
         self,
         gain: float = 0.5,
         max_change_per_step: float = 0.05,
-        bounds: tuple[float, float] = tuning.DEFAULT_MOMENTUM_BOUNDS,
+        bounds: tuple[float, float] = formulas.DEFAULT_MOMENTUM_BOUNDS,
     ) -> None:
         if not 0.0 < gain <= 1.0:
             raise ValueError(f"gain must lie in (0, 1], got {gain!r}")
@@ -745,7 +746,7 @@ class ClosedLoopController:
             raise ValueError(f"max_change_per_step must be > 0, got {max_change_per_step!r}")
         self.gain = float(gain)
         self.max_change_per_step = float(max_change_per_step)
-        self.bounds = tuning.check_momentum_bounds(bounds)
+        self.bounds = formulas.check_momentum_bounds(bounds)
         self.updates = 0
         self.last_error: float | None = None
         self._last_reading: Any = None
@@ -769,8 +770,8 @@ class ClosedLoopController:
             measured_algorithmic: the algorithmic momentum the reading measured under.
             reading_id: identifies the reading; the same id twice in a row changes nothing.
         """
-        target = tuning.check_momentum(target)
-        current = tuning.check_momentum(current_alg, "current_alg")
+        target = formulas.check_momentum(target)
+        current = formulas.check_momentum(current_alg, "current_alg")
         low, high = self.bounds
         clipped = min(max(current, low), high)
         if measured_total is None or not math.isfinite(measured_total):

@@ -6,7 +6,7 @@ learning rates the sweep tunes over. The three problems of the paper's kind:
 
 - ``quadratic``: a noisy, ill-conditioned quadratic (the setting the theory is exact for);
 - ``softmax``: multinomial logistic regression on scikit-learn's digits (convex, real data);
-- ``cnn``: :class:`~asyncmomentum.digits.SmallCNN` on the digits (non-convex).
+- ``cnn``: :class:`~asyncmomentum.applications.digits.SmallCNN` on the digits (non-convex).
 
 Calibration. ``target_loss``, ``max_steps`` and ``lr_grid`` were chosen so that, at ``M = 1`` and
 momentum 0.9, the fastest learning rate of ``lr_grid`` lies inside the grid (both ends are slower
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from asyncmomentum.digits import SmallCNN, iterate_batches, load_digits_split
+from asyncmomentum.applications.digits import SmallCNN, iterate_batches, load_digits_split
 
 __all__ = ["PROBLEMS", "PROBLEMS_VERSION", "Problem", "QuadraticModel", "get_problem"]
 

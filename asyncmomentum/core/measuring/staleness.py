@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from asyncmomentum import tuning
+from asyncmomentum.core.tuning import formulas
 
 __all__ = ["StalenessEstimator", "VersionClock", "check_int", "check_staleness", "check_state"]
 
@@ -276,7 +276,7 @@ class StalenessEstimator(_SharableState):
         if not (isinstance(warmup, int) and warmup >= 0):
             raise ValueError(f"warmup must be an integer >= 0 (observations), got {warmup!r}")
         if workers is not None:
-            tuning.implicit_momentum(workers)  # validates workers >= 1
+            formulas.implicit_momentum(workers)  # validates workers >= 1
         if not 0.5 <= straggler_quantile <= 1.0:
             raise ValueError(f"straggler_quantile must lie in [0.5, 1], got {straggler_quantile!r}")
         if not (isinstance(window, int) and window >= 1):
@@ -344,12 +344,12 @@ class StalenessEstimator(_SharableState):
             return self.workers
         if self.count < self.warmup:
             return 1.0
-        return tuning.workers_from_staleness(self.mean)
+        return formulas.workers_from_staleness(self.mean)
 
     @property
     def implicit_momentum(self) -> float:
         """Implicit momentum ``1 - 1/M_hat`` of the observed asynchrony."""
-        return tuning.implicit_momentum(self.estimated_workers)
+        return formulas.implicit_momentum(self.estimated_workers)
 
     # -- lifecycle ----------------------------------------------------------------------------
 

@@ -6,9 +6,9 @@ import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from asyncmomentum import tuning
-from asyncmomentum.problems import PROBLEMS
-from asyncmomentum.simulate import STALENESS_MODELS
+from asyncmomentum.applications.problems import PROBLEMS
+from asyncmomentum.core.tuning import formulas
+from asyncmomentum.runtimes.simulate import STALENESS_MODELS
 
 __all__ = ["FULL", "FULL_MOMENTA", "QUICK", "QUICK_MOMENTA", "CellLimit", "SweepConfig"]
 
@@ -38,14 +38,15 @@ class SweepConfig:
     """The parameters of a sweep.
 
     Attributes:
-        problems: names in :data:`asyncmomentum.problems.PROBLEMS`.
-        staleness_models: names in :data:`asyncmomentum.simulate.STALENESS_MODELS`.
+        problems: names in :data:`asyncmomentum.applications.problems.PROBLEMS`.
+        staleness_models: names in :data:`asyncmomentum.runtimes.simulate.STALENESS_MODELS`.
         workers: worker counts ``M`` (integers >= 1; kept sorted, each once).
         momenta: the grid of fixed algorithmic momenta, in (-1, 1), searched for the oracle
             (kept sorted, each once).
         seeds: runs per setting, with seeds ``0 .. seeds - 1``.
         rules: tuning rules to run; ``None`` means every rule of
-            :func:`asyncmomentum.tuning.rule_names` at run time, so new rules join automatically.
+            :func:`asyncmomentum.core.tuning.formulas.rule_names` at run time, so new rules join
+            automatically.
         target_momentum: the baseline's fixed momentum and the rules' target total momentum.
         lr_safety: the sweep's learning rate is this times the fastest rate of the problem's
             ``lr_grid`` at ``M = 1`` with momentum ``target_momentum``.
@@ -75,16 +76,16 @@ class SweepConfig:
         self._check_names(self.problems, PROBLEMS, "problems")
         self._check_names(self.staleness_models, STALENESS_MODELS, "staleness_models")
         if self.rules is not None:
-            self._check_names(self.rules, tuning.rule_names(), "rules")
+            self._check_names(self.rules, formulas.rule_names(), "rules")
         if not self.workers or not all(_is_int_at_least(m, 1) for m in self.workers):
             raise ValueError(f"workers must be integers >= 1, got {self.workers!r}")
         if not self.momenta:
             raise ValueError("momenta must hold at least one momentum of the grid")
-        momenta = [tuning.check_momentum(m, "each momentum of the grid") for m in self.momenta]
+        momenta = [formulas.check_momentum(m, "each momentum of the grid") for m in self.momenta]
         # Normalized (sorted, each once) so that cells, tables and cache keys do not repeat.
         object.__setattr__(self, "momenta", tuple(sorted(set(momenta))))
         object.__setattr__(self, "workers", tuple(sorted(set(self.workers))))
-        tuning.check_momentum(self.target_momentum)
+        formulas.check_momentum(self.target_momentum)
         if not _is_int_at_least(self.seeds, 1):
             raise ValueError(f"seeds must be an integer >= 1, got {self.seeds!r}")
         if not (isinstance(self.lr_safety, numbers.Real) and 0.0 < self.lr_safety <= 1.0):
@@ -125,7 +126,7 @@ class SweepConfig:
     @property
     def rule_names(self) -> tuple[str, ...]:
         """The rules this sweep runs."""
-        return tuning.rule_names() if self.rules is None else self.rules
+        return formulas.rule_names() if self.rules is None else self.rules
 
     @property
     def fixed_momenta(self) -> tuple[float, ...]:

@@ -22,7 +22,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from asyncmomentum.sweep.runs import RunResult, RunSpec
+from asyncmomentum.applications.sweep.runs import RunResult, RunSpec
 
 __all__ = [
     "NEAR_OPTIMAL",

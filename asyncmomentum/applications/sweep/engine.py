@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from asyncmomentum.problems import get_problem
-from asyncmomentum.sweep.analysis import Cell, MethodSummary, build_cells, summarize
-from asyncmomentum.sweep.cache import RunCache
-from asyncmomentum.sweep.config import SweepConfig
-from asyncmomentum.sweep.meter_check import MeterPoint, meter_points, meter_specs
-from asyncmomentum.sweep.runs import (
+from asyncmomentum.applications.problems import get_problem
+from asyncmomentum.applications.sweep.analysis import Cell, MethodSummary, build_cells, summarize
+from asyncmomentum.applications.sweep.cache import RunCache
+from asyncmomentum.applications.sweep.config import SweepConfig
+from asyncmomentum.applications.sweep.meter_check import MeterPoint, meter_points, meter_specs
+from asyncmomentum.applications.sweep.runs import (
     RULE_PREFIX,
     RunResult,
     RunSpec,
@@ -82,7 +82,7 @@ class SweepResult:
         rows: one dict per run (learning-rate tuning and grid), the CSV's rows.
         cells: the grid's cells, with their oracle.
         summaries: the baseline and each rule over every cell.
-        meter: the momentum meter's check (see :mod:`asyncmomentum.sweep.meter_check`).
+        meter: the momentum meter's check (see :mod:`asyncmomentum.applications.sweep.meter_check`).
         computed: runs computed by this call.
         cached: runs taken from the cache.
         seconds: wall time of the call.
@@ -293,7 +293,7 @@ def choose_learning_rate(
         raise SweepError(
             f"no learning rate of {problem}'s lr_grid {sorted(by_lr)} reached the target loss "
             f"at M = 1 for every seed within {cap} steps; widen lr_grid or raise max_steps in "
-            "asyncmomentum/problems.py"
+            "asyncmomentum/applications/problems.py"
         )
     fastest = min(ranking)[2]
     return LearningRateChoice(

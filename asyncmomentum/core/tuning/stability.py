@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from asyncmomentum import tuning
-from asyncmomentum.staleness import check_staleness, check_state
+from asyncmomentum.core.measuring.staleness import check_staleness, check_state
+from asyncmomentum.core.tuning import formulas
 
 __all__ = [
     "DEFAULT_TAIL_MASS",
@@ -299,7 +299,7 @@ def largest_stable_momentum(
     staleness_pmf: Any,
     *,
     cap: float,
-    floor: float = tuning.DEFAULT_MOMENTUM_BOUNDS[0],
+    floor: float = formulas.DEFAULT_MOMENTUM_BOUNDS[0],
     margin: float = 0.0,
     curvature_margin: float = 0.0,
     criterion: Criterion = "mean_square",
@@ -332,8 +332,8 @@ def largest_stable_momentum(
     a = _check_scalar(a, "a")
     if a < 0:
         raise ValueError(f"a = lr * lambda_max must be >= 0, got {a!r}")
-    cap = tuning.check_momentum(cap, "cap")
-    floor = tuning.check_momentum(floor, "floor")
+    cap = formulas.check_momentum(cap, "cap")
+    floor = formulas.check_momentum(floor, "floor")
     if floor > cap:
         raise ValueError(f"floor must be <= cap, got floor={floor!r}, cap={cap!r}")
     if not 0.0 <= margin < 1.0:
@@ -691,7 +691,7 @@ class StabilityRule:
         curvature_margin: float = 0.25,
         margin: float = 0.0,
         criterion: Criterion = "mean_square",
-        momentum_bounds: tuple[float, float] = tuning.DEFAULT_MOMENTUM_BOUNDS,
+        momentum_bounds: tuple[float, float] = formulas.DEFAULT_MOMENTUM_BOUNDS,
         window: int = 1024,
         max_staleness: int = 1024,
         tail_mass: float = DEFAULT_TAIL_MASS,
@@ -721,7 +721,7 @@ class StabilityRule:
         self.curvature_margin = float(curvature_margin)
         self.margin = float(margin)
         self.criterion = _check_criterion(criterion)
-        self.momentum_bounds = tuning.check_momentum_bounds(momentum_bounds)
+        self.momentum_bounds = formulas.check_momentum_bounds(momentum_bounds)
         self.tail_mass = float(tail_mass)
         self.refresh = refresh
         self.pmf_tolerance = float(pmf_tolerance)
@@ -778,7 +778,7 @@ class StabilityRule:
             fallback: returned while the rule is not :attr:`ready`; default ``target``
                 clipped to the bounds.
         """
-        target = tuning.check_momentum(target)
+        target = formulas.check_momentum(target)
         lr = _check_scalar(lr, "lr")
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr!r}")

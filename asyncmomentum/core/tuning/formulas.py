@@ -91,7 +91,8 @@ RULES: dict[str, tuple[Callable[[float, float], float], Callable[[float, float],
 
 
 #: Rules that are not a formula of (target, implicit): they need state the
-#: :class:`~asyncmomentum.tuner.MomentumTuner` keeps (``"closed_loop"``: feedback on the measured
+#: :class:`~asyncmomentum.core.tuning.tuner.MomentumTuner` keeps (``"closed_loop"``: feedback on
+#: the measured
 #: total momentum; ``"stability"``: the staleness histogram and a curvature estimate). Until
 #: they have what they need they follow the additive rule, whose composition they also report.
 FEEDBACK_RULES: tuple[str, ...] = ("closed_loop", "stability")

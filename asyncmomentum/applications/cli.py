@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from asyncmomentum import __version__, bench, demo, sweep
+from asyncmomentum import __version__
+from asyncmomentum.applications import bench, demo, sweep
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,9 @@
-"""``python -m asyncmomentum.sweep [options]``: the same as ``asyncmomentum sweep [options]``."""
+"""``python -m asyncmomentum.applications.sweep [options]``: the same as ``asyncmomentum sweep
+[options]``."""
 
 import argparse
 
-from asyncmomentum.sweep.command import DESCRIPTION, add_arguments
+from asyncmomentum.applications.sweep.command import DESCRIPTION, add_arguments
 
 parser = argparse.ArgumentParser(prog="asyncmomentum sweep", description=DESCRIPTION)
 add_arguments(parser)

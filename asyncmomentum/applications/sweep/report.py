@@ -15,11 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from asyncmomentum import tuning
-from asyncmomentum.problems import get_problem
-from asyncmomentum.sweep.analysis import Cell, MethodStats, MethodSummary, kendall_tau, summarize
-from asyncmomentum.sweep.engine import SweepResult
-from asyncmomentum.sweep.meter_check import METER_FIGURE_NAME, format_meter, plot_meter
+from asyncmomentum.applications.problems import get_problem
+from asyncmomentum.applications.sweep.analysis import (
+    Cell,
+    MethodStats,
+    MethodSummary,
+    kendall_tau,
+    summarize,
+)
+from asyncmomentum.applications.sweep.engine import SweepResult
+from asyncmomentum.applications.sweep.meter_check import METER_FIGURE_NAME, format_meter, plot_meter
+from asyncmomentum.core.tuning import formulas
 
 __all__ = [
     "CSV_NAME",
@@ -82,7 +88,7 @@ def write_outputs(result: SweepResult, out: Path) -> dict[str, Path]:
     directory is removed and no output file is created or replaced.
 
     Args:
-        result: what :func:`~asyncmomentum.sweep.engine.compute_sweep` returned.
+        result: what :func:`~asyncmomentum.applications.sweep.engine.compute_sweep` returned.
         out: an existing, writable directory (see :func:`prepare_output_dir`).
 
     Returns:
@@ -486,9 +492,9 @@ def _draw_panel(axis: Any, cells: list[Cell], result: SweepResult, handles: dict
     smooth = np.geomspace(1.0, max(max(workers), 2), 200)
     for index, rule in enumerate(config.rule_names):
         color = _RULE_COLORS[index % len(_RULE_COLORS)]
-        if rule in tuning.RULES:  # a formula of M; the feedback rules have no curve to draw
+        if rule in formulas.RULES:  # a formula of M; the feedback rules have no curve to draw
             predicted = [
-                tuning.algorithmic_momentum(baseline, tuning.implicit_momentum(m), rule)
+                formulas.algorithmic_momentum(baseline, formulas.implicit_momentum(m), rule)
                 for m in smooth
             ]
             (line,) = axis.plot(smooth, predicted, color=color, linewidth=1.6)

@@ -3,7 +3,8 @@
 Each worker process reads the shared parameters, computes a gradient on its own shard of the data
 and applies it without a lock, while the others do the same. The staleness of every applied
 gradient (updates applied by others between the worker's read and its write) is measured with a
-shared :class:`~asyncmomentum.staleness.VersionClock`: the version is marked when the worker reads
+shared :class:`~asyncmomentum.core.measuring.staleness.VersionClock`: the version is marked when
+the worker reads
 (right before the forward pass, where ``optimizer.zero_grad()`` goes) and the clock ticks once per
 applied update.
 
@@ -13,7 +14,8 @@ Three lines train a model::
     opt = AsyncMomentumSGD(model.parameters(), lr=0.05, target_momentum=0.9)
     result = train_hogwild(model, opt, classification_loss, (x, y), workers=4, steps_per_worker=200)
 
-With :class:`~asyncmomentum.optim.AsyncMomentumSGD`, :meth:`~AsyncMomentumSGD.share_memory` puts
+With :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD`,
+:meth:`~AsyncMomentumSGD.share_memory` puts
 its momentum buffers, clock and staleness estimator in shared memory: all workers update **one
 global velocity** (the paper's ``w_t - w_{t-1}``) and feed **one estimate** of ``M``. Any other
 optimizer works too (``torch.optim.SGD(momentum=0.9)`` for comparison): staleness is then measured
@@ -57,9 +59,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from asyncmomentum import tuning
-from asyncmomentum.optim import AsyncMomentumSGD
-from asyncmomentum.staleness import StalenessEstimator, VersionClock
+from asyncmomentum.core.measuring.staleness import StalenessEstimator, VersionClock
+from asyncmomentum.core.optimizer import AsyncMomentumSGD
+from asyncmomentum.core.tuning import formulas
 
 __all__ = [
     "HogwildError",
@@ -836,7 +838,7 @@ def _check_arguments(
         raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
     _check_parameters(model, optimizer)
     if isinstance(optimizer, AsyncMomentumSGD) and (
-        optimizer.rule in tuning.FEEDBACK_RULES or optimizer.meter is not None
+        optimizer.rule in formulas.FEEDBACK_RULES or optimizer.meter is not None
     ):
         raise ValueError(
             f"AsyncMomentumSGD(rule={optimizer.rule!r}"
@@ -844,7 +846,7 @@ def _check_arguments(
             "in Hogwild workers: the momentum meter must see every update in order from one "
             "process, and the stability rule's histogram and curvature probe are per process. "
             "Use rule='additive' or 'compositional' here, or run the rule on the parameter "
-            "server (asyncmomentum.server), which applies every update in one place"
+            "server (asyncmomentum.runtimes.server), which applies every update in one place"
         )
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -1107,7 +1109,7 @@ def _final_momenta(optimizer: Optimizer, estimator: StalenessEstimator | None) -
         "staleness_mean": estimator.mean,
         "implicit_momentum": implicit,
         "algorithmic_momentum": algorithmic,
-        "total_momentum": tuning.total_momentum(algorithmic, implicit),
+        "total_momentum": formulas.total_momentum(algorithmic, implicit),
     }
 
 

@@ -10,19 +10,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from asyncmomentum import tuning
-from asyncmomentum.problems import PROBLEMS
-from asyncmomentum.simulate import STALENESS_MODELS
-from asyncmomentum.sweep.cache import RunCache
-from asyncmomentum.sweep.config import FULL, QUICK, SweepConfig
-from asyncmomentum.sweep.engine import SweepError, SweepResult, compute_sweep
-from asyncmomentum.sweep.report import (
+from asyncmomentum.applications.problems import PROBLEMS
+from asyncmomentum.applications.sweep.cache import RunCache
+from asyncmomentum.applications.sweep.config import FULL, QUICK, SweepConfig
+from asyncmomentum.applications.sweep.engine import SweepError, SweepResult, compute_sweep
+from asyncmomentum.applications.sweep.report import (
     SweepOutputError,
     format_summary,
     format_table,
     prepare_output_dir,
     write_outputs,
 )
+from asyncmomentum.core.tuning import formulas
+from asyncmomentum.runtimes.simulate import STALENESS_MODELS
 
 __all__ = ["DEFAULT_OUT", "register", "run_sweep", "run_sweep_command"]
 
@@ -49,8 +49,8 @@ def run_sweep(
     """Run the paper's experiment: grid-searched momentum, the rules and the baseline.
 
     Args:
-        config: what to run (:data:`~asyncmomentum.sweep.config.QUICK`,
-            :data:`~asyncmomentum.sweep.config.FULL` or your own).
+        config: what to run (:data:`~asyncmomentum.applications.sweep.config.QUICK`,
+            :data:`~asyncmomentum.applications.sweep.config.FULL` or your own).
         out: output directory: the run cache (``cache.jsonl``) and, once everything is
             computed, ``runs.csv``, ``table.md``, ``summary.json`` and ``oracle_momentum.png``.
             ``None`` writes nothing and caches nothing.
@@ -58,7 +58,8 @@ def run_sweep(
         progress: show progress bars on stderr.
 
     Returns:
-        The :class:`~asyncmomentum.sweep.engine.SweepResult`; its ``files`` name what was
+        The :class:`~asyncmomentum.applications.sweep.engine.SweepResult`; its ``files`` name what
+        was
         written.
 
     Raises:
@@ -120,7 +121,7 @@ def _momenta(text: str) -> tuple[float, ...]:
     values = []
     for item in _split(text):
         try:
-            values.append(tuning.check_momentum(item, "momentum"))
+            values.append(formulas.check_momentum(item, "momentum"))
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
     return tuple(values)
@@ -202,9 +203,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=_positive_int, metavar="N", help="seeds per setting")
     parser.add_argument(
         "--rules",
-        type=_names(tuning.rule_names()),
+        type=_names(formulas.rule_names()),
         metavar="R[,R...]",
-        help=f"only these tuning rules, of {', '.join(tuning.rule_names())}",
+        help=f"only these tuning rules, of {', '.join(formulas.rule_names())}",
     )
     parser.add_argument(
         "--lr-safety",

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from asyncmomentum.staleness import check_staleness
+from asyncmomentum.core.measuring.staleness import check_staleness
 
 __all__ = ["StalenessMetric"]
 

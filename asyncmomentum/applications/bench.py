@@ -25,7 +25,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
 
 def benchmarks_dir() -> Path | None:
     """The ``benchmarks/`` folder of the source tree this package runs from, if there is one."""
-    candidate = Path(__file__).resolve().parent.parent / "benchmarks"
+    candidate = Path(__file__).resolve().parents[2] / "benchmarks"
     return candidate if candidate.is_dir() else None
 
 

@@ -1,10 +1,10 @@
 """MomentumTuner: the one object that turns what a run observes into a momentum.
 
 The optimizer owns one; the Lightning callback drives one against any optimizer. Neither
-re-derives a formula: the math is in :mod:`asyncmomentum.tuning`, the estimate in
-:class:`~asyncmomentum.staleness.StalenessEstimator`, the feedback rules in
-:class:`~asyncmomentum.meter.ClosedLoopController` and
-:class:`~asyncmomentum.stability.StabilityRule`.
+re-derives a formula: the math is in :mod:`asyncmomentum.core.tuning.formulas`, the estimate in
+:class:`~asyncmomentum.core.measuring.staleness.StalenessEstimator`, the feedback rules in
+:class:`~asyncmomentum.core.measuring.meter.ClosedLoopController` and
+:class:`~asyncmomentum.core.tuning.stability.StabilityRule`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from asyncmomentum import tuning
-from asyncmomentum.meter import ClosedLoopController, MomentumReading
-from asyncmomentum.stability import StabilityRule
-from asyncmomentum.staleness import StalenessEstimator
+from asyncmomentum.core.measuring.meter import ClosedLoopController, MomentumReading
+from asyncmomentum.core.measuring.staleness import StalenessEstimator
+from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.tuning.stability import StabilityRule
 
 __all__ = ["MomentumTuner"]
 
@@ -37,13 +37,14 @@ class MomentumTuner:
     - ``"additive"`` (default): ``target - (1 - 1/M_hat)``.
     - ``"compositional"``: ``1 - (1 - target) / (1 - implicit)``.
     - ``"closed_loop"``: the additive rule plus a correction integrated by a
-      :class:`~asyncmomentum.meter.ClosedLoopController` from the total momentum a
-      :class:`~asyncmomentum.meter.MomentumMeter` measures (fed by :meth:`observe_reading`):
+      :class:`~asyncmomentum.core.measuring.meter.ClosedLoopController` from the total momentum a
+      :class:`~asyncmomentum.core.measuring.meter.MomentumMeter` measures (fed by
+      :meth:`observe_reading`):
       ``correction += gain * (target - measured_total)``, bounded and rate-limited. The
       additive part follows a change of ``M`` at once; the correction removes its bias.
     - ``"stability"``: the largest momentum, capped by the target, at which the delayed heavy
       ball is stable for the observed staleness histogram and ``lr * lambda_max``
-      (:class:`~asyncmomentum.stability.StabilityRule`; the curvature comes from
+      (:class:`~asyncmomentum.core.tuning.stability.StabilityRule`; the curvature comes from
       :meth:`observe_curvature`). Needs the group's ``lr``.
 
     The feedback rules return the additive rule's momentum until they have what they need (a
@@ -51,14 +52,16 @@ class MomentumTuner:
 
     Args:
         target_momentum: total momentum to aim for, in (-1, 1).
-        rule: a name in :data:`asyncmomentum.tuning.RULE_NAMES`.
+        rule: a name in :data:`asyncmomentum.core.tuning.formulas.RULE_NAMES`.
         momentum_bounds: ``(low, high)`` clip range of the algorithmic momentum, inside (-1, 1).
         workers: known number of workers; skips estimation.
         horizon: span of the staleness moving average, in updates.
         warmup: observations before the estimate leaves ``M = 1``.
         rule_options: keyword arguments of the feedback rule's object
-            (:class:`~asyncmomentum.meter.ClosedLoopController` for ``"closed_loop"``, e.g.
-            ``gain``; :class:`~asyncmomentum.stability.StabilityRule` for ``"stability"``, e.g.
+            (:class:`~asyncmomentum.core.measuring.meter.ClosedLoopController` for
+            ``"closed_loop"``, e.g.
+            ``gain``; :class:`~asyncmomentum.core.tuning.stability.StabilityRule` for
+            ``"stability"``, e.g.
             ``curvature_margin``). Their ``bounds``/``momentum_bounds`` is ``momentum_bounds``.
 
     Example:
@@ -74,15 +77,15 @@ class MomentumTuner:
         target_momentum: float = 0.9,
         *,
         rule: str = "additive",
-        momentum_bounds: tuple[float, float] = tuning.DEFAULT_MOMENTUM_BOUNDS,
+        momentum_bounds: tuple[float, float] = formulas.DEFAULT_MOMENTUM_BOUNDS,
         workers: float | None = None,
         horizon: int = 1000,
         warmup: int = 20,
         rule_options: dict[str, Any] | None = None,
     ) -> None:
-        self.target_momentum = tuning.check_momentum(target_momentum)
-        self.rule = tuning.check_rule(rule)
-        self.momentum_bounds = tuning.check_momentum_bounds(momentum_bounds)
+        self.target_momentum = formulas.check_momentum(target_momentum)
+        self.rule = formulas.check_rule(rule)
+        self.momentum_bounds = formulas.check_momentum_bounds(momentum_bounds)
         self.estimator = StalenessEstimator(horizon=horizon, warmup=warmup, workers=workers)
         self.rule_options = _check_rule_options(self.rule, rule_options)
         self.stability: StabilityRule | None = None
@@ -111,7 +114,8 @@ class MomentumTuner:
         Each reading is integrated once (by its ``serial``), however often this is called.
 
         Args:
-            reading: :attr:`MomentumMeter.reading <asyncmomentum.meter.MomentumMeter.reading>`.
+            reading: :attr:`MomentumMeter.reading
+            <asyncmomentum.core.measuring.meter.MomentumMeter.reading>`.
         """
         self._reading = reading
 
@@ -119,7 +123,8 @@ class MomentumTuner:
         """Set the largest curvature of the loss (not times ``lr``) for ``rule="stability"``.
 
         Args:
-            lambda_max: e.g. from a :class:`~asyncmomentum.stability.CurvatureEstimator` (>= 0).
+            lambda_max: e.g. from a
+            :class:`~asyncmomentum.core.tuning.stability.CurvatureEstimator` (>= 0).
         """
         if self.stability is None:
             raise ValueError(
@@ -160,9 +165,9 @@ class MomentumTuner:
             target: a total momentum in (-1, 1), for a parameter group with its own target.
             lr: the group's learning rate; required by ``rule="stability"``.
         """
-        target = self.target_momentum if target is None else tuning.check_momentum(target)
-        formula = tuning.composition_rule(self.rule)
-        base = tuning.algorithmic_momentum(
+        target = self.target_momentum if target is None else formulas.check_momentum(target)
+        formula = formulas.composition_rule(self.rule)
+        base = formulas.algorithmic_momentum(
             target, self.implicit_momentum, formula, self.momentum_bounds
         )
         if self.rule == "stability":
@@ -204,7 +209,7 @@ class MomentumTuner:
         Args:
             algorithmic: the momentum an optimizer applies.
         """
-        return tuning.total_momentum(algorithmic, self.implicit_momentum, self.rule)
+        return formulas.total_momentum(algorithmic, self.implicit_momentum, self.rule)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -276,7 +281,7 @@ class MomentumTuner:
             raise ValueError(f"MomentumTuner state is corrupt: closed_loop is {type(entries)}")
         for entry in entries:
             try:
-                target = tuning.check_momentum(entry["target"])
+                target = formulas.check_momentum(entry["target"])
                 offset = float(entry["offset"])
                 controller_state = entry["controller"]
             except (KeyError, TypeError) as error:
@@ -304,9 +309,9 @@ def _check_rule_options(rule: str, options: dict[str, Any] | None) -> dict[str, 
         return {}
     if not isinstance(options, dict):
         raise ValueError(f"rule_options must be a dict of keyword arguments, got {options!r}")
-    if options and rule not in tuning.FEEDBACK_RULES:
+    if options and rule not in formulas.FEEDBACK_RULES:
         raise ValueError(
-            f"rule_options configure the feedback rules {tuning.FEEDBACK_RULES}; rule {rule!r} "
+            f"rule_options configure the feedback rules {formulas.FEEDBACK_RULES}; rule {rule!r} "
             f"takes none, got {sorted(options)}"
         )
     taken = {"bounds", "momentum_bounds"} & set(options)

@@ -1,6 +1,7 @@
 """The sweep's cache: one JSON line per finished run, keyed by every parameter of the run.
 
-Runs are deterministic given their :class:`~asyncmomentum.sweep.runs.RunSpec`, so a re-run only
+Runs are deterministic given their :class:`~asyncmomentum.applications.sweep.runs.RunSpec`, so a
+re-run only
 computes what is missing. Lines are appended as runs finish (by the parent process only: no
 locking needed) and flushed, so an interrupted (or killed) sweep keeps what it finished; a line
 cut short by a crash is skipped when the cache is read back.
@@ -12,8 +13,8 @@ import json
 from pathlib import Path
 from typing import TextIO
 
-from asyncmomentum.problems import PROBLEMS_VERSION
-from asyncmomentum.sweep.runs import RunResult, RunSpec
+from asyncmomentum.applications.problems import PROBLEMS_VERSION
+from asyncmomentum.applications.sweep.runs import RunResult, RunSpec
 
 __all__ = ["CACHE_NAME", "CACHE_VERSION", "RunCache"]
 

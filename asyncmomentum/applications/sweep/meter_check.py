@@ -1,6 +1,7 @@
 """The sweep's check of the momentum meter: measured against predicted total momentum.
 
-The paper's validation figure, for :class:`~asyncmomentum.meter.MomentumMeter`: runs with a
+The paper's validation figure, for :class:`~asyncmomentum.core.measuring.meter.MomentumMeter`: runs
+with a
 fixed algorithmic momentum under the exponential worker queue of ``M`` workers (the model whose
 implicit momentum is ``1 - 1/M``), each a fixed number of updates with the meter on, and the
 meter's total momentum against the prediction ``momentum + (1 - 1/M)``. At ``M = 1`` (no
@@ -17,12 +18,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from asyncmomentum import tuning
-from asyncmomentum.problems import get_problem
-from asyncmomentum.sweep.runs import METER_METHOD, RunResult, RunSpec, simulated_staleness
+from asyncmomentum.applications.problems import get_problem
+from asyncmomentum.applications.sweep.runs import (
+    METER_METHOD,
+    RunResult,
+    RunSpec,
+    simulated_staleness,
+)
+from asyncmomentum.core.tuning import formulas
 
 if TYPE_CHECKING:
-    from asyncmomentum.sweep.config import SweepConfig
+    from asyncmomentum.applications.sweep.config import SweepConfig
 
 __all__ = [
     "METER_FIGURE_NAME",
@@ -143,7 +149,7 @@ def meter_points(runs: Sequence[tuple[RunSpec, RunResult]]) -> list[MeterPoint]:
                 problem=problem,
                 workers=workers,
                 momentum=momentum,
-                predicted=tuning.total_momentum(momentum, tuning.implicit_momentum(workers)),
+                predicted=formulas.total_momentum(momentum, formulas.implicit_momentum(workers)),
                 measured=statistics.fmean(values) if values else math.nan,
                 spread=statistics.stdev(values) if len(values) > 1 else 0.0,
                 standard_error=statistics.fmean(errors) if errors else math.nan,

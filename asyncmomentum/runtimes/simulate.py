@@ -52,9 +52,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from asyncmomentum import tuning
-from asyncmomentum.optim import AsyncMomentumSGD, NonFiniteGradientError
-from asyncmomentum.staleness import check_int
+from asyncmomentum.core.measuring.staleness import check_int
+from asyncmomentum.core.optimizer import AsyncMomentumSGD, NonFiniteGradientError
+from asyncmomentum.core.tuning import formulas
 
 __all__ = [
     "STALENESS_MODELS",
@@ -779,7 +779,7 @@ def simulate(
     far: at the start no older parameters exist, and this clamp is exactly the start-up of
     round-robin workers), computes the gradient of the next batch at the parameters of ``tau``
     updates ago, restores the current parameters and applies the gradient with ``optimizer``
-    (with ``step(staleness=tau)`` for an :class:`~asyncmomentum.optim.AsyncMomentumSGD`, so
+    (with ``step(staleness=tau)`` for an :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD`, so
     its tuner sees the simulated asynchrony; any other optimizer just steps, e.g.
     ``torch.optim.SGD(momentum=0.9)`` as the usual fixed-momentum baseline).
 
@@ -859,7 +859,7 @@ def _run(
     tuned = isinstance(optimizer, AsyncMomentumSGD)
     # Optimizers without an estimate of their own report the staleness model's nominal M.
     nominal_workers = float(staleness.workers)
-    nominal_implicit = tuning.implicit_momentum(nominal_workers)
+    nominal_implicit = formulas.implicit_momentum(nominal_workers)
     reads_implicit = hasattr(optimizer, "implicit_momentum")
     reads_workers = hasattr(optimizer, "estimated_workers")
     first_group = optimizer.param_groups[0]

@@ -1,6 +1,7 @@
 """``asyncmomentum demo``: the whole point in a couple of minutes on a laptop.
 
-Trains :class:`~asyncmomentum.digits.SmallCNN` on scikit-learn's digits twice under the same
+Trains :class:`~asyncmomentum.applications.digits.SmallCNN` on scikit-learn's digits twice under
+the same
 asynchrony: once with ``torch.optim.SGD(momentum=0.9)``, what a user does today, and once with
 ``AsyncMomentumSGD(target_momentum=0.9)``. Then it prints a table, and writes a CSV of both traces
 and a PNG of loss and momentum against updates.
@@ -24,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from asyncmomentum import simulate as simulation
-from asyncmomentum.digits import SmallCNN, accuracy, iterate_batches, load_digits_split
-from asyncmomentum.optim import AsyncMomentumSGD
+from asyncmomentum.applications.digits import SmallCNN, accuracy, iterate_batches, load_digits_split
+from asyncmomentum.core.optimizer import AsyncMomentumSGD
+from asyncmomentum.runtimes import simulate as simulation
 
 __all__ = ["BACKENDS", "DemoConfig", "DemoResult", "RunSummary", "register", "run_demo"]
 
@@ -143,7 +144,7 @@ class _Bar:
 
 
 def _run_hogwild(config: DemoConfig, kind: str, label: str) -> tuple[RunSummary, nn.Module]:
-    from asyncmomentum.hogwild import classification_loss, train_hogwild
+    from asyncmomentum.runtimes.hogwild import classification_loss, train_hogwild
 
     data = load_digits_split(seed=config.seed)
     model = _make_model(config.seed)
@@ -184,7 +185,7 @@ def _server_model(seed: int) -> nn.Module:
 
 
 def _server_batches(worker_index: int, num_workers: int, *, seed: int, batch_size: int) -> Iterator:
-    from asyncmomentum.hogwild import shard
+    from asyncmomentum.runtimes.hogwild import shard
 
     data = load_digits_split(seed=seed)
     x, y = shard((data.x_train, data.y_train), worker_index, num_workers)
@@ -192,7 +193,12 @@ def _server_batches(worker_index: int, num_workers: int, *, seed: int, batch_siz
 
 
 def _run_server(config: DemoConfig, kind: str, label: str) -> tuple[RunSummary, nn.Module]:
-    from asyncmomentum.server import ParameterServerJob, ServerConfig, launch_local, load_checkpoint
+    from asyncmomentum.runtimes.server import (
+        ParameterServerJob,
+        ServerConfig,
+        launch_local,
+        load_checkpoint,
+    )
 
     total = config.workers * config.steps
     with tempfile.TemporaryDirectory(prefix="asyncmomentum-demo-") as scratch:

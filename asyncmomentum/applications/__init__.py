@@ -1,0 +1,1 @@
+"""The ``asyncmomentum`` command and what it runs: demo, sweep, bench, the bundled problems."""

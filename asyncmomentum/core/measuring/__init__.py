@@ -1,0 +1,1 @@
+"""What a run observes: staleness (clock and estimator), the momentum meter, metrics."""

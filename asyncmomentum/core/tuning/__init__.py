@@ -1,0 +1,1 @@
+"""From staleness to momentum: the formulas, the rules and the tuner that runs them."""
