@@ -7,12 +7,8 @@ applies, estimates ``M`` and applies ``target - implicit`` so the total stays wh
 
 from asyncmomentum.core.measuring.staleness import StalenessEstimator, VersionClock
 from asyncmomentum.core.optimizer import AsyncMomentumSGD, NonFiniteGradientError
-from asyncmomentum.core.tuning.formulas import (
-    algorithmic_momentum,
-    implicit_momentum,
-    total_momentum,
-    workers_from_staleness,
-)
+from asyncmomentum.core.tuning.formulas import implicit_momentum, workers_from_staleness
+from asyncmomentum.core.tuning.rules import algorithmic_momentum, total_momentum
 
 __version__ = "0.1.0"
 

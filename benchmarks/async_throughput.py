@@ -1,7 +1,7 @@
 """Updates per second of real asynchronous training, and what the momentum tuning costs in it.
 
 Trains the digits CNN with Hogwild processes (1, 2, 4 workers) and with the parameter server on
-loopback (1 server + 1, 2, 4 workers), AsyncMomentumSGD(target_momentum=0.9) in both, and prints
+loopback (1 server + 1, 2, 4 workers), AsyncMomentumSGD(momentum=0.9) in both, and prints
 the updates per second of each. Then it times, in this process, the tuning part of a step (clock
 tick, staleness observation, momentum from the rule) against a whole worker step (forward,
 backward, optimizer step) of the same model, and prints the tuning's share: it must stay < 2%.
@@ -33,7 +33,7 @@ def _model() -> nn.Module:
 
 
 def _optimizer(params) -> AsyncMomentumSGD:
-    return AsyncMomentumSGD(params, lr=0.05, target_momentum=0.9)
+    return AsyncMomentumSGD(params, lr=0.05, momentum=0.9)
 
 
 def _worker_batches(worker_index: int, num_workers: int):

@@ -2,7 +2,7 @@
 
 Runs ``asyncmomentum sweep --quick`` (cached: a second run only reads the cache), prints its
 steps-to-target table, and prints last, for the fixed 0.9 baseline and each rule of
-``asyncmomentum.core.tuning.formulas.rule_names()`` (additive, compositional, closed_loop,
+``asyncmomentum.core.tuning.rules.rule_names()`` (additive, compositional, closed_loop,
 stability), the
 geometric mean of its steps over the oracle's (the best fixed momentum of the grid, per cell),
 how many of its runs diverged (and how many of those where the oracle converges), and in how

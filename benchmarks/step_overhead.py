@@ -27,12 +27,14 @@ import numpy as np
 import torch
 
 from asyncmomentum import AsyncMomentumSGD
-from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.tuning.rules import rule_class, rule_names
 
 PATHS: dict[str, dict[str, bool]] = {
     "foreach": {"foreach": True},
     "fused": {"fused": True},
     "single": {"foreach": False},
+    # Each optimizer's own choice: ours runs the fused kernel on CPU float32, torch the loop.
+    "default": {},
 }
 
 
@@ -95,10 +97,12 @@ def measure(
     ours = AsyncMomentumSGD(
         params,
         lr=1e-3,
-        target_momentum=0.9,
+        momentum=0.9,
         measure_momentum=meter,
         rule=rule,
-        curvature_probe=_quadratic_probe(params, seed) if rule == "stability" else None,
+        curvature_probe=(
+            _quadratic_probe(params, seed) if rule_class(rule).uses_curvature else None
+        ),
         curvature_every=curvature_every,
         **PATHS[path],
     )
@@ -147,9 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per optimizer")
     parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
     parser.add_argument("--meter", action="store_true", help="ours with measure_momentum=True")
-    parser.add_argument(
-        "--rule", choices=formulas.rule_names(), default="additive", help="our tuning rule"
-    )
+    parser.add_argument("--rule", choices=rule_names(), default="additive", help="our tuning rule")
     parser.add_argument(
         "--curvature-every",
         type=int,

@@ -120,7 +120,7 @@ def train(
         f"  {result.total_updates} updates (clock {result.clock_value}) in "
         f"{result.train_time:.2f} s of training, {result.wall_time:.2f} s with start-up: "
         f"{result.updates_per_second:.0f} updates/s\n"
-        f"  mean staleness {result.staleness_mean:.2f} -> M_hat {result.estimated_workers:.2f}: "
+        f"  mean staleness {result.mean_staleness:.2f} -> M_hat {result.estimated_workers:.2f}: "
         f"implicit {result.implicit_momentum:+.3f} + algorithmic "
         f"{result.algorithmic_momentum:+.3f} -> total {result.total_momentum:+.3f}\n"
         f"  held-out accuracy {held_out:.3f}\n"
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: dict[str, Callable[[Iterable[torch.nn.Parameter]], Optimizer]] = {}
     if args.optimizer in ("async", "both"):
         runs["AsyncMomentumSGD"] = lambda params: AsyncMomentumSGD(
-            params, lr=args.lr, target_momentum=args.momentum
+            params, lr=args.lr, momentum=args.momentum
         )
     if args.optimizer in ("sgd", "both"):
         runs["torch.optim.SGD"] = lambda params: torch.optim.SGD(

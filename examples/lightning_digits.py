@@ -69,7 +69,7 @@ class DigitsClassifier(pl.LightningModule):
             return AsyncMomentumSGD(
                 self.parameters(),
                 lr=hp.lr,
-                target_momentum=TARGET_MOMENTUM,
+                momentum=TARGET_MOMENTUM,
                 horizon=hp.horizon,
                 warmup=hp.warmup,
             )

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from asyncmomentum.applications.digits import SmallCNN, accuracy, iterate_batches, load_digits_split
 from asyncmomentum.core.optimizer import AsyncMomentumSGD
-from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.tuning.rules import rule_class, rule_names
 from asyncmomentum.runtimes.server import (
     ParameterServerJob,
     ServerConfig,
@@ -90,7 +90,7 @@ def make_optimizer(
     return AsyncMomentumSGD(
         params,
         lr=lr,
-        target_momentum=momentum,
+        momentum=momentum,
         horizon=horizon,
         warmup=20,
         rule=rule,
@@ -149,7 +149,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--updates", type=int, default=1500, help="updates the server applies")
     parser.add_argument("--optimizer", choices=["async", "sgd"], default="async")
     parser.add_argument(
-        "--rule", choices=formulas.rule_names(), default="additive", help="AsyncMomentumSGD's rule"
+        "--rule", choices=rule_names(), default="additive", help="AsyncMomentumSGD's rule"
     )
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--momentum", type=float, default=0.9, help="target (async) or fixed")
@@ -183,7 +183,7 @@ def build(args: argparse.Namespace) -> tuple[ParameterServerJob, ServerConfig]:
         seed=args.seed,
         probe_fn=(
             functools.partial(curvature_probe, seed=args.seed)
-            if args.optimizer == "async" and args.rule == "stability"
+            if args.optimizer == "async" and rule_class(args.rule).uses_curvature
             else None
         ),
     )
@@ -192,7 +192,7 @@ def build(args: argparse.Namespace) -> tuple[ParameterServerJob, ServerConfig]:
         checkpoint_path=args.checkpoint,
         progress_every=args.log_every,
         on_progress=print_progress,
-        staleness_horizon=args.horizon,
+        horizon=args.horizon,
         worker_timeout=args.worker_timeout,
     )
     return job, config
@@ -208,7 +208,7 @@ def report(result: ServerResult, args: argparse.Namespace, seconds: float) -> No
         f"{result.wall_time:.2f} s of training "
         f"({result.updates_per_second:.0f} updates/s; {seconds:.1f} s with start-up)\n"
         f"updates per worker {result.updates_per_worker}, dropped {list(result.dropped_workers)}\n"
-        f"mean staleness {result.staleness_mean:.2f} -> M_hat {result.estimated_workers:.2f}, "
+        f"mean staleness {result.mean_staleness:.2f} -> M_hat {result.estimated_workers:.2f}, "
         f"implicit momentum {result.implicit_momentum:+.3f}, "
         f"algorithmic momentum {result.algorithmic_momentum:+.3f}\n"
         f"optimizer.step: {100 * result.optimizer_share:.0f}% of the server's update time\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -24,28 +24,29 @@ from torch.utils.hooks import RemovableHandle
 
 from asyncmomentum.core.measuring.metrics import StalenessMetric
 from asyncmomentum.core.measuring.staleness import check_staleness, check_state
-from asyncmomentum.core.optimizer import AsyncMomentumSGD
 from asyncmomentum.core.tuning import formulas
 from asyncmomentum.core.tuning.tuner import MomentumTuner
+from asyncmomentum.runtimes.adapter import OptimizerView
+from lightning_callbacks.roles import StalenessSource
 
 __all__ = ["AsyncMomentumCallback"]
 
 #: Layout version of :meth:`AsyncMomentumCallback.state_dict`.
 STATE_FORMAT = 1
 
-# How an optimizer exposes its momentum:
-#   "self":     an AsyncMomentumSGD, which measures staleness and tunes itself; read-only here.
-#   "momentum": param groups carry ``momentum`` (SGD-like); this callback's tuner sets it.
-#   "betas":    param groups carry ``betas`` (Adam-like); the first beta is set.
-_Kind = Literal["self", "momentum", "betas"]
-
 
 @dataclass
 class _Tracked:
-    """One optimizer of the run whose momentum is tuned (or, for AsyncMomentumSGD, watched)."""
+    """One optimizer of the run whose momentum is tuned (or, for AsyncMomentumSGD, watched).
+
+    ``own``: the optimizer measures staleness and sets its momentum itself (AsyncMomentumSGD);
+    this callback only reads it. Otherwise this callback's tuner sets the groups' momentum (or
+    first beta) through the view.
+    """
 
     optimizer: Optimizer
-    kind: _Kind
+    view: OptimizerView
+    own: bool
     tuner: MomentumTuner
     metric: StalenessMetric
     suffix: str
@@ -63,7 +64,7 @@ class AsyncMomentumCallback(Callback):
     Asynchronous training adds an implicit momentum ``1 - 1/M`` for ``M`` asynchronous workers;
     to keep the total momentum at ``target_momentum`` the optimizer should apply the
     *algorithmic* momentum ``target - (1 - 1/M)`` (the ``"additive"`` rule; see
-    :data:`asyncmomentum.core.tuning.formulas.RULES`). Before every optimizer step (Lightning's
+    :func:`asyncmomentum.core.tuning.rules.rule_names`). Before every optimizer step (Lightning's
     ``on_before_optimizer_step``, called inside the closure) this callback:
 
     - with an :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD`: does nothing to it. The
@@ -117,9 +118,9 @@ class AsyncMomentumCallback(Callback):
         target_momentum: total momentum to keep, in (-1, 1).
         workers: known number of asynchronous workers ``M``; skips estimation for the optimizers
             this callback tunes. Staleness is still recorded for logging.
-        rule: a name in :data:`asyncmomentum.core.tuning.formulas.RULES` (the feedback rules run
-        inside
-            :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD`, which this callback logs).
+        rule: a name in :func:`asyncmomentum.core.tuning.rules.rule_names` (the feedback rules
+            run inside :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD`, which this
+            callback logs).
         momentum_bounds: ``(low, high)`` clip range of the algorithmic momentum, inside (-1, 1).
         log: log the metrics above; ``False`` only tunes.
         horizon: span, in updates, of the staleness moving average.
@@ -150,12 +151,6 @@ class AsyncMomentumCallback(Callback):
     ) -> None:
         if not isinstance(log, bool):
             raise ValueError(f"log must be True or False, got {log!r}")
-        if rule in formulas.FEEDBACK_RULES:
-            raise ValueError(
-                f"rule {rule!r} needs what only the optimizer sees (the momentum meter's "
-                "trajectory, a curvature probe): use AsyncMomentumSGD(rule="
-                f"{rule!r}, ...) in configure_optimizers; this callback then logs what it does"
-            )
         self._tuner_options: dict[str, Any] = {
             "target_momentum": target_momentum,
             "rule": rule,
@@ -166,8 +161,14 @@ class AsyncMomentumCallback(Callback):
         }
         # A throwaway tuner validates every option with the core's own checks and messages.
         checked = MomentumTuner(**self._tuner_options)
+        if checked.uses_meter or checked.uses_curvature:
+            raise ValueError(
+                f"rule {rule!r} needs what only the optimizer sees (the momentum meter's "
+                "trajectory, a curvature probe): use AsyncMomentumSGD(rule="
+                f"{rule!r}, ...) in configure_optimizers; this callback then logs what it does"
+            )
         self.target_momentum = checked.target_momentum
-        self.rule = checked.rule
+        self.rule = checked.rule_name
         self.momentum_bounds = checked.momentum_bounds
         self.workers = checked.estimator.workers
         self.horizon = horizon
@@ -230,7 +231,7 @@ class AsyncMomentumCallback(Callback):
                 )
             targets = [found]
         for tracked in targets:
-            if tracked.kind != "self":
+            if not tracked.own:
                 tracked.pending_staleness = tau
 
     # -- binding to the run -------------------------------------------------------------------
@@ -238,9 +239,9 @@ class AsyncMomentumCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Find the optimizers to tune and hook their steps (after checkpoint restore)."""
         self._release()
-        kinds = [(i, opt, _momentum_kind(opt)) for i, opt in enumerate(trainer.optimizers)]
-        skipped = [type(opt).__name__ for _, opt, kind in kinds if kind is None]
-        tunable = [(i, opt, kind) for i, opt, kind in kinds if kind is not None]
+        views = [(i, OptimizerView(opt)) for i, opt in enumerate(trainer.optimizers)]
+        skipped = [view.name for _, view in views if not _is_tracked(view)]
+        tunable = [(i, view) for i, view in views if _is_tracked(view)]
         if not tunable:
             raise ValueError(
                 "AsyncMomentumCallback found no optimizer with a momentum to tune among "
@@ -253,30 +254,34 @@ class AsyncMomentumCallback(Callback):
                 f"AsyncMomentumCallback skips {skipped}: their param groups have neither "
                 "'momentum' nor 'betas', so there is no momentum to tune"
             )
-        suffixes = _optimizer_suffixes([opt for _, opt, _ in tunable])
-        for (index, optimizer, kind), suffix in zip(tunable, suffixes):
-            self._tracked.append(self._track(index, optimizer, kind, suffix, pl_module.device))
+        suffixes = _optimizer_suffixes([view.optimizer for _, view in tunable])
+        for (index, view), suffix in zip(tunable, suffixes):
+            self._tracked.append(self._track(index, view, suffix, pl_module.device))
         self._warn_about_settings(trainer)
 
     def _track(
-        self, index: int, optimizer: Optimizer, kind: _Kind, suffix: str, device: torch.device
+        self, index: int, view: OptimizerView, suffix: str, device: torch.device
     ) -> _Tracked:
-        if kind == "self":
-            assert isinstance(optimizer, AsyncMomentumSGD)
-            tuner = optimizer.tuner
+        optimizer = view.optimizer
+        own = view.measures_staleness
+        if own:
+            assert view.tuner is not None
+            tuner = view.tuner
         else:
             tuner = self._tuners.setdefault(index, MomentumTuner(**self._tuner_options))
         tracked = _Tracked(
             optimizer=optimizer,
-            kind=kind,
+            view=view,
+            own=own,
             tuner=tuner,
             # On the module's device, so that its cross-rank reduction works under NCCL too.
             metric=StalenessMetric().to(device),
             suffix=suffix,
             group_suffixes=_group_suffixes(optimizer.param_groups),
         )
-        if kind == "self":
-            tracked.last_clock = optimizer.clock.value
+        if own:
+            assert view.clock is not None
+            tracked.last_clock = view.clock.value
         else:
             # Before the first step too: the momentum is right from the start (known workers).
             self._apply_momentum(tracked)
@@ -291,10 +296,10 @@ class AsyncMomentumCallback(Callback):
                 "momentum and fills trainer.callback_metrics, nothing is written"
             )
         for tracked in self._tracked:
-            if tracked.kind == "self":
-                self._warn_if_optimizer_differs(tracked.optimizer)
-        drives_any = any(t.kind != "self" for t in self._tracked)
-        has_source = any(_is_staleness_source(cb) for cb in trainer.callbacks)
+            if tracked.own:
+                self._warn_if_optimizer_differs(tracked.view)
+        drives_any = any(not t.own for t in self._tracked)
+        has_source = any(isinstance(cb, StalenessSource) for cb in trainer.callbacks)
         if drives_any and self.workers is None and not has_source:
             rank_zero_warn(
                 "AsyncMomentumCallback tunes a torch optimizer but nothing reports staleness "
@@ -302,20 +307,25 @@ class AsyncMomentumCallback(Callback):
                 "called the estimate stays M = 1 and the momentum stays at target_momentum"
             )
 
-    def _warn_if_optimizer_differs(self, optimizer: Optimizer) -> None:
-        assert isinstance(optimizer, AsyncMomentumSGD)
-        targets = {g["target_momentum"] for g in optimizer.param_groups} - {None}
+    def _warn_if_optimizer_differs(self, view: OptimizerView) -> None:
+        tuner = view.tuner
+        assert tuner is not None
+        groups = view.optimizer.param_groups
+        targets = {view.target_momentum(g) for g in groups} - {None}
         differences = []
         if targets and targets != {self.target_momentum}:
-            differences.append(f"target_momentum {sorted(targets)} vs {self.target_momentum}")
-        if self.workers is not None and optimizer.estimator.workers != self.workers:
-            differences.append(f"workers {optimizer.estimator.workers} vs {self.workers}")
+            differences.append(
+                f"momentum {sorted(targets)} vs target_momentum {self.target_momentum}"
+            )
+        if self.workers is not None and tuner.estimator.workers != self.workers:
+            differences.append(f"workers {tuner.estimator.workers} vs {self.workers}")
         # The feedback rules live only in the optimizer: the callback cannot be set to them.
-        if optimizer.rule != self.rule and optimizer.rule not in formulas.FEEDBACK_RULES:
-            differences.append(f"rule {optimizer.rule!r} vs {self.rule!r}")
+        feedback = tuner.uses_meter or tuner.uses_curvature
+        if tuner.rule_name != self.rule and not feedback:
+            differences.append(f"rule {tuner.rule_name!r} vs {self.rule!r}")
         if differences:
             rank_zero_warn(
-                "AsyncMomentumSGD tunes its own momentum with its own settings, which differ "
+                f"{view.name} tunes its own momentum with its own settings, which differ "
                 f"from AsyncMomentumCallback's ({'; '.join(differences)}); the optimizer's "
                 "apply. Pass the settings to AsyncMomentumSGD to change them."
             )
@@ -323,12 +333,12 @@ class AsyncMomentumCallback(Callback):
     def _make_post_hook(self, tracked: _Tracked) -> Any:
         def after_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
             tracked.steps_since_log += 1
-            if tracked.kind == "self":
-                assert isinstance(optimizer, AsyncMomentumSGD)
-                clock = optimizer.clock.value
+            view = tracked.view
+            if tracked.own and view.clock is not None:
+                clock = view.clock.value
                 # A step refused for a non-finite gradient does not tick the clock: nothing new.
                 if clock != tracked.last_clock:
-                    tracked.metric.update(optimizer.last_staleness)
+                    tracked.metric.update(view.last_staleness)
                 tracked.last_clock = clock
 
         return after_step
@@ -361,7 +371,7 @@ class AsyncMomentumCallback(Callback):
     ) -> None:
         """Feed this step's staleness to the tuner and set the momentum it asks for."""
         tracked = self._find(optimizer)
-        if tracked is None or tracked.kind == "self":
+        if tracked is None or tracked.own:
             return
         tau, tracked.pending_staleness = tracked.pending_staleness, None
         if tau is not None:
@@ -370,8 +380,9 @@ class AsyncMomentumCallback(Callback):
         self._apply_momentum(tracked)
 
     def _apply_momentum(self, tracked: _Tracked) -> None:
+        view = tracked.view
         for group in tracked.optimizer.param_groups:
-            target = group.get("target_momentum")
+            target = view.target_momentum(group)
             if target is not None:
                 target = formulas.check_momentum(target, "a param group's target_momentum")
             value = tracked.tuner.algorithmic_momentum(target)
@@ -380,16 +391,17 @@ class AsyncMomentumCallback(Callback):
                 # their updates are not meant for it. AsyncMomentumSGD is.
                 self._warn_clip_once(tracked, value)
                 value = 0.0
-            _write_momentum(group, tracked.kind, value)
+            view.set_momentum(group, value)
 
     def _warn_clip_once(self, tracked: _Tracked, value: float) -> None:
         if tracked.warned_clip:
             return
         tracked.warned_clip = True
-        name = type(tracked.optimizer).__name__
+        view = tracked.view
+        name = view.name
         what = (
             "beta1 (betas[0]) must lie in [0, 1)"
-            if tracked.kind == "betas"
+            if view.momentum_key(tracked.optimizer.param_groups[0]) == "betas"
             else ("momentum must be >= 0 (torch optimizers reject negative momentum)")
         )
         rank_zero_warn(
@@ -430,10 +442,10 @@ class AsyncMomentumCallback(Callback):
             tracked.steps_since_log = 0
             metrics[f"momentum/implicit{suffix}"] = tracked.tuner.implicit_momentum
             metrics[f"workers/estimated{suffix}"] = tracked.tuner.estimated_workers
-            measured = getattr(tracked.optimizer, "measured_total_momentum", None)
+            measured = tracked.view.measured_total_momentum
             if measured is not None:
                 metrics[f"momentum/measured{suffix}"] = measured
-            curvature = getattr(tracked.optimizer, "curvature", None)
+            curvature = tracked.view.curvature
             if curvature is not None:
                 metrics[f"curvature/lambda_max{suffix}"] = curvature
             if int(summary["count"]) > 0:
@@ -441,7 +453,7 @@ class AsyncMomentumCallback(Callback):
                 metrics[f"staleness/max{suffix}"] = float(summary["max"])
             groups = tracked.optimizer.param_groups
             for group, group_suffix in zip(groups, tracked.group_suffixes):
-                algorithmic = _read_momentum(group, tracked.kind)
+                algorithmic = tracked.view.applied_momentum(group)
                 metrics[f"momentum/algorithmic{suffix}{group_suffix}"] = algorithmic
                 metrics[f"momentum/total{suffix}{group_suffix}"] = tracked.tuner.total_momentum(
                     algorithmic
@@ -482,39 +494,9 @@ class AsyncMomentumCallback(Callback):
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def _momentum_kind(optimizer: Optimizer) -> _Kind | None:
-    if isinstance(optimizer, AsyncMomentumSGD):
-        return "self"
-    groups = optimizer.param_groups
-    if groups and all("momentum" in g for g in groups):
-        return "momentum"
-    if groups and all(_has_betas(g) for g in groups):
-        return "betas"
-    return None
-
-
-def _has_betas(group: dict[str, Any]) -> bool:
-    betas = group.get("betas")
-    return isinstance(betas, tuple | list) and len(betas) >= 1
-
-
-def _read_momentum(group: dict[str, Any], kind: _Kind) -> float:
-    value = group["betas"][0] if kind == "betas" else group["momentum"]
-    return float(value.item() if isinstance(value, Tensor) else value)
-
-
-def _write_momentum(group: dict[str, Any], kind: _Kind, value: float) -> None:
-    if kind == "betas":
-        first, *rest = group["betas"]
-        if isinstance(first, Tensor):
-            # Tensor betas (capturable Adam) are read by compiled kernels: update in place.
-            first.fill_(value)
-        else:
-            group["betas"] = (value, *rest)
-    elif isinstance(group["momentum"], Tensor):
-        group["momentum"].fill_(value)
-    else:
-        group["momentum"] = value
+def _is_tracked(view: OptimizerView) -> bool:
+    """Whether this callback watches the optimizer (it tunes itself) or tunes it."""
+    return view.measures_staleness or view.tunable_from_outside
 
 
 def _optimizer_suffixes(optimizers: list[Optimizer]) -> list[str]:
@@ -565,9 +547,3 @@ def _should_log(trainer: pl.Trainer) -> bool:
     if every <= 0:
         return False
     return (_logging_step(trainer) + 1) % every == 0 or trainer.should_stop
-
-
-def _is_staleness_source(callback: Callback) -> bool:
-    from lightning_callbacks.stale_gradients import StaleGradients
-
-    return isinstance(callback, StaleGradients)

@@ -9,7 +9,6 @@ current parameters: what ``M`` asynchronous workers sharing one model would do, 
 from __future__ import annotations
 
 import numbers
-from collections import deque
 from collections.abc import Iterator
 from itertools import islice
 from typing import Any
@@ -23,9 +22,14 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from asyncmomentum.core.measuring.staleness import check_state
-from asyncmomentum.core.optimizer import AsyncMomentumSGD
-from asyncmomentum.runtimes.simulate import STALENESS_MODELS, StalenessModel, staleness_model
-from lightning_callbacks.momentum import AsyncMomentumCallback
+from asyncmomentum.runtimes.adapter import OptimizerView
+from asyncmomentum.runtimes.simulate import (
+    STALENESS_MODELS,
+    SnapshotRing,
+    StalenessModel,
+    staleness_model,
+)
+from lightning_callbacks.roles import StalenessObserver, StalenessSource
 
 __all__ = ["StaleGradients"]
 
@@ -33,52 +37,7 @@ __all__ = ["StaleGradients"]
 STATE_FORMAT = 1
 
 
-class _SnapshotRing:
-    """Parameter values of the most recent versions, newest last, in recycled buffers.
-
-    Args:
-        capacity: most snapshots kept (>= 0); the oldest is overwritten beyond it.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._slots: deque[list[Tensor]] = deque()
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-    def clear(self) -> None:
-        """Drop every snapshot (frees their memory)."""
-        self._slots.clear()
-
-    @torch.no_grad()
-    def push(self, params: list[Tensor]) -> None:
-        """Store a copy of ``params`` as the newest snapshot.
-
-        Args:
-            params: the tensors to copy.
-        """
-        if self.capacity == 0:
-            return
-        if len(self._slots) < self.capacity:
-            slot = [p.detach().clone() for p in params]
-        else:
-            # Full: recycle the oldest buffers rather than allocating each step.
-            slot = self._slots.popleft()
-            for buffer, p in zip(slot, params):
-                buffer.copy_(p)
-        self._slots.append(slot)
-
-    def get(self, age: int) -> list[Tensor]:
-        """The snapshot taken ``age`` pushes ago (1 = the newest).
-
-        Args:
-            age: in ``1 .. len(self)``.
-        """
-        return self._slots[-age]
-
-
-class StaleGradients(Callback):
+class StaleGradients(StalenessSource, Callback):
     r"""Simulate ``M`` asynchronous workers in a Lightning run: gradients at stale parameters.
 
     Every optimizer step draws a staleness ``tau`` from
@@ -89,8 +48,9 @@ class StaleGradients(Callback):
     Lightning's closure). That is the update rule of asynchronous SGD,
     ``w_{t+1} = w_t - lr * grad f(w_{t - tau})``, on one process, reproducible bit for bit.
 
-    Parameter snapshots are kept in a ring of at most ``max_staleness`` entries (the model's
-    cap, or lower if given), so memory is bounded by that many copies of the trained parameters.
+    Parameter snapshots are kept in a :class:`~asyncmomentum.runtimes.simulate.SnapshotRing` of
+    ``max_staleness`` entries (the model's cap, or lower if given), allocated when training
+    starts: memory is that many copies of the trained parameters.
     Until the ring has filled (at the start of each fit, also after resuming, since snapshots are
     not checkpointed), ``tau`` is clamped to the snapshots available, as at the start of a real
     asynchronous run. Module buffers (e.g. BatchNorm statistics) are not snapshotted.
@@ -103,7 +63,8 @@ class StaleGradients(Callback):
       pre-hook (``Optimizer.register_step_pre_hook``) adds the keyword to Lightning's
       ``optimizer.step(closure=...)`` call, so the optimizer's own tuner observes it exactly,
       without patching anything. An explicit ``staleness=`` from user code is left alone.
-    - every :class:`~lightning_callbacks.AsyncMomentumCallback` of the trainer gets
+    - every :class:`~lightning_callbacks.AsyncMomentumCallback` of the trainer (every
+      :class:`~lightning_callbacks.roles.StalenessObserver`) gets
       :meth:`~lightning_callbacks.AsyncMomentumCallback.observe_staleness`, for the other
       optimizers it tunes.
 
@@ -144,7 +105,7 @@ class StaleGradients(Callback):
         if max_staleness is not None:
             cap = min(cap, _check_non_negative_int(max_staleness, "max_staleness"))
         self.max_staleness = cap
-        self._ring = _SnapshotRing(cap)
+        self._ring: SnapshotRing | None = None
         self._stream: Iterator[int] | None = None
         self._draws = 0
         self._staleness: int | None = None
@@ -153,7 +114,7 @@ class StaleGradients(Callback):
         self._current: list[Tensor] = []
         self._swapped = False
         self._stepped = False
-        self._momentum_callbacks: list[AsyncMomentumCallback] = []
+        self._observers: list[StalenessObserver] = []
         self._hooks: list[RemovableHandle] = []
 
     @property
@@ -170,7 +131,7 @@ class StaleGradients(Callback):
     @property
     def snapshots(self) -> int:
         """Parameter snapshots held now (at most :attr:`max_staleness`)."""
-        return len(self._ring)
+        return 0 if self._ring is None else len(self._ring)
 
     # -- binding to the run -------------------------------------------------------------------
 
@@ -189,14 +150,14 @@ class StaleGradients(Callback):
         if not self._params:
             raise ValueError("StaleGradients found no trainable parameter in the optimizers")
         self._current = [p.detach().clone() for p in self._params]
-        self._ring.clear()
+        # Snapshots of the parameters each step applied to: age 0 is the one before the latest
+        # update, i.e. the parameters of 1 step ago.
+        self._ring = SnapshotRing(self._params, self.max_staleness) if self.max_staleness else None
         self._staleness = None
         self._stepped = False
-        self._momentum_callbacks = [
-            cb for cb in trainer.callbacks if isinstance(cb, AsyncMomentumCallback)
-        ]
+        self._observers = [cb for cb in trainer.callbacks if isinstance(cb, StalenessObserver)]
         for optimizer in trainer.optimizers:
-            if isinstance(optimizer, AsyncMomentumSGD):
+            if OptimizerView(optimizer).measures_staleness:
                 self._hooks.append(optimizer.register_step_pre_hook(self._pass_staleness))
 
     def _pass_staleness(
@@ -214,18 +175,19 @@ class StaleGradients(Callback):
     ) -> None:
         """Draw this step's staleness (once per accumulation window) and load the snapshot."""
         if self._staleness is None:
-            self._staleness = min(self._next_draw(), len(self._ring))
-            for callback in self._momentum_callbacks:
-                callback.observe_staleness(self._staleness)
+            self._staleness = min(self._next_draw(), self.snapshots)
+            for observer in self._observers:
+                observer.observe_staleness(self._staleness)
         if self._staleness > 0:
-            self._load_snapshot(self._ring.get(self._staleness))
+            self._load_snapshot(self._staleness)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         """Restore the current parameters and remember them: the update applies to them."""
         self._restore()
-        self._ring.push(self._params)
+        if self._ring is not None:
+            self._ring.push()
         self._last_staleness = self._staleness
         # The staleness stays pending until the batch ends: with a gradient scaler, Lightning
         # runs this hook (inside the closure) before it calls optimizer.step, whose pre-hook
@@ -271,13 +233,14 @@ class StaleGradients(Callback):
         return next(self._stream)
 
     @torch.no_grad()
-    def _load_snapshot(self, snapshot: list[Tensor]) -> None:
+    def _load_snapshot(self, staleness: int) -> None:
+        """Load the parameters of ``staleness`` (>= 1) steps ago, keeping the current ones."""
+        assert self._ring is not None
         if not self._swapped:
             for backup, p in zip(self._current, self._params):
                 backup.copy_(p)
             self._swapped = True
-        for p, old in zip(self._params, snapshot):
-            p.copy_(old)
+        self._ring.load(staleness - 1)
 
     @torch.no_grad()
     def _restore(self) -> None:
@@ -294,7 +257,7 @@ class StaleGradients(Callback):
     def _finish(self) -> None:
         self._restore()
         self._release()
-        self._ring.clear()
+        self._ring = None
         self._current = []
         self._params = []
         self._staleness = None

@@ -43,7 +43,7 @@ def test_demo_simulated_writes_table_csv_and_plot(tmp_path):
         "--no-progress",
     )
     assert done.returncode == 0, done.stderr
-    assert "AsyncMomentumSGD(target_momentum=0.9)" in done.stdout
+    assert "AsyncMomentumSGD(momentum=0.9)" in done.stdout
     assert "torch.optim.SGD(momentum=0.9)" in done.stdout
     rows = list(csv.DictReader((out / "demo.csv").open()))
     assert {row["run"] for row in rows} == set(demo.RUNS)

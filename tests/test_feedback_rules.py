@@ -13,7 +13,7 @@ import torch
 from asyncmomentum import AsyncMomentumSGD
 from asyncmomentum.applications.problems import get_problem
 from asyncmomentum.core.measuring.meter import MomentumReading
-from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.tuning import formulas, rules
 from asyncmomentum.core.tuning.stability import largest_stable_momentum
 from asyncmomentum.core.tuning.tuner import MomentumTuner
 from asyncmomentum.runtimes import simulate as sim
@@ -22,15 +22,15 @@ from asyncmomentum.runtimes import simulate as sim
 
 
 def test_feedback_rules_are_rules_but_not_formulas():
-    for rule in formulas.FEEDBACK_RULES:
-        assert formulas.check_rule(rule) == rule
-        assert rule in formulas.rule_names()
+    for rule in ("closed_loop", "stability"):
+        assert rule in rules.rule_names()
+        assert rules.rule_class(rule).stateful
         with pytest.raises(ValueError, match="keeps state"):
-            formulas.algorithmic_momentum(0.9, 0.5, rule)
+            rules.algorithmic_momentum(0.9, 0.5, rule)
         # They report totals in the additive composition, their fallback.
-        assert formulas.total_momentum(0.1, 0.5, rule) == formulas.total_momentum(0.1, 0.5)
+        assert rules.total_momentum(0.1, 0.5, rule) == formulas.additive_total(0.1, 0.5)
     with pytest.raises(ValueError, match="rule must be one of"):
-        formulas.check_rule("stabilty")
+        rules.make_rule("stabilty")
 
 
 # -- the tuner -------------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def test_closed_loop_integrates_each_reading_once_bounded_and_rate_limited():
     tuner = MomentumTuner(
         0.9, rule="closed_loop", workers=4, rule_options={"gain": 0.5, "max_change_per_step": 0.05}
     )
-    additive = formulas.algorithmic_momentum(0.9, 0.75)
+    additive = rules.algorithmic_momentum(0.9, 0.75)
     assert tuner.algorithmic_momentum() == pytest.approx(additive)  # no reading yet
     # Measured total 0.7 with the momentum applied: error 0.2, gain 0.5 -> 0.1, capped at 0.05.
     tuner.observe_reading(_reading(0.7, additive, serial=1))
@@ -83,7 +83,7 @@ def test_closed_loop_keeps_its_correction_when_the_estimate_of_m_moves():
     assert corrected > base
     for _ in range(200):
         tuner.observe(1)  # M = 2: the additive part moves at once, the correction stays
-    moved = formulas.algorithmic_momentum(0.9, tuner.implicit_momentum)
+    moved = rules.algorithmic_momentum(0.9, tuner.implicit_momentum)
     assert tuner.algorithmic_momentum() == pytest.approx(moved + (corrected - base), abs=1e-9)
 
 
@@ -105,7 +105,7 @@ def test_stability_rule_falls_back_to_additive_until_it_has_a_curvature():
         tuner.observe(7)
     assert tuner.curvature is None
     assert tuner.algorithmic_momentum(lr=0.25) == pytest.approx(
-        formulas.algorithmic_momentum(0.9, tuner.implicit_momentum)
+        rules.algorithmic_momentum(0.9, tuner.implicit_momentum)
     )
     with pytest.raises(ValueError, match="needs the learning rate"):
         tuner.algorithmic_momentum()
@@ -126,7 +126,7 @@ def test_tuner_options_are_checked():
         MomentumTuner(rule="closed_loop", rule_options={"gain": 2.0})
     with pytest.raises(ValueError, match="momentum_bounds apply"):
         MomentumTuner(rule="stability", rule_options={"momentum_bounds": (0.0, 0.5)})
-    with pytest.raises(ValueError, match="for rule='stability'"):
+    with pytest.raises(ValueError, match="uses a curvature"):
         MomentumTuner(rule="additive").observe_curvature(1.0)
 
 
@@ -177,7 +177,7 @@ def _quadratic(lr: float = 0.25, *, probe: bool = False, **options):
     counting = CountingProbe(model)
     if probe:
         options["curvature_probe"] = counting
-    opt = AsyncMomentumSGD(model.parameters(), lr=lr, target_momentum=0.9, **options)
+    opt = AsyncMomentumSGD(model.parameters(), lr=lr, momentum=0.9, **options)
     return problem, model, counting, opt
 
 
@@ -199,9 +199,9 @@ def test_stability_probes_every_curvature_every_updates_and_applies_the_stable_m
         0.25 * opt.curvature, [0] * 7 + [1], cap=0.9, curvature_margin=0.25
     )
     # To the rule's resolution: its cache holds lr * lambda_max to 1 %, the bisection to 1e-3.
-    assert opt.param_groups[0]["momentum"] == pytest.approx(expected, abs=3e-3)
-    assert opt.algorithmic_momentum == opt.param_groups[0]["momentum"]
-    additive = formulas.algorithmic_momentum(0.9, opt.implicit_momentum)
+    assert opt.algorithmic_momentum == pytest.approx(expected, abs=3e-3)
+    assert opt.last_applied_momentum == opt.algorithmic_momentum
+    additive = rules.algorithmic_momentum(0.9, opt.implicit_momentum)
     assert abs(expected - additive) > 0.05  # a constant delay is harsher than its mean says
 
 
@@ -233,7 +233,7 @@ def test_stability_without_a_probe_warns_once_and_follows_the_additive_rule():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _step(problem, model, opt, next(batches), staleness=3)
-    assert opt.algorithmic_momentum == formulas.algorithmic_momentum(0.9, opt.implicit_momentum)
+    assert opt.algorithmic_momentum == rules.algorithmic_momentum(0.9, opt.implicit_momentum)
 
 
 def test_curvature_arguments_are_checked():
@@ -271,7 +271,7 @@ def test_stability_state_survives_state_dict_and_pickle():
 
     plain = AsyncMomentumSGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1, rule="stability")
     copy = pickle.loads(pickle.dumps(plain))
-    assert copy.rule == "stability" and copy.curvature is None
+    assert copy.rule.name == "stability" and copy.curvature is None
 
 
 # -- the optimizer: closed loop --------------------------------------------------------------------
@@ -286,11 +286,11 @@ def test_closed_loop_corrects_a_wrong_model_of_the_asynchrony():
         model = problem.make_model(0)
         options = {"meter_options": {"refresh": 64}} if rule == "closed_loop" else {}
         opt = AsyncMomentumSGD(
-            model.parameters(), lr=0.125, target_momentum=0.9, rule=rule, workers=8, **options
+            model.parameters(), lr=0.125, momentum=0.9, rule=rule, workers=8, **options
         )
         if rule == "additive":
             opt = AsyncMomentumSGD(
-                model.parameters(), lr=0.125, target_momentum=0.9, workers=8, measure_momentum=True
+                model.parameters(), lr=0.125, momentum=0.9, workers=8, measure_momentum=True
             )
         sim.simulate(model, problem.loss_fn, problem.batches(0), opt, sim.workers(2), 2500, seed=0)
         return opt
@@ -331,4 +331,4 @@ def test_checkpoints_load_with_torch_load_weights_only(tmp_path, options):
     if options["rule"] == "closed_loop":
         assert resumed.measured_total_momentum is not None
     else:
-        assert resumed.tuner.stability.histogram.count == 300
+        assert resumed.tuner.rule.histogram.count == 300

@@ -89,7 +89,7 @@ def vector_loss(model, batch):
 def test_four_workers_measure_asynchrony_and_train():
     data = _dataset()
     model = make_cnn(seed=0)
-    opt = AsyncMomentumSGD(model.parameters(), lr=0.05, target_momentum=0.9)
+    opt = AsyncMomentumSGD(model.parameters(), lr=0.05, momentum=0.9)
     loss_before = _full_loss(model, data)
     progress: list[WorkerProgress] = []
 
@@ -117,9 +117,9 @@ def test_four_workers_measure_asynchrony_and_train():
     assert opt.clock.value == 600
     # Four processes on fewer cores: the optimizer saw stale gradients and estimated M from them.
     assert max(r.max_staleness for r in result.reports) > 0
-    assert result.staleness_mean > 0
+    assert result.mean_staleness > 0
     assert result.estimated_workers > 1.5
-    assert result.estimated_workers == pytest.approx(1 + result.staleness_mean)
+    assert result.estimated_workers == pytest.approx(1 + result.mean_staleness)
     assert result.implicit_momentum == pytest.approx(1 - 1 / result.estimated_workers)
     # The parent's optimizer follows the shared estimate: algorithmic = target - implicit.
     assert opt.estimated_workers == result.estimated_workers
@@ -146,7 +146,7 @@ def test_four_workers_measure_asynchrony_and_train():
 def test_failing_workers_are_reported_while_the_others_finish():
     data = _dataset(rows=192)
     model = make_cnn(seed=1)
-    opt = AsyncMomentumSGD(model.parameters(), lr=0.05, target_momentum=0.9)
+    opt = AsyncMomentumSGD(model.parameters(), lr=0.05, momentum=0.9)
 
     with pytest.warns(RuntimeWarning, match="2 of 3 workers failed"):
         result = train_hogwild(
@@ -200,7 +200,7 @@ def test_torch_sgd_runs_with_a_clock_shared_by_the_module():
     assert result.clock_start == 0
     assert result.clock_value == result.total_updates == 300
     assert max(r.max_staleness for r in result.reports) > 0
-    assert result.estimated_workers == pytest.approx(1 + result.staleness_mean)
+    assert result.estimated_workers == pytest.approx(1 + result.mean_staleness)
     # torch's SGD: fixed momentum, the implicit one comes on top of it.
     assert result.algorithmic_momentum == 0.9
     assert result.total_momentum == pytest.approx(0.9 + result.implicit_momentum)
@@ -348,7 +348,7 @@ def test_worker_seeds_are_reproducible_and_distinct():
 def test_worker_loop_by_hand_reports_progress_and_counts_updates():
     data = _dataset(rows=64)
     model = make_cnn(seed=5)
-    opt = AsyncMomentumSGD(model.parameters(), lr=0.05, target_momentum=0.9, warmup=0)
+    opt = AsyncMomentumSGD(model.parameters(), lr=0.05, momentum=0.9, warmup=0)
     messages: list = []
 
     last = worker_loop(

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from asyncmomentum.applications.digits import SmallCNN, load_digits_split
 from asyncmomentum.core.optimizer import AsyncMomentumSGD
-from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.tuning import formulas, rules
+from asyncmomentum.runtimes.adapter import OptimizerView
 from asyncmomentum.runtimes.simulate import staleness_model
 from lightning_callbacks import AsyncMomentumCallback, StaleGradients
 
@@ -40,7 +41,7 @@ METRIC_NAMES = (
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 OPTIMIZERS: dict[str, OptimizerFactory] = {
-    "async": lambda params: AsyncMomentumSGD(params, lr=0.05, target_momentum=0.9, **ESTIMATOR),
+    "async": lambda params: AsyncMomentumSGD(params, lr=0.05, momentum=0.9, **ESTIMATOR),
     "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
     "adam": lambda params: torch.optim.Adam(params, lr=1e-3),
 }
@@ -75,17 +76,19 @@ class Recorder(pl.Callback):
         self.start_estimates: list[float] = []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        optimizer = trainer.optimizers[0]
-        if isinstance(optimizer, AsyncMomentumSGD):
-            self.start_estimates.append(optimizer.estimated_workers)
+        view = OptimizerView(trainer.optimizers[0])
+        if view.tuner is not None:
+            self.start_estimates.append(view.tuner.estimated_workers)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         self.taus.append(self.stale.last_staleness)
-        optimizer = trainer.optimizers[0]
-        if isinstance(optimizer, AsyncMomentumSGD):
-            self.applied.append(optimizer.last_staleness)
-            self.momenta.append(optimizer.param_groups[0]["momentum"])
-            self.expected_momenta.append(optimizer.tuner.algorithmic_momentum(0.9))
+        view = OptimizerView(trainer.optimizers[0])
+        if view.tuner is not None:
+            self.applied.append(view.last_staleness)
+            # The momentum it applied; its group["momentum"] stays the 0.9 it was given.
+            self.momenta.append(view.applied_momentum())
+            self.expected_momenta.append(view.tuner.algorithmic_momentum(0.9))
+            assert view.optimizer.param_groups[0]["momentum"] == 0.9
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +135,7 @@ def read_rows(tmp_path: Path) -> list[dict[str, float]]:
 def expected_algorithmic(row: dict[str, float], target: float, floor: float = -1.0) -> float:
     """The tuner's formula applied to the logged estimate of M (clipped at ``floor``)."""
     implicit = formulas.implicit_momentum(row["workers/estimated"])
-    return max(floor, formulas.algorithmic_momentum(target, implicit))
+    return max(floor, rules.algorithmic_momentum(target, implicit))
 
 
 def fit_digits(
@@ -264,7 +267,7 @@ def test_resume_continues_the_estimate(
 
     def estimate(trainer: pl.Trainer, momentum: AsyncMomentumCallback) -> tuple[float, int]:
         opt = trainer.optimizers[0]
-        tuner = opt.tuner if isinstance(opt, AsyncMomentumSGD) else momentum.tuners[0]
+        tuner = OptimizerView(opt).tuner or momentum.tuners[0]
         return tuner.estimated_workers, tuner.estimator.count
 
     first, first_momentum, first_recorder = run(half, None, tmp_path / "first")
@@ -490,7 +493,7 @@ def test_measured_momentum_is_logged_for_a_metered_optimizer(
     pl.seed_everything(0, verbose=False)
 
     def metered(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return AsyncMomentumSGD(params, lr=0.05, momentum=0.0, measure_momentum=True)
+        return AsyncMomentumSGD(params, lr=0.05, momentum=0.0, tune=False, measure_momentum=True)
 
     stale = StaleGradients(workers=4, model="exponential", seed=0)
     callback = AsyncMomentumCallback(target_momentum=0.9, **ESTIMATOR)
@@ -517,7 +520,7 @@ def test_stability_rule_runs_inside_lightning_and_is_logged(
         return AsyncMomentumSGD(
             params,
             lr=0.05,
-            target_momentum=0.9,
+            momentum=0.9,
             rule="stability",
             curvature_probe=lambda: nn.functional.cross_entropy(module.net(probe_x), probe_y),
             curvature_every=20,
@@ -539,5 +542,5 @@ def test_stability_rule_runs_inside_lightning_and_is_logged(
     assert rows[-1]["curvature/lambda_max"] == pytest.approx(optimizer.curvature)
     # The logged momentum is the stability rule's, not the additive formula's.
     assert rows[-1]["momentum/algorithmic"] == pytest.approx(optimizer.algorithmic_momentum)
-    additive = formulas.algorithmic_momentum(0.9, optimizer.implicit_momentum)
+    additive = rules.algorithmic_momentum(0.9, optimizer.implicit_momentum)
     assert abs(optimizer.algorithmic_momentum - additive) > 0.05

@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 from asyncmomentum.applications.problems import get_problem
-from asyncmomentum.core.measuring.meter import ClosedLoopController, MomentumMeter
+from asyncmomentum.core.measuring.meter import MomentumMeter
 from asyncmomentum.core.optimizer import AsyncMomentumSGD
+from asyncmomentum.core.tuning.rules import AdditiveRule, CompositionalRule
+from asyncmomentum.core.tuning.rules.closed_loop import ClosedLoopController
 from asyncmomentum.runtimes.simulate import round_robin, simulate, workers
 
 STEPS = 700  # a full window (512 versions) and a little more
@@ -28,7 +30,9 @@ def _measure(problem_name, staleness, momentum, *, steps=STEPS, seed=0, attribut
     torch.manual_seed(seed)
     problem = get_problem(problem_name)
     model = problem.make_model(seed)
-    optimizer = AsyncMomentumSGD(model.parameters(), lr=LR[problem_name], momentum=momentum)
+    optimizer = AsyncMomentumSGD(
+        model.parameters(), lr=LR[problem_name], momentum=momentum, tune=False
+    )
     meter_ = MomentumMeter(optimizer.param_groups, seed=seed, **meter)
 
     def on_step(step, history):
@@ -52,7 +56,7 @@ def test_measures_the_implicit_momentum_of_m_workers(problem, m):
         assert 0 < reading.standard_error < 0.1
         assert abs(reading.total - (1.0 - 1.0 / m)) < 5 * reading.standard_error + 0.01
     assert reading.algorithmic == 0.0
-    assert reading.total_momentum("additive") == pytest.approx(reading.total)
+    assert reading.total_momentum(AdditiveRule()) == pytest.approx(reading.total)
 
 
 @pytest.mark.parametrize("problem", ["quadratic", "softmax"])
@@ -60,7 +64,7 @@ def test_measures_the_implicit_momentum_of_m_workers(problem, m):
 def test_reads_the_set_momentum_without_asynchrony(problem, momentum):
     reading, _ = _measure(problem, workers(1), momentum=momentum)
     assert abs(reading.total - momentum) < 0.03, reading
-    assert abs(reading.total_momentum("additive") - momentum) < 0.03
+    assert abs(reading.total_momentum() - momentum) < 0.03  # default: additive
     assert abs(reading.implicit) < 0.1  # 1 - kappa_0 / (1 - mu) amplifies noise by 1 / (1 - mu)
 
 
@@ -68,8 +72,11 @@ def test_splits_algorithmic_and_implicit_momentum_and_composes_them_by_rule():
     reading, _ = _measure("softmax", workers(4), momentum=0.5)
     assert reading.algorithmic == 0.5
     assert abs(reading.implicit - 0.75) < 0.1
-    assert abs(reading.total_momentum("additive") - 1.25) < 0.1
-    assert reading.total_momentum("compositional") == pytest.approx(reading.total)
+    assert abs(reading.total_momentum(AdditiveRule()) - 1.25) < 0.1
+    assert reading.total_momentum(CompositionalRule()) == pytest.approx(reading.total)
+    assert reading.total_momentum() == reading.total_momentum(AdditiveRule())
+    with pytest.raises(ValueError, match="rule object"):
+        reading.total_momentum("compositional")
     assert abs(reading.total - (1 - 0.5 * 0.25)) < 0.1
 
 
@@ -92,7 +99,7 @@ def test_a_learning_rate_schedule_does_not_distort_the_reading():
     torch.manual_seed(0)
     problem = get_problem("softmax")
     model = problem.make_model(0)
-    optimizer = AsyncMomentumSGD(model.parameters(), lr=LR["softmax"], momentum=0.5)
+    optimizer = AsyncMomentumSGD(model.parameters(), lr=LR["softmax"], momentum=0.5, tune=False)
     meter = MomentumMeter(optimizer.param_groups)
 
     def on_step(step, history):
@@ -174,7 +181,7 @@ def test_construction_rejects_bad_arguments():
     with pytest.raises(ValueError, match="at least one parameter"):
         MomentumMeter([])
     with pytest.raises(ValueError, match="rule"):
-        MomentumMeter([w], rule="median")
+        MomentumMeter([w], rule="additive")  # a rule object, not a name
     with pytest.raises(ValueError, match="tensors or of param-group dicts"):
         MomentumMeter([w, {"params": [w]}])
 
@@ -214,7 +221,7 @@ def test_closed_loop_drives_the_measured_total_to_the_target():
     torch.manual_seed(0)
     problem = get_problem("softmax")
     model = problem.make_model(0)
-    optimizer = AsyncMomentumSGD(model.parameters(), lr=LR["softmax"], momentum=0.9)
+    optimizer = AsyncMomentumSGD(model.parameters(), lr=LR["softmax"], momentum=0.9, tune=False)
     meter = MomentumMeter(optimizer.param_groups, refresh=64)
     controller = ClosedLoopController(gain=0.5, max_change_per_step=0.1)
     group = optimizer.param_groups[0]
@@ -225,7 +232,7 @@ def test_closed_loop_drives_the_measured_total_to_the_target():
         if reading is not None:
             group["momentum"] = controller.update(
                 0.9,
-                reading.total_momentum("additive"),
+                reading.total_momentum(AdditiveRule()),
                 group["momentum"],
                 measured_algorithmic=reading.algorithmic,
                 reading_id=reading.serial,
@@ -238,7 +245,7 @@ def test_closed_loop_drives_the_measured_total_to_the_target():
     # near the additive rule's 0.9 - 0.75, from a start at 0.9 (total 1.65).
     assert controller.updates >= 10
     assert abs(group["momentum"] - 0.15) < 0.1
-    assert abs(meter.estimate().total_momentum("additive") - 0.9) < 0.1
+    assert abs(meter.estimate().total_momentum(AdditiveRule()) - 0.9) < 0.1
 
 
 def test_bad_states_are_refused_and_change_nothing():

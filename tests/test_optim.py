@@ -12,7 +12,7 @@ from conftest import make_cnn
 from torch import nn
 
 from asyncmomentum import AsyncMomentumSGD, NonFiniteGradientError
-from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.tuning import formulas, rules
 
 
 def _loss(model, batch):
@@ -35,15 +35,17 @@ def _steps(model, opt, batches, staleness, start=0):
 
 def test_momentum_follows_measured_staleness(cnn_batches):
     model = make_cnn()
-    opt = AsyncMomentumSGD(model.parameters(), lr=0.01, target_momentum=0.9, warmup=5, horizon=50)
+    opt = AsyncMomentumSGD(model.parameters(), lr=0.01, momentum=0.9, warmup=5, horizon=50)
     assert opt.algorithmic_momentum == pytest.approx(0.9)  # M = 1 before any staleness
     _steps(model, opt, cnn_batches, [19] * 100)  # M = 20
     assert opt.estimated_workers == pytest.approx(20)
     assert opt.implicit_momentum == pytest.approx(0.95)
     assert opt.algorithmic_momentum == pytest.approx(-0.05)
-    assert opt.param_groups[0]["momentum"] == opt.algorithmic_momentum
+    # The group keeps the momentum the user tuned; the optimizer applies the tuned one.
+    assert opt.param_groups[0]["momentum"] == 0.9
+    assert opt.applied_momentum(opt.param_groups[0]) == opt.algorithmic_momentum
     assert opt.total_momentum == pytest.approx(0.9)
-    assert opt.staleness_mean == pytest.approx(19) and opt.last_staleness == 19
+    assert opt.mean_staleness == pytest.approx(19) and opt.last_staleness == 19
 
 
 def test_staleness_is_measured_from_the_clock_between_zero_grad_and_step(cnn_batches):
@@ -66,23 +68,28 @@ def test_per_group_targets_and_fixed_groups(cnn_batches):
     params = list(model.parameters())
     opt = AsyncMomentumSGD(
         [
-            {"params": params[:2], "target_momentum": 0.95},
-            {"params": params[2:4], "momentum": 0.5},
+            {"params": params[:2], "momentum": 0.95},
+            {"params": params[2:4], "momentum": 0.5, "tune": False},
             {"params": params[4:]},
         ],
         lr=0.01,
-        target_momentum=0.9,
+        momentum=0.9,
         warmup=0,
     )
     _steps(model, opt, cnn_batches, [3] * 20)  # M = 4, implicit 0.75
-    momenta = [g["momentum"] for g in opt.param_groups]
+    momenta = [opt.applied_momentum(g) for g in opt.param_groups]
     assert momenta == pytest.approx([0.2, 0.5, 0.15])
 
 
 def test_compositional_rule_and_bounds(cnn_batches):
     model = make_cnn()
     opt = AsyncMomentumSGD(
-        model.parameters(), lr=0.01, rule="compositional", momentum_bounds=(-0.3, 0.99), warmup=0
+        model.parameters(),
+        lr=0.01,
+        momentum=0.9,
+        rule="compositional",
+        momentum_bounds=(-0.3, 0.99),
+        warmup=0,
     )
     _steps(model, opt, cnn_batches, [1] * 10)  # M = 2: 1 - 0.1 / 0.5 = 0.8
     assert opt.algorithmic_momentum == pytest.approx(0.8)
@@ -109,7 +116,7 @@ def test_closure_runs_before_the_momentum_is_read(cnn_batches):
 @pytest.mark.parametrize("path", [{"foreach": False}, {"foreach": True}, {"fused": True}])
 def test_resume_is_bit_for_bit(path, cnn_batches):
     staleness = np.random.default_rng(0).geometric(1 / 6, size=200) - 1
-    kwargs = dict(lr=0.02, target_momentum=0.9, warmup=10, horizon=40, **path)
+    kwargs = dict(lr=0.02, momentum=0.9, warmup=10, horizon=40, **path)
 
     whole_model = make_cnn()
     whole = AsyncMomentumSGD(whole_model.parameters(), **kwargs)
@@ -140,18 +147,24 @@ def test_resume_is_bit_for_bit(path, cnn_batches):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"target_momentum": 1.0}, r"target_momentum.*\(-1, 1\)"),
-        ({"target_momentum": -1.5}, r"target_momentum.*\(-1, 1\)"),
         ({"momentum": 1.0}, r"momentum.*\(-1, 1\)"),
+        ({"momentum": -1.5}, r"momentum.*\(-1, 1\)"),
+        ({"momentum": 1.0, "tune": False}, r"momentum.*\(-1, 1\)"),
+        ({"lr": float("inf")}, "Invalid learning rate: inf"),
+        ({"lr": "0.1"}, "lr must be a real number"),
+        ({"momentum": True}, "momentum must be a real number"),
+        ({"tune": 1}, "tune must be True or False"),
+        ({"tune": False, "rule": "compositional"}, "tune=False fixes the momentum"),
+        ({"tune": False, "workers": 4}, "tune=False fixes the momentum"),
+        ({"differentiable": True}, "differentiable=True is not supported"),
         ({"momentum_bounds": (-1.0, 0.9)}, "momentum_bounds"),
         ({"momentum_bounds": (0.5, 0.1)}, "momentum_bounds"),
-        ({"lr": -0.1}, "lr must be >= 0"),
+        ({"lr": -0.1}, "Invalid learning rate: -0.1"),
         ({"rule": "magic"}, "rule must be one of"),
-        ({"nesterov": True, "momentum": 0.0}, "nesterov requires a momentum > 0"),
-        ({"nesterov": True, "momentum": -0.5}, "nesterov requires a momentum > 0"),
-        ({"nesterov": True, "dampening": 0.1}, "nesterov requires dampening=0"),
+        ({"nesterov": True, "momentum": 0.0}, "Nesterov momentum requires a momentum"),
+        ({"nesterov": True, "momentum": -0.5}, "Nesterov momentum requires a momentum"),
+        ({"nesterov": True, "momentum": 0.9, "dampening": 0.1}, "zero dampening"),
         ({"weight_decay": -1.0}, "weight_decay"),
-        ({"foreach": True, "fused": True}, "fused"),
         ({"nonfinite": "ignore"}, "nonfinite"),
         ({"horizon": 0}, "horizon"),
     ],
@@ -159,6 +172,41 @@ def test_resume_is_bit_for_bit(path, cnn_batches):
 def test_bad_arguments_name_the_argument_and_range(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AsyncMomentumSGD(make_cnn().parameters(), **kwargs)
+
+
+def test_fused_and_foreach_together_raise_as_torch_does():
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
+        AsyncMomentumSGD(make_cnn().parameters(), foreach=True, fused=True)
+
+
+def test_a_bad_tensor_lr_is_refused_before_the_params():
+    # torch checks its arguments before the parameters: a ValueError, not a TypeError.
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        AsyncMomentumSGD(None, lr=torch.tensor([0.001, 0.001]))
+
+
+def test_the_literal_swap_tunes_keyword_and_positional(cnn_batches):
+    for make in (
+        lambda p: AsyncMomentumSGD(p, lr=0.01, momentum=0.9, warmup=0),
+        lambda p: AsyncMomentumSGD(p, 0.01, 0.9, warmup=0),
+    ):
+        model = make_cnn()
+        opt = make(model.parameters())
+        _steps(model, opt, cnn_batches, [7] * 30)  # M = 8, implicit 0.875
+        assert opt.algorithmic_momentum == pytest.approx(0.9 - 0.875)
+        assert opt.total_momentum == pytest.approx(0.9)
+    fixed_model = make_cnn()
+    fixed = AsyncMomentumSGD(fixed_model.parameters(), 0.01, 0.9, tune=False, warmup=0)
+    _steps(fixed_model, fixed, cnn_batches, [7] * 30)
+    assert fixed.algorithmic_momentum == 0.9 and fixed.estimated_workers == pytest.approx(8)
+
+
+def test_fused_on_unsupported_devices_raises_at_step_as_torch_does():
+    param = nn.Parameter(torch.zeros(3, device="meta"))
+    opt = AsyncMomentumSGD([param], lr=0.1, fused=True)  # torch accepts it here too
+    param.grad = torch.zeros(3, device="meta")
+    with pytest.raises(RuntimeError, match="`fused=True` requires"):
+        opt.step()
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "2", np.float64(2.0)])
@@ -207,7 +255,7 @@ def test_nonfinite_skip_mode_counts_and_skips(cnn_batches):
 
 def test_huge_but_finite_gradients_are_not_mistaken_for_nan():
     param = nn.Parameter(torch.zeros(4))
-    opt = AsyncMomentumSGD([param], lr=1e-30, momentum=0.0)
+    opt = AsyncMomentumSGD([param], lr=1e-30, momentum=0.0, tune=False)
     param.grad = torch.full((4,), 3e38)  # the sum overflows, the values do not
     opt.step()
     assert torch.isfinite(param).all() and opt.clock.value == 1
@@ -258,4 +306,4 @@ def test_tuned_momentum_passing_through_zero_keeps_paths_consistent(cnn_batches)
     for other in results[1:]:
         for p, q in zip(results[0], other):
             torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
-    assert formulas.algorithmic_momentum(0.9, formulas.implicit_momentum(10)) == pytest.approx(0.0)
+    assert rules.algorithmic_momentum(0.9, formulas.implicit_momentum(10)) == pytest.approx(0.0)

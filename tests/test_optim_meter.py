@@ -16,7 +16,9 @@ STEPS = 700
 def _run(staleness, momentum, seed=0):
     problem = get_problem("quadratic")
     model = problem.make_model(seed)
-    opt = AsyncMomentumSGD(model.parameters(), lr=0.125, momentum=momentum, measure_momentum=True)
+    opt = AsyncMomentumSGD(
+        model.parameters(), lr=0.125, momentum=momentum, tune=False, measure_momentum=True
+    )
     sim.simulate(model, problem.loss_fn, problem.batches(seed), opt, staleness, STEPS, seed=seed)
     return opt
 
@@ -38,7 +40,9 @@ def test_off_by_default_and_carried_by_state_dict_and_pickle():
     assert AsyncMomentumSGD(problem.make_model(0).parameters()).measured_total_momentum is None
     opt = _run(sim.workers(4), momentum=0.0)
     model = get_problem("quadratic").make_model(0)
-    resumed = AsyncMomentumSGD(model.parameters(), lr=0.125, momentum=0.0, measure_momentum=True)
+    resumed = AsyncMomentumSGD(
+        model.parameters(), lr=0.125, momentum=0.0, tune=False, measure_momentum=True
+    )
     resumed.load_state_dict(opt.state_dict())
     # The meter's state is its windows; the reading is refitted from them on load.
     assert resumed.measured_total_momentum == pytest.approx(0.75, abs=0.1)

@@ -21,7 +21,7 @@ import torch
 from conftest import make_cnn
 
 from asyncmomentum.core.optimizer import AsyncMomentumSGD, NonFiniteGradientError
-from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.tuning import rules
 from asyncmomentum.runtimes.server import (
     ParameterServer,
     ParameterServerJob,
@@ -98,7 +98,7 @@ def assert_port_free(port: int) -> None:
 
 
 def async_sgd(**kwargs) -> functools.partial:
-    return functools.partial(AsyncMomentumSGD, lr=0.05, target_momentum=0.9, **kwargs)
+    return functools.partial(AsyncMomentumSGD, lr=0.05, momentum=0.9, **kwargs)
 
 
 # -- the rules, in-process ----------------------------------------------------------------------
@@ -106,7 +106,7 @@ def async_sgd(**kwargs) -> functools.partial:
 
 def make_server(num_workers: int = 2, **config) -> ParameterServer:
     model = make_cnn(0)
-    optimizer = AsyncMomentumSGD(model.parameters(), lr=0.05, target_momentum=0.9, warmup=0)
+    optimizer = AsyncMomentumSGD(model.parameters(), lr=0.05, momentum=0.9, warmup=0)
     config.setdefault("total_updates", 100)
     return ParameterServer(model, optimizer, num_workers, ServerConfig(**config))
 
@@ -126,8 +126,8 @@ def test_staleness_is_the_number_of_updates_between_read_and_apply() -> None:
     assert result.updates == server.version == server.optimizer.clock.value == 3
     assert result.updates_per_worker == {1: 2, 2: 1}
     # The tuner saw exactly these: mean of (0, 1, 1) under the moving average is in (0, 1).
-    assert 0.0 < result.staleness_mean < 1.0
-    assert result.estimated_workers == pytest.approx(1.0 + result.staleness_mean)
+    assert 0.0 < result.mean_staleness < 1.0
+    assert result.estimated_workers == pytest.approx(1.0 + result.mean_staleness)
 
 
 def test_reply_is_a_copy_of_the_parameters_right_after_the_update() -> None:
@@ -218,7 +218,7 @@ def test_checkpoint_loads_into_a_fresh_model_and_optimizer(tmp_path) -> None:
         server.push(1, gradients(server.model), max(server.version - 1, 0))
     path = server.checkpoint(tmp_path / "ps.pt")
     model = make_cnn(1)
-    optimizer = AsyncMomentumSGD(model.parameters(), lr=0.05, target_momentum=0.9, warmup=0)
+    optimizer = AsyncMomentumSGD(model.parameters(), lr=0.05, momentum=0.9, warmup=0)
     info = load_checkpoint(path, model, optimizer)
     assert info.updates == 5 and info.optimizer_class == "AsyncMomentumSGD"
     assert same(snapshot(model), snapshot(server.model))
@@ -257,7 +257,7 @@ def test_bad_arguments_raise(monkeypatch) -> None:
         {"trace_every": 0},
         {"progress_every": 0},
         {"on_progress": "print"},
-        {"staleness_horizon": 0},
+        {"horizon": 0},
     ):
         with pytest.raises(ValueError):
             ServerConfig(**kwargs)
@@ -336,7 +336,7 @@ def test_three_workers_then_one_killed_server_goes_on_and_momentum_follows(tmp_p
     # The algorithmic momentum followed: less implicit momentum, more algorithmic.
     assert result.algorithmic_momentum > mean(p.algorithmic_momentum for p in before)
     assert result.algorithmic_momentum == pytest.approx(
-        formulas.algorithmic_momentum(0.9, result.implicit_momentum)
+        rules.algorithmic_momentum(0.9, result.implicit_momentum)
     )
 
     # Checkpoints: on request mid-run, and at the end; both load into fresh objects.
@@ -359,8 +359,8 @@ def test_plain_torch_sgd_on_the_server_and_workers_that_stop_by_themselves(tmp_p
     )
     config = ServerConfig(
         total_updates=10_000,  # never reached: each worker leaves after 100 steps
-        staleness_horizon=30,
-        staleness_warmup=10,
+        horizon=30,
+        warmup=10,
         checkpoint_path=str(tmp_path / "sgd.pt"),
     )
     job_result = launch_local(job, workers=2, config=config, worker_max_steps=100, timeout=120.0)
@@ -475,10 +475,10 @@ def test_the_feedback_rules_run_on_the_server(tmp_path, rule) -> None:
     if rule == "stability":
         # The server probed its own model: the checkpoint carries the curvature it found.
         assert optimizer.curvature is not None and optimizer.curvature > 0
-        assert optimizer.tuner.stability.histogram.count == 300
+        assert optimizer.tuner.rule.histogram.count == 300
     else:
         # The meter read the server's trajectory, and the loop acted on its readings.
-        (loop,) = optimizer.tuner._loops.values()
+        (loop,) = optimizer.tuner.rule._loops.values()
         assert loop.controller.updates >= 3
         assert optimizer.measured_total_momentum is not None
 

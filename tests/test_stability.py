@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from asyncmomentum.applications.problems import QuadraticModel, get_problem
+from asyncmomentum.core.measuring.curvature import CurvatureEstimator
 from asyncmomentum.core.optimizer import AsyncMomentumSGD
+from asyncmomentum.core.tuning.rules.stability import StabilityRule
 from asyncmomentum.core.tuning.stability import (
-    CurvatureEstimator,
-    StabilityRule,
     StalenessHistogram,
     check_pmf,
     is_stable,
@@ -305,24 +305,28 @@ def test_curvature_estimator_matches_the_true_hessian_of_a_small_network():
 
 def test_rule_falls_back_until_ready_then_answers_from_its_cache():
     rule = StabilityRule(min_observations=10, refresh=50)
-    assert rule.algorithmic_momentum(0.9, lr=0.1, fallback=0.4) == 0.4  # nothing known yet
+    # Nothing known yet: the additive rule, target - implicit, clipped to the bounds.
+    assert rule.algorithmic_momentum(0.9, 0.5, lr=0.1) == pytest.approx(0.4)
+    assert rule.algorithmic_momentum(0.9, 0.0, lr=0.1, bounds=(-0.5, 0.8)) == 0.8
     for _ in range(20):
         rule.observe(3)
     assert not rule.ready
-    assert rule.algorithmic_momentum(0.9, lr=0.1) == 0.9  # default fallback: the target
+    assert rule.algorithmic_momentum(0.9, 0.0, lr=0.1) == 0.9
     rule.observe_curvature(1.0)
     assert rule.ready
     expected = largest_stable_momentum(
         0.1, [0, 0, 0, 1.0], cap=0.9, curvature_margin=rule.curvature_margin
     )
-    assert rule.algorithmic_momentum(0.9, lr=0.1) == pytest.approx(expected)
+    assert rule.algorithmic_momentum(0.9, 0.75, lr=0.1) == pytest.approx(expected)
     computations = rule.computations
     for _ in range(30):  # same regime, same lr: cached
         rule.observe(3)
-        rule.algorithmic_momentum(0.9, lr=0.1)
+        rule.algorithmic_momentum(0.9, 0.75, lr=0.1)
     assert rule.computations == computations
-    rule.algorithmic_momentum(0.9, lr=0.2)  # another a: one more computation
+    rule.algorithmic_momentum(0.9, 0.75, lr=0.2)  # another a: one more computation
     assert rule.computations == computations + 1
+    with pytest.raises(ValueError, match="needs the learning rate"):
+        rule.algorithmic_momentum(0.9, 0.75)
 
 
 def test_rule_follows_a_change_of_staleness_regime():
@@ -330,10 +334,10 @@ def test_rule_follows_a_change_of_staleness_regime():
     rule.observe_curvature(1.0)
     for _ in range(256):
         rule.observe(0)
-    synchronous = rule.algorithmic_momentum(0.9, lr=0.3)
+    synchronous = rule.algorithmic_momentum(0.9, 0.0, lr=0.3)
     for _ in range(256):
         rule.observe(7)  # eight workers in lock step
-    delayed = rule.algorithmic_momentum(0.9, lr=0.3)
+    delayed = rule.algorithmic_momentum(0.9, 0.875, lr=0.3)
     assert synchronous == 0.9 and delayed < 0.3
 
 
@@ -345,15 +349,22 @@ def test_rule_state_round_trip_and_bad_input():
     restored = StabilityRule(min_observations=1)
     restored.load_state_dict(rule.state_dict())
     assert restored.curvature == 2.0
-    assert restored.algorithmic_momentum(0.9, lr=0.05) == rule.algorithmic_momentum(0.9, lr=0.05)
+    assert restored.algorithmic_momentum(0.9, 0.6, lr=0.05) == rule.algorithmic_momentum(
+        0.9, 0.6, lr=0.05
+    )
     with pytest.raises(ValueError, match="lambda_max"):
         rule.observe_curvature(-1.0)
     with pytest.raises(ValueError, match="lr"):
-        rule.algorithmic_momentum(0.9, lr=-0.1)
+        rule.algorithmic_momentum(0.9, 0.6, lr=-0.1)
     with pytest.raises(ValueError, match="target_momentum"):
-        rule.algorithmic_momentum(1.5, lr=0.1)
+        rule.algorithmic_momentum(1.5, 0.6, lr=0.1)
     with pytest.raises(ValueError, match="curvature"):
         restored.load_state_dict({**rule.state_dict(), "curvature": float("nan")})
+    with pytest.raises(ValueError, match="StalenessHistogram"):
+        restored.load_state_dict({**rule.state_dict(), "histogram": {"format": 1}})
+    assert restored.curvature == 2.0 and restored.histogram.count == 4  # unchanged
+    restored.reset()
+    assert restored.curvature is None and restored.histogram.count == 0
     with pytest.raises(ValueError, match="curvature_margin"):
         StabilityRule(curvature_margin=-0.5)
 
@@ -366,9 +377,9 @@ def _steps_to_target(rule: StabilityRule | None, seed: int = 0) -> int:
     model = problem.make_model(seed)
     lr, target = 0.125, 0.9
     if rule is None:
-        optimizer = AsyncMomentumSGD(model.parameters(), lr=lr, target_momentum=target)
-    else:
         optimizer = AsyncMomentumSGD(model.parameters(), lr=lr, momentum=target)
+    else:
+        optimizer = AsyncMomentumSGD(model.parameters(), lr=lr, momentum=target, tune=False)
         estimator = CurvatureEstimator(model.parameters(), seed=seed)
         probe = problem.batches(seed + 1000)
 
@@ -383,7 +394,7 @@ def _steps_to_target(rule: StabilityRule | None, seed: int = 0) -> int:
                 estimator.estimate(lambda: problem.loss_fn(model, batch))
                 rule.observe_curvature(estimator.value)
             group = optimizer.param_groups[0]
-            group["momentum"] = rule.algorithmic_momentum(target, lr)
+            group["momentum"] = rule.algorithmic_momentum(target, 0.0, lr=lr)
         if (step + 1) % 10 == 0:
             loss = problem.full_loss(model)
             assert math.isfinite(loss) and loss < 100, f"diverged at update {step}"
@@ -413,4 +424,4 @@ def test_rule_beats_the_additive_rule_on_the_simulated_quadratic():
     with_rule = _steps_to_target(rule)
     additive = _steps_to_target(None)
     assert with_rule < 0.7 * additive, (with_rule, additive)
-    assert 0.4 < rule.algorithmic_momentum(0.9, 0.125) < 0.8
+    assert 0.4 < rule.algorithmic_momentum(0.9, 0.875, lr=0.125) < 0.8

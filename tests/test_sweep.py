@@ -38,7 +38,7 @@ from asyncmomentum.applications.sweep.report import (
     SUMMARY_NAME,
     TABLE_NAME,
 )
-from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.tuning import formulas, rules
 from asyncmomentum.runtimes.simulate import STALENESS_MODELS
 
 OUTPUTS = (CSV_NAME, TABLE_NAME, FIGURE_NAME, METER_FIGURE_NAME, SUMMARY_NAME)
@@ -148,7 +148,7 @@ def test_a_rule_estimates_the_workers_from_the_staleness_it_is_told():
     )
     result = run_one(spec)
     assert 6.0 < result.final_estimated_workers < 10.0  # M_hat = 1 + mean staleness
-    applied = formulas.algorithmic_momentum(0.9, formulas.implicit_momentum(8), "additive")
+    applied = rules.algorithmic_momentum(0.9, formulas.implicit_momentum(8), "additive")
     assert abs(result.mean_algorithmic_momentum - applied) < 0.2
 
 
@@ -298,7 +298,7 @@ def test_sweep_writes_the_csv_the_table_the_summary_and_the_figure(tiny_sweep):
         rows = list(csv.DictReader(file))
     assert len(rows) == expected_rows(TINY) == len(result.rows)
     grid_rows = [row for row in rows if row["phase"] == "grid"]
-    assert {row["method"] for row in grid_rows} == {"fixed", *formulas.rule_names()}
+    assert {row["method"] for row in grid_rows} == {"fixed", *rules.rule_names()}
     assert {row["staleness"] for row in grid_rows} == set(TINY.staleness_models)
     assert {row["status"] for row in rows} <= {"converged", "capped", "diverged"}
     chosen = result.learning_rates["quadratic"]
@@ -306,10 +306,10 @@ def test_sweep_writes_the_csv_the_table_the_summary_and_the_figure(tiny_sweep):
     assert chosen.lr == pytest.approx(TINY.lr_safety * chosen.fastest)
 
     table = (out / TABLE_NAME).read_text()
-    for label in ("fixed 0.9", *formulas.rule_names(), "round_robin", "Kendall tau"):
+    for label in ("fixed 0.9", *rules.rule_names(), "round_robin", "Kendall tau"):
         assert label in table
     summary = json.loads((out / SUMMARY_NAME).read_text(), parse_constant=reject_non_json)
-    assert {s["label"] for s in summary["summaries"]} == {"fixed 0.9", *formulas.rule_names()}
+    assert {s["label"] for s in summary["summaries"]} == {"fixed 0.9", *rules.rule_names()}
     assert len(summary["cells"]) == len(TINY.staleness_models) * len(TINY.workers)
     assert (out / FIGURE_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -420,13 +420,16 @@ def copy_cache(source, target):
 
 
 def test_a_new_rule_joins_the_sweep_without_changing_it(monkeypatch, tiny_sweep, tmp_path):
-    def halve(target: float, implicit: float) -> float:
-        return 0.5 * (target - implicit)
+    class Halved(rules.TuningRule):
+        name = "halved"
 
-    def compose(algorithmic: float, implicit: float) -> float:
-        return 2.0 * algorithmic + implicit
+        def algorithmic_momentum(self, target, implicit, *, lr=None, bounds=(-0.9, 0.99)):
+            return formulas.clip_momentum(0.5 * (target - implicit), bounds)
 
-    monkeypatch.setitem(formulas.RULES, "halved", (halve, compose))
+        def total_momentum(self, algorithmic, implicit):
+            return 2.0 * algorithmic + implicit
+
+    monkeypatch.setitem(rules.RULES, "halved", Halved)
     out = copy_cache(tiny_sweep[0], tmp_path / "sweep")  # only the new rule's runs are missing
     config = TINY.with_changes(staleness_models=("geometric",), workers=(8,), momenta=(0.5,))
     result = run_sweep(config, out, jobs=1)
@@ -518,7 +521,7 @@ def test_cli_rules_and_no_meter_select_what_runs():
     assert config_from_args(args).meter_workers == QUICK.meter_workers
     args = sweep_parser().parse_args(["sweep", "--no-meter"])
     assert config_from_args(args).meter_workers == ()
-    assert config_from_args(args).rule_names == formulas.rule_names()
+    assert config_from_args(args).rule_names == rules.rule_names()
 
 
 def _matches(pattern: str, text: str) -> bool:

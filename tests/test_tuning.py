@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.tuning import formulas, rules
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4, 10, 32])
@@ -17,36 +17,48 @@ def test_implicit_momentum_is_one_minus_one_over_m(workers):
 
 
 def test_additive_rule_goes_negative_beyond_ten_workers():
-    bounds = (-0.9, 0.99)
-    assert (
-        formulas.algorithmic_momentum(0.9, formulas.implicit_momentum(1), "additive", bounds) == 0.9
-    )
-    assert formulas.algorithmic_momentum(
-        0.9, formulas.implicit_momentum(10), "additive", bounds
-    ) == pytest.approx(0.0)
-    assert (
-        formulas.algorithmic_momentum(0.9, formulas.implicit_momentum(20), "additive", bounds) < 0
-    )
+    assert formulas.additive_momentum(0.9, formulas.implicit_momentum(1)) == 0.9
+    assert formulas.additive_momentum(0.9, formulas.implicit_momentum(10)) == pytest.approx(0.0)
+    assert formulas.additive_momentum(0.9, formulas.implicit_momentum(20)) < 0
+    assert formulas.additive_total(0.15, 0.75) == pytest.approx(0.9)
 
 
 def test_compositional_rule_matches_low_frequency_gain():
     implicit = formulas.implicit_momentum(4)
-    alg = formulas.algorithmic_momentum(0.9, implicit, "compositional", (-0.99, 0.99))
+    alg = formulas.compositional_momentum(0.9, implicit)
     assert (1 - alg) * (1 - implicit) == pytest.approx(1 - 0.9)
-    assert formulas.total_momentum(alg, implicit, "compositional") == pytest.approx(0.9)
+    assert formulas.compositional_total(alg, implicit) == pytest.approx(0.9)
 
 
-@pytest.mark.parametrize("rule", sorted(formulas.RULES))
-def test_total_inverts_each_rule_when_unclipped(rule):
+@pytest.mark.parametrize(
+    ("solve", "compose"),
+    [
+        (formulas.additive_momentum, formulas.additive_total),
+        (formulas.compositional_momentum, formulas.compositional_total),
+    ],
+)
+def test_total_inverts_each_formula(solve, compose):
     for workers in (1, 1.5, 3):
         implicit = formulas.implicit_momentum(workers)
-        alg = formulas.algorithmic_momentum(0.9, implicit, rule, (-0.99, 0.99))
-        assert formulas.total_momentum(alg, implicit, rule) == pytest.approx(0.9)
+        assert compose(solve(0.9, implicit), implicit) == pytest.approx(0.9)
 
 
 def test_clipping_to_bounds():
-    assert formulas.algorithmic_momentum(0.2, 0.999, "additive", (-0.5, 0.99)) == -0.5
-    assert formulas.algorithmic_momentum(0.95, 0.0, "additive", (-0.5, 0.9)) == 0.9
+    assert formulas.clip_momentum(-0.799, (-0.5, 0.99)) == -0.5
+    assert formulas.clip_momentum(0.95, (-0.5, 0.9)) == 0.9
+    assert formulas.clip_momentum(0.3, (-0.5, 0.9)) == 0.3
+
+
+@pytest.mark.parametrize("rule", ["additive", "compositional"])
+def test_the_convenience_functions_run_the_stateless_rules(rule):
+    # rules.algorithmic_momentum / total_momentum (the package's asyncmomentum.algorithmic_momentum)
+    for workers in (1, 1.5, 3):
+        implicit = formulas.implicit_momentum(workers)
+        alg = rules.algorithmic_momentum(0.9, implicit, rule, (-0.99, 0.99))
+        assert rules.total_momentum(alg, implicit, rule) == pytest.approx(0.9)
+    assert rules.algorithmic_momentum(0.2, 0.999, rule, (-0.5, 0.99)) == -0.5
+    with pytest.raises(ValueError, match="keeps state"):
+        rules.algorithmic_momentum(0.9, 0.5, "stability")
 
 
 @pytest.mark.parametrize("bad", [1.0, -1.0, 1.5, math.nan, "x", None])
@@ -63,7 +75,7 @@ def test_bad_bounds_are_refused(bad):
 
 def test_unknown_rule_and_bad_workers_are_refused():
     with pytest.raises(ValueError, match="rule must be one of"):
-        formulas.check_rule("magic")
+        rules.make_rule("magic")
     with pytest.raises(ValueError, match="workers"):
         formulas.implicit_momentum(0.5)
     with pytest.raises(ValueError, match="mean_staleness"):

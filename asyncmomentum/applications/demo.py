@@ -3,7 +3,7 @@
 Trains :class:`~asyncmomentum.applications.digits.SmallCNN` on scikit-learn's digits twice under
 the same
 asynchrony: once with ``torch.optim.SGD(momentum=0.9)``, what a user does today, and once with
-``AsyncMomentumSGD(target_momentum=0.9)``. Then it prints a table, and writes a CSV of both traces
+``AsyncMomentumSGD(momentum=0.9)``. Then it prints a table, and writes a CSV of both traces
 and a PNG of loss and momentum against updates.
 """
 
@@ -35,7 +35,7 @@ BACKENDS = ("hogwild", "server", "simulate")
 TRACE_FIELDS = ("update", "loss", "staleness", "algorithmic_momentum", "implicit_momentum")
 RUNS = {
     "torch.optim.SGD(momentum=0.9)": "fixed",
-    "AsyncMomentumSGD(target_momentum=0.9)": "tuned",
+    "AsyncMomentumSGD(momentum=0.9)": "tuned",
 }
 
 
@@ -81,7 +81,7 @@ class RunSummary:
 
     label: str
     trace: list[tuple[int, float, float, float, float]] = field(default_factory=list)
-    staleness_mean: float = 0.0
+    mean_staleness: float = 0.0
     estimated_workers: float = 1.0
     implicit_momentum: float = 0.0
     algorithmic_momentum: float = 0.0
@@ -118,7 +118,7 @@ def _make_optimizer(kind: str, lr: float, params: Iterable[nn.Parameter]) -> tor
     if kind == "fixed":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
     # A horizon of a few hundred updates: the demo is short, and the estimate must settle in it.
-    return AsyncMomentumSGD(params, lr=lr, target_momentum=0.9, horizon=200)
+    return AsyncMomentumSGD(params, lr=lr, momentum=0.9, horizon=200)
 
 
 # -- backends -------------------------------------------------------------------------------------
@@ -170,12 +170,12 @@ def _run_hogwild(config: DemoConfig, kind: str, label: str) -> tuple[RunSummary,
     summary = RunSummary(
         label=label,
         trace=[tuple(point[:5]) for point in result.trace],
-        staleness_mean=result.staleness_mean,
+        mean_staleness=result.mean_staleness,
         estimated_workers=result.estimated_workers,
         implicit_momentum=result.implicit_momentum,
         algorithmic_momentum=result.algorithmic_momentum,
         updates=result.total_updates,
-        wall_time=result.wall_time,
+        wall_time=result.train_time,  # from the start signal: process start-up excluded
     )
     return summary, model
 
@@ -228,7 +228,7 @@ def _run_server(config: DemoConfig, kind: str, label: str) -> tuple[RunSummary, 
             (p.update, p.loss, float(p.staleness), p.algorithmic_momentum, p.implicit_momentum)
             for p in server.trace
         ],
-        staleness_mean=server.staleness_mean,
+        mean_staleness=server.mean_staleness,
         estimated_workers=server.estimated_workers,
         implicit_momentum=server.implicit_momentum,
         algorithmic_momentum=server.algorithmic_momentum,
@@ -276,7 +276,7 @@ def _run_simulate(config: DemoConfig, kind: str, label: str) -> tuple[RunSummary
             )
             for i in range(len(history))
         ],
-        staleness_mean=sum(staleness) / max(len(staleness), 1),
+        mean_staleness=sum(staleness) / max(len(staleness), 1),
         estimated_workers=history.estimated_workers[-1] if len(history) else 1.0,
         implicit_momentum=history.implicit_momentum[-1] if len(history) else 0.0,
         algorithmic_momentum=history.algorithmic_momentum[-1] if len(history) else 0.0,
@@ -320,7 +320,7 @@ def format_table(runs: list[RunSummary]) -> str:
         loss = "diverged" if run.diverged else f"{run.train_loss:.4f}"
         acc = "-" if run.diverged else f"{run.test_accuracy:.1%}"
         lines.append(
-            f"{run.label:<39} {run.staleness_mean:>6.2f} {run.estimated_workers:>6.2f} "
+            f"{run.label:<39} {run.mean_staleness:>6.2f} {run.estimated_workers:>6.2f} "
             f"{run.implicit_momentum:>8.3f} {run.algorithmic_momentum:>9.3f} {loss:>10} "
             f"{acc:>8} {run.updates:>7d} {run.wall_time:>5.1f}s"
         )
@@ -365,9 +365,20 @@ def _write_plot(path: Path, runs: list[RunSummary], config: DemoConfig) -> None:
             ax_loss.plot(xs, ys, color=color, lw=0.6, alpha=0.25)
             ax_loss.plot(xs, _moving_average(ys, 25), color=color, lw=1.8, label=run.label)
         name = run.label.split("(")[0]
-        total = [a + i for a, i in zip(algorithmic, implicit)]
-        ax_mom.plot(update, algorithmic, color=color, lw=1.5, label=f"{name}: algorithmic")
-        ax_mom.plot(update, total, color=color, ls=":", lw=1.5, label=f"{name}: total")
+        total = [a + i for a, i in zip(algorithmic, implicit, strict=True)]
+        ax_mom.plot(update, algorithmic, color=color, lw=1.2, label=f"{name}: algorithmic")
+        # The tuned total sits on the target: drawn on top of the target band, with markers.
+        ax_mom.plot(
+            update,
+            total,
+            color=color,
+            lw=2.0,
+            marker="o",
+            markersize=2.5,
+            markevery=max(len(update) // 40, 1),
+            zorder=4,
+            label=f"{name}: total (algorithmic + implicit)",
+        )
         if RUNS[run.label] == "tuned":
             ax_mom.plot(update, implicit, color="grey", ls="--", lw=1, label="implicit 1 - 1/M_hat")
     ax_loss.set(
@@ -375,7 +386,9 @@ def _write_plot(path: Path, runs: list[RunSummary], config: DemoConfig) -> None:
     )
     ax_loss.set_title(f"Loss, {config.workers} asynchronous workers ({config.backend})")
     ax_loss.legend(fontsize=8)
-    ax_mom.axhline(0.9, color="black", lw=0.6, label="target total momentum 0.9")
+    ax_mom.axhline(
+        0.9, color="black", lw=6, alpha=0.15, zorder=1, label="target total momentum 0.9"
+    )
     ax_mom.axhline(1.0, color="black", lw=0.6, ls="--", alpha=0.5)
     ax_mom.set(xlabel="updates applied", ylabel="momentum", ylim=(-1.0, 2.0))
     ax_mom.set_title("Momentum: applied, and in total (algorithmic + implicit)")

@@ -1,142 +1,150 @@
-"""AsyncMomentumSGD: SGD whose momentum is retuned to the asynchrony it measures."""
+"""AsyncMomentumSGD: torch.optim.SGD whose momentum stays what you tuned under asynchrony."""
 
 from __future__ import annotations
 
-import warnings
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from asyncmomentum.core import update as updates
+from asyncmomentum.core.components import CurvatureSchedule, MeterComponent, StepComponent
 from asyncmomentum.core.measuring.meter import MomentumMeter
-from asyncmomentum.core.measuring.staleness import StalenessEstimator, VersionClock, check_staleness
-from asyncmomentum.core.tuning import formulas
-from asyncmomentum.core.tuning.stability import CurvatureEstimator
+from asyncmomentum.core.measuring.staleness import (
+    StalenessEstimator,
+    VersionClock,
+    check_staleness,
+)
+from asyncmomentum.core.tuning import formulas, rules
+from asyncmomentum.core.tuning.rules import TuningRule
 from asyncmomentum.core.tuning.tuner import MomentumTuner
 
 __all__ = ["AsyncMomentumSGD", "NonFiniteGradientError"]
 
-#: Version of the ``"async_momentum"`` entry of :meth:`AsyncMomentumSGD.state_dict`.
-STATE_FORMAT = 1
+#: Version of the ``"async_momentum"`` entry of :meth:`AsyncMomentumSGD.state_dict`. Format 1
+#: (groups with ``target_momentum``, fixed when it was ``None``) is upgraded on load.
+STATE_FORMAT = 2
 _STATE_KEY = "async_momentum"
 
-# The foreach path works on buckets of about this many bytes per tensor list, so that the few
-# passes it makes over a bucket (buffer scale, buffer add, parameter add) hit the CPU cache.
-# Measured on a 2-core x86 CPU with a ResNet-18 parameter list: 5.2 ms per step in 2 MiB
-# buckets, 6.5 ms in one bucket.
-_FOREACH_BUCKET_BYTES = 2 << 20
-
-try:  # Where torch ships a fused SGD kernel.
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    _FUSED_DEVICES = frozenset(_get_fused_kernels_supported_devices())
-except ImportError:  # pragma: no cover - older torch
-    _FUSED_DEVICES = frozenset({"cpu", "cuda"})
+#: What a parameter group that lacks a key (an older state dict) gets, as torch's SGD does.
+_GROUP_DEFAULTS: dict[str, Any] = {
+    "dampening": 0.0,
+    "weight_decay": 0.0,
+    "nesterov": False,
+    "maximize": False,
+    "foreach": None,
+    "differentiable": False,
+    "fused": None,
+    "tune": True,
+}
 
 
 class NonFiniteGradientError(RuntimeError):
     """A gradient held NaN or inf; the step was refused and nothing was changed."""
 
 
-class AsyncMomentumSGD(Optimizer):
-    r"""SGD with momentum tuned to the asynchrony it runs under.
+@dataclass
+class _AsyncState:
+    """Everything this optimizer keeps beyond torch's ``state`` and ``param_groups``: one
+    object, so that pickling and copying carry all of it without a list of names."""
 
-    A drop-in for :class:`torch.optim.SGD`. Asynchronous training (Hogwild, parameter servers,
-    delayed gradients) adds an *implicit* momentum ``1 - 1/M`` for ``M`` asynchronous workers
-    (Mitliagkas et al., 2016). This optimizer measures the staleness of every gradient it applies,
-    estimates ``M`` from it and applies the *algorithmic* momentum that brings the total to
-    ``target_momentum``: ``target - (1 - 1/M)`` by default, negative under high asynchrony.
+    nonfinite: str
+    clock: VersionClock
+    tuner: MomentumTuner
+    components: dict[str, StepComponent] = field(default_factory=dict)
+    version_read: int = 0
+    last_staleness: int = 0
+    skipped_steps: int = 0
+    last_applied_momentum: float = 0.0
+
+
+class AsyncMomentumSGD(Optimizer):
+    r"""torch.optim.SGD whose momentum stays what you tuned under asynchrony.
+
+    Swap it for :class:`torch.optim.SGD` and keep your arguments: ``momentum`` is the momentum
+    you tuned, the *total* to keep. Asynchronous training (Hogwild, parameter servers, delayed
+    gradients) adds an *implicit* momentum ``1 - 1/M`` for ``M`` asynchronous workers
+    (Mitliagkas et al., 2016); this optimizer measures the staleness of every gradient it
+    applies, estimates ``M`` and applies the *algorithmic* momentum that brings the total back
+    to ``momentum``: ``momentum - (1 - 1/M)`` by default, negative under high asynchrony. With no
+    asynchrony it is :class:`torch.optim.SGD`, step for step. ``tune=False`` applies
+    ``momentum`` as given (a plain SGD that also accepts negative momentum).
 
     Staleness is measured with a version clock: :meth:`zero_grad` (which a training loop calls
     right before the forward pass) notes the version the next gradient is computed from, and
     :meth:`step` takes the difference. Systems that know the staleness pass
-    ``step(staleness=tau)``. Without :meth:`zero_grad` (or :meth:`mark_read`), staleness is
-    counted from this optimizer's own previous step.
-
-    The update is the one of :class:`torch.optim.SGD` (heavy ball, optionally Nesterov, with
-    dampening, weight decay and ``maximize``); with a fixed ``momentum`` and no asynchrony it
-    reproduces :class:`torch.optim.SGD` step for step, and it also accepts negative momentum.
+    ``step(staleness=tau)``.
 
     Args:
-        params: iterable of parameters or of dicts defining parameter groups; a group may set
-            any argument below that has a per-group meaning (``lr``, ``target_momentum``,
-            ``momentum``, ``dampening``, ``weight_decay``, ``nesterov``, ``maximize``,
-            ``foreach``, ``fused``).
+        params: iterable of parameters (or named parameters) or of dicts defining parameter
+            groups; a group may set any argument from ``lr`` to ``fused`` and ``tune``.
         lr: learning rate (float or 1-element tensor), >= 0.
-        target_momentum: total momentum (algorithmic + implicit) to aim for, in (-1, 1).
-        momentum: if given, a fixed algorithmic momentum in (-1, 1): tuning is off and this is
-            a plain SGD that also accepts negative momentum. Staleness is still measured.
+        momentum: the momentum you tuned, in (-1, 1): the total (algorithmic + implicit) to
+            keep, or with ``tune=False`` the momentum to apply.
         dampening: dampening of the momentum buffer, as in :class:`torch.optim.SGD`.
         weight_decay: L2 penalty, >= 0.
-        nesterov: Nesterov momentum. A fixed momentum must then be > 0 and dampening 0.
+        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
         maximize: maximize the objective instead of minimizing it.
-        foreach: ``True`` for the multi-tensor path (torch's fused multi-tensor kernel where the
-            device and dtype have it, else ``torch._foreach_*`` ops on cache-sized buckets),
-            ``False`` for the per-tensor loop, ``None`` to choose (see ``fused``).
-        fused: ``True`` for torch's fused SGD kernel. When both ``foreach`` and ``fused`` are
-            ``None`` the fused kernel is used where the device and dtype have it (the fastest
-            path), else foreach on accelerators and the per-tensor loop otherwise.
-        rule: how the algorithmic momentum is set (see
-        :class:`~asyncmomentum.core.tuning.tuner.MomentumTuner`):
-            ``"additive"`` (``target - (1 - 1/M)``, the default), ``"compositional"``,
-            ``"closed_loop"`` (the additive rule corrected by feedback from the momentum meter,
-            which it switches on) or ``"stability"`` (the largest momentum the delayed heavy ball
-            tolerates for the observed staleness histogram and ``lr * lambda_max``; needs a
-            ``curvature_probe`` or calls to :meth:`estimate_curvature`).
+        foreach: ``True`` for the multi-tensor path, ``False`` for the per-tensor loop,
+            ``None`` to choose as torch does (see :func:`~asyncmomentum.core.update.choose_update`).
+        differentiable: accepted for torch's signature; ``True`` raises (not supported).
+        fused: ``True`` for torch's fused kernel, ``False`` to never use it, ``None`` to choose.
+        tune: retune the applied momentum to the measured staleness (default). ``False`` fixes
+            it at ``momentum``; the tuning options below then must keep their defaults.
+        rule: how the algorithmic momentum is set, a name in
+            :func:`asyncmomentum.core.tuning.rules.rule_names` or a rule object (``None``: the
+            default): ``"additive"`` (``momentum - (1 - 1/M)``), ``"compositional"``,
+            ``"closed_loop"``
+            (the additive rule corrected by the momentum meter, which it switches on) or
+            ``"stability"`` (needs a ``curvature_probe`` or calls to
+            :meth:`estimate_curvature`).
         momentum_bounds: ``(low, high)`` clip range of the tuned momentum, inside (-1, 1).
         workers: known number of asynchronous workers; skips estimation.
-        horizon: span, in updates, of the staleness moving average (see
-            :class:`~asyncmomentum.core.measuring.staleness.StalenessEstimator`).
+        horizon: span, in updates, of the staleness moving average.
         warmup: observations before the estimate leaves ``M = 1``.
         nonfinite: what a NaN or inf gradient does: ``"raise"`` a
             :class:`NonFiniteGradientError` or ``"skip"`` the step (counted in
             :attr:`skipped_steps`). Either way parameters, buffers, clock and tuner are untouched.
-        measure_momentum: run a :class:`~asyncmomentum.core.measuring.meter.MomentumMeter` that
-        measures the
-            total momentum from the trajectory (see :attr:`measured_total_momentum`): about
-            0.25 ms per step and a fit every 256 steps on 11.7M parameters (it samples 512
-            coordinates). It needs one process to see every update in order (a simulator, a
-            parameter server, Lightning): not Hogwild workers. ``rule="closed_loop"`` turns it on.
-        meter_options: keyword arguments of the
-        :class:`~asyncmomentum.core.measuring.meter.MomentumMeter`
-            (e.g. ``refresh``, the updates between readings, which the closed loop acts on).
-        rule_options: keyword arguments of the feedback rule (``"closed_loop"``:
-            :class:`~asyncmomentum.core.measuring.meter.ClosedLoopController`, e.g. ``gain``;
-            ``"stability"``:
-            :class:`~asyncmomentum.core.tuning.stability.StabilityRule`, e.g. ``curvature_margin``).
-        curvature_probe: for ``rule="stability"``: a callable with no arguments that returns a
-            scalar loss of the current parameters with its graph (a forward pass on a probe
-            batch, no ``backward``). Every ``curvature_every`` updates, :meth:`step` runs a few
-            Hessian-vector products on it (a
-            :class:`~asyncmomentum.core.tuning.stability.CurvatureEstimator`)
-            to estimate ``lambda_max``. Gradients and parameters are left alone.
+        measure_momentum: measure the total momentum from the trajectory with a
+            :class:`~asyncmomentum.core.measuring.meter.MomentumMeter` (see
+            :attr:`measured_total_momentum`). It needs one process to see every update in order
+            (a simulator, a parameter server, Lightning): not Hogwild workers.
+        meter_options: keyword arguments of the meter (e.g. ``refresh``).
+        rule_options: keyword arguments of the feedback rule (e.g. ``gain`` for
+            ``"closed_loop"``, ``curvature_margin`` for ``"stability"``).
+        curvature_probe: for ``rule="stability"``: returns a scalar loss of the current
+            parameters with its graph (no ``backward``); every ``curvature_every`` updates,
+            :meth:`step` estimates ``lambda_max`` on it with Hessian-vector products.
         curvature_every: updates between curvature estimates (>= 1).
 
     Example:
         >>> model = torch.nn.Linear(4, 1)
-        >>> opt = AsyncMomentumSGD(model.parameters(), lr=0.05, target_momentum=0.9)
+        >>> opt = AsyncMomentumSGD(model.parameters(), lr=0.05, momentum=0.9)
         >>> opt.zero_grad()
         >>> model(torch.randn(8, 4)).pow(2).mean().backward()
-        >>> _ = opt.step()
+        >>> _ = opt.step(staleness=3)
     """
 
     def __init__(
         self,
         params: ParamsT,
         lr: float | Tensor = 1e-3,
-        target_momentum: float = 0.9,
-        *,
-        momentum: float | None = None,
+        momentum: float = 0.0,
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
+        *,
         maximize: bool = False,
         foreach: bool | None = None,
+        differentiable: bool = False,
         fused: bool | None = None,
-        rule: str = "additive",
+        tune: bool = True,
+        rule: str | TuningRule | None = None,
         momentum_bounds: tuple[float, float] = formulas.DEFAULT_MOMENTUM_BOUNDS,
         workers: float | None = None,
         horizon: int = 1000,
@@ -148,236 +156,267 @@ class AsyncMomentumSGD(Optimizer):
         curvature_probe: Callable[[], Tensor] | None = None,
         curvature_every: int = 100,
     ) -> None:
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-        if (
-            isinstance(curvature_every, bool)
-            or not isinstance(curvature_every, int)
-            or curvature_every < 1
-        ):
-            raise ValueError(f"curvature_every must be an integer >= 1, got {curvature_every!r}")
-        # The tuner exists before the groups: adding a group sets its first momentum from it.
-        self.nonfinite = nonfinite
-        self._clock = VersionClock()
-        # The tuner's own target is unused: every group carries its target_momentum.
-        self._tuner_options: dict[str, Any] = {
-            "rule": rule,
-            "momentum_bounds": momentum_bounds,
-            "workers": workers,
-            "horizon": horizon,
-            "warmup": warmup,
-            "rule_options": rule_options,
-        }
-        self._tuner = MomentumTuner(**self._tuner_options)
-        self._curvature_probe: Callable[[], Tensor] | None = None
-        self.curvature_probe = curvature_probe
-        self.curvature_every = curvature_every
-        self._curvature_estimator: CurvatureEstimator | None = None
-        self._curvature_version: int | None = None  # clock value at the last estimate
-        self._warned_no_curvature = False
-        self._version_read = 0
-        self._last_staleness = 0
-        self._skipped_steps = 0
         defaults = {
             "lr": lr,
-            "target_momentum": None if momentum is not None else target_momentum,
             "momentum": momentum,
             "dampening": dampening,
             "weight_decay": weight_decay,
             "nesterov": nesterov,
             "maximize": maximize,
             "foreach": foreach,
+            "differentiable": differentiable,
             "fused": fused,
+            "tune": tune,
         }
+        # Every argument is checked before anything is built, as torch does.
+        _check_group(defaults)
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if not tune:
+            contradictions = {
+                "rule": rule is not None,
+                "workers": workers is not None,
+                "rule_options": bool(rule_options),
+                "curvature_probe": curvature_probe is not None,
+            }
+            given = [name for name, set_ in contradictions.items() if set_]
+            if given:
+                raise ValueError(
+                    f"tune=False fixes the momentum, so {', '.join(given)} would have no effect; "
+                    "drop tune=False to tune, or drop these arguments"
+                )
+        tuner_options: dict[str, Any] = {  # the tuner checks them
+            "rule": rules.DEFAULT_RULE if rule is None else rule,
+            "momentum_bounds": momentum_bounds,
+            "workers": workers,
+            "horizon": horizon,
+            "warmup": warmup,
+            "rule_options": rule_options,
+        }
+        # The tuner's own target is unused: every group carries its momentum.
+        self._async = _AsyncState(
+            nonfinite=nonfinite,
+            clock=VersionClock(),
+            tuner=MomentumTuner(**tuner_options),
+        )
         super().__init__(params, defaults)
-        # The closed loop feeds on the meter's readings.
-        measured = measure_momentum or self._tuner.rule == "closed_loop"
-        self._meter = None
-        if measured:
-            options = {"rule": rule, **(meter_options or {})}
+        self._register_state_hook()
+        if any(group["fused"] for group in self.param_groups):
+            # torch.amp.GradScaler hands the fused kernel its scale instead of unscaling.
+            self._step_supports_amp_scaling = True
+        self._attach_components(measure_momentum, meter_options, curvature_probe, curvature_every)
+
+    def _attach_components(
+        self,
+        measure_momentum: bool,
+        meter_options: dict[str, Any] | None,
+        curvature_probe: Callable[[], Tensor] | None,
+        curvature_every: int,
+    ) -> None:
+        tuner = self._async.tuner
+        components = self._async.components
+        if tuner.uses_curvature:
+            components["curvature"] = CurvatureSchedule(curvature_probe, curvature_every)
+        elif curvature_probe is not None:
+            raise ValueError(
+                "curvature_probe is used by rule='stability' only; "
+                f"this optimizer's rule is {tuner.rule_name!r}"
+            )
+        if measure_momentum or tuner.uses_meter:
+            options = {"rule": tuner.rule, **(meter_options or {})}
             try:
-                self._meter = MomentumMeter(self.param_groups, **options)
+                components["meter"] = MeterComponent(MomentumMeter(self.param_groups, **options))
             except TypeError as error:
                 raise ValueError(f"meter_options: {error}") from None
         elif meter_options:
             raise ValueError("meter_options need measure_momentum=True (or rule='closed_loop')")
 
+    def _register_state_hook(self) -> None:
+        # torch's state_dict() gets the "async_momentum" entry from the first post hook, so that
+        # the user's own state_dict post hooks see the whole state.
+        self.register_state_dict_post_hook(_add_async_state, prepend=True)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_async" in state:  # an unpickled optimizer: torch's hooks were not pickled
+            self._register_state_hook()
+        # State dicts and pickles of older versions lack some keys: torch's defaults apply.
+        for group in self.param_groups:
+            for key, value in _GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_async"] = self._async
+        return state
+
     # -- groups -------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group; its ``momentum`` fixes it, its ``target_momentum`` tunes it.
+        """Add a parameter group; it may set any per-group argument, ``tune`` included.
 
         Args:
             param_group: a dict with ``params`` and any per-group option.
         """
-        fixed, target = param_group.get("momentum"), param_group.get("target_momentum")
-        if fixed is not None and target is not None:
+        if "target_momentum" in param_group:
             raise ValueError(
-                "a parameter group takes either momentum (fixed, no tuning) or target_momentum "
-                f"(tuned), not both; got momentum={fixed!r}, target_momentum={target!r}"
+                "parameter groups take 'momentum' (the total you tuned) and 'tune'; "
+                "'target_momentum' is the old name of 'momentum'"
             )
-        if fixed is not None:
-            param_group["target_momentum"] = None
-        elif target is not None:
-            param_group["momentum"] = None
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        _check_group(merged)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        try:
-            self._validate_group(group)
-        except ValueError:
-            self.param_groups.pop()
-            raise
-        if group["target_momentum"] is not None:
-            group["momentum"] = self._tuned_momentum(group)
-
-    @staticmethod
-    def _validate_group(group: dict[str, Any]) -> None:
-        lr = group["lr"]
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError(f"lr as a tensor must have exactly 1 element, got shape {lr.shape}")
-        if not float(lr) >= 0.0:
-            raise ValueError(f"lr must be >= 0, got {float(lr)!r}")
-        if not float(group["weight_decay"]) >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
-        if not 0.0 <= float(group["dampening"]) <= 1.0:
-            raise ValueError(f"dampening must lie in [0, 1], got {group['dampening']!r}")
-        if group["target_momentum"] is not None:
-            group["target_momentum"] = formulas.check_momentum(group["target_momentum"])
-        elif group["momentum"] is None:
-            raise ValueError("give target_momentum (tuned) or momentum (fixed); both are None")
-        else:
-            group["momentum"] = formulas.check_momentum(group["momentum"], "momentum")
-        if group["nesterov"]:
-            if group["dampening"] != 0:
-                raise ValueError(
-                    f"nesterov requires dampening=0, got dampening={group['dampening']!r}"
-                )
-            if group["target_momentum"] is None and group["momentum"] <= 0:
-                raise ValueError(
-                    f"nesterov requires a momentum > 0, got momentum={group['momentum']!r}; "
-                    "drop nesterov or use a positive momentum"
-                )
-        if group["fused"] and group["foreach"]:
-            raise ValueError("fused=True and foreach=True cannot be used together; pick one")
-        if group["fused"]:
-            for p in group["params"]:
-                if not (p.is_floating_point() and p.device.type in _FUSED_DEVICES):
-                    raise ValueError(
-                        "fused=True needs floating-point parameters on one of "
-                        f"{sorted(_FUSED_DEVICES)}, got {p.dtype} on {p.device}"
-                    )
+        for key in ("momentum", "dampening", "weight_decay"):
+            group[key] = float(group[key])
 
     # -- what the tuner sees ------------------------------------------------------------------
 
     @property
+    def nonfinite(self) -> str:
+        """What a NaN or inf gradient does: ``"raise"`` or ``"skip"``."""
+        return self._async.nonfinite
+
+    @property
     def clock(self) -> VersionClock:
         """The version clock this optimizer bumps at every applied update."""
-        return self._clock
+        return self._async.clock
 
     @property
     def tuner(self) -> MomentumTuner:
         """The tuner that turns measured staleness into this optimizer's momentum."""
-        return self._tuner
+        return self._async.tuner
 
     @property
     def estimator(self) -> StalenessEstimator:
         """The staleness estimator this optimizer feeds."""
-        return self._tuner.estimator
+        return self._async.tuner.estimator
 
     @property
-    def rule(self) -> str:
-        """The tuning rule's name."""
-        return self._tuner.rule
+    def rule(self) -> Any:
+        """The tuning rule."""
+        return self._async.tuner.rule
 
     @property
     def momentum_bounds(self) -> tuple[float, float]:
         """Clip range of the tuned momentum."""
-        return self._tuner.momentum_bounds
+        return self._async.tuner.momentum_bounds
+
+    @property
+    def tunes(self) -> bool:
+        """Whether any parameter group retunes its momentum to the measured staleness."""
+        return any(group["tune"] for group in self.param_groups)
+
+    def applied_momentum(self, group: dict[str, Any]) -> float:
+        """The momentum a parameter group applies now: tuned from its ``momentum``, or fixed.
+
+        Args:
+            group: one of :attr:`param_groups`.
+        """
+        if not group["tune"]:
+            return float(group["momentum"])
+        return self._async.tuner.algorithmic_momentum(
+            float(group["momentum"]), lr=_to_scalar(group["lr"])
+        )
 
     @property
     def implicit_momentum(self) -> float:
         """Implicit momentum ``1 - 1/M_hat`` of the measured asynchrony."""
-        return self._tuner.estimator.implicit_momentum
+        return self._async.tuner.estimator.implicit_momentum
 
     @property
     def algorithmic_momentum(self) -> float:
-        """Momentum the first parameter group applies (tuned or fixed).
+        """Momentum the first parameter group applies now (tuned or fixed).
 
         A tuned group's value comes from the tuner, so it is current also in a process that
         shares the estimate with Hogwild workers but did not step itself.
         """
-        group = self.param_groups[0]
-        if group["target_momentum"] is None:
-            return float(group["momentum"])
-        return self._tuned_momentum(group)
+        return self.applied_momentum(self.param_groups[0])
 
-    def _tuned_momentum(self, group: dict[str, Any]) -> float:
-        return self._tuner.algorithmic_momentum(
-            group["target_momentum"], lr=_to_scalar(group["lr"])
-        )
+    @property
+    def last_applied_momentum(self) -> float:
+        """Momentum the first parameter group applied in the latest update."""
+        return self._async.last_applied_momentum
 
     @property
     def total_momentum(self) -> float:
         """Algorithmic and implicit momentum composed under :attr:`rule`, for the first group."""
-        return self._tuner.total_momentum(self.algorithmic_momentum)
+        return self._async.tuner.total_momentum(self.algorithmic_momentum)
 
     @property
     def estimated_workers(self) -> float:
         """``M_hat``, the estimated number of asynchronous workers."""
-        return self._tuner.estimator.estimated_workers
+        return self._async.tuner.estimator.estimated_workers
 
     @property
-    def staleness_mean(self) -> float:
+    def mean_staleness(self) -> float:
         """Moving average of the staleness of applied gradients."""
-        return self._tuner.estimator.mean
+        return self._async.tuner.estimator.mean
 
     @property
     def last_staleness(self) -> int:
         """Staleness of the most recently applied gradient."""
-        return self._last_staleness
+        return self._async.last_staleness
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (with ``nonfinite="skip"``)."""
+        return self._async.skipped_steps
+
+    @property
+    def components(self) -> dict[str, StepComponent]:
+        """The parts attached to every update (``"meter"``, ``"curvature"``), by name."""
+        return dict(self._async.components)
+
+    @property
+    def meter(self) -> MomentumMeter | None:
+        """The momentum meter (with ``measure_momentum=True`` or ``rule="closed_loop"``)."""
+        component = self._async.components.get("meter")
+        return component.meter if isinstance(component, MeterComponent) else None
 
     @property
     def measured_total_momentum(self) -> float | None:
         """Total momentum measured from the trajectory by the momentum meter.
 
-        ``None`` without ``measure_momentum=True`` or before the meter has enough updates. With no
-        asynchrony it reads the algorithmic momentum; under asynchrony, algorithmic plus
-        implicit (see ``docs/momentum-meter.md`` for the derivation and its limits).
+        ``None`` without the meter or before it has enough updates (see
+        ``docs/momentum-meter.md``).
         """
-        return None if self._meter is None else self._meter.measured_total_momentum
-
-    @property
-    def curvature_probe(self) -> Callable[[], Tensor] | None:
-        """The loss :meth:`step` estimates the curvature on (``rule="stability"``); settable,
-        e.g. once the model it needs exists."""
-        return self._curvature_probe
-
-    @curvature_probe.setter
-    def curvature_probe(self, probe: Callable[[], Tensor] | None) -> None:
-        if probe is not None and not callable(probe):
-            raise ValueError(f"curvature_probe must be a callable, got {probe!r}")
-        if probe is not None and self._tuner.rule != "stability":
-            raise ValueError(
-                "curvature_probe is used by rule='stability' only; "
-                f"this optimizer's rule is {self._tuner.rule!r}"
-            )
-        self._curvature_probe = probe
-
-    @property
-    def meter(self) -> MomentumMeter | None:
-        """The momentum meter (with ``measure_momentum=True`` or ``rule="closed_loop"``)."""
-        return self._meter
+        meter = self.meter
+        return None if meter is None else meter.measured_total_momentum
 
     @property
     def curvature(self) -> float | None:
         """``lambda_max`` the stability rule works with (``None`` for other rules, or before
         the first estimate)."""
-        return self._tuner.curvature
+        return self._async.tuner.curvature
+
+    def _curvature_schedule(self) -> CurvatureSchedule:
+        schedule = self._async.components.get("curvature")
+        if not isinstance(schedule, CurvatureSchedule):
+            raise ValueError(
+                "the curvature feeds rule='stability'; this optimizer's rule is "
+                f"{self._async.tuner.rule_name!r}"
+            )
+        return schedule
 
     @property
-    def skipped_steps(self) -> int:
-        """Steps skipped for a non-finite gradient (with ``nonfinite="skip"``)."""
-        return self._skipped_steps
+    def curvature_probe(self) -> Callable[[], Tensor] | None:
+        """The loss :meth:`step` estimates the curvature on (``rule="stability"``); settable,
+        e.g. once the model it needs exists."""
+        schedule = self._async.components.get("curvature")
+        return schedule.probe if isinstance(schedule, CurvatureSchedule) else None
+
+    @curvature_probe.setter
+    def curvature_probe(self, probe: Callable[[], Tensor] | None) -> None:
+        if probe is None and "curvature" not in self._async.components:
+            return
+        self._curvature_schedule().probe = probe
+
+    @property
+    def curvature_every(self) -> int | None:
+        """Updates between curvature estimates (``None`` for rules without curvature)."""
+        schedule = self._async.components.get("curvature")
+        return schedule.every if isinstance(schedule, CurvatureSchedule) else None
 
     def estimate_curvature(self, loss_fn: Callable[[], Tensor] | None = None) -> float:
         """Estimate the largest curvature ``lambda_max`` now and hand it to the stability rule.
@@ -390,49 +429,13 @@ class AsyncMomentumSGD(Optimizer):
                 ``curvature_probe``). Parameters and gradients are left untouched.
 
         Returns:
-            The estimate of ``lambda_max`` (the largest of the estimator's recent ones).
+            The estimate of ``lambda_max``.
         """
-        if self._tuner.rule != "stability":
-            raise ValueError(
-                f"estimate_curvature feeds rule='stability'; this optimizer's rule is "
-                f"{self._tuner.rule!r}"
-            )
-        loss_fn = loss_fn or self._curvature_probe
-        if loss_fn is None:
-            raise ValueError(
-                "estimate_curvature needs a loss_fn, or a curvature_probe at construction"
-            )
-        if self._curvature_estimator is None:
-            params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
-            self._curvature_estimator = CurvatureEstimator(params, history=1)
-        self._curvature_estimator.estimate(loss_fn)
-        value = self._curvature_estimator.value
-        assert value is not None
-        self._tuner.observe_curvature(value)
-        self._curvature_version = self._clock.value
-        return value
-
-    def _curvature_due(self) -> bool:
-        if self._tuner.rule != "stability":
-            return False
-        if self._curvature_probe is None:
-            if self._tuner.curvature is None and not self._warned_no_curvature:
-                self._warned_no_curvature = True
-                warnings.warn(
-                    "rule='stability' has no curvature yet and no curvature_probe: it follows the "
-                    "additive rule until estimate_curvature() is called",
-                    stacklevel=3,
-                )
-            return False
-        return (
-            self._curvature_version is None
-            or self._tuner.curvature is None
-            or self._clock.value - self._curvature_version >= self.curvature_every
-        )
+        return self._curvature_schedule().estimate(self, loss_fn)
 
     def mark_read(self) -> None:
         """Note that the parameters were just read: the next gradient is computed from them."""
-        self._version_read = self._clock.value
+        self._async.version_read = self._async.clock.value
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset gradients and mark the parameters as read (see :meth:`mark_read`).
@@ -479,12 +482,18 @@ class AsyncMomentumSGD(Optimizer):
                 loss = closure()
         if staleness is not None:
             staleness = check_staleness(staleness)
-
+        run = self._async
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item() != 0):
+            return loss  # torch.amp.GradScaler found inf: this step is skipped, as torch does
         gathered = [self._gather(group) for group in self.param_groups]
-        bad = _first_nonfinite(gathered)
+        if not any(grads for _, grads, _ in gathered):
+            return loss  # no gradient at all: nothing to apply, no update to count
+        self._check_before_update(gathered)
+        bad = updates.first_nonfinite(gathered)
         if bad is not None:
-            if self.nonfinite == "skip":
-                self._skipped_steps += 1
+            if run.nonfinite == "skip":
+                run.skipped_steps += 1
                 return loss
             group_index, index, shape = bad
             raise NonFiniteGradientError(
@@ -493,72 +502,89 @@ class AsyncMomentumSGD(Optimizer):
                 "buffers and the staleness tuner are unchanged. Lower the learning rate, clip "
                 "gradients, or pass nonfinite='skip' to drop such steps."
             )
-
-        if self._curvature_due():
-            # Before the update and before the clock moves: if the probe raises, nothing changed.
-            self.estimate_curvature()
+        for component in run.components.values():
+            component.before_update(self)
 
         # Claim this update's version atomically: the staleness is exact under concurrency.
-        version = self._clock.tick()
-        tau = staleness if staleness is not None else max(version - self._version_read, 0)
-        self._tuner.observe(tau)
-        self._last_staleness = tau
-
-        for group, (params, grads, buffers) in zip(self.param_groups, gathered):
-            if group["target_momentum"] is not None:
-                group["momentum"] = self._tuned_momentum(group)
+        version = run.clock.tick()
+        tau = staleness if staleness is not None else max(version - run.version_read, 0)
+        run.tuner.observe(tau)
+        run.last_staleness = tau
+        for index, (group, (params, grads, buffers)) in enumerate(
+            zip(self.param_groups, gathered, strict=True)
+        ):
+            momentum = self.applied_momentum(group)
+            if index == 0:
+                run.last_applied_momentum = momentum
             if params:
-                self._update_group(group, params, grads, buffers)
-        if self._meter is not None:
-            # The gradient was computed at version - tau: the meter attributes it there. A
-            # staleness reported beyond the start of this optimizer's clock (a caller's own
-            # count, a resumed job) dates the gradient to the oldest version there is.
-            self._meter.record(version, max(version - tau, 0))
-            if self._tuner.rule == "closed_loop":
-                self._tuner.observe_reading(self._meter.reading)
-        self._version_read = version + 1
+                self._update_group(group, momentum, params, grads, buffers)
+        for component in run.components.values():
+            component.after_update(self, version, tau)
+        run.version_read = version + 1
         return loss
 
-    def _uses_buffer(self, group: dict[str, Any]) -> bool:
+    def _check_before_update(self, gathered: list[tuple[list, list, list]]) -> None:
+        """What torch checks at ``step``: the fused kernel's devices and dtypes, AMP's scale."""
+        grad_scale = getattr(self, "grad_scale", None)
+        for group, (params, grads, _) in zip(self.param_groups, gathered, strict=True):
+            if group["fused"]:
+                updates.check_fused_support(params)
+            elif grad_scale is not None and grads:
+                raise RuntimeError(
+                    "a grad_scale was set (torch.amp.GradScaler) for a parameter group without "
+                    "fused=True: only the fused kernel unscales; unscale the gradients first"
+                )
+
+    def _uses_buffer(self, group: dict[str, Any], momentum: float) -> bool:
         # A tuned group keeps its velocity even when the tuned momentum passes through zero.
-        return group["target_momentum"] is not None or group["momentum"] != 0
+        return momentum != 0 or (group["tune"] and group["momentum"] != 0)
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Any]]:
         params, grads, buffers = [], [], []
-        with_buffer = self._uses_buffer(group)
         for p in group["params"]:
             if p.grad is None:
                 continue
             params.append(p)
             grads.append(p.grad)
-            buffers.append(self.state[p].get("momentum_buffer") if with_buffer else None)
+            # Not self.state[p]: the defaultdict would leave an empty entry, which torch does not.
+            state = self.state.get(p)
+            buffers.append(None if state is None else state.get("momentum_buffer"))
         return params, grads, buffers
 
     def _update_group(
         self,
         group: dict[str, Any],
+        momentum: float,
         params: list[Tensor],
         grads: list[Tensor],
         buffers: list[Tensor | None],
     ) -> None:
-        with_buffer = self._uses_buffer(group)
-        hyper = {
+        with_buffer = self._uses_buffer(group, momentum)
+        hyper: dict[str, Any] = {
             "lr": _to_scalar(group["lr"]),
-            "momentum": float(group["momentum"]),
+            "momentum": momentum,
             "dampening": float(group["dampening"]),
             "weight_decay": float(group["weight_decay"]),
             "nesterov": bool(group["nesterov"]),
             "maximize": bool(group["maximize"]),
             "with_buffer": with_buffer,
         }
-        update = _choose_update(group, params, grads)
-        if update is _fused_update and with_buffer and hyper["momentum"] == 0.0:
-            # The fused kernel leaves buffers alone at momentum 0; the other paths set buf = grad.
-            update = _multi_tensor_update
+        update = updates.choose_update(group, params, grads)
+        grad_scale = getattr(self, "grad_scale", None)
+        if update is updates.fused_update:
+            if with_buffer and momentum == 0.0 and grad_scale is None:
+                # The fused kernel leaves buffers alone at momentum 0; the others set buf = grad.
+                update = updates.multi_tensor_update
+            else:
+                hyper["grad_scale"] = grad_scale
+        if not with_buffer:
+            buffers = [None] * len(params)
         update(params, grads, buffers, **hyper)
         if with_buffer:
-            for p, buf in zip(params, buffers):
-                self.state[p]["momentum_buffer"] = buf
+            for p, buf in zip(params, buffers, strict=True):
+                state = self.state[p]
+                if state.get("momentum_buffer") is not buf:
+                    state["momentum_buffer"] = buf
 
     # -- sharing and state --------------------------------------------------------------------
 
@@ -574,33 +600,32 @@ class AsyncMomentumSGD(Optimizer):
             self.
         """
         for group in self.param_groups:
+            with_buffer = self._uses_buffer(group, self.applied_momentum(group))
             for p in group["params"]:
                 p.data.share_memory_()
-                if self._uses_buffer(group):
+                if with_buffer:
                     state = self.state[p]
                     if state.get("momentum_buffer") is None:
                         state["momentum_buffer"] = torch.zeros_like(
                             p, memory_format=torch.preserve_format
                         )
                     state["momentum_buffer"].share_memory_()
-        self._clock.share_memory()
-        self._tuner.share_memory()
+        self._async.clock.share_memory()
+        self._async.tuner.share_memory()
         return self
 
-    def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state plus an ``"async_momentum"`` entry with the tuner's state."""
-        state = super().state_dict()
-        state[_STATE_KEY] = {
+    def _async_state_dict(self) -> dict[str, Any]:
+        """The ``"async_momentum"`` entry of :meth:`state_dict`."""
+        run = self._async
+        return {
             "format": STATE_FORMAT,
-            "clock": self._clock.state_dict(),
-            "tuner": self._tuner.state_dict(),
-            "version_read": self._version_read,
-            "last_staleness": self._last_staleness,
-            "skipped_steps": self._skipped_steps,
-            "meter": None if self._meter is None else self._meter.state_dict(),
-            "curvature_version": self._curvature_version,
+            "clock": run.clock.state_dict(),
+            "tuner": run.tuner.state_dict(),
+            "version_read": run.version_read,
+            "last_staleness": run.last_staleness,
+            "skipped_steps": run.skipped_steps,
+            "components": {name: c.state_dict() for name, c in run.components.items()},
         }
-        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`; a bad checkpoint raises and changes nothing.
@@ -608,258 +633,163 @@ class AsyncMomentumSGD(Optimizer):
         Args:
             state_dict: a dict returned by :meth:`state_dict` of an ``AsyncMomentumSGD``.
         """
-        extra = state_dict.get(_STATE_KEY) if isinstance(state_dict, dict) else None
-        if extra is None:
+        state_dict, extra = _upgraded(state_dict)
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list):
+            raise ValueError("this state_dict has no list of 'param_groups'")
+        for index, saved in enumerate(groups):
+            merged = {**_GROUP_DEFAULTS, **self.defaults, **saved}
+            try:
+                _check_group(merged)
+            except (ValueError, RuntimeError) as error:
+                raise ValueError(f"param group {index} of this state_dict: {error}") from None
+        self._check_buffers(state_dict)
+        # Validate the extra state on throwaway objects before touching our own.
+        try:
+            VersionClock().load_state_dict(extra["clock"])
+            self._async.tuner.check_state_dict(extra["tuner"])
+            version_read = int(extra["version_read"])
+            last_staleness = int(extra["last_staleness"])
+            skipped_steps = int(extra["skipped_steps"])
+            saved_components = extra.get("components") or {}
+            for name, component in self._async.components.items():
+                if name in saved_components:
+                    component.check_state_dict(saved_components[name])
+        except (KeyError, TypeError) as error:
             raise ValueError(
-                f"this state_dict has no {_STATE_KEY!r} entry: it was not written by "
-                "AsyncMomentumSGD (a torch.optim.SGD checkpoint?). Load it into torch.optim.SGD, "
-                "or start AsyncMomentumSGD afresh and copy only the momentum buffers."
-            )
-        if not isinstance(extra, dict) or extra.get("format") != STATE_FORMAT:
-            found = extra.get("format") if isinstance(extra, dict) else type(extra).__name__
-            raise ValueError(
-                f"{_STATE_KEY} state has format {found!r}, but this version of asyncmomentum "
-                f"reads format {STATE_FORMAT}; load the checkpoint with the version that wrote it"
-            )
-        for i, group in enumerate(state_dict.get("param_groups", [])):
-            if "target_momentum" not in group:
-                raise ValueError(f"param group {i} of this state_dict has no 'target_momentum'")
-        # Validate the tuner state on throwaway objects before touching our own.
-        VersionClock().load_state_dict(extra["clock"])
-        MomentumTuner(**self._tuner_options).load_state_dict(extra["tuner"])
-        if self._meter is not None and extra.get("meter") is not None:
-            self._meter.check_state_dict(extra["meter"])
+                f"the {_STATE_KEY!r} entry of this state_dict is corrupt: {error!r}"
+            ) from None
         torch_state = {k: v for k, v in state_dict.items() if k != _STATE_KEY}
         super().load_state_dict(torch_state)
-        self._clock.load_state_dict(extra["clock"])
-        self._tuner.load_state_dict(extra["tuner"])
-        self._version_read = int(extra["version_read"])
-        self._last_staleness = int(extra["last_staleness"])
-        self._skipped_steps = int(extra["skipped_steps"])
-        if self._meter is not None and extra.get("meter") is not None:
-            self._meter.load_state_dict(extra["meter"])
-        if self._meter is not None and self._tuner.rule == "closed_loop":
-            self._tuner.observe_reading(self._meter.reading)
-        curvature_version = extra.get("curvature_version")
-        self._curvature_version = None if curvature_version is None else int(curvature_version)
+        run = self._async
+        run.clock.load_state_dict(extra["clock"])
+        run.tuner.load_state_dict(extra["tuner"])
+        run.version_read, run.last_staleness = version_read, last_staleness
+        run.skipped_steps = skipped_steps
+        for name, component in run.components.items():
+            if name in saved_components:
+                component.load_state_dict(saved_components[name])
+        meter = run.components.get("meter")
+        if isinstance(meter, MeterComponent):
+            meter.feed(self)
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        for name in (
-            "nonfinite",
-            "_clock",
-            "_tuner",
-            "_version_read",
-            "_last_staleness",
-            "_skipped_steps",
-            "_meter",
-            "_tuner_options",
-            "_curvature_probe",
-            "curvature_every",
-            "_curvature_estimator",
-            "_curvature_version",
-            "_warned_no_curvature",
-        ):
-            state[name] = self.__dict__[name]
-        return state
+    def _check_buffers(self, state_dict: dict[str, Any]) -> None:
+        """Every saved momentum buffer has its parameter's shape and is finite (a wrong one
+        would corrupt memory in the fused kernel, or the parameters at the next step)."""
+        groups, saved_state = state_dict["param_groups"], state_dict.get("state", {})
+        if len(groups) != len(self.param_groups) or not isinstance(saved_state, dict):
+            return  # torch's own load refuses it, before changing anything
+        params = {}
+        for saved, group in zip(groups, self.param_groups, strict=True):
+            if len(saved.get("params", ())) != len(group["params"]):
+                return  # idem
+            params.update(zip(saved["params"], group["params"], strict=True))
+        for key, entry in saved_state.items():
+            buffer = entry.get("momentum_buffer") if isinstance(entry, dict) else None
+            if buffer is None or key not in params:
+                continue
+            param = params[key]
+            if not isinstance(buffer, Tensor) or buffer.shape != param.shape:
+                found = tuple(buffer.shape) if isinstance(buffer, Tensor) else type(buffer)
+                raise ValueError(
+                    f"the momentum buffer of parameter {key} has shape {found}, but the "
+                    f"parameter has shape {tuple(param.shape)}: this state_dict belongs to "
+                    "another model"
+                )
+            if not bool(torch.isfinite(buffer).all()):
+                raise ValueError(f"the momentum buffer of parameter {key} holds NaN or inf")
 
 
-# -- the update, three ways ---------------------------------------------------------------------
+def _add_async_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    state_dict[_STATE_KEY] = optimizer._async_state_dict()  # type: ignore[attr-defined]
+    return state_dict
+
+
+def _upgraded(state_dict: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state dict in the current format, and its ``"async_momentum"`` entry; raises for
+    one that is not ours."""
+    extra = state_dict.get(_STATE_KEY) if isinstance(state_dict, dict) else None
+    if extra is None:
+        raise ValueError(
+            f"this state_dict has no {_STATE_KEY!r} entry: it was not written by "
+            "AsyncMomentumSGD (a torch.optim.SGD checkpoint?). Load it into torch.optim.SGD, "
+            "or start AsyncMomentumSGD afresh and copy only the momentum buffers."
+        )
+    found = extra.get("format") if isinstance(extra, dict) else type(extra).__name__
+    if found == STATE_FORMAT:
+        return state_dict, extra
+    if found != 1:
+        raise ValueError(
+            f"{_STATE_KEY} state has format {found!r}, but this version of asyncmomentum "
+            f"reads formats 1 and {STATE_FORMAT}; load the checkpoint with the version that "
+            "wrote it"
+        )
+    # Format 1: a group was tuned toward 'target_momentum', or fixed at 'momentum' when the
+    # target was None; the meter and the curvature schedule had entries of their own.
+    groups = []
+    for index, group in enumerate(state_dict.get("param_groups", [])):
+        if not isinstance(group, dict) or "target_momentum" not in group:
+            raise ValueError(f"param group {index} of this format-1 state_dict is corrupt")
+        group = dict(group)
+        target = group.pop("target_momentum")
+        group["tune"] = target is not None
+        if target is not None:
+            group["momentum"] = target
+        groups.append(group)
+    components = {}
+    if extra.get("meter") is not None:
+        components["meter"] = extra["meter"]
+    components["curvature"] = {"version": extra.get("curvature_version")}
+    upgraded = {**extra, "format": STATE_FORMAT, "components": components}
+    return {**state_dict, "param_groups": groups, _STATE_KEY: upgraded}, upgraded
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """Check one parameter group's hyper-parameters as torch's SGD does, with clearer words."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+    lr_value = _number(lr, "lr")
+    if not (lr_value >= 0.0 and math.isfinite(lr_value)):
+        raise ValueError(f"Invalid learning rate: {lr_value} (lr must be a finite number >= 0)")
+    momentum = formulas.check_momentum(_number(group["momentum"], "momentum"), "momentum")
+    weight_decay = _number(group["weight_decay"], "weight_decay")
+    if not (weight_decay >= 0.0 and math.isfinite(weight_decay)):
+        raise ValueError(
+            f"Invalid weight_decay value: {weight_decay} (weight_decay must be finite and >= 0)"
+        )
+    dampening = _number(group["dampening"], "dampening")
+    if not 0.0 <= dampening <= 1.0:
+        raise ValueError(f"Invalid dampening value: {dampening} (dampening must lie in [0, 1])")
+    for flag in ("nesterov", "maximize", "differentiable", "tune"):
+        if not isinstance(group[flag], bool):
+            raise ValueError(f"{flag} must be True or False, got {group[flag]!r}")
+    for flag in ("foreach", "fused"):
+        if group[flag] is not None and not isinstance(group[flag], bool):
+            raise ValueError(f"{flag} must be True, False or None, got {group[flag]!r}")
+    if group["nesterov"] and (momentum <= 0 or dampening != 0):
+        raise ValueError(
+            "Nesterov momentum requires a momentum and zero dampening: nesterov=True needs "
+            f"momentum > 0 and dampening == 0, got momentum={momentum}, dampening={dampening}"
+        )
+    if group["differentiable"]:
+        raise ValueError(
+            "differentiable=True is not supported by AsyncMomentumSGD: its momentum is retuned "
+            "from measured staleness, which autograd cannot differentiate through. Use "
+            "torch.optim.SGD(differentiable=True) for a differentiable optimizer step."
+        )
+    if group["fused"] and group["foreach"]:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def _number(value: Any, name: str) -> float:
+    """A real number given as a float, an int or a 1-element tensor; bools and strings refused."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    return float(value)
 
 
 def _to_scalar(value: float | Tensor) -> float:
     return value.item() if isinstance(value, Tensor) else float(value)
-
-
-# Below this many elements per device and dtype, the gradients are checked with torch's fused
-# AMP check (one kernel, ~4 us for a small CNN, against ~19 us for a sum per tensor); above it, a
-# sum per tensor only reads the data and wins (1.3 ms against 2.1 ms for 11.7M elements).
-_FUSED_CHECK_MAX_ELEMENTS = 1 << 20
-
-
-def _all_finite(grads: list[Tensor]) -> bool:
-    """Whether no gradient holds NaN or inf (cheap; a ``False`` is confirmed by the caller)."""
-    kinds: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-    for g in grads:
-        kinds[(g.device, g.dtype)].append(g._values() if g.is_sparse else g)
-    for (device, _), same in kinds.items():
-        if sum(g.numel() for g in same) <= _FUSED_CHECK_MAX_ELEMENTS:
-            found = torch.zeros(1, device=device)
-            try:
-                # Multiplies by exactly 1 (a no-op on every value) and flags any non-finite one.
-                torch._amp_foreach_non_finite_check_and_unscale_(
-                    same, found, torch.ones(1, device=device)
-                )
-            except (RuntimeError, NotImplementedError):  # a dtype or layout it lacks
-                pass
-            else:
-                if found.item() != 0:
-                    return False
-                continue
-        if not bool(torch.isfinite(torch.stack([g.sum() for g in same])).all()):
-            return False
-    return True
-
-
-def _first_nonfinite(
-    gathered: Sequence[tuple[list[Tensor], list[Tensor], list[Any]]],
-) -> tuple[int, int, torch.Size] | None:
-    """Where the first NaN/inf gradient is, or ``None``: one cheap pass, then an exact one."""
-    if _all_finite([g for _, grads, _ in gathered for g in grads]):
-        return None
-    # A non-finite sum may come from finite values that overflow: confirm value by value.
-    for group_index, (params, grads, _) in enumerate(gathered):
-        for index, g in enumerate(grads):
-            values = g._values() if g.is_sparse else g
-            if not bool(torch.isfinite(values).all()):
-                return group_index, index, params[index].shape
-    return None
-
-
-def _choose_update(group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> Callable:
-    if any(g.is_sparse for g in grads):
-        return _single_tensor_update
-    if group["fused"]:
-        return _fused_update
-    fusable = all(p.is_floating_point() and p.device.type in _FUSED_DEVICES for p in params)
-    if group["foreach"] is False:
-        return _single_tensor_update
-    if group["foreach"]:
-        # The multi-tensor path: torch's fused multi-tensor kernel where the device and dtype
-        # have it (one pass over memory, where the _foreach ops make three), else those ops.
-        return _fused_update if fusable else _multi_tensor_update
-    if fusable:
-        return _fused_update
-    return _multi_tensor_update if params[0].device.type != "cpu" else _single_tensor_update
-
-
-def _single_tensor_update(
-    params: list[Tensor],
-    grads: list[Tensor],
-    buffers: list[Tensor | None],
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    with_buffer: bool,
-) -> None:
-    for i, param in enumerate(params):
-        grad = -grads[i] if maximize else grads[i]
-        if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
-        if with_buffer:
-            buf = buffers[i]
-            if buf is None:
-                buf = buffers[i] = torch.clone(grad).detach()
-            else:
-                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-            grad = grad.add(buf, alpha=momentum) if nesterov else buf
-        param.add_(grad, alpha=-lr)
-
-
-def _buckets(tensors: list[Tensor], indices: list[int]) -> Iterable[list[int]]:
-    bucket: list[int] = []
-    size = 0
-    for i in indices:
-        bucket.append(i)
-        size += tensors[i].numel() * tensors[i].element_size()
-        if size >= _FOREACH_BUCKET_BYTES:
-            yield bucket
-            bucket, size = [], 0
-    if bucket:
-        yield bucket
-
-
-def _by_device_and_dtype(params: list[Tensor]) -> list[list[int]]:
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
-        groups[(p.device, p.dtype)].append(i)
-    return list(groups.values())
-
-
-def _multi_tensor_update(
-    params: list[Tensor],
-    grads: list[Tensor],
-    buffers: list[Tensor | None],
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    with_buffer: bool,
-) -> None:
-    for same_kind in _by_device_and_dtype(params):
-        for bucket in _buckets(params, same_kind):
-            ps = [params[i] for i in bucket]
-            gs = [grads[i] for i in bucket]
-            if maximize:
-                gs = torch._foreach_neg(gs)
-            if weight_decay != 0:
-                gs = torch._foreach_add(gs, ps, alpha=weight_decay)
-            if with_buffer:
-                fresh = {i for i in bucket if buffers[i] is None}
-                running, running_grads = [], []
-                for i, g in zip(bucket, gs):
-                    if i in fresh:
-                        buffers[i] = torch.clone(g).detach()
-                    else:
-                        running.append(buffers[i])
-                        running_grads.append(g)
-                if running:
-                    torch._foreach_mul_(running, momentum)
-                    torch._foreach_add_(running, running_grads, alpha=1 - dampening)
-                bufs = [buffers[i] for i in bucket]
-                gs = torch._foreach_add(gs, bufs, alpha=momentum) if nesterov else bufs
-            torch._foreach_add_(ps, gs, alpha=-lr)
-
-
-def _fused_update(
-    params: list[Tensor],
-    grads: list[Tensor],
-    buffers: list[Tensor | None],
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    with_buffer: bool,
-) -> None:
-    kernel_args = {
-        "weight_decay": weight_decay,
-        "momentum": momentum if with_buffer else 0.0,
-        "lr": lr,
-        "dampening": dampening,
-        "nesterov": nesterov,
-        "maximize": maximize,
-    }
-    for same_kind in _by_device_and_dtype(params):
-        if not with_buffer:
-            torch._fused_sgd_(
-                [params[i] for i in same_kind],
-                [grads[i] for i in same_kind],
-                [],
-                is_first_step=False,
-                **kernel_args,
-            )
-            continue
-        # The kernel's first step sets buf = grad; later steps scale and add.
-        fresh = [i for i in same_kind if buffers[i] is None]
-        running = [i for i in same_kind if buffers[i] is not None]
-        for i in fresh:
-            buffers[i] = torch.empty_like(grads[i])
-        for first, chosen in ((True, fresh), (False, running)):
-            if chosen:
-                torch._fused_sgd_(
-                    [params[i] for i in chosen],
-                    [grads[i] for i in chosen],
-                    [buffers[i] for i in chosen],
-                    is_first_step=first,
-                    **kernel_args,
-                )

@@ -11,7 +11,7 @@ applied update.
 Three lines train a model::
 
     model = SmallCNN()
-    opt = AsyncMomentumSGD(model.parameters(), lr=0.05, target_momentum=0.9)
+    opt = AsyncMomentumSGD(model.parameters(), lr=0.05, momentum=0.9)
     result = train_hogwild(model, opt, classification_loss, (x, y), workers=4, steps_per_worker=200)
 
 With :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD`,
@@ -60,8 +60,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from asyncmomentum.core.measuring.staleness import StalenessEstimator, VersionClock
-from asyncmomentum.core.optimizer import AsyncMomentumSGD
-from asyncmomentum.core.tuning import formulas
+from asyncmomentum.runtimes.adapter import OptimizerView
 
 __all__ = [
     "HogwildError",
@@ -277,90 +276,75 @@ class TracePoint(NamedTuple):
 # -- how staleness is measured ------------------------------------------------------------------
 
 
-def _group_momentum(group: dict[str, Any]) -> float:
-    """The momentum-like coefficient of a parameter group (SGD's ``momentum``, Adam's beta1)."""
-    if group.get("momentum") is not None:
-        return float(group["momentum"])
-    betas = group.get("betas")
-    return float(betas[0]) if betas else 0.0
-
-
 class _OptimizerClock:
-    """AsyncMomentumSGD measures staleness itself: ``mark_read()`` marks, ``step()`` ticks."""
+    """An optimizer that measures staleness itself (AsyncMomentumSGD): ``zero_grad()`` marks
+    the version read, ``step()`` ticks its clock."""
 
-    def __init__(self, optimizer: AsyncMomentumSGD) -> None:
-        self.optimizer = optimizer
-        self.clock = optimizer.clock
-        self._skipped = optimizer.skipped_steps
+    def __init__(self, view: OptimizerView) -> None:
+        assert view.clock is not None
+        self.view = view
+        self.clock = view.clock
 
     def begin_step(self) -> None:
-        """Drop the gradients and mark the version read: what ``zero_grad()`` does."""
-        # Not zero_grad() itself: it goes through torch's Optimizer.zero_grad, whose first call in
-        # a process imports torch._dynamo (1 to 3 s of CPU per worker, more than a short run
-        # trains), and AsyncMomentumSGD needs nothing else from it.
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
-        self.optimizer.mark_read()
+        """Drop the gradients and mark the version read."""
+        self.view.zero_grad()
 
-    def after_step(self) -> int | None:
-        """Staleness of the update just applied, or ``None`` if the optimizer skipped it."""
-        skipped = self.optimizer.skipped_steps
-        if skipped != self._skipped:
-            self._skipped = skipped
-            return None
-        return self.optimizer.last_staleness
+    def step(self) -> int | None:
+        """Apply the update; its staleness, or ``None`` if the optimizer skipped it."""
+        return self.view.last_staleness if self.view.step() else None
 
     def momenta(self) -> tuple[float, float, float]:
         """``(algorithmic, implicit, estimated_workers)``."""
-        opt = self.optimizer
-        return opt.algorithmic_momentum, opt.implicit_momentum, opt.estimated_workers
+        summary = self.view.summary()
+        return summary.algorithmic, summary.implicit, summary.estimated_workers
 
 
 class _ExternalClock:
     """Any other optimizer: mark the clock at read, tick it once the update is applied."""
 
     def __init__(
-        self, optimizer: Optimizer, clock: VersionClock, estimator: StalenessEstimator
+        self, view: OptimizerView, clock: VersionClock, estimator: StalenessEstimator
     ) -> None:
-        self.optimizer = optimizer
+        self.view = view
         self.clock = clock
         self.estimator = estimator
         self._read = clock.value
 
     def begin_step(self) -> None:
         """``zero_grad()``, and note the version the next gradient is computed from."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.view.zero_grad()
         self._read = self.clock.value
 
-    def after_step(self) -> int:
-        """Count the update just applied; return its staleness."""
+    def step(self) -> int:
+        """Apply the update and count it; return its staleness."""
+        self.view.step()
         tau = max(self.clock.tick() - self._read, 0)
         self.estimator.observe(tau)
         return tau
 
     def momenta(self) -> tuple[float, float, float]:
         """``(algorithmic, implicit, estimated_workers)``."""
-        algorithmic = _group_momentum(self.optimizer.param_groups[0])
-        return algorithmic, self.estimator.implicit_momentum, self.estimator.estimated_workers
+        summary = self.view.summary(self.estimator)
+        return summary.algorithmic, summary.implicit, summary.estimated_workers
 
 
 def _staleness_source(
     optimizer: Optimizer, clock: VersionClock | None, estimator: StalenessEstimator | None
 ) -> _OptimizerClock | _ExternalClock:
-    if isinstance(optimizer, AsyncMomentumSGD):
+    view = OptimizerView(optimizer)
+    if view.measures_staleness:
         if clock is not None or estimator is not None:
             raise ValueError(
-                "AsyncMomentumSGD measures staleness with its own clock and estimator; "
+                f"{view.name} measures staleness with its own clock and estimator; "
                 "don't pass clock or estimator with it"
             )
-        return _OptimizerClock(optimizer)
+        return _OptimizerClock(view)
     if clock is None:
         raise ValueError(
-            f"{type(optimizer).__name__} does not measure staleness: pass the workers' shared "
+            f"{view.name} does not measure staleness: pass the workers' shared "
             "clock, VersionClock().share_memory(), created before the processes start"
         )
-    return _ExternalClock(optimizer, clock, estimator or StalenessEstimator())
+    return _ExternalClock(view, clock, estimator or StalenessEstimator())
 
 
 class _WindowStats:
@@ -485,8 +469,7 @@ def worker_loop(
             source.begin_step()
             loss = _check_scalar_loss(loss_fn(model, next(batches)))
             loss.backward()
-            optimizer.step()
-            stats.add(float(loss.detach()), source.after_step())
+            stats.add(float(loss.detach()), source.step())
             if step % report_every == 0 or step == steps:
                 progress = _progress(rank, step, steps, stats, source, started)
                 if report is not None:
@@ -604,11 +587,11 @@ def _serve(
     """Say ready, wait for the start signal, train; the exit code."""
     torch.set_num_threads(1)
     try:
-        if not isinstance(optimizer, AsyncMomentumSGD):
-            # torch's optimizers import torch._dynamo at their first zero_grad() or step() in a
-            # process (1 to 3 s): pay for it before the start signal, so that all workers start
-            # training together. The training loop begins with zero_grad() anyway.
-            optimizer.zero_grad(set_to_none=True)
+        # torch's optimizers import torch._dynamo at their first zero_grad() or step() in a
+        # process (1 to 3 s): pay for it before the start signal, so that all workers start
+        # training together (AsyncMomentumSGD's zero_grad() is cheap). The training loop
+        # begins with zero_grad() anyway.
+        OptimizerView(optimizer).zero_grad()
     except Exception as error:
         with contextlib.suppress(OSError):
             conn.send(_failure(rank, 0, error))
@@ -689,7 +672,7 @@ class HogwildResult:
             ``total_updates`` (the clock is exact).
         reports: one :class:`WorkerReport` per worker, by rank.
         estimated_workers: final ``M_hat`` of the shared staleness estimate.
-        staleness_mean: final moving average of the staleness.
+        mean_staleness: final moving average of the staleness.
         implicit_momentum: final ``1 - 1/M_hat``.
         algorithmic_momentum: momentum the optimizer applies at the end (first parameter group).
         total_momentum: the two composed (the optimizer's rule; additive for other optimizers).
@@ -706,7 +689,7 @@ class HogwildResult:
     clock_value: int
     reports: list[WorkerReport]
     estimated_workers: float
-    staleness_mean: float
+    mean_staleness: float
     implicit_momentum: float
     algorithmic_momentum: float
     total_momentum: float
@@ -837,14 +820,13 @@ def _check_arguments(
     ):
         raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
     _check_parameters(model, optimizer)
-    if isinstance(optimizer, AsyncMomentumSGD) and (
-        optimizer.rule in formulas.FEEDBACK_RULES or optimizer.meter is not None
-    ):
+    view = OptimizerView(optimizer)
+    if view.needs_every_update:
         raise ValueError(
-            f"AsyncMomentumSGD(rule={optimizer.rule!r}"
-            f"{', measure_momentum=True' if optimizer.meter is not None else ''}) cannot run "
-            "in Hogwild workers: the momentum meter must see every update in order from one "
-            "process, and the stability rule's histogram and curvature probe are per process. "
+            f"{view.describe()}{' with measure_momentum=True' if view.meter is not None else ''} "
+            "cannot run in Hogwild workers: the momentum meter must see every update in order "
+            "from one process, and the stability rule's histogram and curvature probe are per "
+            "process. "
             "Use rule='additive' or 'compositional' here, or run the rule on the parameter "
             "server (asyncmomentum.runtimes.server), which applies every update in one place"
         )
@@ -973,9 +955,11 @@ def _share(
 ) -> tuple[VersionClock, StalenessEstimator | None]:
     """Put the training state in shared memory; the clock to read and our own estimator, if any."""
     model.share_memory()
-    if isinstance(optimizer, AsyncMomentumSGD):
-        optimizer.share_memory()
-        return optimizer.clock, None
+    view = OptimizerView(optimizer)
+    if view.measures_staleness:
+        view.share_memory()
+        assert view.clock is not None
+        return view.clock, None
     return VersionClock().share_memory(), StalenessEstimator().share_memory()
 
 
@@ -1092,34 +1076,16 @@ def _trace_point(message: WorkerProgress) -> TracePoint:
 
 
 def _final_momenta(optimizer: Optimizer, estimator: StalenessEstimator | None) -> dict[str, float]:
-    if isinstance(optimizer, AsyncMomentumSGD):
-        _sync_parent_optimizer(optimizer)
-        return {
-            "estimated_workers": optimizer.estimated_workers,
-            "staleness_mean": optimizer.staleness_mean,
-            "implicit_momentum": optimizer.implicit_momentum,
-            "algorithmic_momentum": optimizer.algorithmic_momentum,
-            "total_momentum": optimizer.total_momentum,
-        }
-    assert estimator is not None
-    algorithmic = _group_momentum(optimizer.param_groups[0])
-    implicit = estimator.implicit_momentum
+    view = OptimizerView(optimizer)
+    # Bring the parent's copy up to date with what the workers did in shared memory: the
+    # estimate, clock and buffers are shared (the tuned momentum is read from the shared
+    # estimate), but each process keeps its own "version read": set it as the next step would.
+    view.mark_read()
+    summary = view.summary(estimator)
     return {
-        "estimated_workers": estimator.estimated_workers,
-        "staleness_mean": estimator.mean,
-        "implicit_momentum": implicit,
-        "algorithmic_momentum": algorithmic,
-        "total_momentum": formulas.total_momentum(algorithmic, implicit),
+        "estimated_workers": summary.estimated_workers,
+        "mean_staleness": summary.mean_staleness,
+        "implicit_momentum": summary.implicit,
+        "algorithmic_momentum": summary.algorithmic,
+        "total_momentum": summary.total,
     }
-
-
-def _sync_parent_optimizer(optimizer: AsyncMomentumSGD) -> None:
-    """Bring the parent's copy up to date with what the workers did in shared memory.
-
-    The estimate, clock and buffers are shared, but each process keeps its own param groups
-    (the tuned ``momentum``) and its own "version read": set both as the next step would.
-    """
-    for group in optimizer.param_groups:
-        if group["target_momentum"] is not None:
-            group["momentum"] = optimizer.tuner.algorithmic_momentum(group["target_momentum"])
-    optimizer.mark_read()

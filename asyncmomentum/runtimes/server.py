@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from asyncmomentum.core.measuring.staleness import StalenessEstimator, check_staleness
-from asyncmomentum.core.optimizer import AsyncMomentumSGD, NonFiniteGradientError
+from asyncmomentum.runtimes.adapter import OptimizerView
 
 __all__ = [
     "SERVER_NAME",
@@ -139,9 +139,9 @@ class ServerConfig:
         progress_every: call ``on_progress`` every this many applied updates (``None``: never).
         on_progress: called with the latest :class:`TracePoint` (in the server process, from an
             RPC thread; under :func:`launch_local` it must be picklable: a top-level function).
-        staleness_horizon: horizon of the estimator that reports ``M`` for optimizers that do
+        horizon: horizon of the estimator that reports ``M`` for optimizers that do
             not estimate it themselves (e.g. ``torch.optim.SGD``); AsyncMomentumSGD uses its own.
-        staleness_warmup: warm-up of that estimator, in observations.
+        warmup: warm-up of that estimator, in observations.
     """
 
     total_updates: int | None = 1000
@@ -153,8 +153,9 @@ class ServerConfig:
     trace_every: int = 1
     progress_every: int | None = None
     on_progress: Callable[[TracePoint], None] | None = None
-    staleness_horizon: int = 100
-    staleness_warmup: int = 20
+    # The same names and defaults as AsyncMomentumSGD's.
+    horizon: int = 1000
+    warmup: int = 20
 
     def __post_init__(self) -> None:
         _check_positive(self.total_updates, "total_updates", integer=True, optional=True)
@@ -174,7 +175,7 @@ class ServerConfig:
         if self.on_progress is not None and not callable(self.on_progress):
             raise ValueError(f"on_progress must be callable or None, got {self.on_progress!r}")
         # Validates horizon and warmup with the estimator's own messages.
-        StalenessEstimator(horizon=self.staleness_horizon, warmup=self.staleness_warmup)
+        StalenessEstimator(horizon=self.horizon, warmup=self.warmup)
 
 
 class TracePoint(NamedTuple):
@@ -213,7 +214,7 @@ class ServerResult:
         estimated_workers: final ``M_hat``.
         implicit_momentum: final implicit momentum.
         algorithmic_momentum: final momentum of the optimizer's first parameter group.
-        staleness_mean: final moving average of the staleness.
+        mean_staleness: final moving average of the staleness.
         trace: one :class:`TracePoint` every ``trace_every`` updates.
         checkpoint_path: the final checkpoint, or ``None``.
         wall_time: seconds from the start of serving to the stop.
@@ -230,7 +231,7 @@ class ServerResult:
     estimated_workers: float
     implicit_momentum: float
     algorithmic_momentum: float
-    staleness_mean: float
+    mean_staleness: float
     trace: list[TracePoint]
     checkpoint_path: str | None
     wall_time: float
@@ -320,6 +321,7 @@ class ParameterServer:
         self.num_workers = num_workers
         self._params = list(model.parameters())
         _check_model_and_optimizer(self._params, optimizer)
+        self._view = OptimizerView(optimizer)
         self._control_port = control_port
         self._cond = threading.Condition()  # guards everything below, and the parameters
         self._version = 0
@@ -337,10 +339,8 @@ class ParameterServer:
         # Optimizers that do not estimate M themselves get one, for reports only.
         self._monitor = (
             None
-            if isinstance(optimizer, AsyncMomentumSGD)
-            else StalenessEstimator(
-                horizon=self.config.staleness_horizon, warmup=self.config.staleness_warmup
-            )
+            if self._view.measures_staleness
+            else StalenessEstimator(horizon=self.config.horizon, warmup=self.config.warmup)
         )
 
     # -- what workers call ---------------------------------------------------------------------
@@ -491,7 +491,7 @@ class ParameterServer:
                 estimated_workers=workers,
                 implicit_momentum=implicit,
                 algorithmic_momentum=algorithmic,
-                staleness_mean=self._staleness_mean_locked(),
+                mean_staleness=self._mean_staleness_locked(),
                 trace=list(self._trace),
                 checkpoint_path=checkpoint_path,
                 wall_time=end - self._started if self._started is not None else 0.0,
@@ -523,24 +523,19 @@ class ParameterServer:
 
     def _apply_locked(self, grads: list[Tensor | None], staleness: int) -> bool:
         """Install the gradient, step, clear it; ``False`` if the optimizer skipped the step."""
-        optimizer = self.optimizer
-        tuned = isinstance(optimizer, AsyncMomentumSGD)
-        if not tuned:
-            _refuse_nonfinite(grads)  # torch's optimizers would write NaN into the weights
-        skipped_before = getattr(optimizer, "skipped_steps", 0)
         try:
             for param, grad in zip(self._params, grads):
                 param.grad = grad
             began = time.perf_counter()
-            if tuned:  # it checks gradients itself (and raises or skips as configured)
-                optimizer.step(staleness=staleness)
-            else:
-                optimizer.step()
+            # AsyncMomentumSGD gets the staleness and checks gradients itself (it raises or
+            # skips as configured); torch's optimizers would write NaN into the weights: a
+            # non-finite gradient is refused before they step.
+            applied = self._view.step(staleness, refuse_nonfinite=True)
             self._optimizer_seconds += time.perf_counter() - began
         finally:
             for param in self._params:
                 param.grad = None
-        if getattr(optimizer, "skipped_steps", 0) != skipped_before:
+        if not applied:
             return False
         if self._monitor is not None:
             self._monitor.observe(staleness)
@@ -590,29 +585,11 @@ class ParameterServer:
 
     def _momentum_locked(self) -> tuple[float, float, float]:
         """(algorithmic, implicit, estimated workers) as of now."""
-        optimizer = self.optimizer
-        if isinstance(optimizer, AsyncMomentumSGD):
-            return (
-                optimizer.algorithmic_momentum,
-                optimizer.implicit_momentum,
-                optimizer.estimated_workers,
-            )
-        assert self._monitor is not None
-        group = optimizer.param_groups[0]
-        momentum = group.get("momentum")
-        if momentum is None and "betas" in group:
-            momentum = group["betas"][0]  # Adam-like: the first beta plays momentum's role
-        return (
-            float(momentum or 0.0),
-            self._monitor.implicit_momentum,
-            self._monitor.estimated_workers,
-        )
+        summary = self._view.summary(self._monitor)
+        return summary.algorithmic, summary.implicit, summary.estimated_workers
 
-    def _staleness_mean_locked(self) -> float:
-        if isinstance(self.optimizer, AsyncMomentumSGD):
-            return self.optimizer.staleness_mean
-        assert self._monitor is not None
-        return self._monitor.mean
+    def _mean_staleness_locked(self) -> float:
+        return self._view.summary(self._monitor).mean_staleness
 
     def _reply_locked(self, *, stop: bool, applied: bool) -> _Reply:
         # The copy is made under the lock: RPC serializes the reply after the lock is released.
@@ -706,15 +683,6 @@ def _check_gradients(grads: Any, params: list[Tensor]) -> list[Tensor | None]:
             )
         checked.append(grad)
     return checked
-
-
-def _refuse_nonfinite(grads: list[Tensor | None]) -> None:
-    for index, grad in enumerate(grads):
-        if grad is not None and not bool(torch.isfinite(grad).all()):
-            raise NonFiniteGradientError(
-                f"gradient {index} holds NaN or inf; it was not applied and the parameters are "
-                "unchanged. Lower the learning rate or clip gradients on the workers."
-            )
 
 
 def load_checkpoint(
@@ -1108,17 +1076,13 @@ def run_from_env(
         model = job.model_fn()
         optimizer = job.optimizer_fn(model.parameters())
         if job.probe_fn is not None:
-            if not (isinstance(optimizer, AsyncMomentumSGD) and optimizer.rule == "stability"):
+            view = OptimizerView(optimizer)
+            if not view.uses_curvature:
                 raise ValueError(
-                    "probe_fn feeds AsyncMomentumSGD(rule='stability'); this job's optimizer_fn "
-                    f"built {type(optimizer).__name__}"
-                    + (
-                        f"(rule={optimizer.rule!r})"
-                        if isinstance(optimizer, AsyncMomentumSGD)
-                        else ""
-                    )
+                    "probe_fn feeds an AsyncMomentumSGD whose rule uses the curvature "
+                    f"(rule='stability'); this job's optimizer_fn built {view.describe()}"
                 )
-            optimizer.curvature_probe = job.probe_fn(model)
+            view.set_curvature_probe(job.probe_fn(model))
         return run_server(model, optimizer, world_size=world_size, config=config)
     torch.manual_seed(job.seed + rank)
     return run_worker(

@@ -53,8 +53,9 @@ import torch
 from torch import Tensor, nn
 
 from asyncmomentum.core.measuring.staleness import check_int
-from asyncmomentum.core.optimizer import AsyncMomentumSGD, NonFiniteGradientError
+from asyncmomentum.core.optimizer import NonFiniteGradientError
 from asyncmomentum.core.tuning import formulas
+from asyncmomentum.runtimes.adapter import OptimizerView
 
 __all__ = [
     "STALENESS_MODELS",
@@ -621,8 +622,9 @@ class History:
     Attributes:
         loss: loss of the batch each (stale) gradient was computed on, at the stale parameters.
         staleness: the staleness ``tau`` actually used for each update (after clamping).
-        algorithmic_momentum: momentum of parameter group 0 after each step (``betas[0]`` for
-            Adam-like optimizers, 0 for optimizers without momentum).
+        algorithmic_momentum: momentum parameter group 0 applied at each step (an
+            AsyncMomentumSGD's tuned momentum, ``betas[0]`` for Adam-like optimizers, 0 for
+            optimizers without momentum).
         implicit_momentum: the optimizer's ``implicit_momentum`` if it has one (its estimate),
             else ``1 - 1/M`` of the staleness model's nominal ``M``.
         estimated_workers: the optimizer's ``estimated_workers`` if it has one, else ``M``.
@@ -697,35 +699,14 @@ def _optimized_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return tensors
 
 
-def _group_momentum(group: dict[str, Any]) -> float:
-    if group.get("momentum") is not None:
-        return float(group["momentum"])
-    if group.get("betas") is not None:
-        return float(group["betas"][0])
-    return 0.0  # an optimizer without momentum (Adagrad, plain SGD variants) applies none
-
-
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every value is finite: max-abs per tensor (NaN propagates, nothing overflows)."""
-    return all(math.isfinite(norm.item()) for norm in torch._foreach_norm(tensors, ord=math.inf))
-
-
-def _apply(optimizer: torch.optim.Optimizer, params: list[Tensor], tau: int, tuned: bool) -> bool:
-    """Step ``optimizer`` unless a gradient is NaN or inf; return whether it stepped."""
-    if not tuned:
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads and not _all_finite(grads):
-            return False
-        optimizer.step()
-        return True
-    # AsyncMomentumSGD checks its gradients itself and leaves everything untouched on a bad
-    # one (raising, or skipping and counting): no second pass over the gradients here.
-    skipped = optimizer.skipped_steps
+def _apply(view: OptimizerView, tau: int) -> bool:
+    """Step the optimizer unless a gradient is NaN or inf; return whether it stepped."""
+    # An optimizer that checks its gradients itself (AsyncMomentumSGD) raises or skips and
+    # counts a bad one; any other one is refused it. Either way nothing changes.
     try:
-        optimizer.step(staleness=tau)
+        return view.step(tau, refuse_nonfinite=True)
     except NonFiniteGradientError:
         return False
-    return optimizer.skipped_steps == skipped
 
 
 def _check_simulate_args(
@@ -819,7 +800,8 @@ def simulate(
         >>> def mse(m, batch):
         ...     x, y = batch
         ...     return torch.nn.functional.mse_loss(m(x), y)
-        >>> opt = AsyncMomentumSGD(model.parameters(), lr=0.05, target_momentum=0.9, warmup=0)
+        >>> from asyncmomentum.core.optimizer import AsyncMomentumSGD
+        >>> opt = AsyncMomentumSGD(model.parameters(), lr=0.05, momentum=0.9, warmup=0)
         >>> history = simulate(model, mse, data, opt, workers(4), steps=200)
         >>> len(history), history.diverged, 3.0 < history.estimated_workers[-1] < 5.0
         (200, False, True)
@@ -855,14 +837,11 @@ def _run(
     on_step: Callable[[int, History], None] | None,
 ) -> None:
     """The simulation loop of :func:`simulate` (arguments already checked)."""
-    params = ring.tensors
-    tuned = isinstance(optimizer, AsyncMomentumSGD)
+    view = OptimizerView(optimizer)
     # Optimizers without an estimate of their own report the staleness model's nominal M.
+    estimator = view.estimator
     nominal_workers = float(staleness.workers)
     nominal_implicit = formulas.implicit_momentum(nominal_workers)
-    reads_implicit = hasattr(optimizer, "implicit_momentum")
-    reads_workers = hasattr(optimizer, "estimated_workers")
-    first_group = optimizer.param_groups[0]
     for step in range(steps):
         tau = min(next(taus), step)
         batch = next(batches)
@@ -874,18 +853,18 @@ def _run(
                 history.diverged = True
                 return
             loss.backward()
-        if not _apply(optimizer, params, tau, tuned):
+        if not _apply(view, tau):
             history.diverged = True
             return
         ring.push()
         history.loss.append(loss_value)
         history.staleness.append(tau)
-        history.algorithmic_momentum.append(_group_momentum(first_group))
+        history.algorithmic_momentum.append(view.applied_momentum())
         history.implicit_momentum.append(
-            float(optimizer.implicit_momentum) if reads_implicit else nominal_implicit
+            nominal_implicit if estimator is None else estimator.implicit_momentum
         )
         history.estimated_workers.append(
-            float(optimizer.estimated_workers) if reads_workers else nominal_workers
+            nominal_workers if estimator is None else estimator.estimated_workers
         )
         if not ring.is_finite(0):  # the step overflowed: recorded, but the run stops
             history.diverged = True

@@ -3,8 +3,8 @@
 For each problem (:mod:`asyncmomentum.applications.problems`), staleness model
 (:data:`asyncmomentum.runtimes.simulate.STALENESS_MODELS`) and number of workers ``M``, the sweep
 grid-searches a fixed algorithmic momentum over [-0.9, 0.95] at one learning rate, runs the
-fixed 0.9 baseline and every tuning rule of :func:`asyncmomentum.core.tuning.formulas.rule_names`
-(``AsyncMomentumSGD(target_momentum=0.9, rule=r)``, which estimates ``M`` from the staleness the
+fixed 0.9 baseline and every tuning rule of :func:`asyncmomentum.core.tuning.rules.rule_names`
+(``AsyncMomentumSGD(momentum=0.9, rule=r)``, which estimates ``M`` from the staleness the
 simulator tells it; ``"stability"`` gets a curvature probe on ``Problem.curvature_batch`` every
 25 updates, ``"closed_loop"`` a meter reading every 64), and measures the steps each needs to
 reach a target training loss. It then checks the momentum meter against the queuing model

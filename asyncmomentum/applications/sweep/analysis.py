@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from asyncmomentum.applications.sweep.runs import RunResult, RunSpec
+from asyncmomentum.core.tuning.rules import DEFAULT_RULE  # every method is compared with it
 
 __all__ = [
     "NEAR_OPTIMAL",
@@ -37,8 +38,6 @@ __all__ = [
 #: Grid momenta whose median cost is within this factor of the oracle's are "near optimal".
 NEAR_OPTIMAL = 1.1
 
-#: The default rule, which every other method is also compared with cell by cell.
-DEFAULT_RULE = "additive"
 #: A method is "worse than additive" in a cell when it needs more than this times its steps.
 WORSE_THAN_ADDITIVE = 1.1
 

@@ -22,6 +22,7 @@ from asyncmomentum.applications.sweep.report import (
     write_outputs,
 )
 from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.tuning.rules import rule_names
 from asyncmomentum.runtimes.simulate import STALENESS_MODELS
 
 __all__ = ["DEFAULT_OUT", "register", "run_sweep", "run_sweep_command"]
@@ -203,9 +204,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=_positive_int, metavar="N", help="seeds per setting")
     parser.add_argument(
         "--rules",
-        type=_names(formulas.rule_names()),
+        type=_names(rule_names()),
         metavar="R[,R...]",
-        help=f"only these tuning rules, of {', '.join(formulas.rule_names())}",
+        help=f"only these tuning rules, of {', '.join(rule_names())}",
     )
     parser.add_argument(
         "--lr-safety",

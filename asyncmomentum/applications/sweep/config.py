@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 
 from asyncmomentum.applications.problems import PROBLEMS
 from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.tuning.rules import rule_names
 from asyncmomentum.runtimes.simulate import STALENESS_MODELS
 
 __all__ = ["FULL", "FULL_MOMENTA", "QUICK", "QUICK_MOMENTA", "CellLimit", "SweepConfig"]
@@ -45,7 +46,7 @@ class SweepConfig:
             (kept sorted, each once).
         seeds: runs per setting, with seeds ``0 .. seeds - 1``.
         rules: tuning rules to run; ``None`` means every rule of
-            :func:`asyncmomentum.core.tuning.formulas.rule_names` at run time, so new rules join
+            :func:`asyncmomentum.core.tuning.rules.rule_names` at run time, so new rules join
             automatically.
         target_momentum: the baseline's fixed momentum and the rules' target total momentum.
         lr_safety: the sweep's learning rate is this times the fastest rate of the problem's
@@ -76,7 +77,7 @@ class SweepConfig:
         self._check_names(self.problems, PROBLEMS, "problems")
         self._check_names(self.staleness_models, STALENESS_MODELS, "staleness_models")
         if self.rules is not None:
-            self._check_names(self.rules, formulas.rule_names(), "rules")
+            self._check_names(self.rules, rule_names(), "rules")
         if not self.workers or not all(_is_int_at_least(m, 1) for m in self.workers):
             raise ValueError(f"workers must be integers >= 1, got {self.workers!r}")
         if not self.momenta:
@@ -126,7 +127,7 @@ class SweepConfig:
     @property
     def rule_names(self) -> tuple[str, ...]:
         """The rules this sweep runs."""
-        return formulas.rule_names() if self.rules is None else self.rules
+        return rule_names() if self.rules is None else self.rules
 
     @property
     def fixed_momenta(self) -> tuple[float, ...]:

@@ -149,7 +149,7 @@ def meter_points(runs: Sequence[tuple[RunSpec, RunResult]]) -> list[MeterPoint]:
                 problem=problem,
                 workers=workers,
                 momentum=momentum,
-                predicted=formulas.total_momentum(momentum, formulas.implicit_momentum(workers)),
+                predicted=formulas.additive_total(momentum, formulas.implicit_momentum(workers)),
                 measured=statistics.fmean(values) if values else math.nan,
                 spread=statistics.stdev(values) if len(values) > 1 else 0.0,
                 standard_error=statistics.fmean(errors) if errors else math.nan,

@@ -26,6 +26,7 @@ from asyncmomentum.applications.sweep.analysis import (
 from asyncmomentum.applications.sweep.engine import SweepResult
 from asyncmomentum.applications.sweep.meter_check import METER_FIGURE_NAME, format_meter, plot_meter
 from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.tuning.rules import make_rule
 
 __all__ = [
     "CSV_NAME",
@@ -492,9 +493,11 @@ def _draw_panel(axis: Any, cells: list[Cell], result: SweepResult, handles: dict
     smooth = np.geomspace(1.0, max(max(workers), 2), 200)
     for index, rule in enumerate(config.rule_names):
         color = _RULE_COLORS[index % len(_RULE_COLORS)]
-        if rule in formulas.RULES:  # a formula of M; the feedback rules have no curve to draw
+        tuning = make_rule(rule)
+        if not tuning.stateful:  # a formula of M; the feedback rules have no curve to draw
+            bounds = formulas.DEFAULT_MOMENTUM_BOUNDS
             predicted = [
-                formulas.algorithmic_momentum(baseline, formulas.implicit_momentum(m), rule)
+                tuning.algorithmic_momentum(baseline, formulas.implicit_momentum(m), bounds=bounds)
                 for m in smooth
             ]
             (line,) = axis.plot(smooth, predicted, color=color, linewidth=1.6)

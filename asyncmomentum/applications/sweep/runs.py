@@ -21,6 +21,7 @@ from torch import nn
 
 from asyncmomentum.applications.problems import Problem, get_problem
 from asyncmomentum.core.optimizer import AsyncMomentumSGD
+from asyncmomentum.core.tuning.rules import rule_class
 from asyncmomentum.runtimes.simulate import History, simulate, staleness_model
 
 __all__ = ["DIVERGENCE_FACTOR", "RunResult", "RunSpec", "Status", "run_one"]
@@ -59,7 +60,7 @@ class RunSpec:
         staleness: a name in :data:`asyncmomentum.runtimes.simulate.STALENESS_MODELS`.
         workers: the number of simulated asynchronous workers ``M``.
         method: ``"fixed"``, ``"meter"``, or ``"rule:<name>"`` with a name in
-            :func:`asyncmomentum.core.tuning.formulas.rule_names`.
+            :func:`asyncmomentum.core.tuning.rules.rule_names`.
         momentum: the fixed algorithmic momentum (``"fixed"``, ``"meter"``), or the target total
             momentum of the rule.
         lr: learning rate.
@@ -175,10 +176,12 @@ def _make_optimizer(spec: RunSpec, model: nn.Module, problem: Problem) -> AsyncM
             model.parameters(),
             lr=spec.lr,
             momentum=spec.momentum,
+            tune=False,
             measure_momentum=spec.method == METER_METHOD,
         )
+    rule = rule_class(spec.rule)
     probe = None
-    if spec.rule == "stability":
+    if rule.uses_curvature:
         batch = problem.curvature_batch(spec.seed)
 
         def probe() -> torch.Tensor:
@@ -187,11 +190,11 @@ def _make_optimizer(spec: RunSpec, model: nn.Module, problem: Problem) -> AsyncM
     return AsyncMomentumSGD(
         model.parameters(),
         lr=spec.lr,
-        target_momentum=spec.momentum,
+        momentum=spec.momentum,
         rule=spec.rule,
         curvature_probe=probe,
         curvature_every=CURVATURE_EVERY,
-        meter_options={"refresh": METER_REFRESH} if spec.rule == "closed_loop" else None,
+        meter_options={"refresh": METER_REFRESH} if rule.uses_meter else None,
     )
 
 

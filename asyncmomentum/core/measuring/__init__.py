@@ -1,1 +1,2 @@
-"""What a run observes: staleness (clock and estimator), the momentum meter, metrics."""
+"""What a run observes: staleness (clock and estimator), the momentum meter, the curvature,
+metrics."""

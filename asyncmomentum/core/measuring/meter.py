@@ -22,12 +22,9 @@ A heavy ball with momentum ``m`` has ``kappa_0 = 1 - m``; the meter reports
 which is ``mu`` without asynchrony and ``1 - 1/M`` for ``M`` memoryless workers with ``mu = 0``
 (``p(0) = 1/M``). Given the algorithmic momentum the optimizer applied, it also splits the
 total into ``algorithmic`` and ``implicit = 1 - kappa_0 / (1 - mu)`` and composes them under
-any rule of :data:`asyncmomentum.core.tuning.formulas.RULES`. The derivation, why the *applied*
-gradient
-cannot work, and the measured accuracy are in ``docs/momentum-meter.md``.
-
-:class:`ClosedLoopController` turns the meter's readings into an algorithmic momentum by bounded,
-rate-limited negative feedback (``rule="closed_loop"``).
+any tuning rule (:class:`Composition`). The derivation, why the *applied* gradient cannot work,
+and the measured accuracy are in ``docs/momentum-meter.md``. The closed-loop rule
+(:class:`~asyncmomentum.core.tuning.rules.closed_loop.ClosedLoopRule`) feeds on its readings.
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -44,7 +41,7 @@ from torch import Tensor
 from asyncmomentum.core.measuring.staleness import check_int, check_state
 from asyncmomentum.core.tuning import formulas
 
-__all__ = ["ClosedLoopController", "MomentumMeter", "MomentumReading"]
+__all__ = ["Composition", "MomentumMeter", "MomentumReading"]
 
 #: Layout version of the state dicts of this module.
 STATE_FORMAT = 1
@@ -56,6 +53,29 @@ _MAX_TAIL_RATIO = 0.9
 # Ridge added to the normal equations, relative to their mean diagonal: only against exact
 # singularity (a coordinate that never moves), far below the statistical noise.
 _RIDGE = 1e-9
+
+
+class Composition(Protocol):
+    """How algorithmic and implicit momentum compose to a total. Every tuning rule
+    (:class:`~asyncmomentum.core.tuning.rules.base.TuningRule`) is one."""
+
+    def total_momentum(self, algorithmic: float, implicit: float) -> float:
+        """The total momentum of ``algorithmic`` on top of ``implicit``.
+
+        Args:
+            algorithmic: the momentum an optimizer applies.
+            implicit: the implicit momentum of the asynchrony.
+        """
+        ...
+
+
+def _check_composition(rule: Any) -> Composition | None:
+    if rule is not None and not callable(getattr(rule, "total_momentum", None)):
+        raise ValueError(
+            "rule must be a tuning rule object (e.g. asyncmomentum.core.tuning.rules."
+            f"make_rule(name)) or None for the additive composition, got {rule!r}"
+        )
+    return rule
 
 
 @dataclass(frozen=True)
@@ -87,20 +107,23 @@ class MomentumReading:
     kernel: np.ndarray
     serial: int
 
-    def total_momentum(self, rule: str = "additive") -> float:
+    def total_momentum(self, rule: Composition | None = None) -> float:
         """Algorithmic and measured implicit momentum composed under ``rule``.
 
-        ``"compositional"`` gives :attr:`total` whatever the algorithmic momentum;
-        ``"additive"`` gives ``algorithmic + implicit``. Without a recorded algorithmic momentum
-        this is :attr:`total`.
+        The compositional rule gives :attr:`total` whatever the algorithmic momentum; the
+        additive one (and the feedback rules) ``algorithmic + implicit``. Without a recorded
+        algorithmic momentum this is :attr:`total`.
 
         Args:
-            rule: a name in :data:`asyncmomentum.core.tuning.formulas.RULES`.
+            rule: a tuning rule object (its ``total_momentum``); ``None``: the additive
+                composition.
         """
-        formulas.check_rule(rule)
+        _check_composition(rule)
         if math.isnan(self.algorithmic):
             return self.total
-        return formulas.total_momentum(self.algorithmic, self.implicit, rule)
+        if rule is None:
+            return formulas.additive_total(self.algorithmic, self.implicit)
+        return rule.total_momentum(self.algorithmic, self.implicit)
 
 
 class MomentumMeter:
@@ -137,8 +160,8 @@ class MomentumMeter:
             nothing (one modulo) for the others. Divides the cost by ``period / window`` at the
             price of a reading every ``period`` updates; ``None`` (the default) records all.
         min_rows: fewest increments a fit uses; no reading before.
-        rule: composition of :attr:`measured_total_momentum` (a name in
-            :data:`asyncmomentum.core.tuning.formulas.RULES`).
+        rule: composition of :attr:`measured_total_momentum`: a tuning rule object (e.g. the
+            optimizer's tuner's ``rule``); ``None``: the additive composition.
         seed: seed of the coordinate sample.
     """
 
@@ -154,7 +177,7 @@ class MomentumMeter:
         refresh: int = 256,
         period: int | None = None,
         min_rows: int = 128,
-        rule: str = "additive",
+        rule: Composition | None = None,
         seed: int = 0,
     ) -> None:
         for name, value, minimum in (
@@ -171,7 +194,7 @@ class MomentumMeter:
         if period is not None:
             check_int(period, "period", window + 1)
         self.period = period
-        self.rule = formulas.check_rule(rule)
+        self.rule = _check_composition(rule)
         self.window = window
         self.max_lag = max_lag
         self.refresh = refresh
@@ -709,112 +732,3 @@ def _sample_coordinates(
         picked.append(tensors[position])
         indices.append(torch.as_tensor(flat, dtype=torch.long, device=device))
     return picked, indices
-
-
-# -- closed loop ----------------------------------------------------------------------------------
-
-
-class ClosedLoopController:
-    """Algorithmic momentum by bounded, rate-limited negative feedback on the measured total.
-
-    Each :meth:`update` moves the momentum by ``gain * (target - measured_total)``, at most
-    ``max_change_per_step`` either way, and clips it to ``bounds``: an integrator, so it settles
-    where the measured total equals the target, whatever the meter's composition rule. Call it
-    once per *new* reading (pass ``reading_id``, e.g. ``MomentumReading.serial``, and repeated
-    calls with the same reading are ignored: integrating one measurement twice overshoots).
-
-    A reading averages the momentum of the whole window it was fitted on, so it lags a change
-    of momentum; pass ``measured_algorithmic`` (the reading's ``algorithmic``) and the
-    controller rebases the total to the current momentum (``total + current - measured``,
-    exact for the additive composition), which removes that lag from the loop.
-
-    Args:
-        gain: fraction of the error corrected per reading, in (0, 1].
-        max_change_per_step: largest change of the momentum per reading (> 0).
-        bounds: ``(low, high)`` clip range of the momentum, inside (-1, 1).
-    """
-
-    def __init__(
-        self,
-        gain: float = 0.5,
-        max_change_per_step: float = 0.05,
-        bounds: tuple[float, float] = formulas.DEFAULT_MOMENTUM_BOUNDS,
-    ) -> None:
-        if not 0.0 < gain <= 1.0:
-            raise ValueError(f"gain must lie in (0, 1], got {gain!r}")
-        if not max_change_per_step > 0:
-            raise ValueError(f"max_change_per_step must be > 0, got {max_change_per_step!r}")
-        self.gain = float(gain)
-        self.max_change_per_step = float(max_change_per_step)
-        self.bounds = formulas.check_momentum_bounds(bounds)
-        self.updates = 0
-        self.last_error: float | None = None
-        self._last_reading: Any = None
-
-    def update(
-        self,
-        target: float,
-        measured_total: float | None,
-        current_alg: float,
-        *,
-        measured_algorithmic: float | None = None,
-        reading_id: Any = None,
-    ) -> float:
-        """The next algorithmic momentum.
-
-        Args:
-            target: the total momentum to reach, in (-1, 1).
-            measured_total: the meter's total momentum; ``None`` or ``nan`` (no reading yet)
-                keeps the current momentum.
-            current_alg: the algorithmic momentum applied now.
-            measured_algorithmic: the algorithmic momentum the reading measured under.
-            reading_id: identifies the reading; the same id twice in a row changes nothing.
-        """
-        target = formulas.check_momentum(target)
-        current = formulas.check_momentum(current_alg, "current_alg")
-        low, high = self.bounds
-        clipped = min(max(current, low), high)
-        if measured_total is None or not math.isfinite(measured_total):
-            return clipped
-        if reading_id is not None and reading_id == self._last_reading:
-            return clipped
-        self._last_reading = reading_id
-        total = float(measured_total)
-        if measured_algorithmic is not None and math.isfinite(measured_algorithmic):
-            total += current - float(measured_algorithmic)
-        error = target - total
-        change = min(max(self.gain * error, -self.max_change_per_step), self.max_change_per_step)
-        self.updates += 1
-        self.last_error = error
-        return min(max(current + change, low), high)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Counters and the last reading's id."""
-        return {
-            "format": STATE_FORMAT,
-            "updates": self.updates,
-            "last_error": self.last_error,
-            "last_reading": self._last_reading,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`.
-
-        Args:
-            state_dict: a dict returned by :meth:`state_dict`.
-        """
-        check_state(
-            state_dict,
-            "ClosedLoopController",
-            expected_format=STATE_FORMAT,
-            keys=("updates", "last_error", "last_reading"),
-        )
-        self.updates = int(state_dict["updates"])
-        self.last_error = state_dict["last_error"]
-        self._last_reading = state_dict["last_reading"]
-
-    def __repr__(self) -> str:
-        return (
-            f"ClosedLoopController(gain={self.gain}, max_change_per_step="
-            f"{self.max_change_per_step}, bounds={self.bounds}, updates={self.updates})"
-        )

@@ -4,26 +4,24 @@ Asynchronous SGD with ``M`` workers behaves, in expectation, like synchronous SG
 *implicit* momentum ``1 - 1/M`` (Mitliagkas et al., 2016, "Asynchrony begets Momentum"). A user
 tunes one *total* momentum; the optimizer applies the *algorithmic* momentum that, composed with
 the implicit one, gives that total. Every other module asks this one; none re-derives a formula.
+The tuning rules (:mod:`asyncmomentum.core.tuning.rules`) are objects that call these functions.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 __all__ = [
     "DEFAULT_MOMENTUM_BOUNDS",
-    "FEEDBACK_RULES",
-    "RULES",
-    "algorithmic_momentum",
+    "additive_momentum",
+    "additive_total",
     "check_momentum",
     "check_momentum_bounds",
-    "check_rule",
-    "composition_rule",
+    "clip_momentum",
+    "compositional_momentum",
+    "compositional_total",
     "implicit_momentum",
     "implicit_momentum_from_staleness",
-    "rule_names",
-    "total_momentum",
     "workers_from_staleness",
 ]
 
@@ -65,71 +63,59 @@ def implicit_momentum_from_staleness(mean_staleness: float) -> float:
     return implicit_momentum(workers_from_staleness(mean_staleness))
 
 
-def _additive(target: float, implicit: float) -> float:
-    # First-order match of the expected recurrence: total = algorithmic + implicit.
+def additive_momentum(target: float, implicit: float) -> float:
+    """Algorithmic momentum of the additive rule: ``target - implicit`` (unclipped).
+
+    The first-order match of the expected recurrence: ``total = algorithmic + implicit``.
+
+    Args:
+        target: the total momentum to reach.
+        implicit: the implicit momentum of the asynchrony.
+    """
     return target - implicit
 
 
-def _additive_total(algorithmic: float, implicit: float) -> float:
+def additive_total(algorithmic: float, implicit: float) -> float:
+    """Total momentum of the additive composition: ``algorithmic + implicit``.
+
+    Args:
+        algorithmic: the momentum an optimizer applies.
+        implicit: the implicit momentum of the asynchrony.
+    """
     return algorithmic + implicit
 
 
-def _compositional(target: float, implicit: float) -> float:
-    # Matches the low-frequency gain: (1 - target) = (1 - algorithmic) (1 - implicit).
+def compositional_momentum(target: float, implicit: float) -> float:
+    """Algorithmic momentum of the compositional rule: ``1 - (1 - target) / (1 - implicit)``.
+
+    Matches the low-frequency gain: ``(1 - target) = (1 - algorithmic) (1 - implicit)``.
+
+    Args:
+        target: the total momentum to reach.
+        implicit: the implicit momentum of the asynchrony, below 1.
+    """
     return 1.0 - (1.0 - target) / (1.0 - implicit)
 
 
-def _compositional_total(algorithmic: float, implicit: float) -> float:
+def compositional_total(algorithmic: float, implicit: float) -> float:
+    """Total momentum of the compositional composition: ``1 - (1 - algorithmic)(1 - implicit)``.
+
+    Args:
+        algorithmic: the momentum an optimizer applies.
+        implicit: the implicit momentum of the asynchrony.
+    """
     return 1.0 - (1.0 - algorithmic) * (1.0 - implicit)
 
 
-#: name -> (algorithmic from (target, implicit), total from (algorithmic, implicit))
-RULES: dict[str, tuple[Callable[[float, float], float], Callable[[float, float], float]]] = {
-    "additive": (_additive, _additive_total),
-    "compositional": (_compositional, _compositional_total),
-}
-
-
-#: Rules that are not a formula of (target, implicit): they need state the
-#: :class:`~asyncmomentum.core.tuning.tuner.MomentumTuner` keeps (``"closed_loop"``: feedback on
-#: the measured
-#: total momentum; ``"stability"``: the staleness histogram and a curvature estimate). Until
-#: they have what they need they follow the additive rule, whose composition they also report.
-FEEDBACK_RULES: tuple[str, ...] = ("closed_loop", "stability")
-
-
-def rule_names() -> tuple[str, ...]:
-    """Every rule a tuner accepts: the formulas of :data:`RULES`, then :data:`FEEDBACK_RULES`."""
-    return (*RULES, *FEEDBACK_RULES)
-
-
-def check_rule(rule: str, *, formulas_only: bool = False) -> str:
-    """Return ``rule`` if it names a known tuning rule, else raise ``ValueError``.
+def clip_momentum(momentum: float, bounds: tuple[float, float]) -> float:
+    """``momentum`` clipped to ``bounds``.
 
     Args:
-        rule: the rule's name, one of :func:`rule_names`.
-        formulas_only: accept only the stateless formulas of :data:`RULES`.
+        momentum: an algorithmic momentum.
+        bounds: ``(low, high)``, as :func:`check_momentum_bounds` returns them.
     """
-    known = tuple(RULES) if formulas_only else rule_names()
-    if rule in known:
-        return rule
-    if rule in FEEDBACK_RULES:
-        raise ValueError(
-            f"rule {rule!r} is not a formula of (target, implicit momentum): it keeps state. "
-            "Use asyncmomentum.MomentumTuner or AsyncMomentumSGD(rule=...) for it"
-        )
-    raise ValueError(f"rule must be one of {list(known)}, got {rule!r}")
-
-
-def composition_rule(rule: str) -> str:
-    """The formula under which ``rule`` composes algorithmic and implicit momentum.
-
-    The feedback rules report their totals as the additive rule does (their fallback).
-
-    Args:
-        rule: a name in :func:`rule_names`.
-    """
-    return "additive" if check_rule(rule) in FEEDBACK_RULES else rule
+    low, high = bounds
+    return min(max(momentum, low), high)
 
 
 def check_momentum(value: float, name: str = "target_momentum") -> float:
@@ -170,39 +156,3 @@ def check_momentum_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
     if low > high:
         raise ValueError(f"momentum_bounds must be (low, high) with low <= high, got {bounds!r}")
     return low, high
-
-
-def algorithmic_momentum(
-    target: float,
-    implicit: float,
-    rule: str = "additive",
-    bounds: tuple[float, float] = DEFAULT_MOMENTUM_BOUNDS,
-) -> float:
-    """Algorithmic momentum that gives a total of ``target`` on top of ``implicit``, clipped.
-
-    Under high asynchrony the result is negative: the optimizer must *remove* momentum.
-
-    Args:
-        target: the total momentum the user wants, in (-1, 1).
-        implicit: the implicit momentum of the asynchrony, in [0, 1).
-        rule: ``"additive"`` (``target - implicit``, the default) or ``"compositional"``
-            (``1 - (1 - target) / (1 - implicit)``).
-        bounds: ``(low, high)`` clip range of the result.
-    """
-    solve, _ = RULES[check_rule(rule, formulas_only=True)]
-    low, high = bounds
-    return min(max(solve(target, implicit), low), high)
-
-
-def total_momentum(algorithmic: float, implicit: float, rule: str = "additive") -> float:
-    """Total momentum that ``algorithmic`` and ``implicit`` compose to under ``rule``.
-
-    Equals the target unless the algorithmic momentum was clipped.
-
-    Args:
-        algorithmic: the momentum the optimizer applies.
-        implicit: the implicit momentum of the asynchrony.
-        rule: the tuning rule whose composition to use (see :func:`composition_rule`).
-    """
-    _, compose = RULES[composition_rule(rule)]
-    return compose(algorithmic, implicit)

@@ -13,11 +13,10 @@ square of ``w`` for independent delays (exact for them, see ``docs/stability-rul
 equals :func:`spectral_radius` for a constant delay and exceeds it otherwise.
 
 :func:`largest_stable_momentum` scans momentum from the cap down and refines the largest stable
-value by bisection (the radius is not monotone in ``mu``). :class:`StabilityRule` puts it to
-work online: a bounded, windowed :class:`StalenessHistogram`, an estimate of ``lr * lambda_max``
-(:class:`CurvatureEstimator`: power iteration with Hessian-vector products, warm-started, run
-every few hundred steps), and a cache so that asking for the momentum every step costs
-microseconds.
+value by bisection (the radius is not monotone in ``mu``); :class:`StalenessHistogram` keeps the
+observed staleness, bounded and windowed. The rule that puts them to work online is
+:class:`~asyncmomentum.core.tuning.rules.stability.StabilityRule`; the curvature comes from a
+:class:`~asyncmomentum.core.measuring.curvature.CurvatureEstimator`.
 
 All the stability tests work on the unit circle: with ``u = z^-1`` the recursion's
 characteristic function is ``D(u) = 1 - (1 + mu) u + mu u^2 + a u P(u)``, ``P(u) = sum_l p(l) u^l``.
@@ -31,22 +30,20 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from asyncmomentum.core.measuring.staleness import check_staleness, check_state
 from asyncmomentum.core.tuning import formulas
 
 __all__ = [
     "DEFAULT_TAIL_MASS",
-    "CurvatureEstimator",
-    "StabilityRule",
     "StalenessHistogram",
+    "check_criterion",
     "check_pmf",
+    "check_scalar",
     "is_stable",
     "largest_stable_momentum",
     "mean_square_radius",
@@ -125,7 +122,13 @@ def truncate_pmf(staleness_pmf: Any, tail_mass: float = DEFAULT_TAIL_MASS) -> np
 # -- the recursion --------------------------------------------------------------------------------
 
 
-def _check_scalar(value: Any, name: str) -> float:
+def check_scalar(value: Any, name: str) -> float:
+    """Return ``value`` as a float if it is a finite real number (not a bool), else raise.
+
+    Args:
+        value: the number.
+        name: its name, for the error message.
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
@@ -162,9 +165,7 @@ def spectral_radius(
         tail_mass: see :func:`truncate_pmf`.
     """
     pmf = truncate_pmf(staleness_pmf, tail_mass)
-    roots = np.roots(
-        _characteristic_polynomial(_check_scalar(mu, "mu"), _check_scalar(a, "a"), pmf)
-    )
+    roots = np.roots(_characteristic_polynomial(check_scalar(mu, "mu"), check_scalar(a, "a"), pmf))
     return float(np.abs(roots).max())
 
 
@@ -220,7 +221,12 @@ def _stability_at(
     return stable
 
 
-def _check_criterion(criterion: str) -> Criterion:
+def check_criterion(criterion: str) -> Criterion:
+    """Return ``criterion`` if it is ``"mean_square"`` or ``"mean_field"``, else raise.
+
+    Args:
+        criterion: the stability criterion's name.
+    """
     if criterion not in _CRITERIA:
         raise ValueError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
     return criterion  # type: ignore[return-value]
@@ -249,9 +255,9 @@ def is_stable(
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must lie in [0, 1), got {margin!r}")
     pmf = truncate_pmf(staleness_pmf, tail_mass)
-    mus = np.array([_check_scalar(mu, "mu")])
+    mus = np.array([check_scalar(mu, "mu")])
     return bool(
-        _stability_at(mus, _check_scalar(a, "a"), pmf, 1.0 - margin, _check_criterion(criterion))[0]
+        _stability_at(mus, check_scalar(a, "a"), pmf, 1.0 - margin, check_criterion(criterion))[0]
     )
 
 
@@ -272,7 +278,7 @@ def mean_square_radius(
         tail_mass: see :func:`truncate_pmf`.
     """
     pmf = truncate_pmf(staleness_pmf, tail_mass)
-    mu, a = _check_scalar(mu, "mu"), _check_scalar(a, "a")
+    mu, a = check_scalar(mu, "mu"), check_scalar(a, "a")
     mus = np.array([mu])
     low = mean_field = spectral_radius(mu, a, pmf, tail_mass=0.0)
     high = max(2.0 * low, 1.0)
@@ -329,7 +335,7 @@ def largest_stable_momentum(
         grid_step: spacing of the scan (> 0).
         tolerance: width of the final bisection (> 0).
     """
-    a = _check_scalar(a, "a")
+    a = check_scalar(a, "a")
     if a < 0:
         raise ValueError(f"a = lr * lambda_max must be >= 0, got {a!r}")
     cap = formulas.check_momentum(cap, "cap")
@@ -342,7 +348,7 @@ def largest_stable_momentum(
         raise ValueError(f"curvature_margin must be >= 0, got {curvature_margin!r}")
     if not (grid_step > 0 and tolerance > 0):
         raise ValueError(f"grid_step and tolerance must be > 0, got {grid_step!r}, {tolerance!r}")
-    criterion = _check_criterion(criterion)
+    criterion = check_criterion(criterion)
     pmf = truncate_pmf(staleness_pmf, tail_mass)
     a_test = a * (1.0 + curvature_margin)
     radius = 1.0 - margin
@@ -495,374 +501,3 @@ class StalenessHistogram:
             f"StalenessHistogram(size={self.size}, mean={self.mean:.3g}, window={self.window}, "
             f"max_staleness={self.max_staleness})"
         )
-
-
-# -- the curvature --------------------------------------------------------------------------------
-
-
-def _dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> float:
-    return float(sum(torch.dot(x.flatten(), y.flatten()) for x, y in zip(xs, ys)))
-
-
-def _normalized(xs: Sequence[Tensor]) -> list[Tensor] | None:
-    norm = math.sqrt(_dot(xs, xs))
-    if not (norm > 0 and math.isfinite(norm)):
-        return None
-    return [x / norm for x in xs]
-
-
-class CurvatureEstimator:
-    """Largest Hessian eigenvalue by power iteration with Hessian-vector products.
-
-    Each :meth:`estimate` evaluates ``loss_fn()`` once (a mini-batch loss at the current
-    parameters, with its graph), takes its gradient with ``create_graph=True`` and runs power
-    iteration with double-backward Hessian-vector products. The vector is kept between calls,
-    so after the first call (``iterations`` products) a few products (``warm_iterations``) track
-    the top eigenvector as training moves. If the dominant eigenvalue is negative (a saddle),
-    a shifted iteration finds the largest positive one, which is what limits stability.
-
-    Cost: one forward, one backward with graph, and ``k`` Hessian-vector products (about two
-    backwards each), every time it is called; memory: one copy of the parameters. Call it every
-    few hundred steps (``StabilityRule`` takes the maximum of the last ``history`` values).
-
-    Args:
-        params: the parameters the Hessian is taken with respect to.
-        iterations: products of the first call (>= 1).
-        warm_iterations: products of later, warm-started calls (>= 1).
-        tolerance: relative change of the eigenvalue at which an iteration stops early.
-        history: number of recent estimates :attr:`value` takes the maximum of (>= 1).
-        seed: seed of the first vector.
-    """
-
-    def __init__(
-        self,
-        params: Iterable[Tensor],
-        *,
-        iterations: int = 20,
-        warm_iterations: int = 4,
-        tolerance: float = 1e-3,
-        history: int = 4,
-        seed: int = 0,
-    ) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        if not self.params:
-            raise ValueError("CurvatureEstimator needs at least one parameter with requires_grad")
-        for name, value in (("iterations", iterations), ("warm_iterations", warm_iterations)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
-            raise ValueError(f"history must be an integer >= 1, got {history!r}")
-        if not tolerance >= 0:
-            raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
-        self.iterations = iterations
-        self.warm_iterations = warm_iterations
-        self.tolerance = float(tolerance)
-        self.history = history
-        self._generator = torch.Generator().manual_seed(seed)
-        self._vector: list[Tensor] | None = None
-        self._estimates: list[float] = []
-        self.products = 0
-
-    @property
-    def value(self) -> float | None:
-        """The largest of the last ``history`` estimates (curvature can rise quickly; being
-        late to see it is what makes a run diverge), ``None`` before the first."""
-        return max(self._estimates) if self._estimates else None
-
-    def _random_vector(self) -> list[Tensor]:
-        vector = [
-            torch.randn(p.shape, generator=self._generator, dtype=p.dtype).to(p.device)
-            for p in self.params
-        ]
-        return _normalized(vector) or vector
-
-    def estimate(self, loss_fn: Callable[[], Tensor]) -> float:
-        """Run power iteration at the current parameters; record and return the eigenvalue.
-
-        Parameters and their ``.grad`` are left untouched.
-
-        Args:
-            loss_fn: computes a scalar loss of the parameters (e.g. one mini-batch), with grad.
-        """
-        with torch.enable_grad():
-            loss = loss_fn()
-            if not (isinstance(loss, Tensor) and loss.numel() == 1 and loss.requires_grad):
-                raise ValueError(
-                    "loss_fn must return a scalar tensor that depends on the parameters "
-                    f"(requires_grad), got {type(loss).__name__}"
-                )
-            if not torch.isfinite(loss.detach()).all():
-                raise ValueError(f"loss_fn returned a non-finite loss ({loss.item()}); no estimate")
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
-            if not any(g.requires_grad for g in grads):
-                eigenvalue = 0.0  # the loss is linear in the parameters: no curvature
-            else:
-                eigenvalue = self._power_iteration(grads)
-        self._estimates = [*self._estimates, eigenvalue][-self.history :]
-        return eigenvalue
-
-    def _product(self, grads: Sequence[Tensor], vector: Sequence[Tensor]) -> list[Tensor]:
-        self.products += 1
-        out = torch.autograd.grad(
-            grads, self.params, grad_outputs=list(vector), retain_graph=True, allow_unused=True
-        )
-        return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(self.params, out)]
-
-    def _power_iteration(self, grads: Sequence[Tensor]) -> float:
-        steps = self.iterations if self._vector is None else self.warm_iterations
-        vector = self._vector or self._random_vector()
-        eigenvalue, vector = self._iterate(grads, vector, steps, shift=0.0)
-        if eigenvalue < 0:
-            # The dominant eigenvalue is negative: iterate on H - eigenvalue * I, whose dominant
-            # eigenvalue is (largest positive - eigenvalue).
-            shifted, vector = self._iterate(
-                grads, self._random_vector(), self.iterations, eigenvalue
-            )
-            eigenvalue = max(shifted + eigenvalue, 0.0)
-        self._vector = vector
-        return eigenvalue
-
-    def _iterate(
-        self, grads: Sequence[Tensor], vector: list[Tensor], steps: int, shift: float
-    ) -> tuple[float, list[Tensor]]:
-        eigenvalue = math.nan
-        for _ in range(steps):
-            product = self._product(grads, vector)
-            if shift:
-                product = [h - shift * v for h, v in zip(product, vector)]
-            previous, eigenvalue = eigenvalue, _dot(vector, product)
-            following = _normalized(product)
-            if following is None:  # H v = 0: v is in the kernel
-                return 0.0, vector
-            vector = following
-            if abs(eigenvalue - previous) <= self.tolerance * abs(eigenvalue):
-                break
-        return eigenvalue, vector
-
-    def __repr__(self) -> str:
-        return f"CurvatureEstimator(value={self.value}, products={self.products})"
-
-
-# -- the rule -------------------------------------------------------------------------------------
-
-
-class StabilityRule:
-    """Staleness and curvature in, the largest stable algorithmic momentum out.
-
-    Keeps a :class:`StalenessHistogram` of the applied gradients' staleness and an estimate of
-    the largest curvature ``lambda_max`` (fed by :meth:`observe_curvature`, e.g. from a
-    :class:`CurvatureEstimator`); :meth:`algorithmic_momentum` returns
-    :func:`largest_stable_momentum` for ``a = lr * lambda_max``, capped by the target.
-
-    Results are cached by (target, ``a`` to 1 %). The histogram is re-read at doubling counts
-    (1, 2, 4, ... observations: at start-up it changes fast, and the first delays are short
-    because every worker starts from version 0) and then every ``refresh`` observations; the
-    cache is dropped when the total-variation distance of its pmf from the one last used
-    exceeds ``pmf_tolerance``. A cached answer costs a few microseconds; a new one 20-30
-    milliseconds (see ``docs/stability-rule.md``).
-
-    It speaks from ``min_observations`` observations on (by default the first: at start-up the
-    staleness grows by one per update, and a warm-up spent at the target momentum is what made
-    runs with many workers diverge). Before that, or while no curvature is known, it returns
-    the caller's ``fallback`` (the optimizer passes its additive rule's momentum).
-
-    Args:
-        curvature_margin: relative safety factor on ``lr * lambda_max`` (see
-            :func:`largest_stable_momentum`); absorbs the estimate's error, curvature that
-            rises between estimates, and the start-up transient. 0.25 was the best of
-            {0, 0.25, 0.5} on the sweep's quadratic (0 diverged with a constant delay).
-        margin: required decay per step, in [0, 1).
-        criterion: ``"mean_square"`` (random delays, the default) or ``"mean_field"``
-            (optimistic for random delays: it diverged on the quadratic from M = 8).
-        momentum_bounds: ``(low, high)``: the floor of the result, and a ceiling under the target.
-        window: staleness observations kept (see :class:`StalenessHistogram`).
-        max_staleness: the histogram's cap.
-        tail_mass: see :func:`truncate_pmf`.
-        refresh: observations between checks of the histogram, once warm.
-        pmf_tolerance: total-variation change of the pmf that invalidates the cache.
-        min_observations: observations before the rule speaks.
-        grid_step: scan spacing of :func:`largest_stable_momentum`.
-    """
-
-    def __init__(
-        self,
-        *,
-        curvature_margin: float = 0.25,
-        margin: float = 0.0,
-        criterion: Criterion = "mean_square",
-        momentum_bounds: tuple[float, float] = formulas.DEFAULT_MOMENTUM_BOUNDS,
-        window: int = 1024,
-        max_staleness: int = 1024,
-        tail_mass: float = DEFAULT_TAIL_MASS,
-        refresh: int = 256,
-        pmf_tolerance: float = 0.02,
-        min_observations: int = 1,
-        grid_step: float = 0.05,
-    ) -> None:
-        if not curvature_margin >= 0:
-            raise ValueError(f"curvature_margin must be >= 0, got {curvature_margin!r}")
-        if not 0.0 <= margin < 1.0:
-            raise ValueError(f"margin must lie in [0, 1), got {margin!r}")
-        if not 0.0 <= tail_mass < 1.0:
-            raise ValueError(f"tail_mass must lie in [0, 1), got {tail_mass!r}")
-        if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
-            raise ValueError(f"refresh must be an integer >= 1, got {refresh!r}")
-        if not 0.0 <= pmf_tolerance <= 1.0:
-            raise ValueError(f"pmf_tolerance must lie in [0, 1], got {pmf_tolerance!r}")
-        if (
-            isinstance(min_observations, bool)
-            or not isinstance(min_observations, int)
-            or min_observations < 1
-        ):
-            raise ValueError(f"min_observations must be an integer >= 1, got {min_observations!r}")
-        if not grid_step > 0:
-            raise ValueError(f"grid_step must be > 0, got {grid_step!r}")
-        self.curvature_margin = float(curvature_margin)
-        self.margin = float(margin)
-        self.criterion = _check_criterion(criterion)
-        self.momentum_bounds = formulas.check_momentum_bounds(momentum_bounds)
-        self.tail_mass = float(tail_mass)
-        self.refresh = refresh
-        self.pmf_tolerance = float(pmf_tolerance)
-        self.min_observations = min_observations
-        self.grid_step = float(grid_step)
-        self.histogram = StalenessHistogram(window, max_staleness)
-        self._curvature: float | None = None
-        self._pmf: np.ndarray | None = None
-        self._checked_at = -1
-        self._cache: dict[tuple[float, int], float] = {}
-        self.computations = 0
-
-    # -- inputs ---------------------------------------------------------------------------------
-
-    def observe(self, tau: int) -> None:
-        """Record the staleness of one applied gradient.
-
-        Args:
-            tau: updates applied between the gradient's read and its application (>= 0).
-        """
-        self.histogram.observe(tau)
-
-    def observe_curvature(self, lambda_max: float) -> None:
-        """Set the current estimate of the largest Hessian eigenvalue (not times ``lr``).
-
-        Args:
-            lambda_max: largest curvature of the loss (>= 0), e.g. ``CurvatureEstimator.value``.
-        """
-        value = _check_scalar(lambda_max, "lambda_max")
-        if value < 0:
-            raise ValueError(f"lambda_max must be >= 0, got {lambda_max!r}")
-        self._curvature = value
-
-    @property
-    def curvature(self) -> float | None:
-        """The current estimate of ``lambda_max``, ``None`` until :meth:`observe_curvature`."""
-        return self._curvature
-
-    @property
-    def ready(self) -> bool:
-        """Whether the rule has a curvature and enough staleness observations to speak."""
-        return self._curvature is not None and self.histogram.count >= self.min_observations
-
-    # -- output ---------------------------------------------------------------------------------
-
-    def algorithmic_momentum(
-        self, target: float, lr: float, *, fallback: float | None = None
-    ) -> float:
-        """Largest stable algorithmic momentum for ``a = lr * lambda_max``, capped by ``target``.
-
-        Args:
-            target: the total momentum the user wants: the cap of the result.
-            lr: the learning rate of the parameter group (>= 0).
-            fallback: returned while the rule is not :attr:`ready`; default ``target``
-                clipped to the bounds.
-        """
-        target = formulas.check_momentum(target)
-        lr = _check_scalar(lr, "lr")
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr!r}")
-        low, high = self.momentum_bounds
-        if not self.ready:
-            chosen = target if fallback is None else float(fallback)
-            return min(max(chosen, low), high)
-        self._refresh_pmf()
-        a = lr * self._curvature  # type: ignore[operator]
-        key = (round(target, 9), _bucket(a))
-        if key not in self._cache:
-            self.computations += 1
-            cap = min(target, high)
-            self._cache[key] = largest_stable_momentum(
-                a,
-                self._pmf,
-                cap=max(cap, low),
-                floor=low,
-                margin=self.margin,
-                curvature_margin=self.curvature_margin,
-                criterion=self.criterion,
-                tail_mass=0.0,  # the histogram's pmf is already truncated
-                grid_step=self.grid_step,
-            )
-        return self._cache[key]
-
-    def _refresh_pmf(self) -> None:
-        """Re-read the histogram (at doubling counts, then every ``refresh`` observations); drop
-        the cache if it moved."""
-        count = self.histogram.count
-        # Early on the histogram changes fast (and starts from the short delays of start-up):
-        # check at doubling counts until `refresh` observations apart.
-        if self._pmf is not None and count - self._checked_at < min(self.refresh, self._checked_at):
-            return
-        self._checked_at = count
-        pmf = self.histogram.pmf(self.tail_mass)
-        if self._pmf is None or _total_variation(pmf, self._pmf) > self.pmf_tolerance:
-            self._pmf = pmf
-            self._cache.clear()
-
-    # -- lifecycle ------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """The histogram's observations and the curvature (the cache is rebuilt on demand)."""
-        return {
-            "format": STATE_FORMAT,
-            "histogram": self.histogram.state_dict(),
-            "curvature": self._curvature,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`.
-
-        Args:
-            state_dict: a dict returned by :meth:`state_dict`.
-        """
-        check_state(
-            state_dict,
-            "StabilityRule",
-            expected_format=STATE_FORMAT,
-            keys=("histogram", "curvature"),
-        )
-        curvature = state_dict["curvature"]
-        if curvature is not None and not (
-            isinstance(curvature, numbers.Real) and math.isfinite(curvature) and curvature >= 0
-        ):
-            raise ValueError(f"StabilityRule state is corrupt: curvature {curvature!r}")
-        self.histogram.load_state_dict(state_dict["histogram"])
-        self._curvature = None if curvature is None else float(curvature)
-        self._pmf = None
-        self._cache.clear()
-
-    def __repr__(self) -> str:
-        return (
-            f"StabilityRule(curvature={self._curvature}, histogram={self.histogram!r}, "
-            f"curvature_margin={self.curvature_margin}, criterion={self.criterion!r})"
-        )
-
-
-def _bucket(a: float) -> int:
-    """``a`` to about 1 % (log scale); 0 and tiny values share one bucket."""
-    return -(10**9) if a < 1e-12 else round(math.log(a) / math.log(1.01))
-
-
-def _total_variation(p: np.ndarray, q: np.ndarray) -> float:
-    size = max(p.size, q.size)
-    return 0.5 * float(np.abs(np.pad(p, (0, size - p.size)) - np.pad(q, (0, size - q.size))).sum())

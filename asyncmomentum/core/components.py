@@ -1,0 +1,235 @@
+"""Parts that ride along the updates of an AsyncMomentumSGD: the momentum meter and the curvature
+schedule of the stability rule.
+
+The optimizer's ``step`` knows one small interface, :class:`StepComponent`, and calls every
+attached component before and after an update; it holds no branch for any of them. Each
+component carries its own state in the optimizer's ``state_dict`` under its :attr:`name`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from asyncmomentum.core.measuring.curvature import CurvatureEstimator
+from asyncmomentum.core.measuring.meter import MomentumMeter
+from asyncmomentum.core.measuring.staleness import check_int
+
+if TYPE_CHECKING:
+    from asyncmomentum.core.optimizer import AsyncMomentumSGD
+
+__all__ = ["CurvatureSchedule", "MeterComponent", "StepComponent"]
+
+
+class StepComponent:
+    """Something attached to an :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD` that
+    sees every update. The defaults do nothing; a component overrides what it needs."""
+
+    #: Key of this component's entry in the optimizer's state dict.
+    name: str = "component"
+
+    def before_update(self, optimizer: AsyncMomentumSGD) -> None:
+        """Called once the gradients are known to be finite, before the clock moves; if this
+        raises, nothing has changed.
+
+        Args:
+            optimizer: the optimizer about to update.
+        """
+
+    def after_update(self, optimizer: AsyncMomentumSGD, version: int, staleness: int) -> None:
+        """Called right after the parameters changed.
+
+        Args:
+            optimizer: the optimizer that updated.
+            version: the update's version (the clock's value before it ticked).
+            staleness: the staleness of the gradient it applied.
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        """This component's state, for the optimizer's ``state_dict``."""
+        return {}
+
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if :meth:`load_state_dict` would fail; change nothing.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+        """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore from a state checked by :meth:`check_state_dict`.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+        """
+
+
+class MeterComponent(StepComponent):
+    """Feeds every update to a :class:`~asyncmomentum.core.measuring.meter.MomentumMeter` and,
+    for a rule that uses it, hands the tuner the meter's latest reading.
+
+    Args:
+        meter: the meter, built over the optimizer's parameter groups.
+    """
+
+    name = "meter"
+
+    def __init__(self, meter: MomentumMeter) -> None:
+        self.meter = meter
+
+    def after_update(self, optimizer: AsyncMomentumSGD, version: int, staleness: int) -> None:
+        """Record the update, its gradient dated to the version it was computed at.
+
+        Args:
+            optimizer: the optimizer that updated.
+            version: the update's version.
+            staleness: the staleness of its gradient.
+        """
+        group = optimizer.param_groups[0]
+        # A staleness beyond the start of this clock (a caller's own count, a resumed job)
+        # dates the gradient to the oldest version there is.
+        self.meter.record(
+            version,
+            max(version - staleness, 0),
+            lr=float(group["lr"]),
+            momentum=optimizer.last_applied_momentum,
+        )
+        self.feed(optimizer)
+
+    def feed(self, optimizer: AsyncMomentumSGD) -> None:
+        """Hand the meter's reading to the optimizer's tuner if its rule uses one.
+
+        Args:
+            optimizer: the optimizer whose tuner to feed.
+        """
+        if optimizer.tuner.uses_meter:
+            optimizer.tuner.observe_reading(self.meter.reading)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The meter's state."""
+        return self.meter.state_dict()
+
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check a meter state without loading it.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+        """
+        self.meter.check_state_dict(state_dict)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a meter state.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+        """
+        self.meter.load_state_dict(state_dict)
+
+
+class CurvatureSchedule(StepComponent):
+    """Estimates ``lambda_max`` for the stability rule every ``every`` updates, on a probe loss.
+
+    Args:
+        probe: returns a scalar loss of the current parameters with its graph (no backward);
+            ``None`` until set (then :meth:`estimate` needs a ``loss_fn``).
+        every: updates between estimates (>= 1).
+    """
+
+    name = "curvature"
+
+    def __init__(self, probe: Callable[[], Tensor] | None, every: int) -> None:
+        self.every = check_int(every, "curvature_every", 1)
+        self.probe = probe
+        self.version: int | None = None  # the clock's value at the last estimate
+        self._estimator: CurvatureEstimator | None = None
+        self._warned = False
+
+    @property
+    def probe(self) -> Callable[[], Tensor] | None:
+        """The loss the curvature is estimated on."""
+        return self._probe
+
+    @probe.setter
+    def probe(self, probe: Callable[[], Tensor] | None) -> None:
+        if probe is not None and not callable(probe):
+            raise ValueError(f"curvature_probe must be a callable, got {probe!r}")
+        self._probe = probe
+
+    def before_update(self, optimizer: AsyncMomentumSGD) -> None:
+        """Estimate the curvature if it is due (before the clock moves: a probe that raises
+        leaves everything unchanged).
+
+        Args:
+            optimizer: the optimizer about to update.
+        """
+        if self._probe is None:
+            if optimizer.tuner.curvature is None and not self._warned:
+                self._warned = True
+                warnings.warn(
+                    "rule='stability' has no curvature yet and no curvature_probe: it follows the "
+                    "additive rule until estimate_curvature() is called",
+                    stacklevel=4,
+                )
+            return
+        if (
+            self.version is None
+            or optimizer.tuner.curvature is None
+            or optimizer.clock.value - self.version >= self.every
+        ):
+            self.estimate(optimizer)
+
+    def estimate(
+        self, optimizer: AsyncMomentumSGD, loss_fn: Callable[[], Tensor] | None = None
+    ) -> float:
+        """Estimate ``lambda_max`` now and hand it to the optimizer's tuner.
+
+        Args:
+            optimizer: the optimizer whose parameters and tuner to use.
+            loss_fn: the loss to use instead of the probe.
+
+        Returns:
+            The estimate of ``lambda_max``.
+        """
+        loss_fn = loss_fn or self._probe
+        if loss_fn is None:
+            raise ValueError(
+                "estimate_curvature needs a loss_fn, or a curvature_probe at construction"
+            )
+        if self._estimator is None:
+            params = [
+                p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
+            ]
+            self._estimator = CurvatureEstimator(params, history=1)
+        self._estimator.estimate(loss_fn)
+        value = self._estimator.value
+        assert value is not None
+        optimizer.tuner.observe_curvature(value)
+        self.version = optimizer.clock.value
+        return value
+
+    def state_dict(self) -> dict[str, Any]:
+        """The version of the last estimate (the curvature itself is in the tuner's state)."""
+        return {"version": self.version}
+
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check a schedule state without loading it.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+        """
+        if not isinstance(state_dict, dict) or "version" not in state_dict:
+            raise ValueError(f"curvature schedule state is corrupt: {state_dict!r}")
+        if state_dict["version"] is not None:
+            check_int(state_dict["version"], "curvature version", 0)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a schedule state.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+        """
+        version = state_dict["version"]
+        self.version = None if version is None else int(version)

@@ -1,0 +1,278 @@
+"""The SGD update, three ways, and the non-finite gradient check that runs before it.
+
+The functional half of :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD`, as
+``torch.optim.sgd`` has one: :func:`choose_update` picks a path for a parameter group as torch
+would, and each path applies torch's heavy-ball update (optionally Nesterov, with dampening,
+weight decay and ``maximize``) with any momentum, negative included. Measured timings of the
+paths are in ``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FUSED_DEVICES",
+    "UpdateFn",
+    "choose_update",
+    "first_nonfinite",
+    "fused_update",
+    "multi_tensor_update",
+    "single_tensor_update",
+]
+
+UpdateFn = Callable[..., None]
+
+# The foreach path works on buckets of about this many bytes per tensor list, so that the few
+# passes it makes over a bucket (buffer scale, buffer add, parameter add) stay in the CPU cache.
+_FOREACH_BUCKET_BYTES = 2 << 20
+
+try:  # Where torch ships a fused SGD kernel.
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    FUSED_DEVICES = frozenset(_get_fused_kernels_supported_devices())
+except ImportError:  # pragma: no cover - older torch
+    FUSED_DEVICES = frozenset({"cpu", "cuda"})
+
+# Where this project substitutes torch's fused kernel for a path the user did not forbid it on
+# (``fused=None``): on the CPU, for float32 and float64, where the kernel is correct and faster
+# than the loop torch would pick (docs/performance.md). Not for float16/bfloat16: torch 2.13's
+# CPU fused SGD kernel is wrong for them (0.26 absolute error after one step at lr 0.1).
+_FUSED_FASTER_DTYPES = frozenset({torch.float32, torch.float64})
+
+
+def choose_update(group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> UpdateFn:
+    """The update path for one parameter group, chosen as torch chooses it.
+
+    ``fused=True`` runs torch's fused kernel; ``foreach=False`` or ``fused=False`` never do.
+    Sparse gradients take the per-tensor loop. Otherwise torch's default applies (the
+    per-tensor loop on the CPU, the multi-tensor path elsewhere), except that on the CPU the
+    fused kernel replaces the loop or the multi-tensor ops for float32/float64 parameters when
+    ``fused`` is left ``None``: the same update, measured faster.
+
+    Args:
+        group: the parameter group (its ``foreach`` and ``fused``).
+        params: the group's parameters that have a gradient.
+        grads: their gradients.
+    """
+    if any(g.is_sparse for g in grads):
+        return single_tensor_update
+    if group["fused"]:
+        return fused_update
+    if group["foreach"] is False:
+        return single_tensor_update
+    on_cpu = all(p.device.type == "cpu" for p in params)
+    if group["fused"] is None and on_cpu and _fused_kernel_is_exact(params, grads):
+        return fused_update
+    if group["foreach"] or not on_cpu:
+        return multi_tensor_update
+    return single_tensor_update
+
+
+def _fused_kernel_is_exact(params: list[Tensor], grads: list[Tensor]) -> bool:
+    # torch 2.13's CPU fused kernel reads and writes its tensors as contiguous memory: strided or
+    # transposed parameters, or gradients laid out differently, get wrong values. It is also
+    # wrong for float16/bfloat16 (see _FUSED_FASTER_DTYPES). Momentum buffers are created with
+    # the gradient's layout, so contiguous parameters and gradients suffice.
+    return all(
+        p.dtype in _FUSED_FASTER_DTYPES and p.is_contiguous() and g.is_contiguous()
+        for p, g in zip(params, grads, strict=True)
+    )
+
+
+def check_fused_support(params: Iterable[Tensor]) -> None:
+    """Raise as torch does if ``fused=True`` cannot run on these parameters.
+
+    Args:
+        params: the parameters of a group with ``fused=True``.
+    """
+    for p in params:
+        if not (p.is_floating_point() and p.device.type in FUSED_DEVICES):
+            raise RuntimeError(
+                "`fused=True` requires all the params to be floating point Tensors of supported "
+                f"devices: {sorted(FUSED_DEVICES)} but {p.dtype} and {p.device.type}"
+            )
+
+
+# Below this many elements per device and dtype, the gradients are checked with torch's fused
+# AMP check (one kernel); above it, a sum per tensor only reads the data and wins. The crossover
+# was measured (docs/performance.md).
+_FUSED_CHECK_MAX_ELEMENTS = 1 << 20
+
+
+def _all_finite(grads: list[Tensor]) -> bool:
+    """Whether no gradient holds NaN or inf (cheap; a ``False`` is confirmed by the caller)."""
+    kinds: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+    for g in grads:
+        kinds[(g.device, g.dtype)].append(g._values() if g.is_sparse else g)
+    for (device, _), same in kinds.items():
+        if sum(g.numel() for g in same) <= _FUSED_CHECK_MAX_ELEMENTS:
+            found = torch.zeros(1, device=device)
+            try:
+                # Multiplies by exactly 1 (a no-op on every value) and flags any non-finite one.
+                torch._amp_foreach_non_finite_check_and_unscale_(
+                    same, found, torch.ones(1, device=device)
+                )
+            except (RuntimeError, NotImplementedError):  # a dtype or layout it lacks
+                pass
+            else:
+                if found.item() != 0:
+                    return False
+                continue
+        if not bool(torch.isfinite(torch.stack([g.sum() for g in same])).all()):
+            return False
+    return True
+
+
+def first_nonfinite(
+    gathered: Sequence[tuple[list[Tensor], list[Tensor], list[Any]]],
+) -> tuple[int, int, torch.Size] | None:
+    """Where the first NaN/inf gradient is, or ``None``: one cheap pass, then an exact one."""
+    if _all_finite([g for _, grads, _ in gathered for g in grads]):
+        return None
+    # A non-finite sum may come from finite values that overflow: confirm value by value.
+    for group_index, (params, grads, _) in enumerate(gathered):
+        for index, g in enumerate(grads):
+            values = g._values() if g.is_sparse else g
+            if not bool(torch.isfinite(values).all()):
+                return group_index, index, params[index].shape
+    return None
+
+
+def single_tensor_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    buffers: list[Tensor | None],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    with_buffer: bool,
+) -> None:
+    for i, param in enumerate(params):
+        grad = -grads[i] if maximize else grads[i]
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+        if with_buffer:
+            buf = buffers[i]
+            if buf is None:
+                buf = buffers[i] = torch.clone(grad).detach()
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            grad = grad.add(buf, alpha=momentum) if nesterov else buf
+        param.add_(grad, alpha=-lr)
+
+
+def _buckets(tensors: list[Tensor], indices: list[int]) -> Iterable[list[int]]:
+    bucket: list[int] = []
+    size = 0
+    for i in indices:
+        bucket.append(i)
+        size += tensors[i].numel() * tensors[i].element_size()
+        if size >= _FOREACH_BUCKET_BYTES:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
+
+
+def _by_device_and_dtype(params: list[Tensor]) -> list[list[int]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        groups[(p.device, p.dtype)].append(i)
+    return list(groups.values())
+
+
+def multi_tensor_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    buffers: list[Tensor | None],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    with_buffer: bool,
+) -> None:
+    for same_kind in _by_device_and_dtype(params):
+        for bucket in _buckets(params, same_kind):
+            ps = [params[i] for i in bucket]
+            gs = [grads[i] for i in bucket]
+            if maximize:
+                gs = torch._foreach_neg(gs)
+            if weight_decay != 0:
+                gs = torch._foreach_add(gs, ps, alpha=weight_decay)
+            if with_buffer:
+                fresh = {i for i in bucket if buffers[i] is None}
+                running, running_grads = [], []
+                for i, g in zip(bucket, gs):
+                    if i in fresh:
+                        buffers[i] = torch.clone(g).detach()
+                    else:
+                        running.append(buffers[i])
+                        running_grads.append(g)
+                if running:
+                    torch._foreach_mul_(running, momentum)
+                    torch._foreach_add_(running, running_grads, alpha=1 - dampening)
+                bufs = [buffers[i] for i in bucket]
+                gs = torch._foreach_add(gs, bufs, alpha=momentum) if nesterov else bufs
+            torch._foreach_add_(ps, gs, alpha=-lr)
+
+
+def fused_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    buffers: list[Tensor | None],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    with_buffer: bool,
+    grad_scale: Tensor | None = None,
+) -> None:
+    kernel_args = {
+        "weight_decay": weight_decay,
+        "momentum": momentum if with_buffer else 0.0,
+        "lr": lr,
+        "dampening": dampening,
+        "nesterov": nesterov,
+        "maximize": maximize,
+        "grad_scale": grad_scale,  # set by torch.amp.GradScaler: the kernel unscales
+    }
+    for same_kind in _by_device_and_dtype(params):
+        if not with_buffer:
+            torch._fused_sgd_(
+                [params[i] for i in same_kind],
+                [grads[i] for i in same_kind],
+                [],
+                is_first_step=False,
+                **kernel_args,
+            )
+            continue
+        # The kernel's first step sets buf = grad; later steps scale and add.
+        fresh = [i for i in same_kind if buffers[i] is None]
+        running = [i for i in same_kind if buffers[i] is not None]
+        for i in fresh:
+            buffers[i] = torch.empty_like(grads[i])
+        for first, chosen in ((True, fresh), (False, running)):
+            if chosen:
+                torch._fused_sgd_(
+                    [params[i] for i in chosen],
+                    [grads[i] for i in chosen],
+                    [buffers[i] for i in chosen],
+                    is_first_step=first,
+                    **kernel_args,
+                )

@@ -1,0 +1,32 @@
+"""The two roles the callbacks play for each other, so that neither imports the other.
+
+A :class:`StalenessSource` (e.g. :class:`~lightning_callbacks.StaleGradients`) knows the staleness
+of every step and reports it to each :class:`StalenessObserver` of the trainer (e.g.
+:class:`~lightning_callbacks.AsyncMomentumCallback`), which warns when it tunes an optimizer and
+no source is there.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["StalenessObserver", "StalenessSource"]
+
+
+@runtime_checkable
+class StalenessObserver(Protocol):
+    """A callback that takes the staleness of the gradient the next optimizer step applies."""
+
+    def observe_staleness(self, staleness: int, optimizer: Any = None) -> None:
+        """Report the staleness of the next step's gradient.
+
+        Args:
+            staleness: updates applied between the read of the parameters and this gradient's
+                application.
+            optimizer: the optimizer that will apply it; ``None`` for all of them.
+        """
+
+
+class StalenessSource:
+    """Marks a callback that reports the staleness of every step to the trainer's
+    :class:`StalenessObserver` callbacks."""
