@@ -23,9 +23,15 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from asyncmomentum.core.measuring.metrics import StalenessMetric
-from asyncmomentum.core.measuring.staleness import check_staleness, check_state
+from asyncmomentum.core.measuring.staleness import DEFAULT_HORIZON, DEFAULT_WARMUP
 from asyncmomentum.core.tuning import formulas
 from asyncmomentum.core.tuning.tuner import MomentumTuner
+from asyncmomentum.core.validation import (
+    check_bool,
+    check_momentum,
+    check_staleness,
+    check_state,
+)
 from asyncmomentum.runtimes.adapter import OptimizerView
 from lightning_callbacks.roles import StalenessSource
 
@@ -146,11 +152,10 @@ class AsyncMomentumCallback(Callback):
         rule: str = "additive",
         momentum_bounds: tuple[float, float] = formulas.DEFAULT_MOMENTUM_BOUNDS,
         log: bool = True,
-        horizon: int = 1000,
-        warmup: int = 20,
+        horizon: int = DEFAULT_HORIZON,
+        warmup: int = DEFAULT_WARMUP,
     ) -> None:
-        if not isinstance(log, bool):
-            raise ValueError(f"log must be True or False, got {log!r}")
+        check_bool(log, "log")
         self._tuner_options: dict[str, Any] = {
             "target_momentum": target_momentum,
             "rule": rule,
@@ -171,8 +176,8 @@ class AsyncMomentumCallback(Callback):
         self.rule = checked.rule_name
         self.momentum_bounds = checked.momentum_bounds
         self.workers = checked.estimator.workers
-        self.horizon = horizon
-        self.warmup = warmup
+        self.horizon = checked.estimator.horizon
+        self.warmup = checked.estimator.warmup
         # Not `self.log`: Lightning overwrites that attribute of callbacks with `pl_module.log`.
         self.enable_logging = log
         # Tuners of the optimizers this callback drives, by position in trainer.optimizers. They
@@ -384,7 +389,7 @@ class AsyncMomentumCallback(Callback):
         for group in tracked.optimizer.param_groups:
             target = view.target_momentum(group)
             if target is not None:
-                target = formulas.check_momentum(target, "a param group's target_momentum")
+                target = check_momentum(target, "a param group's target_momentum")
             value = tracked.tuner.algorithmic_momentum(target)
             if value < 0.0:
                 # torch.optim.SGD rejects momentum < 0 at construction and Adam needs beta1 >= 0:

@@ -8,7 +8,6 @@ current parameters: what ``M`` asynchronous workers sharing one model would do, 
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterator
 from itertools import islice
 from typing import Any
@@ -21,7 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from asyncmomentum.core.measuring.staleness import check_state
+from asyncmomentum.core.validation import check_choice, check_int, check_state
 from asyncmomentum.runtimes.adapter import OptimizerView
 from asyncmomentum.runtimes.simulate import (
     STALENESS_MODELS,
@@ -95,15 +94,14 @@ class StaleGradients(StalenessSource, Callback):
         *,
         max_staleness: int | None = None,
     ) -> None:
-        if model not in STALENESS_MODELS:
-            raise ValueError(f"model must be one of {STALENESS_MODELS}, got {model!r}")
+        check_choice(model, "model", STALENESS_MODELS)
         self.staleness_model: StalenessModel = staleness_model(model, workers)
         self.model = model
         self.workers = workers
-        self.seed = _check_non_negative_int(seed, "seed")
+        self.seed = check_int(seed, "seed", 0)
         cap = self.staleness_model.max_staleness
         if max_staleness is not None:
-            cap = min(cap, _check_non_negative_int(max_staleness, "max_staleness"))
+            cap = min(cap, check_int(max_staleness, "max_staleness", 0))
         self.max_staleness = cap
         self._ring: SnapshotRing | None = None
         self._stream: Iterator[int] | None = None
@@ -282,7 +280,7 @@ class StaleGradients(StalenessSource, Callback):
             state_dict: a dict returned by :meth:`state_dict`.
         """
         check_state(state_dict, "StaleGradients", expected_format=STATE_FORMAT)
-        draws = _check_non_negative_int(state_dict.get("draws"), "the checkpoint's 'draws'")
+        draws = check_int(state_dict.get("draws"), "the checkpoint's 'draws'", 0)
         same = (state_dict.get("model"), state_dict.get("workers"), state_dict.get("seed")) == (
             self.model,
             self.workers,
@@ -310,9 +308,3 @@ def _trained_parameters(optimizers: list[Optimizer]) -> list[Tensor]:
                     seen.add(id(p))
                     params.append(p)
     return params
-
-
-def _check_non_negative_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)

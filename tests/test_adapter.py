@@ -217,9 +217,9 @@ def test_summary_from_the_optimizers_estimate_or_the_callers() -> None:
         view.step(staleness=1)
     opt = cast(AsyncMomentumSGD, view.optimizer)
     assert view.summary() == MomentumSummary(
-        algorithmic=opt.algorithmic_momentum,
-        implicit=opt.implicit_momentum,
-        total=opt.total_momentum,
+        algorithmic_momentum=opt.algorithmic_momentum,
+        implicit_momentum=opt.implicit_momentum,
+        total_momentum=opt.total_momentum,
         estimated_workers=opt.estimated_workers,
         mean_staleness=opt.mean_staleness,
     )
@@ -230,10 +230,11 @@ def test_summary_from_the_optimizers_estimate_or_the_callers() -> None:
     for _ in range(10):
         estimator.observe(1)
     summary = sgd.summary(estimator)
-    assert summary.algorithmic == pytest.approx(0.9)
+    assert summary.algorithmic_momentum == pytest.approx(0.9)
     assert summary.estimated_workers == pytest.approx(2.0)
-    assert summary.implicit == pytest.approx(0.5) and summary.mean_staleness == pytest.approx(1)
-    assert summary.total == pytest.approx(1.4)  # additive
+    assert summary.implicit_momentum == pytest.approx(0.5)
+    assert summary.mean_staleness == pytest.approx(1)
+    assert summary.total_momentum == pytest.approx(1.4)  # additive
 
 
 @pytest.mark.parametrize("name", ["sgd", "async"])

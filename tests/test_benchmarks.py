@@ -1,26 +1,26 @@
-"""The benchmark scripts run and report what they claim to measure (no timing is asserted)."""
+"""The benchmarks run and report what they claim to measure (no timing is asserted)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
+import pkgutil
+import sys
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+import pytest
 
+from asyncmomentum.applications import bench, benchmarks
+from asyncmomentum.applications.benchmarks import step_overhead
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPTS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def test_step_overhead_runs_the_meter_and_the_stability_rule(capsys):
-    step_overhead = load("step_overhead")
     args = ["--steps", "4", "--paths", "foreach", "--meter", "--rule", "stability", "--json"]
     args += ["--curvature-every", "2"]
-    (result,) = step_overhead.main(args)
+    (result,) = step_overhead.run(args)
     assert result["rule"] == "stability" and result["meter"] is True
     assert result["ratio"] > 0 and math.isfinite(result["mean_ratio"])
     # The probe ran (the quadratic's curvatures are uniform in [0, 1)) and the rule set a
@@ -28,3 +28,37 @@ def test_step_overhead_runs_the_meter_and_the_stability_rule(capsys):
     assert 0.9 < result["curvature"] <= 1.0
     assert -0.9 <= result["algorithmic_momentum"] <= 0.9
     assert '"rule": "stability"' in capsys.readouterr().out
+
+
+def test_step_overhead_offers_every_path_and_runs_them_all_by_default(capsys):
+    # "default" passes nothing: each optimizer makes its own choice of path.
+    assert step_overhead.PATHS == {
+        "foreach": {"foreach": True},
+        "fused": {"fused": True},
+        "single": {"foreach": False},
+        "default": {},
+    }
+    assert step_overhead.build_parser().parse_args([]).paths == list(step_overhead.PATHS)
+    assert step_overhead.main(["--steps", "1"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[:2] == ["path", "AsyncMomentumSGD"] and "ratio" in table[1]
+    assert [line.split()[0] for line in table[2:]] == list(step_overhead.PATHS)
+
+
+def test_bench_runs_exactly_the_benchmark_modules_of_the_package():
+    modules = {info.name for info in pkgutil.iter_modules(benchmarks.__path__)}
+    assert modules == set(bench.BENCHMARKS)
+    for name in bench.BENCHMARKS:
+        module = importlib.import_module(f"{benchmarks.__name__}.{name}")
+        assert callable(module.main) and callable(module.build_parser)
+        assert bench.bench_command(name, quick=True)[:3] == [sys.executable, "-m", module.__name__]
+
+
+@pytest.mark.parametrize("name", sorted(bench.BENCHMARKS))
+def test_each_script_is_a_thin_caller_of_the_package_module(name: str):
+    spec = importlib.util.spec_from_file_location(
+        f"benchmark_script_{name}", SCRIPTS / f"{name}.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # the __main__ guard keeps it from running
+    assert script.main is importlib.import_module(f"{benchmarks.__name__}.{name}").main

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from asyncmomentum import __version__
-from asyncmomentum.applications import demo
+from asyncmomentum.applications import bench, demo
 from asyncmomentum.applications.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -107,3 +111,84 @@ def test_formats_a_diverged_run_without_nan():
     run = demo.RunSummary(label="torch.optim.SGD(momentum=0.9)", updates=5)
     table = demo.format_table([run])
     assert "diverged" in table and "nan" not in table.lower()
+
+
+def test_bench_refuses_an_unknown_name(capsys):
+    assert main(["bench", "nope"]) == 2
+    assert "unknown benchmark(s) ['nope']" in capsys.readouterr().err
+
+
+def test_bench_runs_each_benchmark_as_a_module_in_a_fresh_interpreter(monkeypatch, capsys):
+    commands = []
+    monkeypatch.setattr(bench.subprocess, "call", lambda command: commands.append(command) or 0)
+    assert main(["bench", "--quick", "convergence", "step_overhead"]) == 0
+    module = "asyncmomentum.applications.benchmarks"
+    assert commands == [
+        [sys.executable, "-m", f"{module}.convergence"],
+        [sys.executable, "-m", f"{module}.step_overhead", "--steps", "20"],
+    ]
+    assert f"== step_overhead: -m {module}.step_overhead --steps 20" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The package built as a wheel and installed into a folder of its own, away from the source.
+
+    Returns the folder to run from (outside the source tree) and the environment that imports the
+    installed package (``PYTHONPATH`` the installation; torch and the rest come from this venv).
+    """
+    tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"  # a copy, so that the build leaves nothing in the work tree
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist")
+    for name in ("asyncmomentum", "lightning_callbacks"):
+        shutil.copytree(ROOT / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
+    build = ["wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", tmp / "dist"]
+    subprocess.run(
+        [*pip, *build, source],
+        check=True,
+        timeout=240,
+    )
+    (wheel,) = (tmp / "dist").glob("asyncmomentum-*.whl")
+    site = tmp / "site"
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--no-index", "--target", site, wheel],
+        check=True,
+        timeout=240,
+    )
+    run_dir = tmp / "elsewhere"
+    run_dir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import asyncmomentum; print(asyncmomentum.__file__)"],
+        cwd=run_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert Path(done.stdout.strip()).is_relative_to(site), done.stdout
+    return run_dir, env
+
+
+def test_bench_runs_from_an_installed_wheel(installed_wheel):
+    run_dir, env = installed_wheel
+    done = subprocess.run(
+        [sys.executable, "-m", "asyncmomentum", "bench", "--quick", "step_overhead"],
+        cwd=run_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    lines = done.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("path "))
+    columns = ["path", "AsyncMomentumSGD", "ms", "torch.optim.SGD", "ms", "ratio", "mean", "ratio"]
+    assert lines[header].split() == columns
+    paths = [line.split()[0] for line in lines[header + 1 : header + 5]]
+    assert paths == ["foreach", "fused", "single", "default"]
+    assert "== step_overhead: exit 0" in done.stdout

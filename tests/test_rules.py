@@ -136,7 +136,7 @@ def test_unknown_names_and_bad_options_raise_with_what_is_known():
         rules.make_rule("closed_loop", curvature_margin=0.5)
     with pytest.raises(ValueError, match=r"rule_options for 'additive'.*takes none"):
         rules.make_rule("additive", gain=0.5)
-    with pytest.raises(ValueError, match="gain must lie"):
+    with pytest.raises(ValueError, match=r"gain must be a number in \(0, 1\]"):
         rules.make_rule("closed_loop", gain=2.0)
     with pytest.raises(ValueError, match="object already"):
         rules.make_rule(ClosedLoopRule(), gain=0.2)

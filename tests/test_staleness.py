@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch.multiprocessing as mp
 
-from asyncmomentum.core.measuring.staleness import StalenessEstimator, VersionClock, check_staleness
+from asyncmomentum.core.measuring.staleness import StalenessEstimator, VersionClock
 from asyncmomentum.core.tuning.tuner import MomentumTuner
+from asyncmomentum.core.validation import check_staleness
 
 BUMPS = 5_000
 PROCESSES = 4

@@ -255,7 +255,7 @@ def test_kendall_tau_signs_the_trend():
         ({"seeds": 0}, r"seeds must be an integer >= 1"),
         ({"rules": ("nope",)}, r"rules: unknown"),
         ({"lr_safety": 0.0}, r"lr_safety"),
-        ({"max_steps": 0}, r"max_steps must be an integer >= 1 or None"),
+        ({"max_steps": 0}, r"max_steps must be an integer > 0 or None"),
     ],
 )
 def test_bad_configuration_is_refused_with_the_reason(changes, message):

@@ -689,21 +689,27 @@ def test_memory_layouts_match_torch(variant: str, impl: str, case: str) -> None:
 @pytest.mark.parametrize("case", FUSED_HAZARDS)
 @pytest.mark.parametrize("variant", VARIANT_PARAMS)
 def test_fused_matches_forloop_where_torch_kernel_errs(variant: str, case: str) -> None:
-    """``fused=True`` steps like the per-tensor loop, also on inputs torch's kernel gets wrong.
-
-    Where torch.optim.SGD fails the same check, an AsyncMomentumSGD that hands the parameters
-    to torch's kernel is an expected failure (xfail: torch's bug, inherited); if it fails where
-    torch passes, that is a bug of its own.
-    """
+    """``fused=True`` steps like the per-tensor loop, or, on inputs torch's CPU kernel gets wrong
+    (torch.optim.SGD(fused=True) computes wrong values there), refuses the step and changes
+    nothing: a step must never corrupt the parameters."""
 
     def ours(params: list[Tensor], **kwargs: Any) -> AsyncMomentumSGD:
         return AsyncMomentumSGD(params, **kwargs, **VARIANTS[variant])
 
+    torch_is_wrong = not _same(_run_on_layout(SGD, case, fused=True), _run_on_layout(SGD, case))
+    if torch_is_wrong:
+        params = _layout_params(case)
+        before = [p.detach().clone() for p in params]
+        opt = ours(params, lr=0.1, momentum=0.9, fused=True)
+        gen = torch.Generator().manual_seed(8)
+        for p in params:
+            p.grad = _layout_grad(case, p, gen)
+        with pytest.raises(RuntimeError, match="fused=True on the CPU"):
+            opt.step()
+        assert _same(params, before) and opt.clock.value == 0
+        return
     fused = _run_on_layout(ours, case, fused=True)
     forloop = _run_on_layout(ours, case, foreach=False)
-    torch_is_wrong = not _same(_run_on_layout(SGD, case, fused=True), _run_on_layout(SGD, case))
-    if not _same(fused, forloop) and torch_is_wrong:
-        pytest.xfail(f"torch's fused CPU SGD kernel is wrong on {case} (torch.optim.SGD too)")
     assert _same(fused, forloop), f"fused=True strays from the per-tensor loop on {case}"
 
 

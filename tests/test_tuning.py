@@ -7,6 +7,7 @@ import math
 import pytest
 
 from asyncmomentum.core.tuning import formulas, rules
+from asyncmomentum.core.validation import check_momentum, check_momentum_bounds
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4, 10, 32])
@@ -64,13 +65,13 @@ def test_the_convenience_functions_run_the_stateless_rules(rule):
 @pytest.mark.parametrize("bad", [1.0, -1.0, 1.5, math.nan, "x", None])
 def test_target_outside_open_interval_is_refused(bad):
     with pytest.raises(ValueError, match=r"target_momentum.*\(-1, 1\)"):
-        formulas.check_momentum(bad)
+        check_momentum(bad)
 
 
 @pytest.mark.parametrize("bad", [(-1.0, 0.9), (0.0, 1.0), (0.5, 0.2), (0.1,), "ab"])
 def test_bad_bounds_are_refused(bad):
     with pytest.raises(ValueError, match="momentum_bounds"):
-        formulas.check_momentum_bounds(bad)
+        check_momentum_bounds(bad)
 
 
 def test_unknown_rule_and_bad_workers_are_refused():

@@ -1,8 +1,9 @@
-"""``asyncmomentum bench``: run the project's benchmark scripts and print their figures.
+"""``asyncmomentum bench``: run the project's benchmarks and print their figures.
 
-The scripts live in ``benchmarks/`` of the source tree (each prints a ratio measured side by side
-in one run); this command finds them next to the installed package, runs each in a fresh
-interpreter so that none inherits another's threads or caches, and streams what they print.
+The benchmarks are the modules of :mod:`asyncmomentum.applications.benchmarks` (each prints a
+ratio measured side by side in one run), so they ship with the package, wheel included. This
+command runs each as ``python -m asyncmomentum.applications.benchmarks.<name>`` in a fresh
+interpreter, so that none inherits another's threads or caches, and streams what they print.
 """
 
 from __future__ import annotations
@@ -11,22 +12,27 @@ import argparse
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-__all__ = ["BENCHMARKS", "benchmarks_dir", "register", "run_bench_command"]
+__all__ = ["BENCHMARKS", "bench_command", "register", "run_bench_command"]
 
-#: name -> (script, extra arguments for --quick)
-BENCHMARKS: dict[str, tuple[str, list[str]]] = {
-    "step_overhead": ("step_overhead.py", ["--steps", "20"]),
-    "async_throughput": ("async_throughput.py", ["--quick"]),
-    "convergence": ("convergence.py", []),
+#: name -> extra arguments for --quick, in the order they run; each name is a module of
+#: :mod:`asyncmomentum.applications.benchmarks` (a test checks that they match).
+BENCHMARKS: dict[str, list[str]] = {
+    "step_overhead": ["--steps", "20"],
+    "async_throughput": ["--quick"],
+    "convergence": [],
 }
 
 
-def benchmarks_dir() -> Path | None:
-    """The ``benchmarks/`` folder of the source tree this package runs from, if there is one."""
-    candidate = Path(__file__).resolve().parents[2] / "benchmarks"
-    return candidate if candidate.is_dir() else None
+def bench_command(name: str, quick: bool = False) -> list[str]:
+    """The command line that runs one benchmark in a fresh interpreter of this Python.
+
+    Args:
+        name: a key of :data:`BENCHMARKS`.
+        quick: add the benchmark's arguments for a smoke run.
+    """
+    module = f"asyncmomentum.applications.benchmarks.{name}"
+    return [sys.executable, "-m", module, *(BENCHMARKS[name] if quick else [])]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,14 +62,6 @@ def run_bench_command(args: argparse.Namespace) -> int:
     Args:
         args: parsed arguments of ``asyncmomentum bench``.
     """
-    folder = benchmarks_dir()
-    if folder is None:
-        print(
-            "asyncmomentum bench: the benchmark scripts ship with the source tree, not the wheel; "
-            "clone the repository and install it with `pip install -e .`",
-            file=sys.stderr,
-        )
-        return 2
     names = args.names or list(BENCHMARKS)
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
@@ -74,8 +72,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         return 2
     failed = []
     for name in names:
-        script, quick_args = BENCHMARKS[name]
-        command = [sys.executable, str(folder / script), *(quick_args if args.quick else [])]
+        command = bench_command(name, quick=args.quick)
         print(f"== {name}: {' '.join(command[1:])}", flush=True)
         start = time.perf_counter()
         code = subprocess.call(command)

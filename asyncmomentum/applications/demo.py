@@ -27,6 +27,7 @@ from torch import nn
 
 from asyncmomentum.applications.digits import SmallCNN, accuracy, iterate_batches, load_digits_split
 from asyncmomentum.core.optimizer import AsyncMomentumSGD
+from asyncmomentum.core.validation import check_choice, check_int, check_real
 from asyncmomentum.runtimes import simulate as simulation
 
 __all__ = ["BACKENDS", "DemoConfig", "DemoResult", "RunSummary", "register", "run_demo"]
@@ -65,14 +66,11 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        check_choice(self.backend, "backend", BACKENDS)
         for name in ("workers", "steps", "batch_size"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+            check_int(getattr(self, name), name, 1)
+        check_real(self.lr, "lr", minimum=0.0, min_inclusive=False)
+        check_int(self.seed, "seed", 0)
 
 
 @dataclass
@@ -366,7 +364,16 @@ def _write_plot(path: Path, runs: list[RunSummary], config: DemoConfig) -> None:
             ax_loss.plot(xs, _moving_average(ys, 25), color=color, lw=1.8, label=run.label)
         name = run.label.split("(")[0]
         total = [a + i for a, i in zip(algorithmic, implicit, strict=True)]
-        ax_mom.plot(update, algorithmic, color=color, lw=1.2, label=f"{name}: algorithmic")
+        # Dashed and on top: a fixed 0.9 stays visible over a tuned total of 0.9.
+        ax_mom.plot(
+            update,
+            algorithmic,
+            color=color,
+            ls="--",
+            lw=1.2,
+            zorder=5,
+            label=f"{name}: algorithmic",
+        )
         # The tuned total sits on the target: drawn on top of the target band, with markers.
         ax_mom.plot(
             update,
@@ -380,7 +387,7 @@ def _write_plot(path: Path, runs: list[RunSummary], config: DemoConfig) -> None:
             label=f"{name}: total (algorithmic + implicit)",
         )
         if RUNS[run.label] == "tuned":
-            ax_mom.plot(update, implicit, color="grey", ls="--", lw=1, label="implicit 1 - 1/M_hat")
+            ax_mom.plot(update, implicit, color="grey", ls=":", lw=1, label="implicit 1 - 1/M_hat")
     ax_loss.set(
         xlabel="updates applied", ylabel="training loss (worker batches, mean of 25)", yscale="log"
     )

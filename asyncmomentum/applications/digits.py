@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from asyncmomentum.core.validation import check_real
+
 __all__ = ["DigitsSplit", "SmallCNN", "accuracy", "iterate_batches", "load_digits_split"]
 
 
@@ -57,8 +59,14 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> DigitsSplit
         test_fraction: share of the images held out, in (0, 1).
         seed: seed of the split.
     """
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")
+    check_real(
+        test_fraction,
+        "test_fraction",
+        minimum=0.0,
+        maximum=1.0,
+        min_inclusive=False,
+        max_inclusive=False,
+    )
     try:
         from sklearn.datasets import load_digits
     except ImportError:  # pragma: no cover - depends on the environment

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from asyncmomentum.core.measuring.curvature import CurvatureEstimator
 from asyncmomentum.core.measuring.meter import MomentumMeter
-from asyncmomentum.core.measuring.staleness import check_int
+from asyncmomentum.core.validation import check_int
 
 if TYPE_CHECKING:
     from asyncmomentum.core.optimizer import AsyncMomentumSGD

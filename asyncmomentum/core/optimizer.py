@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -16,13 +15,22 @@ from asyncmomentum.core import update as updates
 from asyncmomentum.core.components import CurvatureSchedule, MeterComponent, StepComponent
 from asyncmomentum.core.measuring.meter import MomentumMeter
 from asyncmomentum.core.measuring.staleness import (
+    DEFAULT_HORIZON,
+    DEFAULT_WARMUP,
     StalenessEstimator,
     VersionClock,
-    check_staleness,
 )
 from asyncmomentum.core.tuning import formulas, rules
 from asyncmomentum.core.tuning.rules import TuningRule
 from asyncmomentum.core.tuning.tuner import MomentumTuner
+from asyncmomentum.core.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_momentum,
+    check_real,
+    check_staleness,
+)
 
 __all__ = ["AsyncMomentumSGD", "NonFiniteGradientError"]
 
@@ -147,8 +155,8 @@ class AsyncMomentumSGD(Optimizer):
         rule: str | TuningRule | None = None,
         momentum_bounds: tuple[float, float] = formulas.DEFAULT_MOMENTUM_BOUNDS,
         workers: float | None = None,
-        horizon: int = 1000,
-        warmup: int = 20,
+        horizon: int = DEFAULT_HORIZON,
+        warmup: int = DEFAULT_WARMUP,
         nonfinite: Literal["raise", "skip"] = "raise",
         measure_momentum: bool = False,
         meter_options: dict[str, Any] | None = None,
@@ -170,8 +178,8 @@ class AsyncMomentumSGD(Optimizer):
         }
         # Every argument is checked before anything is built, as torch does.
         _check_group(defaults)
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        check_choice(nonfinite, "nonfinite", ("raise", "skip"))
+        check_int(curvature_every, "curvature_every", 1)
         if not tune:
             contradictions = {
                 "rule": rule is not None,
@@ -476,12 +484,13 @@ class AsyncMomentumSGD(Optimizer):
         Returns:
             The closure's loss, or ``None``.
         """
+        # Checked first: a bad staleness changes nothing (no closure run, no tick of the clock).
+        if staleness is not None:
+            staleness = check_staleness(staleness)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if staleness is not None:
-            staleness = check_staleness(staleness)
         run = self._async
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.item() != 0):
@@ -528,7 +537,7 @@ class AsyncMomentumSGD(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         for group, (params, grads, _) in zip(self.param_groups, gathered, strict=True):
             if group["fused"]:
-                updates.check_fused_support(params)
+                updates.check_fused_support(params, grads)
             elif grad_scale is not None and grads:
                 raise RuntimeError(
                     "a grad_scale was set (torch.amp.GradScaler) for a parameter group without "
@@ -749,21 +758,25 @@ def _check_group(group: dict[str, Any]) -> None:
     lr = group["lr"]
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
-    lr_value = _number(lr, "lr")
+    # The type first (bools and strings refused), then the range with torch's own words.
+    lr_value = check_real(lr, "lr", finite=False, allow_tensor=True)
     if not (lr_value >= 0.0 and math.isfinite(lr_value)):
         raise ValueError(f"Invalid learning rate: {lr_value} (lr must be a finite number >= 0)")
-    momentum = formulas.check_momentum(_number(group["momentum"], "momentum"), "momentum")
-    weight_decay = _number(group["weight_decay"], "weight_decay")
+    momentum = check_momentum(
+        check_real(group["momentum"], "momentum", finite=False, allow_tensor=True), "momentum"
+    )
+    weight_decay = check_real(
+        group["weight_decay"], "weight_decay", finite=False, allow_tensor=True
+    )
     if not (weight_decay >= 0.0 and math.isfinite(weight_decay)):
         raise ValueError(
             f"Invalid weight_decay value: {weight_decay} (weight_decay must be finite and >= 0)"
         )
-    dampening = _number(group["dampening"], "dampening")
+    dampening = check_real(group["dampening"], "dampening", finite=False, allow_tensor=True)
     if not 0.0 <= dampening <= 1.0:
         raise ValueError(f"Invalid dampening value: {dampening} (dampening must lie in [0, 1])")
     for flag in ("nesterov", "maximize", "differentiable", "tune"):
-        if not isinstance(group[flag], bool):
-            raise ValueError(f"{flag} must be True or False, got {group[flag]!r}")
+        check_bool(group[flag], flag)
     for flag in ("foreach", "fused"):
         if group[flag] is not None and not isinstance(group[flag], bool):
             raise ValueError(f"{flag} must be True, False or None, got {group[flag]!r}")
@@ -780,15 +793,6 @@ def _check_group(group: dict[str, Any]) -> None:
         )
     if group["fused"] and group["foreach"]:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-
-
-def _number(value: Any, name: str) -> float:
-    """A real number given as a float, an int or a 1-element tensor; bools and strings refused."""
-    if isinstance(value, Tensor) and value.numel() == 1:
-        return float(value.item())
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    return float(value)
 
 
 def _to_scalar(value: float | Tensor) -> float:

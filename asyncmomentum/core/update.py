@@ -44,6 +44,9 @@ except ImportError:  # pragma: no cover - older torch
 # than the loop torch would pick (docs/performance.md). Not for float16/bfloat16: torch 2.13's
 # CPU fused SGD kernel is wrong for them (0.26 absolute error after one step at lr 0.1).
 _FUSED_FASTER_DTYPES = frozenset({torch.float32, torch.float64})
+# Below this many elements the kernel's scalar tail handles float16/bfloat16 tensors correctly;
+# from here on its vectorized blocks are wrong (pytorch/pytorch#191763).
+_FUSED_LOW_PRECISION_SAFE = 16
 
 
 def choose_update(group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> UpdateFn:
@@ -85,17 +88,36 @@ def _fused_kernel_is_exact(params: list[Tensor], grads: list[Tensor]) -> bool:
     )
 
 
-def check_fused_support(params: Iterable[Tensor]) -> None:
-    """Raise as torch does if ``fused=True`` cannot run on these parameters.
+def check_fused_support(params: list[Tensor], grads: list[Tensor]) -> None:
+    """Raise if ``fused=True`` cannot run, or would compute wrong values, on these parameters.
+
+    Where torch raises (a device or dtype without the kernel), the same error. Where torch
+    2.13's CPU kernel silently computes wrong values (non-contiguous parameters or gradients,
+    float16/bfloat16), a clear error instead: a step must never corrupt the parameters.
 
     Args:
-        params: the parameters of a group with ``fused=True``.
+        params: the parameters of a group with ``fused=True`` that have a gradient.
+        grads: their gradients.
     """
-    for p in params:
+    for p, g in zip(params, grads, strict=True):
         if not (p.is_floating_point() and p.device.type in FUSED_DEVICES):
             raise RuntimeError(
                 "`fused=True` requires all the params to be floating point Tensors of supported "
                 f"devices: {sorted(FUSED_DEVICES)} but {p.dtype} and {p.device.type}"
+            )
+        if p.device.type != "cpu":
+            continue
+        if p.dtype not in _FUSED_FASTER_DTYPES and p.numel() >= _FUSED_LOW_PRECISION_SAFE:
+            raise RuntimeError(
+                f"fused=True on the CPU computes wrong updates for {p.dtype} tensors of "
+                f"{_FUSED_LOW_PRECISION_SAFE} or more elements in torch 2.13 "
+                "(pytorch/pytorch#191763); use foreach=True or leave fused unset"
+            )
+        if not (p.is_contiguous() and g.is_contiguous()):
+            raise RuntimeError(
+                "fused=True on the CPU needs contiguous parameters and gradients: torch 2.13's "
+                "kernel walks them as contiguous memory and would write wrong values (and "
+                "outside a strided view); use foreach=True or leave fused unset"
             )
 
 

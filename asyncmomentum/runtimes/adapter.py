@@ -60,16 +60,16 @@ class MomentumSummary(NamedTuple):
     """What an optimizer's momentum is now, against the asynchrony measured.
 
     Args:
-        algorithmic: the momentum the first parameter group applies.
-        implicit: ``1 - 1/M_hat`` of the measured asynchrony.
-        total: the two composed (the optimizer's rule; additive for other optimizers).
+        algorithmic_momentum: the momentum the first parameter group applies.
+        implicit_momentum: ``1 - 1/M_hat`` of the measured asynchrony.
+        total_momentum: the two composed (the optimizer's rule; additive for other optimizers).
         estimated_workers: ``M_hat``.
         mean_staleness: moving average of the staleness of applied gradients.
     """
 
-    algorithmic: float
-    implicit: float
-    total: float
+    algorithmic_momentum: float
+    implicit_momentum: float
+    total_momentum: float
     estimated_workers: float
     mean_staleness: float
 
@@ -309,9 +309,9 @@ class OptimizerView:
         else:
             total = formulas.additive_total(algorithmic, estimator.implicit_momentum)
         return MomentumSummary(
-            algorithmic=algorithmic,
-            implicit=estimator.implicit_momentum,
-            total=total,
+            algorithmic_momentum=algorithmic,
+            implicit_momentum=estimator.implicit_momentum,
+            total_momentum=total,
             estimated_workers=estimator.estimated_workers,
             mean_staleness=estimator.mean,
         )

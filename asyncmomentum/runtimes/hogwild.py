@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from asyncmomentum.core.measuring.staleness import StalenessEstimator, VersionClock
+from asyncmomentum.core.validation import check_int, check_positive
 from asyncmomentum.runtimes.adapter import OptimizerView
 
 __all__ = [
@@ -145,9 +146,8 @@ def shard(data: Sequence[Tensor], rank: int, workers: int) -> tuple[Tensor, ...]
         workers: number of workers (>= 1, at most the number of rows).
     """
     tensors = _check_data(data)
-    _check_int(workers, "workers")
-    if isinstance(rank, bool) or not (isinstance(rank, int) and 0 <= rank < workers):
-        raise ValueError(f"rank must be an integer in [0, {workers}), got {rank!r}")
+    check_int(workers, "workers", 1)
+    check_int(rank, "rank", 0, maximum=workers - 1)
     if len(tensors[0]) < workers:
         raise ValueError(
             f"data has {len(tensors[0])} rows, fewer than workers={workers}: every worker needs "
@@ -165,8 +165,8 @@ def worker_seed(seed: int, rank: int) -> int:
         seed: the run's seed (>= 0).
         rank: the worker's index (>= 0).
     """
-    _check_int(seed, "seed", minimum=0)
-    _check_int(rank, "rank", minimum=0)
+    check_int(seed, "seed", 0)
+    check_int(rank, "rank", 0)
     sequence = np.random.SeedSequence(seed, spawn_key=(rank,))
     # 63 bits: a valid seed for torch.manual_seed and for torch.Generator.
     return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
@@ -296,7 +296,7 @@ class _OptimizerClock:
     def momenta(self) -> tuple[float, float, float]:
         """``(algorithmic, implicit, estimated_workers)``."""
         summary = self.view.summary()
-        return summary.algorithmic, summary.implicit, summary.estimated_workers
+        return summary.algorithmic_momentum, summary.implicit_momentum, summary.estimated_workers
 
 
 class _ExternalClock:
@@ -325,7 +325,7 @@ class _ExternalClock:
     def momenta(self) -> tuple[float, float, float]:
         """``(algorithmic, implicit, estimated_workers)``."""
         summary = self.view.summary(self.estimator)
-        return summary.algorithmic, summary.implicit, summary.estimated_workers
+        return summary.algorithmic_momentum, summary.implicit_momentum, summary.estimated_workers
 
 
 def _staleness_source(
@@ -383,12 +383,6 @@ class _WindowStats:
 
 
 # -- one worker ---------------------------------------------------------------------------------
-
-
-def _check_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def _check_scalar_loss(loss: Any) -> Tensor:
@@ -453,12 +447,12 @@ def worker_loop(
         Whatever ``loss_fn`` or the optimizer raises, after reporting it as a WorkerFailure.
     """
     tensors = _check_data(data)
-    _check_int(steps, "steps")
-    _check_int(batch_size, "batch_size")
-    _check_int(report_every, "report_every")
+    check_int(steps, "steps", 1)
+    check_int(batch_size, "batch_size", 1)
+    check_int(report_every, "report_every", 1)
     source = _staleness_source(optimizer, clock, estimator)
     if num_threads is not None:
-        torch.set_num_threads(_check_int(num_threads, "num_threads"))
+        torch.set_num_threads(check_int(num_threads, "num_threads", 1))
     own_seed = worker_seed(seed, rank)
     torch.manual_seed(own_seed)
     batches = _shuffled_batches(tensors, batch_size, torch.Generator().manual_seed(own_seed))
@@ -812,13 +806,10 @@ def _check_arguments(
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, Optimizer):
         raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
-    _check_int(workers, "workers")
-    _check_int(steps_per_worker, "steps_per_worker")
-    _check_int(seed, "seed", minimum=0)
-    if timeout is not None and not (
-        isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0
-    ):
-        raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
+    check_int(workers, "workers", 1)
+    check_int(steps_per_worker, "steps_per_worker", 1)
+    check_int(seed, "seed", 0)
+    check_positive(timeout, "timeout (seconds)", optional=True)
     _check_parameters(model, optimizer)
     view = OptimizerView(optimizer)
     if view.needs_every_update:
@@ -906,8 +897,8 @@ def train_hogwild(
         ValueError: bad arguments (nothing has been started or changed).
     """
     _check_arguments(model, optimizer, loss_fn, workers, steps_per_worker, timeout, seed)
-    _check_int(batch_size, "batch_size")
-    _check_int(report_every, "report_every")
+    check_int(batch_size, "batch_size", 1)
+    check_int(report_every, "report_every", 1)
     shards = [shard(data, rank, workers) for rank in range(workers)]
     if any(t.device.type != "cpu" for t in shards[0]):
         raise ValueError("data must be on the CPU, where the workers run; move it with .cpu()")
@@ -1085,7 +1076,7 @@ def _final_momenta(optimizer: Optimizer, estimator: StalenessEstimator | None) -
     return {
         "estimated_workers": summary.estimated_workers,
         "mean_staleness": summary.mean_staleness,
-        "implicit_momentum": summary.implicit,
-        "algorithmic_momentum": summary.algorithmic,
-        "total_momentum": summary.total,
+        "implicit_momentum": summary.implicit_momentum,
+        "algorithmic_momentum": summary.algorithmic_momentum,
+        "total_momentum": summary.total_momentum,
     }

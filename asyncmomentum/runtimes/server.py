@@ -65,7 +65,12 @@ import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from asyncmomentum.core.measuring.staleness import StalenessEstimator, check_staleness
+from asyncmomentum.core.measuring.staleness import (
+    DEFAULT_HORIZON,
+    DEFAULT_WARMUP,
+    StalenessEstimator,
+)
+from asyncmomentum.core.validation import MAX_COUNT, check_int, check_positive
 from asyncmomentum.runtimes.adapter import OptimizerView
 
 __all__ = [
@@ -100,6 +105,9 @@ _LEAVE_TIMEOUT_S = 5.0
 # Seconds a child of launch_local gets to end after SIGTERM before SIGKILL.
 _KILL_GRACE_S = 5.0
 
+# world_size as the messages name it.
+_WORLD_SIZE = "world_size (one server and at least one worker)"
+
 
 def worker_name(rank: int) -> str:
     """RPC name of the worker of global rank ``rank`` (>= 1)."""
@@ -107,17 +115,6 @@ def worker_name(rank: int) -> str:
 
 
 # -- configuration and results -------------------------------------------------------------------
-
-
-def _check_positive(value: Any, name: str, *, integer: bool, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    kind = "an integer" if integer else "a number"
-    valid_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not valid_type or not value > 0 or not math.isfinite(value):
-        raise ValueError(
-            f"{name} must be {kind} > 0{' or None' if optional else ''}, got {value!r}"
-        )
 
 
 @dataclass(frozen=True)
@@ -154,24 +151,24 @@ class ServerConfig:
     progress_every: int | None = None
     on_progress: Callable[[TracePoint], None] | None = None
     # The same names and defaults as AsyncMomentumSGD's.
-    horizon: int = 1000
-    warmup: int = 20
+    horizon: int = DEFAULT_HORIZON
+    warmup: int = DEFAULT_WARMUP
 
     def __post_init__(self) -> None:
-        _check_positive(self.total_updates, "total_updates", integer=True, optional=True)
-        _check_positive(self.max_seconds, "max_seconds", integer=False, optional=True)
+        check_positive(self.total_updates, "total_updates", integer=True, optional=True)
+        check_positive(self.max_seconds, "max_seconds", optional=True)
         if self.total_updates is None and self.max_seconds is None:
             raise ValueError(
                 "give total_updates or max_seconds (or both): without either the server would "
                 "wait forever for workers that may have died"
             )
-        _check_positive(self.worker_timeout, "worker_timeout", integer=False)
-        _check_positive(self.rpc_timeout, "rpc_timeout", integer=False)
-        _check_positive(self.checkpoint_every, "checkpoint_every", integer=True, optional=True)
+        check_positive(self.worker_timeout, "worker_timeout")
+        check_positive(self.rpc_timeout, "rpc_timeout")
+        check_positive(self.checkpoint_every, "checkpoint_every", integer=True, optional=True)
         if self.checkpoint_every is not None and self.checkpoint_path is None:
             raise ValueError("checkpoint_every needs a checkpoint_path to save to")
-        _check_positive(self.trace_every, "trace_every", integer=True)
-        _check_positive(self.progress_every, "progress_every", integer=True, optional=True)
+        check_positive(self.trace_every, "trace_every", integer=True)
+        check_positive(self.progress_every, "progress_every", integer=True, optional=True)
         if self.on_progress is not None and not callable(self.on_progress):
             raise ValueError(f"on_progress must be callable or None, got {self.on_progress!r}")
         # Validates horizon and warmup with the estimator's own messages.
@@ -315,7 +312,7 @@ class ParameterServer:
         control_port: int = 0,
     ) -> None:
         self.config = ServerConfig() if config is None else config
-        _check_positive(num_workers, "num_workers", integer=True)
+        check_positive(num_workers, "num_workers", integer=True)
         self.model = model
         self.optimizer = optimizer
         self.num_workers = num_workers
@@ -382,7 +379,7 @@ class ParameterServer:
         """
         rank = self._check_rank(rank)
         grads = _check_gradients(grads, self._params)
-        version = check_staleness(version)
+        version = check_int(version, "version", 0, maximum=MAX_COUNT)
         loss = float(loss)
         point = None
         with self._cond:
@@ -508,11 +505,7 @@ class ParameterServer:
     # -- internals (the caller holds the lock where the name ends in _locked) -------------------
 
     def _check_rank(self, rank: Any) -> int:
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.num_workers:
-            raise ValueError(
-                f"worker rank must be an integer in 1..{self.num_workers}, got {rank!r}"
-            )
-        return rank
+        return check_int(rank, "worker rank", 1, maximum=self.num_workers)
 
     def _start_locked(self) -> None:
         if self._started is None:
@@ -586,7 +579,7 @@ class ParameterServer:
     def _momentum_locked(self) -> tuple[float, float, float]:
         """(algorithmic, implicit, estimated workers) as of now."""
         summary = self._view.summary(self._monitor)
-        return summary.algorithmic, summary.implicit, summary.estimated_workers
+        return summary.algorithmic_momentum, summary.implicit_momentum, summary.estimated_workers
 
     def _mean_staleness_locked(self) -> float:
         return self._view.summary(self._monitor).mean_staleness
@@ -793,15 +786,6 @@ def _signed_off_key(rank: int) -> str:
     return f"asyncmomentum/left/{rank}"
 
 
-def _check_world_size(world_size: Any) -> int:
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 2:
-        raise ValueError(
-            f"world_size must be an integer >= 2 (one server and at least one worker), "
-            f"got {world_size!r}"
-        )
-    return world_size
-
-
 def run_server(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -823,7 +807,7 @@ def run_server(
         init_method: RPC rendezvous; ``"env://"`` reads ``MASTER_ADDR`` and ``MASTER_PORT``.
     """
     global _SERVING
-    world_size = _check_world_size(world_size)
+    world_size = check_int(world_size, _WORLD_SIZE, 2)
     config = ServerConfig() if config is None else config
     if _SERVING is not None:
         raise RuntimeError("a parameter server already runs in this process")
@@ -884,12 +868,12 @@ def run_worker(
         num_threads: torch intra-op threads of this process (``None``: leave as is); 1 keeps
             several workers on one machine from fighting over cores.
     """
-    world_size = _check_world_size(world_size)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank < world_size:
-        raise ValueError(f"a worker's rank must be an integer in 1..{world_size - 1}, got {rank!r}")
-    _check_positive(max_steps, "max_steps", integer=True, optional=True)
+    world_size = check_int(world_size, _WORLD_SIZE, 2)
+    check_int(rank, "a worker's rank", 1, maximum=world_size - 1)
+    check_positive(max_steps, "max_steps", integer=True, optional=True)
+    check_positive(rpc_timeout, "rpc_timeout")
     if num_threads is not None:
-        torch.set_num_threads(num_threads)
+        torch.set_num_threads(check_int(num_threads, "num_threads", 1))
     _init_rpc(worker_name(rank), rank, world_size, _rpc_options(rpc_timeout, init_method))
     control: dist.TCPStore | None = None
     try:
@@ -1045,7 +1029,7 @@ def _rank_from_env() -> tuple[int, int]:
             f"RANK={os.environ['RANK']!r} and WORLD_SIZE={os.environ['WORLD_SIZE']!r} must be "
             "integers"
         ) from None
-    _check_world_size(world_size)
+    check_int(world_size, _WORLD_SIZE, 2)
     if not 0 <= rank < world_size:
         raise RuntimeError(f"RANK={rank} must lie in 0..WORLD_SIZE-1={world_size - 1}")
     return rank, world_size
@@ -1155,8 +1139,8 @@ def launch_local(
         RuntimeError: the server failed (its traceback is in the message).
         TimeoutError: the job did not finish within ``timeout``.
     """
-    _check_positive(workers, "workers", integer=True)
-    _check_positive(timeout, "timeout", integer=False)
+    check_positive(workers, "workers", integer=True)
+    check_positive(timeout, "timeout")
     if not isinstance(job, ParameterServerJob):
         raise ValueError(f"job must be a ParameterServerJob, got {type(job)!r}")
     config = ServerConfig() if config is None else config

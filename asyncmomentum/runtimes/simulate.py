@@ -52,9 +52,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from asyncmomentum.core.measuring.staleness import check_int
 from asyncmomentum.core.optimizer import NonFiniteGradientError
 from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.validation import check_choice, check_int, check_real
 from asyncmomentum.runtimes.adapter import OptimizerView
 
 __all__ = [
@@ -86,9 +86,7 @@ _CHUNK = 4096
 def _as_generator(seed: int | np.random.Generator) -> np.random.Generator:
     if isinstance(seed, np.random.Generator):
         return seed
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer or a numpy Generator, got {seed!r}")
-    return np.random.default_rng(int(seed))
+    return np.random.default_rng(check_int(seed, "seed (or a numpy Generator)", 0))
 
 
 class StalenessModel(abc.ABC):
@@ -165,10 +163,7 @@ class GeometricStaleness(StalenessModel):
     max_staleness: int
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.q, numbers.Real) and 0.0 <= self.q < 1.0):
-            raise ValueError(
-                f"q must be a number in [0, 1) (q = 1 - 1/M for M workers), got {self.q!r}"
-            )
+        _check_q(self.q)
         check_int(self.max_staleness, "max_staleness", 0)
 
     @property
@@ -218,10 +213,16 @@ def geometric(q: float, *, max_staleness: int | None = None) -> GeometricStalene
         >>> model.workers, model.max_staleness
         (4.0, 48)
     """
-    if not (isinstance(q, numbers.Real) and 0.0 <= q < 1.0):
-        raise ValueError(f"q must be a number in [0, 1) (q = 1 - 1/M for M workers), got {q!r}")
-    cap = _geometric_cap(float(q)) if max_staleness is None else max_staleness
-    return GeometricStaleness(float(q), cap)
+    q = _check_q(q)
+    cap = _geometric_cap(q) if max_staleness is None else max_staleness
+    return GeometricStaleness(q, cap)
+
+
+def _check_q(q: Any) -> float:
+    """``q`` as a float in [0, 1), else ``ValueError``."""
+    return check_real(
+        q, "q (q = 1 - 1/M for M workers)", minimum=0.0, maximum=1.0, max_inclusive=False
+    )
 
 
 def _mixture_tail(shares: np.ndarray, level: int) -> float:
@@ -315,11 +316,9 @@ def _check_rates(rates: Sequence[float]) -> None:
     if len(rates) == 0:
         raise ValueError("rates must hold one positive rate per worker, got an empty sequence")
     for rate in rates:
-        if not (isinstance(rate, numbers.Real) and 0.0 < rate < math.inf):
-            raise ValueError(
-                f"every rate must be a finite number > 0 (a worker's updates per unit time), "
-                f"got {rate!r} in {tuple(rates)!r}"
-            )
+        check_real(
+            rate, "each rate (a worker's updates per unit time)", minimum=0.0, min_inclusive=False
+        )
 
 
 def workers(
@@ -425,14 +424,13 @@ def staleness_model(name: str, workers: int) -> StalenessModel:
             an event queue) or ``"round_robin"``; see :data:`STALENESS_MODELS`.
         workers: the number of workers ``M`` (>= 1).
     """
+    check_choice(name, "staleness model", STALENESS_MODELS)
     M = check_int(workers, "workers", 1)
     if name == "geometric":
         return geometric(1.0 - 1.0 / M)
     if name == "exponential":
         return _workers_model(M)
-    if name == "round_robin":
-        return round_robin(M)
-    raise ValueError(f"unknown staleness model {name!r}; choose one of {STALENESS_MODELS}")
+    return round_robin(M)
 
 
 # `staleness_model` takes an argument named `workers`, which shadows the function in its body.

@@ -43,9 +43,9 @@ versions: bump ``CACHE_VERSION`` in :mod:`asyncmomentum.applications.sweep.cache
 behaviour
 changes, or its old runs are reused).
 
-Cost (measured on a 2-core x86 machine): ``--quick`` is 1,338 runs (four rules and the meter
-check), 296 s with ``--jobs 2``. The full sweep (11 momenta, 5 seeds, every cell) is 3,730
-runs, 21 minutes with ``--jobs 2``; the CNN's runs are most of it.
+Cost: ``--quick`` is 1,338 runs (four rules and the meter check), the full sweep (11 momenta,
+5 seeds, every cell) 3,730 runs; the CNN's runs are most of it. Timings in
+``docs/performance.md``.
 """
 
 from asyncmomentum.applications.sweep.analysis import Cell, MethodStats, MethodSummary, kendall_tau

@@ -21,8 +21,8 @@ from asyncmomentum.applications.sweep.report import (
     prepare_output_dir,
     write_outputs,
 )
-from asyncmomentum.core.tuning import formulas
 from asyncmomentum.core.tuning.rules import rule_names
+from asyncmomentum.core.validation import check_int, check_momentum
 from asyncmomentum.runtimes.simulate import STALENESS_MODELS
 
 __all__ = ["DEFAULT_OUT", "register", "run_sweep", "run_sweep_command"]
@@ -67,8 +67,7 @@ def run_sweep(
         SweepOutputError: ``out`` cannot be created or written (checked before any run).
         SweepError: a run failed, or no learning rate of a problem's grid converges.
     """
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an integer >= 1 (worker processes), got {jobs!r}")
+    check_int(jobs, "jobs (worker processes)", 1)
     if out is None:
         return compute_sweep(config, None, jobs=jobs, progress=progress)
     directory = prepare_output_dir(out)
@@ -122,7 +121,13 @@ def _momenta(text: str) -> tuple[float, ...]:
     values = []
     for item in _split(text):
         try:
-            values.append(formulas.check_momentum(item, "momentum"))
+            value = float(item)  # the command line's text; check_momentum takes no strings
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"momentum must be a number in (-1, 1), got {item!r}"
+            ) from None
+        try:
+            values.append(check_momentum(value, "momentum"))
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
     return tuple(values)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from asyncmomentum.applications.problems import PROBLEMS
-from asyncmomentum.core.tuning import formulas
 from asyncmomentum.core.tuning.rules import rule_names
+from asyncmomentum.core.validation import check_int, check_momentum, check_positive, check_real
 from asyncmomentum.runtimes.simulate import STALENESS_MODELS
 
 __all__ = ["FULL", "FULL_MOMENTA", "QUICK", "QUICK_MOMENTA", "CellLimit", "SweepConfig"]
@@ -78,34 +77,29 @@ class SweepConfig:
         self._check_names(self.staleness_models, STALENESS_MODELS, "staleness_models")
         if self.rules is not None:
             self._check_names(self.rules, rule_names(), "rules")
-        if not self.workers or not all(_is_int_at_least(m, 1) for m in self.workers):
-            raise ValueError(f"workers must be integers >= 1, got {self.workers!r}")
+        if not self.workers:
+            raise ValueError("workers must hold at least one worker count")
+        _check_counts(self.workers, "workers")
         if not self.momenta:
             raise ValueError("momenta must hold at least one momentum of the grid")
-        momenta = [formulas.check_momentum(m, "each momentum of the grid") for m in self.momenta]
+        momenta = [check_momentum(m, "each momentum of the grid") for m in self.momenta]
         # Normalized (sorted, each once) so that cells, tables and cache keys do not repeat.
         object.__setattr__(self, "momenta", tuple(sorted(set(momenta))))
         object.__setattr__(self, "workers", tuple(sorted(set(self.workers))))
-        formulas.check_momentum(self.target_momentum)
-        if not _is_int_at_least(self.seeds, 1):
-            raise ValueError(f"seeds must be an integer >= 1, got {self.seeds!r}")
-        if not (isinstance(self.lr_safety, numbers.Real) and 0.0 < self.lr_safety <= 1.0):
-            raise ValueError(f"lr_safety must be a number in (0, 1], got {self.lr_safety!r}")
-        if self.max_steps is not None and not _is_int_at_least(self.max_steps, 1):
-            raise ValueError(f"max_steps must be an integer >= 1 or None, got {self.max_steps!r}")
+        check_momentum(self.target_momentum)
+        check_int(self.seeds, "seeds", 1)
+        check_real(self.lr_safety, "lr_safety", minimum=0.0, maximum=1.0, min_inclusive=False)
+        check_positive(self.max_steps, "max_steps", integer=True, optional=True)
         unknown = [p for p in self.meter_problems if p not in PROBLEMS]
         if unknown:
             raise ValueError(f"meter_problems: unknown {unknown}; choose from {sorted(PROBLEMS)}")
-        if not all(_is_int_at_least(m, 1) for m in self.meter_workers):
-            raise ValueError(f"meter_workers must be integers >= 1, got {self.meter_workers!r}")
+        _check_counts(self.meter_workers, "meter_workers")
         object.__setattr__(self, "meter_workers", tuple(sorted(set(self.meter_workers))))
-        if not _is_int_at_least(self.meter_steps, 1):
-            raise ValueError(f"meter_steps must be an integer >= 1, got {self.meter_steps!r}")
+        check_int(self.meter_steps, "meter_steps", 1)
         for name, limit in self.limits.items():
             self._check_names((name,), PROBLEMS, "limits")
             self._check_names(limit.staleness_models, STALENESS_MODELS, f"limits[{name!r}]")
-            if not all(_is_int_at_least(m, 1) for m in limit.workers):
-                raise ValueError(f"limits[{name!r}].workers must be integers >= 1")
+            _check_counts(limit.workers, f"limits[{name!r}].workers")
         for problem in self.problems:
             if not self.cells(problem):
                 limit = self.limits[problem]
@@ -154,8 +148,18 @@ class SweepConfig:
         return replace(self, **changes)
 
 
-def _is_int_at_least(value: object, minimum: int) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+def _check_counts(values: tuple[int, ...], name: str) -> None:
+    """Raise unless every one of ``values`` is an integer >= 1 (a worker count).
+
+    Args:
+        values: the worker counts.
+        name: the field's name, for the message (which shows the whole tuple).
+    """
+    try:
+        for value in values:
+            check_int(value, name, 1)
+    except ValueError:
+        raise ValueError(f"{name} must be integers >= 1, got {values!r}") from None
 
 
 #: The full experiment: every problem, staleness model and worker count, 11 momenta, 5 seeds.

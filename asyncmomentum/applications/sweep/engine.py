@@ -28,6 +28,7 @@ from asyncmomentum.applications.sweep.runs import (
     run_one,
     simulated_staleness,
 )
+from asyncmomentum.core.validation import check_int
 
 __all__ = [
     "LearningRateChoice",
@@ -383,8 +384,7 @@ def compute_sweep(
         jobs: worker processes.
         progress: show progress bars.
     """
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an integer >= 1 (worker processes), got {jobs!r}")
+    check_int(jobs, "jobs (worker processes)", 1)
     with Runner(jobs) as runner:
         return _compute(config, cache, runner, progress)
 

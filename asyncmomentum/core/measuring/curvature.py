@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from asyncmomentum.core.validation import check_int, check_real
+
 __all__ = ["CurvatureEstimator"]
 
 
@@ -64,18 +66,11 @@ class CurvatureEstimator:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("CurvatureEstimator needs at least one parameter with requires_grad")
-        for name, value in (("iterations", iterations), ("warm_iterations", warm_iterations)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
-            raise ValueError(f"history must be an integer >= 1, got {history!r}")
-        if not tolerance >= 0:
-            raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
-        self.iterations = iterations
-        self.warm_iterations = warm_iterations
-        self.tolerance = float(tolerance)
-        self.history = history
-        self._generator = torch.Generator().manual_seed(seed)
+        self.iterations = check_int(iterations, "iterations", 1)
+        self.warm_iterations = check_int(warm_iterations, "warm_iterations", 1)
+        self.tolerance = check_real(tolerance, "tolerance", minimum=0.0)
+        self.history = check_int(history, "history", 1)
+        self._generator = torch.Generator().manual_seed(check_int(seed, "seed", 0))
         self._vector: list[Tensor] | None = None
         self._estimates: list[float] = []
         self.products = 0

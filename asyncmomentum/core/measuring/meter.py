@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from asyncmomentum.core.measuring.staleness import check_int, check_state
 from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.validation import check_int, check_real, check_state
 
 __all__ = ["Composition", "MomentumMeter", "MomentumReading"]
 
@@ -134,8 +134,8 @@ class MomentumMeter:
     coordinates of the parameters (``p``) and of the applied gradient (``p.grad``) itself:
     ``2 * tensors`` small gathers per update, on the parameters' device. Every ``refresh``
     updates it fits the lag kernel on the last ``window`` versions (two ``(n, C) x (C, n)``
-    products with ``n <= window``, ``C = coordinates``; 10-30 ms on a CPU core at the
-    defaults) and publishes a :class:`MomentumReading`.
+    products with ``n <= window``, ``C = coordinates``; timings in ``docs/performance.md``)
+    and publishes a :class:`MomentumReading`.
 
     Assumptions: every update of these parameters goes through :meth:`record` with consecutive
     versions (one optimizer owns them: a simulator, a parameter server; a gap resets the
@@ -149,8 +149,8 @@ class MomentumMeter:
         max_tensors: coordinates are drawn from at most this many tensors, chosen with
             probability proportional to their size (each tensor costs two gathers per update).
         block: coordinates come in aligned runs of this many consecutive elements (8 float32
-            are half a cache line): gathering 512 scattered values right after the optimizer
-            streamed every parameter costs ~0.3 ms in cache misses, 64 runs of 8 a tenth.
+            are half a cache line): scattered values right after the optimizer streamed every
+            parameter cost cache misses, runs of 8 a tenth of them (``docs/performance.md``).
         window: number of recent versions kept (>= ``max_lag + min_rows + 2``).
         max_lag: length ``L`` of the fitted kernel (>= 1); longer staleness or momentum
             memory is extrapolated geometrically.
@@ -205,8 +205,8 @@ class MomentumMeter:
         )
         self.coordinates = sum(int(i.numel()) for i in self._indices)
         device = self._tensors[0].device
-        # On the CPU the gathers go through numpy (a few microseconds each; a torch op costs
-        # ten times that in dispatch, which matters at two gathers per tensor per update).
+        # On the CPU the gathers go through numpy: a torch op costs about ten times as much in
+        # dispatch, which matters at two gathers per tensor per update.
         self._on_cpu = device.type == "cpu"
         stops = np.cumsum([int(i.numel()) for i in self._indices])
         self._layout = [
@@ -310,9 +310,7 @@ class MomentumMeter:
             lr = group.get("lr", 1.0)
         if momentum is None:
             momentum = group.get("momentum")
-        lr = float(lr.item() if isinstance(lr, Tensor) else lr)
-        if not (math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        lr = check_real(lr, "lr", minimum=0.0, allow_tensor=True)
         return lr, math.nan if momentum is None else float(momentum)
 
     def _gather_into(self, ring: Tensor, slot: int, *, grad: bool, add: bool) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from asyncmomentum.core.measuring.staleness import check_staleness
+from asyncmomentum.core.validation import MAX_COUNT, check_staleness
 
 __all__ = ["StalenessMetric"]
 
@@ -110,4 +110,6 @@ def _as_observations(staleness: int | Tensor | Sequence[int]) -> Tensor:
             f"staleness must be non-negative, got a minimum of {int(values.min())}; a gradient "
             "cannot be computed from parameters newer than the ones it is applied to"
         )
+    if values.numel() and int(values.max()) > MAX_COUNT:
+        raise ValueError(f"staleness must be <= {MAX_COUNT} (2**62 - 1), got {int(values.max())}")
     return values

@@ -11,18 +11,23 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
-import numbers
-import operator
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.validation import (
+    MAX_COUNT,
+    check_int,
+    check_real,
+    check_staleness,
+    check_state,
+)
 
-__all__ = ["StalenessEstimator", "VersionClock", "check_int", "check_staleness", "check_state"]
+__all__ = ["DEFAULT_HORIZON", "DEFAULT_WARMUP", "StalenessEstimator", "VersionClock"]
 
 #: Seconds to wait for the clock's or estimator's lock before concluding its holder died.
 LOCK_TIMEOUT_S = 60.0
@@ -30,43 +35,12 @@ LOCK_TIMEOUT_S = 60.0
 #: Layout version of the state dicts of the clock and the estimator.
 STATE_FORMAT = 1
 
-
-def check_int(value: Any, name: str, minimum: int) -> int:
-    """Return ``value`` as an ``int`` if it is an integer (not a bool) ``>= minimum``, else raise.
-
-    Args:
-        value: a count, size or period given by a caller.
-        name: the argument's name, for the message.
-        minimum: the smallest allowed value.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_staleness(tau: Any) -> int:
-    """Return ``tau`` as an ``int`` if it is a non-negative integer, else raise ``ValueError``.
-
-    Args:
-        tau: number of updates applied between a worker's read and its write-back.
-    """
-    if isinstance(tau, torch.Tensor) and tau.numel() == 1 and not tau.is_floating_point():
-        tau = tau.item()
-    if isinstance(tau, bool):
-        raise ValueError(f"staleness must be a non-negative integer, got {tau!r}")
-    try:
-        as_int = operator.index(tau)
-    except TypeError:
-        raise ValueError(
-            f"staleness must be a non-negative integer (updates between read and write), "
-            f"got {tau!r} of type {type(tau).__name__}"
-        ) from None
-    if as_int < 0:
-        raise ValueError(
-            f"staleness must be a non-negative integer, got {as_int}; a gradient cannot be "
-            "computed from parameters newer than the ones it is applied to"
-        )
-    return as_int
+#: Default span of the staleness moving average, in updates: the one default of every
+#: ``horizon`` argument of the package (estimator, tuner, optimizer, server, Lightning).
+DEFAULT_HORIZON = 1000
+#: Default number of observations before the estimate leaves ``M = 1``: the one default of every
+#: ``warmup`` argument of the package.
+DEFAULT_WARMUP = 20
 
 
 class _SharableState:
@@ -160,7 +134,8 @@ class VersionClock(_SharableState):
 
     def __init__(self, start: int = 0) -> None:
         # A tensor, not an int, so that share_memory() can put it where child processes see it.
-        self._count = torch.tensor([check_staleness(start)], dtype=torch.int64)
+        start = check_int(start, "start", 0, maximum=MAX_COUNT)
+        self._count = torch.tensor([start], dtype=torch.int64)
         self._init_lock()
 
     @property
@@ -192,46 +167,16 @@ class VersionClock(_SharableState):
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
         """
-        check_state(state_dict, "VersionClock")
-        value = check_staleness(state_dict["value"])
+        check_state(state_dict, "VersionClock", expected_format=STATE_FORMAT, keys=("value",))
+        try:
+            value = check_int(state_dict["value"], "value", 0, maximum=MAX_COUNT)
+        except ValueError as error:
+            raise ValueError(f"VersionClock state is corrupt: {error}") from None
         with self._locked():
             self._np("_count")[0] = value
 
     def __repr__(self) -> str:
         return f"VersionClock(value={self.value}, shared={self.is_shared})"
-
-
-def check_state(
-    state_dict: Any,
-    owner: str,
-    *,
-    expected_format: int = STATE_FORMAT,
-    keys: Iterable[str] = (),
-) -> None:
-    """Raise ``ValueError`` unless ``state_dict`` is a dict of ``expected_format`` with ``keys``.
-
-    The one check every ``load_state_dict`` of the package runs before it changes anything.
-
-    Args:
-        state_dict: what was passed to ``owner.load_state_dict``.
-        owner: the class name, for the message.
-        expected_format: the layout version ``owner`` reads.
-        keys: entries the state must have.
-    """
-    if not isinstance(state_dict, dict) or "format" not in state_dict:
-        raise ValueError(
-            f"{owner}.load_state_dict expects a dict from {owner}.state_dict(), got "
-            f"{type(state_dict).__name__}; was this checkpoint written by another program?"
-        )
-    if state_dict["format"] != expected_format:
-        raise ValueError(
-            f"{owner} state has format {state_dict['format']!r} but this version of asyncmomentum "
-            f"reads format {expected_format}; load it with the asyncmomentum version that wrote "
-            "it, or start afresh"
-        )
-    missing = [key for key in keys if key not in state_dict]
-    if missing:
-        raise ValueError(f"{owner} state is missing {missing}; was it written by another class?")
 
 
 class StalenessEstimator(_SharableState):
@@ -265,26 +210,21 @@ class StalenessEstimator(_SharableState):
 
     def __init__(
         self,
-        horizon: int = 1000,
-        warmup: int = 20,
+        horizon: int = DEFAULT_HORIZON,
+        warmup: int = DEFAULT_WARMUP,
         workers: float | None = None,
         straggler_quantile: float = 0.99,
         window: int = 512,
     ) -> None:
-        if not (isinstance(horizon, int) and horizon >= 1):
-            raise ValueError(f"horizon must be an integer >= 1 (updates), got {horizon!r}")
-        if not (isinstance(warmup, int) and warmup >= 0):
-            raise ValueError(f"warmup must be an integer >= 0 (observations), got {warmup!r}")
-        if workers is not None:
-            formulas.implicit_momentum(workers)  # validates workers >= 1
-        if not 0.5 <= straggler_quantile <= 1.0:
-            raise ValueError(f"straggler_quantile must lie in [0.5, 1], got {straggler_quantile!r}")
-        if not (isinstance(window, int) and window >= 1):
-            raise ValueError(f"window must be an integer >= 1, got {window!r}")
+        horizon = check_int(horizon, "horizon", 1)
+        warmup = check_int(warmup, "warmup", 0)
+        self.workers = None if workers is None else check_real(workers, "workers", minimum=1.0)
+        self.straggler_quantile = check_real(
+            straggler_quantile, "straggler_quantile", minimum=0.5, maximum=1.0
+        )
+        window = check_int(window, "window", 1)
         self.horizon = horizon
         self.warmup = warmup
-        self.workers = None if workers is None else float(workers)
-        self.straggler_quantile = float(straggler_quantile)
         self._alpha = 2.0 / (horizon + 1.0)
         # Tensors so share_memory() can make one estimate for all Hogwild processes.
         # [weighted sum, total weight, winsorizing cap (inf: none yet)]
@@ -387,14 +327,19 @@ class StalenessEstimator(_SharableState):
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
         """
-        check_state(state_dict, "StalenessEstimator")
+        check_state(
+            state_dict,
+            "StalenessEstimator",
+            expected_format=STATE_FORMAT,
+            keys=("count", "ema", "window"),
+        )
         try:
-            count = check_staleness(state_dict["count"])
-            ema = torch.as_tensor(state_dict["ema"], dtype=torch.float64)
-            cap = float(state_dict.get("cap", math.inf))
-            recent = torch.as_tensor(state_dict["window"], dtype=torch.int64).flatten()
-        except KeyError as missing:
-            raise ValueError(f"StalenessEstimator state is missing {missing}") from None
+            count = check_int(state_dict["count"], "count", 0, maximum=MAX_COUNT)
+        except ValueError as error:
+            raise ValueError(f"StalenessEstimator state is corrupt: {error}") from None
+        ema = torch.as_tensor(state_dict["ema"], dtype=torch.float64)
+        cap = float(state_dict.get("cap", math.inf))
+        recent = torch.as_tensor(state_dict["window"], dtype=torch.int64).flatten()
         bad_cap = math.isnan(cap) or cap < 0
         if ema.shape != (2,) or not torch.isfinite(ema).all() or bad_cap or (recent < 0).any():
             raise ValueError("StalenessEstimator state is corrupt: bad 'ema' or 'window' values")

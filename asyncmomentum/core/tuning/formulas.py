@@ -1,22 +1,21 @@
-"""Pure math of asynchrony-aware momentum: no state, no torch.
+"""Pure math of asynchrony-aware momentum: no state, no tensors.
 
 Asynchronous SGD with ``M`` workers behaves, in expectation, like synchronous SGD with an extra
 *implicit* momentum ``1 - 1/M`` (Mitliagkas et al., 2016, "Asynchrony begets Momentum"). A user
 tunes one *total* momentum; the optimizer applies the *algorithmic* momentum that, composed with
 the implicit one, gives that total. Every other module asks this one; none re-derives a formula.
 The tuning rules (:mod:`asyncmomentum.core.tuning.rules`) are objects that call these functions.
+Arguments are checked with :mod:`asyncmomentum.core.validation`.
 """
 
 from __future__ import annotations
 
-import math
+from asyncmomentum.core.validation import check_real
 
 __all__ = [
     "DEFAULT_MOMENTUM_BOUNDS",
     "additive_momentum",
     "additive_total",
-    "check_momentum",
-    "check_momentum_bounds",
     "clip_momentum",
     "compositional_momentum",
     "compositional_total",
@@ -36,9 +35,7 @@ def implicit_momentum(workers: float) -> float:
     Args:
         workers: number of asynchronous workers ``M`` (>= 1; fractional values are estimates).
     """
-    if not (workers >= 1.0) or math.isinf(workers):
-        raise ValueError(f"workers must be a finite number >= 1, got {workers!r}")
-    return 1.0 - 1.0 / workers
+    return 1.0 - 1.0 / check_real(workers, "workers", minimum=1.0)
 
 
 def workers_from_staleness(mean_staleness: float) -> float:
@@ -49,9 +46,7 @@ def workers_from_staleness(mean_staleness: float) -> float:
     Args:
         mean_staleness: mean number of updates applied between a read and its write-back (>= 0).
     """
-    if not (mean_staleness >= 0.0) or math.isinf(mean_staleness):
-        raise ValueError(f"mean_staleness must be a finite number >= 0, got {mean_staleness!r}")
-    return 1.0 + mean_staleness
+    return 1.0 + check_real(mean_staleness, "mean_staleness", minimum=0.0)
 
 
 def implicit_momentum_from_staleness(mean_staleness: float) -> float:
@@ -112,47 +107,8 @@ def clip_momentum(momentum: float, bounds: tuple[float, float]) -> float:
 
     Args:
         momentum: an algorithmic momentum.
-        bounds: ``(low, high)``, as :func:`check_momentum_bounds` returns them.
+        bounds: ``(low, high)``, as
+            :func:`~asyncmomentum.core.validation.check_momentum_bounds` returns them.
     """
     low, high = bounds
     return min(max(momentum, low), high)
-
-
-def check_momentum(value: float, name: str = "target_momentum") -> float:
-    """Return ``value`` as a float if it lies in the open interval (-1, 1), else raise.
-
-    Args:
-        value: a momentum.
-        name: the argument's name, for the error message.
-    """
-    try:
-        as_float = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in (-1, 1), got {value!r}") from None
-    if not -1.0 < as_float < 1.0:
-        raise ValueError(
-            f"{name} must lie in the open interval (-1, 1), got {value!r}; "
-            "momentum 1 never forgets a gradient and diverges"
-        )
-    return as_float
-
-
-def check_momentum_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
-    """Return ``bounds`` as a float pair ``(low, high)`` with ``-1 < low <= high < 1``, else raise.
-
-    Args:
-        bounds: clip range of the algorithmic momentum.
-    """
-    try:
-        low, high = (float(b) for b in bounds)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"momentum_bounds must be a pair (low, high) inside (-1, 1), got {bounds!r}"
-        ) from None
-    if not (-1.0 < low < 1.0 and -1.0 < high < 1.0):
-        raise ValueError(
-            f"momentum_bounds must lie inside the open interval (-1, 1), got {bounds!r}"
-        )
-    if low > high:
-        raise ValueError(f"momentum_bounds must be (low, high) with low <= high, got {bounds!r}")
-    return low, high

@@ -29,21 +29,27 @@ vectorized operations per momentum value.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from asyncmomentum.core.measuring.staleness import check_staleness, check_state
 from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.validation import (
+    MAX_COUNT,
+    check_choice,
+    check_int,
+    check_momentum,
+    check_real,
+    check_staleness,
+    check_state,
+)
 
 __all__ = [
     "DEFAULT_TAIL_MASS",
     "StalenessHistogram",
-    "check_criterion",
+    "CRITERIA",
     "check_pmf",
-    "check_scalar",
     "is_stable",
     "largest_stable_momentum",
     "mean_square_radius",
@@ -58,7 +64,8 @@ DEFAULT_TAIL_MASS = 1e-3
 STATE_FORMAT = 1
 
 Criterion = Literal["mean_square", "mean_field"]
-_CRITERIA = ("mean_square", "mean_field")
+#: The stability criteria, for :func:`~asyncmomentum.core.validation.check_choice`.
+CRITERIA: tuple[Criterion, ...] = ("mean_square", "mean_field")
 
 # Points on the circle for the frequency-domain tests: the winding number is exact while
 # adjacent samples differ by less than half a turn, i.e. for zeros farther than about
@@ -109,8 +116,7 @@ def truncate_pmf(staleness_pmf: Any, tail_mass: float = DEFAULT_TAIL_MASS) -> np
         tail_mass: largest mass to fold, in [0, 1).
     """
     pmf = check_pmf(staleness_pmf)
-    if not 0.0 <= tail_mass < 1.0:
-        raise ValueError(f"tail_mass must lie in [0, 1), got {tail_mass!r}")
+    check_real(tail_mass, "tail_mass", minimum=0.0, maximum=1.0, max_inclusive=False)
     cumulative = np.cumsum(pmf)
     last = int(np.searchsorted(cumulative, 1.0 - tail_mass - 1e-12))
     last = min(last, int(np.flatnonzero(pmf).max()))
@@ -120,18 +126,6 @@ def truncate_pmf(staleness_pmf: Any, tail_mass: float = DEFAULT_TAIL_MASS) -> np
 
 
 # -- the recursion --------------------------------------------------------------------------------
-
-
-def check_scalar(value: Any, name: str) -> float:
-    """Return ``value`` as a float if it is a finite real number (not a bool), else raise.
-
-    Args:
-        value: the number.
-        name: its name, for the error message.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def _characteristic_polynomial(mu: float, a: float, pmf: np.ndarray) -> np.ndarray:
@@ -165,7 +159,7 @@ def spectral_radius(
         tail_mass: see :func:`truncate_pmf`.
     """
     pmf = truncate_pmf(staleness_pmf, tail_mass)
-    roots = np.roots(_characteristic_polynomial(check_scalar(mu, "mu"), check_scalar(a, "a"), pmf))
+    roots = np.roots(_characteristic_polynomial(check_real(mu, "mu"), check_real(a, "a"), pmf))
     return float(np.abs(roots).max())
 
 
@@ -221,17 +215,6 @@ def _stability_at(
     return stable
 
 
-def check_criterion(criterion: str) -> Criterion:
-    """Return ``criterion`` if it is ``"mean_square"`` or ``"mean_field"``, else raise.
-
-    Args:
-        criterion: the stability criterion's name.
-    """
-    if criterion not in _CRITERIA:
-        raise ValueError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
-    return criterion  # type: ignore[return-value]
-
-
 def is_stable(
     mu: float,
     a: float,
@@ -252,13 +235,11 @@ def is_stable(
             ``"mean_field"`` (:func:`spectral_radius`).
         tail_mass: see :func:`truncate_pmf`.
     """
-    if not 0.0 <= margin < 1.0:
-        raise ValueError(f"margin must lie in [0, 1), got {margin!r}")
+    margin = check_real(margin, "margin", minimum=0.0, maximum=1.0, max_inclusive=False)
     pmf = truncate_pmf(staleness_pmf, tail_mass)
-    mus = np.array([check_scalar(mu, "mu")])
-    return bool(
-        _stability_at(mus, check_scalar(a, "a"), pmf, 1.0 - margin, check_criterion(criterion))[0]
-    )
+    mus = np.array([check_real(mu, "mu")])
+    criterion = check_choice(criterion, "criterion", CRITERIA)
+    return bool(_stability_at(mus, check_real(a, "a"), pmf, 1.0 - margin, criterion)[0])
 
 
 def mean_square_radius(
@@ -278,7 +259,7 @@ def mean_square_radius(
         tail_mass: see :func:`truncate_pmf`.
     """
     pmf = truncate_pmf(staleness_pmf, tail_mass)
-    mu, a = check_scalar(mu, "mu"), check_scalar(a, "a")
+    mu, a = check_real(mu, "mu"), check_real(a, "a")
     mus = np.array([mu])
     low = mean_field = spectral_radius(mu, a, pmf, tail_mass=0.0)
     high = max(2.0 * low, 1.0)
@@ -335,20 +316,16 @@ def largest_stable_momentum(
         grid_step: spacing of the scan (> 0).
         tolerance: width of the final bisection (> 0).
     """
-    a = check_scalar(a, "a")
-    if a < 0:
-        raise ValueError(f"a = lr * lambda_max must be >= 0, got {a!r}")
-    cap = formulas.check_momentum(cap, "cap")
-    floor = formulas.check_momentum(floor, "floor")
+    a = check_real(a, "a = lr * lambda_max", minimum=0.0)
+    cap = check_momentum(cap, "cap")
+    floor = check_momentum(floor, "floor")
     if floor > cap:
         raise ValueError(f"floor must be <= cap, got floor={floor!r}, cap={cap!r}")
-    if not 0.0 <= margin < 1.0:
-        raise ValueError(f"margin must lie in [0, 1), got {margin!r}")
-    if not curvature_margin >= 0.0:
-        raise ValueError(f"curvature_margin must be >= 0, got {curvature_margin!r}")
-    if not (grid_step > 0 and tolerance > 0):
-        raise ValueError(f"grid_step and tolerance must be > 0, got {grid_step!r}, {tolerance!r}")
-    criterion = check_criterion(criterion)
+    margin = check_real(margin, "margin", minimum=0.0, maximum=1.0, max_inclusive=False)
+    curvature_margin = check_real(curvature_margin, "curvature_margin", minimum=0.0)
+    grid_step = check_real(grid_step, "grid_step", minimum=0.0, min_inclusive=False)
+    tolerance = check_real(tolerance, "tolerance", minimum=0.0, min_inclusive=False)
+    criterion = check_choice(criterion, "criterion", CRITERIA)
     pmf = truncate_pmf(staleness_pmf, tail_mass)
     a_test = a * (1.0 + curvature_margin)
     radius = 1.0 - margin
@@ -406,16 +383,8 @@ class StalenessHistogram:
     """
 
     def __init__(self, window: int = 4096, max_staleness: int = 1024) -> None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an integer >= 1 (observations), got {window!r}")
-        if (
-            isinstance(max_staleness, bool)
-            or not isinstance(max_staleness, int)
-            or max_staleness < 0
-        ):
-            raise ValueError(f"max_staleness must be an integer >= 0, got {max_staleness!r}")
-        self.window = window
-        self.max_staleness = max_staleness
+        self.window = check_int(window, "window", 1)
+        self.max_staleness = check_int(max_staleness, "max_staleness", 0)
         self._ring = np.zeros(window, dtype=np.int64)
         self._counts = np.zeros(max_staleness + 1, dtype=np.int64)
         self._observed = 0
@@ -486,7 +455,10 @@ class StalenessHistogram:
             state_dict, "StalenessHistogram", expected_format=STATE_FORMAT, keys=("count", "recent")
         )
         recent = np.asarray(state_dict["recent"], dtype=np.int64).ravel()
-        count = check_staleness(state_dict["count"])
+        try:
+            count = check_int(state_dict["count"], "count", 0, maximum=MAX_COUNT)
+        except ValueError as error:
+            raise ValueError(f"StalenessHistogram state is corrupt: {error}") from None
         if (recent < 0).any() or count < recent.size:
             raise ValueError("StalenessHistogram state is corrupt: bad 'count' or 'recent'")
         recent = np.minimum(recent[-self.window :], self.max_staleness)

@@ -11,9 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from asyncmomentum.core.measuring.meter import MomentumReading
-from asyncmomentum.core.measuring.staleness import StalenessEstimator
+from asyncmomentum.core.measuring.staleness import (
+    DEFAULT_HORIZON,
+    DEFAULT_WARMUP,
+    StalenessEstimator,
+)
 from asyncmomentum.core.tuning import formulas
 from asyncmomentum.core.tuning.rules import DEFAULT_RULE, TuningRule, make_rule
+from asyncmomentum.core.validation import check_momentum, check_momentum_bounds
 
 __all__ = ["MomentumTuner"]
 
@@ -67,12 +72,12 @@ class MomentumTuner:
         rule: str | TuningRule = DEFAULT_RULE,
         momentum_bounds: tuple[float, float] = formulas.DEFAULT_MOMENTUM_BOUNDS,
         workers: float | None = None,
-        horizon: int = 1000,
-        warmup: int = 20,
+        horizon: int = DEFAULT_HORIZON,
+        warmup: int = DEFAULT_WARMUP,
         rule_options: dict[str, Any] | None = None,
     ) -> None:
-        self.target_momentum = formulas.check_momentum(target_momentum)
-        self.momentum_bounds = formulas.check_momentum_bounds(momentum_bounds)
+        self.target_momentum = check_momentum(target_momentum)
+        self.momentum_bounds = check_momentum_bounds(momentum_bounds)
         self.estimator = StalenessEstimator(horizon=horizon, warmup=warmup, workers=workers)
         self.rule_options = _check_rule_options(rule_options)
         self.rule: TuningRule = make_rule(rule, **self.rule_options)
@@ -163,7 +168,7 @@ class MomentumTuner:
             target: a total momentum in (-1, 1), for a parameter group with its own target.
             lr: the group's learning rate; required by a rule with :attr:`needs_lr`.
         """
-        target = self.target_momentum if target is None else formulas.check_momentum(target)
+        target = self.target_momentum if target is None else check_momentum(target)
         return self.rule.algorithmic_momentum(
             target, self.implicit_momentum, lr=lr, bounds=self.momentum_bounds
         )

@@ -18,6 +18,7 @@ from asyncmomentum.core.tuning.rules.base import TuningRule
 from asyncmomentum.core.tuning.rules.closed_loop import ClosedLoopController, ClosedLoopRule
 from asyncmomentum.core.tuning.rules.compositional import CompositionalRule
 from asyncmomentum.core.tuning.rules.stability import StabilityRule
+from asyncmomentum.core.validation import check_choice, check_momentum, check_momentum_bounds
 
 __all__ = [
     "DEFAULT_RULE",
@@ -81,10 +82,7 @@ def rule_class(name: str) -> type[TuningRule]:
     Args:
         name: a name in :func:`rule_names`.
     """
-    cls = RULES.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise ValueError(f"rule must be one of {list(RULES)}, got {name!r}")
-    return cls
+    return RULES[check_choice(name, "rule", RULES)]
 
 
 def make_rule(rule: str | TuningRule, **options: Any) -> TuningRule:
@@ -143,8 +141,8 @@ def algorithmic_momentum(
             f"rule {instance.name!r} is not a formula of (target, implicit momentum): it keeps "
             "state. Use asyncmomentum.MomentumTuner or AsyncMomentumSGD(rule=...) for it"
         )
-    target = formulas.check_momentum(target)
-    bounds = formulas.check_momentum_bounds(bounds)
+    target = check_momentum(target)
+    bounds = check_momentum_bounds(bounds)
     return instance.algorithmic_momentum(target, implicit, bounds=bounds)
 
 

@@ -103,7 +103,7 @@ class TuningRule(ABC):
             implicit: the implicit momentum of the observed asynchrony, in [0, 1).
             lr: the parameter group's learning rate (required by rules with :attr:`needs_lr`).
             bounds: ``(low, high)`` clip range of the result, as
-                :func:`~asyncmomentum.core.tuning.formulas.check_momentum_bounds` returns it.
+                :func:`~asyncmomentum.core.validation.check_momentum_bounds` returns it.
         """
 
     def total_momentum(self, algorithmic: float, implicit: float) -> float:

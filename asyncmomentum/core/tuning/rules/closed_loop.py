@@ -10,9 +10,15 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from asyncmomentum.core.measuring.staleness import check_state
 from asyncmomentum.core.tuning import formulas
 from asyncmomentum.core.tuning.rules.base import TuningRule
+from asyncmomentum.core.validation import (
+    check_int,
+    check_momentum,
+    check_momentum_bounds,
+    check_real,
+    check_state,
+)
 
 if TYPE_CHECKING:
     from asyncmomentum.core.measuring.meter import MomentumReading
@@ -49,13 +55,11 @@ class ClosedLoopController:
         max_change_per_step: float = 0.05,
         bounds: tuple[float, float] = formulas.DEFAULT_MOMENTUM_BOUNDS,
     ) -> None:
-        if not 0.0 < gain <= 1.0:
-            raise ValueError(f"gain must lie in (0, 1], got {gain!r}")
-        if not max_change_per_step > 0:
-            raise ValueError(f"max_change_per_step must be > 0, got {max_change_per_step!r}")
-        self.gain = float(gain)
-        self.max_change_per_step = float(max_change_per_step)
-        self.bounds = formulas.check_momentum_bounds(bounds)
+        self.gain = check_real(gain, "gain", minimum=0.0, maximum=1.0, min_inclusive=False)
+        self.max_change_per_step = check_real(
+            max_change_per_step, "max_change_per_step", minimum=0.0, min_inclusive=False
+        )
+        self.bounds = check_momentum_bounds(bounds)
         self.updates = 0
         self.last_error: float | None = None
         self._last_reading: Any = None
@@ -80,11 +84,11 @@ class ClosedLoopController:
             measured_algorithmic: the algorithmic momentum the reading measured under.
             reading_id: identifies the reading; the same id twice in a row changes nothing.
             bounds: clip range of this call, as
-                :func:`~asyncmomentum.core.tuning.formulas.check_momentum_bounds` returns it
+                :func:`~asyncmomentum.core.validation.check_momentum_bounds` returns it
                 (default: the controller's ``bounds``).
         """
-        target = formulas.check_momentum(target)
-        current = formulas.check_momentum(current_alg, "current_alg")
+        target = check_momentum(target)
+        current = check_momentum(current_alg, "current_alg")
         low, high = self.bounds if bounds is None else bounds
         clipped = min(max(current, low), high)
         if measured_total is None or not math.isfinite(measured_total):
@@ -123,11 +127,9 @@ class ClosedLoopController:
             keys=("updates", "last_error", "last_reading"),
         )
         try:
-            updates = int(state_dict["updates"])
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"ClosedLoopController state is corrupt: updates {state_dict['updates']!r}"
-            ) from None
+            updates = check_int(state_dict["updates"], "updates", 0)
+        except ValueError as error:
+            raise ValueError(f"ClosedLoopController state is corrupt: {error}") from None
         self.updates = updates
         self.last_error = state_dict["last_error"]
         self._last_reading = state_dict["last_reading"]
@@ -169,9 +171,9 @@ class ClosedLoopRule(TuningRule):
     stateful: ClassVar[bool] = True
 
     def __init__(self, *, gain: float = 0.5, max_change_per_step: float = 0.05) -> None:
-        ClosedLoopController(gain, max_change_per_step)  # fails now on a bad option
-        self.gain = float(gain)
-        self.max_change_per_step = float(max_change_per_step)
+        checked = ClosedLoopController(gain, max_change_per_step)  # fails now on a bad option
+        self.gain = checked.gain
+        self.max_change_per_step = checked.max_change_per_step
         self._loops: dict[float, _Loop] = {}
         self._reading: MomentumReading | None = None
 
@@ -285,7 +287,7 @@ class ClosedLoopRule(TuningRule):
         loops: dict[float, _Loop] = {}
         for entry in entries:
             try:
-                target = formulas.check_momentum(entry["target"])
+                target = check_momentum(entry["target"])
                 offset = float(entry["offset"])
                 controller_state = entry["controller"]
             except (KeyError, TypeError, ValueError) as error:

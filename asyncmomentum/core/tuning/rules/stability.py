@@ -9,21 +9,25 @@ from a :class:`~asyncmomentum.core.measuring.curvature.CurvatureEstimator`. See
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, ClassVar
 
 import numpy as np
 
-from asyncmomentum.core.measuring.staleness import check_state
 from asyncmomentum.core.tuning import formulas
 from asyncmomentum.core.tuning.rules.base import TuningRule
 from asyncmomentum.core.tuning.stability import (
+    CRITERIA,
     DEFAULT_TAIL_MASS,
     Criterion,
     StalenessHistogram,
-    check_criterion,
-    check_scalar,
     largest_stable_momentum,
+)
+from asyncmomentum.core.validation import (
+    check_choice,
+    check_int,
+    check_momentum,
+    check_real,
+    check_state,
 )
 
 __all__ = ["StabilityRule"]
@@ -94,32 +98,15 @@ class StabilityRule(TuningRule):
         min_observations: int = 1,
         grid_step: float = 0.05,
     ) -> None:
-        if not curvature_margin >= 0:
-            raise ValueError(f"curvature_margin must be >= 0, got {curvature_margin!r}")
-        if not 0.0 <= margin < 1.0:
-            raise ValueError(f"margin must lie in [0, 1), got {margin!r}")
-        if not 0.0 <= tail_mass < 1.0:
-            raise ValueError(f"tail_mass must lie in [0, 1), got {tail_mass!r}")
-        if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
-            raise ValueError(f"refresh must be an integer >= 1, got {refresh!r}")
-        if not 0.0 <= pmf_tolerance <= 1.0:
-            raise ValueError(f"pmf_tolerance must lie in [0, 1], got {pmf_tolerance!r}")
-        if (
-            isinstance(min_observations, bool)
-            or not isinstance(min_observations, int)
-            or min_observations < 1
-        ):
-            raise ValueError(f"min_observations must be an integer >= 1, got {min_observations!r}")
-        if not grid_step > 0:
-            raise ValueError(f"grid_step must be > 0, got {grid_step!r}")
-        self.curvature_margin = float(curvature_margin)
-        self.margin = float(margin)
-        self.criterion = check_criterion(criterion)
-        self.tail_mass = float(tail_mass)
-        self.refresh = refresh
-        self.pmf_tolerance = float(pmf_tolerance)
-        self.min_observations = min_observations
-        self.grid_step = float(grid_step)
+        below_one = {"minimum": 0.0, "maximum": 1.0, "max_inclusive": False}
+        self.curvature_margin = check_real(curvature_margin, "curvature_margin", minimum=0.0)
+        self.margin = check_real(margin, "margin", **below_one)
+        self.criterion = check_choice(criterion, "criterion", CRITERIA)
+        self.tail_mass = check_real(tail_mass, "tail_mass", **below_one)
+        self.refresh = check_int(refresh, "refresh", 1)
+        self.pmf_tolerance = check_real(pmf_tolerance, "pmf_tolerance", minimum=0.0, maximum=1.0)
+        self.min_observations = check_int(min_observations, "min_observations", 1)
+        self.grid_step = check_real(grid_step, "grid_step", minimum=0.0, min_inclusive=False)
         self.histogram = StalenessHistogram(window, max_staleness)
         self._curvature: float | None = None
         self._pmf: np.ndarray | None = None
@@ -143,10 +130,7 @@ class StabilityRule(TuningRule):
         Args:
             lambda_max: largest curvature of the loss (>= 0), e.g. ``CurvatureEstimator.value``.
         """
-        value = check_scalar(lambda_max, "lambda_max")
-        if value < 0:
-            raise ValueError(f"lambda_max must be >= 0, got {lambda_max!r}")
-        self._curvature = value
+        self._curvature = check_real(lambda_max, "lambda_max", minimum=0.0)
 
     @property
     def curvature(self) -> float | None:
@@ -182,14 +166,8 @@ class StabilityRule(TuningRule):
             raise ValueError(
                 "rule='stability' needs the learning rate: algorithmic_momentum(target, lr=...)"
             )
-        target = formulas.check_momentum(target)
-        try:
-            lr = float(lr)
-        except (TypeError, ValueError):
-            raise ValueError(f"lr must be a finite number, got {lr!r}") from None
-        lr = check_scalar(lr, "lr")
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr!r}")
+        target = check_momentum(target)
+        lr = check_real(lr, "lr", minimum=0.0, allow_tensor=True)
         if not self.ready:
             return formulas.clip_momentum(formulas.additive_momentum(target, implicit), bounds)
         low, high = bounds
@@ -249,10 +227,11 @@ class StabilityRule(TuningRule):
             keys=("histogram", "curvature"),
         )
         curvature = state_dict["curvature"]
-        if curvature is not None and not (
-            isinstance(curvature, numbers.Real) and math.isfinite(curvature) and curvature >= 0
-        ):
-            raise ValueError(f"StabilityRule state is corrupt: curvature {curvature!r}")
+        if curvature is not None:
+            try:
+                check_real(curvature, "curvature", minimum=0.0)
+            except ValueError as error:
+                raise ValueError(f"StabilityRule state is corrupt: {error}") from None
         histogram = self.histogram
         StalenessHistogram(histogram.window, histogram.max_staleness).load_state_dict(
             state_dict["histogram"]

@@ -1,0 +1,13 @@
+"""The benchmarks that ``asyncmomentum bench`` runs, each a module with its own command line.
+
+Each module has a ``main(argv)`` that parses its options, prints its figures and returns an exit
+code, and runs as ``python -m asyncmomentum.applications.benchmarks.<name>``. They ship in the
+wheel; the scripts in ``benchmarks/`` of the source tree only call these.
+
+- :mod:`~asyncmomentum.applications.benchmarks.step_overhead`: step time against
+  ``torch.optim.SGD``, side by side.
+- :mod:`~asyncmomentum.applications.benchmarks.async_throughput`: updates per second of Hogwild
+  and the parameter server, and the tuning's share of a step.
+- :mod:`~asyncmomentum.applications.benchmarks.convergence`: steps to a target loss of each
+  tuning rule, relative to the oracle.
+"""
