@@ -72,6 +72,11 @@ class ProgressPrinter:
         self._next = every
 
     def __call__(self, message: WorkerProgress) -> None:
+        """Print ``message`` if it reaches the next multiple of ``every`` updates, or is final.
+
+        Args:
+            message: a worker's progress report.
+        """
         if message.update < self._next and not message.done:
             return
         self._next = (message.update // self.every + 1) * self.every

@@ -54,16 +54,36 @@ class DigitsClassifier(pl.LightningModule):
         return self.net(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
+        """Cross-entropy of one batch, logged as ``train/loss``.
+
+        Args:
+            batch: images and their labels.
+            batch_idx: the batch's index in the epoch (unused).
+
+        Returns:
+            The loss to minimize.
+        """
         x, y = batch
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train/loss", loss)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Log the accuracy on one held-out batch as ``val/acc``.
+
+        Args:
+            batch: images and their labels.
+            batch_idx: the batch's index in the epoch (unused).
+        """
         x, y = batch
         self.log("val/acc", (self(x).argmax(dim=1) == y).float().mean())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """The optimizer chosen by ``optimizer``: AsyncMomentumSGD, torch's SGD or Adam.
+
+        Returns:
+            AsyncMomentumSGD or SGD at momentum ``TARGET_MOMENTUM``, or Adam at its defaults.
+        """
         hp = self.hparams
         if hp.optimizer == "async":
             return AsyncMomentumSGD(
@@ -79,6 +99,11 @@ class DigitsClassifier(pl.LightningModule):
 
 
 def parse_args() -> argparse.Namespace:
+    """The command line.
+
+    Returns:
+        The parsed arguments of ``sys.argv``.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--optimizer", choices=("async", "sgd", "adam"), default="async")
     parser.add_argument("--workers", type=int, default=8, help="simulated asynchronous workers")
@@ -95,6 +120,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    """Train under simulated asynchrony, then print the tuned momentum and the accuracy."""
     args = parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -144,6 +144,14 @@ def print_progress(point: TracePoint) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line.
+
+    Args:
+        argv: arguments without the program name; ``None`` reads ``sys.argv``.
+
+    Returns:
+        The parsed arguments.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=3, help="local job only (default 3)")
     parser.add_argument("--updates", type=int, default=1500, help="updates the server applies")
@@ -169,6 +177,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace) -> tuple[ParameterServerJob, ServerConfig]:
+    """The job every rank runs and the server's configuration, from the command line.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The job (model, optimizer, worker batches, curvature probe) and the server's config.
+    """
     job = ParameterServerJob(
         model_fn=make_model,
         optimizer_fn=functools.partial(
@@ -218,6 +234,11 @@ def report(result: ServerResult, args: argparse.Namespace, seconds: float) -> No
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run one rank of a torchrun job, or a local job of spawned processes, then report.
+
+    Args:
+        argv: arguments without the program name; ``None`` reads ``sys.argv``.
+    """
     args = parse_args(argv)
     job, config = build(args)
     began = time.monotonic()

@@ -260,7 +260,7 @@ class AsyncMomentumCallback(Callback):
                 "'momentum' nor 'betas', so there is no momentum to tune"
             )
         suffixes = _optimizer_suffixes([view.optimizer for _, view in tunable])
-        for (index, view), suffix in zip(tunable, suffixes):
+        for (index, view), suffix in zip(tunable, suffixes, strict=True):
             self._tracked.append(self._track(index, view, suffix, pl_module.device))
         self._warn_about_settings(trainer)
 
@@ -457,7 +457,9 @@ class AsyncMomentumCallback(Callback):
                 metrics[f"staleness/mean{suffix}"] = float(summary["mean"])
                 metrics[f"staleness/max{suffix}"] = float(summary["max"])
             groups = tracked.optimizer.param_groups
-            for group, group_suffix in zip(groups, tracked.group_suffixes):
+            # strict=False: the suffixes are fixed at setup; a group added later (e.g. by
+            # add_param_group in a finetuning callback) is tuned but not logged here.
+            for group, group_suffix in zip(groups, tracked.group_suffixes, strict=False):
                 algorithmic = tracked.view.applied_momentum(group)
                 metrics[f"momentum/algorithmic{suffix}{group_suffix}"] = algorithmic
                 metrics[f"momentum/total{suffix}{group_suffix}"] = tracked.tuner.total_momentum(

@@ -28,5 +28,7 @@ class StalenessObserver(Protocol):
 
 
 class StalenessSource:
-    """Marks a callback that reports the staleness of every step to the trainer's
-    :class:`StalenessObserver` callbacks."""
+    """Marks a callback that reports the staleness of every step.
+
+    It reports to the trainer's :class:`StalenessObserver` callbacks.
+    """

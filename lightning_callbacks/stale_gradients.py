@@ -117,8 +117,11 @@ class StaleGradients(StalenessSource, Callback):
 
     @property
     def staleness(self) -> int | None:
-        """Staleness of the gradient of the step in progress (from ``on_train_batch_start`` to
-        ``on_train_batch_end`` of the batch that steps); ``None`` between steps."""
+        """Staleness of the gradient of the step in progress; ``None`` between steps.
+
+        A step is in progress from ``on_train_batch_start`` to ``on_train_batch_end`` of the
+        batch that steps.
+        """
         return self._staleness
 
     @property
@@ -207,8 +210,10 @@ class StaleGradients(StalenessSource, Callback):
             self._stepped = False
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Restore the current parameters if a batch was cut short (``on_train_batch_start``
-        returning -1 ends the epoch before ``on_train_batch_end``)."""
+        """Restore the current parameters if a batch was cut short.
+
+        ``on_train_batch_start`` returning -1 ends the epoch before ``on_train_batch_end``.
+        """
         self._restore()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -235,7 +240,7 @@ class StaleGradients(StalenessSource, Callback):
         """Load the parameters of ``staleness`` (>= 1) steps ago, keeping the current ones."""
         assert self._ring is not None
         if not self._swapped:
-            for backup, p in zip(self._current, self._params):
+            for backup, p in zip(self._current, self._params, strict=True):
                 backup.copy_(p)
             self._swapped = True
         self._ring.load(staleness - 1)
@@ -243,7 +248,7 @@ class StaleGradients(StalenessSource, Callback):
     @torch.no_grad()
     def _restore(self) -> None:
         if self._swapped:
-            for p, backup in zip(self._params, self._current):
+            for p, backup in zip(self._params, self._current, strict=True):
                 p.copy_(backup)
             self._swapped = False
 

@@ -70,8 +70,11 @@ def test_what_an_optimizer_is(name: str) -> None:
     assert view.tunable_from_outside == (not ours and name != "adagrad")
     assert view.momentum_key(view.optimizer.param_groups[0]) == KEYS[name]
     assert view.name == type(view.optimizer).__name__
-    assert not view.needs_every_update and not view.uses_curvature
-    assert view.meter is None and view.curvature is None and view.measured_total_momentum is None
+    assert not view.needs_every_update
+    assert not view.uses_curvature
+    assert view.meter is None
+    assert view.curvature is None
+    assert view.measured_total_momentum is None
 
 
 def test_not_an_optimizer_is_refused() -> None:
@@ -100,7 +103,8 @@ def test_reading_and_setting_the_momentum_of_an_optimizer_tuned_from_outside(nam
     elif name == "adam":
         assert group["betas"] == (0.25, 0.999)
     else:
-        assert group["betas"][0] is before[0] and float(group["betas"][1]) == pytest.approx(0.999)
+        assert group["betas"][0] is before[0]
+        assert float(group["betas"][1]) == pytest.approx(0.999)
     backward(model)
     assert view.step(staleness=5)  # staleness is not theirs to take: a plain step()
     group["target_momentum"] = 0.8
@@ -110,7 +114,8 @@ def test_reading_and_setting_the_momentum_of_an_optimizer_tuned_from_outside(nam
 def test_an_optimizer_without_momentum_reads_zero_and_refuses_to_be_set() -> None:
     _, view = build("adagrad")
     group = view.optimizer.param_groups[0]
-    assert view.momentum_key(group) is None and view.applied_momentum(group) == 0.0
+    assert view.momentum_key(group) is None
+    assert view.applied_momentum(group) == 0.0
     with pytest.raises(ValueError, match="neither momentum nor betas"):
         view.set_momentum(group, 0.5)
 
@@ -123,8 +128,11 @@ def test_async_momentum_sgd_reports_its_applied_momentum_and_keeps_the_users(nam
     for _ in range(30):
         backward(model, 1e-3)
         assert view.step(staleness=3)
-    assert view.last_staleness == 3 and view.clock is not None and view.clock.value == 30
-    assert view.estimator is not None and view.estimator.count == 30
+    assert view.last_staleness == 3
+    assert view.clock is not None
+    assert view.clock.value == 30
+    assert view.estimator is not None
+    assert view.estimator.count == 30
     assert group["momentum"] == 0.9  # the momentum the user tuned, never overwritten
     assert view.applied_momentum(group) == opt.applied_momentum(group)
     if name == "async":
@@ -166,7 +174,7 @@ def test_every_optimizer_steps_and_zero_grad_drops_the_gradients(name: str) -> N
     before = snapshot(model)
     backward(model)
     assert view.step(staleness=2)
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     view.zero_grad()
     assert all(p.grad is None for p in model.parameters())
 
@@ -177,7 +185,7 @@ def test_a_non_finite_gradient_is_refused_by_request_or_as_configured() -> None:
     backward(model, math.nan)
     with pytest.raises(NonFiniteGradientError, match="param group 0"):
         view.step(refuse_nonfinite=True)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     view.step()  # not asked to refuse: torch's SGD writes the NaN in
     assert not all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -187,8 +195,9 @@ def test_a_non_finite_gradient_is_refused_by_request_or_as_configured() -> None:
     before = snapshot(model)
     backward(model, math.inf)
     assert not skip.step(staleness=1)  # skipped, and said so
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert skip.clock is not None and skip.clock.value == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert skip.clock is not None
+    assert skip.clock.value == 0
 
     raising = OptimizerView(AsyncMomentumSGD(model.parameters(), lr=0.1))
     with pytest.raises(NonFiniteGradientError):
@@ -196,7 +205,8 @@ def test_a_non_finite_gradient_is_refused_by_request_or_as_configured() -> None:
 
 
 def test_all_finite() -> None:
-    assert all_finite([]) and all_finite([None])
+    assert all_finite([])
+    assert all_finite([None])
     assert all_finite([torch.ones(3), None, torch.zeros(2, 2, dtype=torch.float64)])
     assert not all_finite([torch.ones(3), torch.tensor([1.0, math.nan])])
     assert not all_finite([torch.tensor([-math.inf])])
@@ -243,7 +253,8 @@ def test_share_memory(name: str) -> None:
     assert view.share_memory() is view
     assert all(p.is_shared() for p in model.parameters())
     if name == "async":
-        assert view.clock is not None and view.clock.is_shared
+        assert view.clock is not None
+        assert view.clock.is_shared
         opt = view.optimizer
         assert all(opt.state[p]["momentum_buffer"].is_shared() for p in model.parameters())
 
@@ -256,7 +267,8 @@ def test_the_curvature_probe_goes_to_a_rule_that_uses_curvature_only() -> None:
     with pytest.raises(ValueError, match="rule='additive'"):
         additive.set_curvature_probe(None)
     stability = OptimizerView(AsyncMomentumSGD(model.parameters(), lr=0.1, rule="stability"))
-    assert stability.uses_curvature and stability.needs_every_update
+    assert stability.uses_curvature
+    assert stability.needs_every_update
 
     def probe() -> torch.Tensor:
         return model(torch.ones(1, 3)).sum()
@@ -264,5 +276,6 @@ def test_the_curvature_probe_goes_to_a_rule_that_uses_curvature_only() -> None:
     stability.set_curvature_probe(probe)
     assert cast(AsyncMomentumSGD, stability.optimizer).curvature_probe is probe
     metered = OptimizerView(AsyncMomentumSGD(model.parameters(), lr=0.1, measure_momentum=True))
-    assert metered.needs_every_update and metered.meter is not None
+    assert metered.needs_every_update
+    assert metered.meter is not None
     assert "rule=" in metered.describe()

@@ -21,8 +21,10 @@ def test_step_overhead_runs_the_meter_and_the_stability_rule(capsys):
     args = ["--steps", "4", "--paths", "foreach", "--meter", "--rule", "stability", "--json"]
     args += ["--curvature-every", "2"]
     (result,) = step_overhead.run(args)
-    assert result["rule"] == "stability" and result["meter"] is True
-    assert result["ratio"] > 0 and math.isfinite(result["mean_ratio"])
+    assert result["rule"] == "stability"
+    assert result["meter"] is True
+    assert result["ratio"] > 0
+    assert math.isfinite(result["mean_ratio"])
     # The probe ran (the quadratic's curvatures are uniform in [0, 1)) and the rule set a
     # momentum within its bounds.
     assert 0.9 < result["curvature"] <= 1.0
@@ -41,7 +43,8 @@ def test_step_overhead_offers_every_path_and_runs_them_all_by_default(capsys):
     assert step_overhead.build_parser().parse_args([]).paths == list(step_overhead.PATHS)
     assert step_overhead.main(["--steps", "1"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[1].split()[:2] == ["path", "AsyncMomentumSGD"] and "ratio" in table[1]
+    assert table[1].split()[:2] == ["path", "AsyncMomentumSGD"]
+    assert "ratio" in table[1]
     assert [line.split()[0] for line in table[2:]] == list(step_overhead.PATHS)
 
 
@@ -50,7 +53,8 @@ def test_bench_runs_exactly_the_benchmark_modules_of_the_package():
     assert modules == set(bench.BENCHMARKS)
     for name in bench.BENCHMARKS:
         module = importlib.import_module(f"{benchmarks.__name__}.{name}")
-        assert callable(module.main) and callable(module.build_parser)
+        assert callable(module.main)
+        assert callable(module.build_parser)
         assert bench.bench_command(name, quick=True)[:3] == [sys.executable, "-m", module.__name__]
 
 

@@ -29,7 +29,8 @@ def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 def test_version():
     done = _cli("--version")
-    assert done.returncode == 0 and __version__ in done.stdout
+    assert done.returncode == 0
+    assert __version__ in done.stdout
 
 
 def test_demo_simulated_writes_table_csv_and_plot(tmp_path):
@@ -66,7 +67,7 @@ def test_demo_with_real_hogwild_processes_estimates_more_than_one_worker(tmp_pat
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    ("args", "message"),
     [
         (["demo", "--workers", "0"], "workers must be an integer >= 1"),
         (["demo", "--backend", "mpi"], "invalid choice"),
@@ -110,7 +111,8 @@ def test_failed_write_leaves_previous_results_and_no_partial_files(tmp_path, mon
 def test_formats_a_diverged_run_without_nan():
     run = demo.RunSummary(label="torch.optim.SGD(momentum=0.9)", updates=5)
     table = demo.format_table([run])
-    assert "diverged" in table and "nan" not in table.lower()
+    assert "diverged" in table
+    assert "nan" not in table.lower()
 
 
 def test_bench_refuses_an_unknown_name(capsys):

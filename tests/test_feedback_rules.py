@@ -211,7 +211,8 @@ def test_the_curvature_probe_leaves_parameters_and_gradients_alone():
     params, grads = model.w.detach().clone(), model.w.grad.clone()
     value = opt.estimate_curvature(probe)
     assert value == pytest.approx(1.0, rel=5e-3)
-    assert torch.equal(model.w, params) and torch.equal(model.w.grad, grads)
+    assert torch.equal(model.w, params)
+    assert torch.equal(model.w.grad, grads)
     assert opt.clock.value == 0
 
 
@@ -222,7 +223,8 @@ def test_a_failing_probe_refuses_the_step_and_changes_nothing():
     with pytest.raises(ValueError, match="depends on the parameters"):
         opt.step()
     assert torch.equal(model.w, before)
-    assert opt.clock.value == 0 and opt.state[model.w] == {}
+    assert opt.clock.value == 0
+    assert opt.state[model.w] == {}
 
 
 def test_stability_without_a_probe_warns_once_and_follows_the_additive_rule():
@@ -271,7 +273,8 @@ def test_stability_state_survives_state_dict_and_pickle():
 
     plain = AsyncMomentumSGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1, rule="stability")
     copy = pickle.loads(pickle.dumps(plain))
-    assert copy.rule.name == "stability" and copy.curvature is None
+    assert copy.rule.name == "stability"
+    assert copy.curvature is None
 
 
 # -- the optimizer: closed loop --------------------------------------------------------------------
@@ -298,7 +301,8 @@ def test_closed_loop_corrects_a_wrong_model_of_the_asynchrony():
     additive, closed = run("additive"), run("closed_loop")
     assert additive.algorithmic_momentum == pytest.approx(0.025)
     assert additive.measured_total_momentum < 0.7  # what the open loop gets
-    assert closed.meter is not None and closed.meter.reading.serial > 10
+    assert closed.meter is not None
+    assert closed.meter.reading.serial > 10
     assert closed.algorithmic_momentum > 0.25
     assert closed.measured_total_momentum == pytest.approx(0.9, abs=0.1)
 

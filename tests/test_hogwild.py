@@ -138,8 +138,10 @@ def test_four_workers_measure_asynchrony_and_train():
         steps = [m.step for m in progress if m.rank == rank]
         assert steps == list(range(10, 151, 10))
     updates = [point.update for point in result.trace]
-    assert updates == sorted(updates) and updates[-1] <= 600
-    assert result.train_time > 0 and result.updates_per_second > 0
+    assert updates == sorted(updates)
+    assert updates[-1] <= 600
+    assert result.train_time > 0
+    assert result.updates_per_second > 0
 
 
 @pytest.mark.timeout(120)
@@ -162,12 +164,19 @@ def test_failing_workers_are_reported_while_the_others_finish():
 
     _assert_all_processes_gone(result)
     survivor, dead, raised = result.reports
-    assert survivor.ok and survivor.steps == 60 and survivor.exit_code == 0
-    assert dead.exit_code == 3 and not dead.finished and dead.steps == 0
+    assert survivor.ok
+    assert survivor.steps == 60
+    assert survivor.exit_code == 0
+    assert dead.exit_code == 3
+    assert not dead.finished
+    assert dead.steps == 0
     assert "exited with code 3" in dead.error
-    assert raised.exit_code == 1 and not raised.finished and raised.steps == 5
+    assert raised.exit_code == 1
+    assert not raised.finished
+    assert raised.steps == 5
     assert raised.error == "RuntimeError: injected failure on rank 2"
-    assert not result.timed_out and not result.ok
+    assert not result.timed_out
+    assert not result.ok
     assert result.failures == [dead, raised]
     # Updates of the failed worker before its error count too: the clock stays exact.
     assert result.clock_value == result.total_updates == 65
@@ -229,10 +238,13 @@ def test_global_timeout_terminates_a_hung_worker():
         )
 
     _assert_all_processes_gone(result)
-    assert result.timed_out and not result.ok
+    assert result.timed_out
+    assert not result.ok
     hung = result.reports[0]
-    assert not hung.finished and hung.steps == 0
-    assert hung.exit_code is not None and hung.exit_code < 0  # terminated by a signal
+    assert not hung.finished
+    assert hung.steps == 0
+    assert hung.exit_code is not None
+    assert hung.exit_code < 0  # terminated by a signal
     assert "timeout of 6.0 s" in hung.error
     assert result.wall_time < timeout + 15.0  # the timeout, then a bounded shutdown
     # The shared clock's process lock is free: the parent can go on training.
@@ -266,7 +278,8 @@ def test_an_error_in_on_progress_stops_and_joins_every_worker():
             on_progress=fail_on_first_report,
         )
 
-    assert len(seen) == 1 and seen[0].step == 1
+    assert len(seen) == 1
+    assert seen[0].step == 1
     assert len(running) == 1  # the worker was running when the callback raised ...
     assert multiprocessing.active_children() == []
     assert not os.path.exists(f"/proc/{running[0]}")  # ... and is gone now
@@ -313,9 +326,10 @@ def test_bad_arguments_raise_before_anything_starts(match, overrides):
         train_hogwild(model, call.pop("optimizer"), call.pop("loss_fn"), call.pop("data"), **call)
 
     assert multiprocessing.active_children() == []
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert not any(p.is_shared() for p in model.parameters())
-    assert opt.clock.value == 0 and not opt.clock.is_shared
+    assert opt.clock.value == 0
+    assert not opt.clock.is_shared
 
 
 # -- the parts, by hand ----------------------------------------------------------------------------
@@ -365,10 +379,15 @@ def test_worker_loop_by_hand_reports_progress_and_counts_updates():
     )
 
     assert [m.step for m in messages] == [10, 20, 25]
-    assert messages[-1] is last and last.done and not messages[0].done
-    assert last.updates == 25 and opt.clock.value == 25 and last.update == 25
+    assert messages[-1] is last
+    assert last.done
+    assert not messages[0].done
+    assert last.updates == 25
+    assert opt.clock.value == 25
+    assert last.update == 25
     # One worker alone: every gradient is fresh, no implicit momentum.
-    assert last.max_staleness == 0 and last.implicit_momentum == 0.0
+    assert last.max_staleness == 0
+    assert last.implicit_momentum == 0.0
     assert last.algorithmic_momentum == pytest.approx(0.9)
 
 
@@ -390,8 +409,11 @@ def test_worker_loop_with_torch_sgd_needs_a_clock_and_uses_it():
         clock=clock,
         num_threads=None,
     )
-    assert clock.value == 19 and last.updates == 12 and last.update == 19
-    assert last.max_staleness == 0 and last.algorithmic_momentum == 0.5
+    assert clock.value == 19
+    assert last.updates == 12
+    assert last.update == 19
+    assert last.max_staleness == 0
+    assert last.algorithmic_momentum == 0.5
     with pytest.raises(ValueError, match="own clock"):
         worker_loop(
             0,
@@ -419,7 +441,9 @@ def test_worker_loop_counts_only_applied_updates_when_steps_are_skipped():
         0, model, opt, nan_every_third_step, data, steps=12, batch_size=4, num_threads=None
     )
     assert opt.skipped_steps == 4
-    assert last.step == 12 and last.updates == 8 and opt.clock.value == 8
+    assert last.step == 12
+    assert last.updates == 8
+    assert opt.clock.value == 8
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -434,7 +458,8 @@ def test_worker_loop_reports_a_failure_then_raises_it():
         )
     (failure,) = messages
     assert isinstance(failure, WorkerFailure)
-    assert failure.rank == 3 and failure.updates == 0
+    assert failure.rank == 3
+    assert failure.updates == 0
     assert failure.error.startswith("TypeError: loss_fn must return a scalar tensor")
     assert failure.traceback.startswith("Traceback")
     assert failure.traceback.rstrip().endswith(failure.error)

@@ -1,6 +1,9 @@
-"""The package's layers import downwards only: core <- runtimes <- applications, and the Lightning
-glue on top of core and runtimes. Read from the source (no import side effects), so a violation
-anywhere, even inside a function, fails here."""
+"""The package's layers import downwards only.
+
+The order is core <- runtimes <- applications, with the Lightning glue on top of core and
+runtimes. Read from the source (no import side effects), so a violation anywhere, even inside a
+function, fails here.
+"""
 
 from __future__ import annotations
 

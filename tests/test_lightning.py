@@ -202,7 +202,8 @@ def test_torch_sgd_is_tuned_and_clipped_at_zero_with_one_warning(
     assert trainer.optimizers[0].param_groups[0]["momentum"] == 0.0
     warned = clip_warnings(caught)
     assert len(warned) == 1
-    assert "SGD" in warned[0] and "AsyncMomentumSGD" in warned[0]
+    assert "SGD" in warned[0]
+    assert "AsyncMomentumSGD" in warned[0]
 
 
 def test_adam_first_beta_is_tuned(tmp_path: Path, digits_loader: DataLoader) -> None:
@@ -272,7 +273,8 @@ def test_resume_continues_the_estimate(
 
     first, first_momentum, first_recorder = run(half, None, tmp_path / "first")
     saved_estimate, saved_count = estimate(first, first_momentum)
-    assert saved_count == half and saved_estimate > 2.0
+    assert saved_count == half
+    assert saved_estimate > 2.0
     checkpoint = tmp_path / "half.ckpt"
     first.save_checkpoint(checkpoint)
 
@@ -381,7 +383,7 @@ def test_gradient_accumulation_draws_once_per_optimizer_step(tmp_path: Path) -> 
     trainer.fit(module, dummy_loader(20))
     assert stale.state_dict()["draws"] == trainer.global_step == 10
     # Both micro-batches of a window ran at the same (stale) parameters.
-    for first, second in zip(module.seen[0::2], module.seen[1::2]):
+    for first, second in zip(module.seen[0::2], module.seen[1::2], strict=True):
         torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
@@ -481,7 +483,7 @@ def test_corrupt_callback_state_is_refused_and_changes_nothing() -> None:
     callback = AsyncMomentumCallback(0.9)
     with pytest.raises(ValueError, match="format"):
         callback.load_state_dict({"format": 99, "tuners": {}})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="StalenessEstimator state is missing"):
         callback.load_state_dict({"format": 1, "tuners": {0: {"estimator": {"format": 1}}}})
     assert callback.tuners == {}
     assert math.isclose(callback.target_momentum, 0.9)

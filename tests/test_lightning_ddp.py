@@ -103,11 +103,12 @@ def test_ddp_ranks_agree_on_staleness_momentum_and_parameters(
     rank0 = torch.load(tmp_path / "rank0.pt")
     rank1 = torch.load(tmp_path / "rank1.pt")
     # Same seed on every rank: the same simulated asynchrony, hence the same momentum ...
-    assert rank0["taus"] == rank1["taus"] and max(rank0["taus"]) > 0
+    assert rank0["taus"] == rank1["taus"]
+    assert max(rank0["taus"]) > 0
     for name in ("staleness/mean", "staleness/max", "workers/estimated", "momentum/algorithmic"):
         assert rank0["metrics"][name] == rank1["metrics"][name]
     # ... and identical replicas, although each rank trained on its own shard of the data.
-    for p0, p1 in zip(rank0["params"], rank1["params"]):
+    for p0, p1 in zip(rank0["params"], rank1["params"], strict=True):
         torch.testing.assert_close(p0, p1, rtol=0, atol=0)
     # The logged mean is the reduction over both ranks of the last window's staleness (4 steps
     # per rank): with identical ranks it equals each rank's own mean of that window.

@@ -114,11 +114,13 @@ def test_a_learning_rate_schedule_does_not_distort_the_reading():
 
 def test_publishes_readings_every_refresh_and_not_before_enough_rows():
     reading, meter = _measure("quadratic", workers(2), momentum=0.0, steps=300, refresh=50)
-    assert reading is not None and meter.reading is reading
+    assert reading is not None
+    assert meter.reading is reading
     assert reading.serial >= 2  # refreshed on its own before the final estimate()
     assert meter.measured_total_momentum == pytest.approx(reading.total)
     _, young = _measure("quadratic", workers(2), momentum=0.0, steps=100)
-    assert young.reading is None and young.measured_total_momentum is None
+    assert young.reading is None
+    assert young.measured_total_momentum is None
 
 
 def test_samples_a_fixed_bounded_set_of_coordinates():
@@ -126,8 +128,9 @@ def test_samples_a_fixed_bounded_set_of_coordinates():
     params = [nn.Parameter(torch.randn(n)) for n in (1000, 10, 5000, 3, 200, 7, 80, 4000, 9, 300)]
     meter = MomentumMeter(params, coordinates=256, max_tensors=3, seed=5)
     again = MomentumMeter(params, coordinates=256, max_tensors=3, seed=5)
-    assert meter.coordinates == 256 and len(meter._tensors) <= 3
-    assert all(torch.equal(i, j) for i, j in zip(meter._indices, again._indices))
+    assert meter.coordinates == 256
+    assert len(meter._tensors) <= 3
+    assert all(torch.equal(i, j) for i, j in zip(meter._indices, again._indices, strict=True))
     small = MomentumMeter([nn.Parameter(torch.randn(5))], coordinates=512, window=200)
     assert small.coordinates == 5
 
@@ -202,7 +205,8 @@ def test_controller_is_bounded_rate_limited_and_ignores_repeated_readings():
     assert controller.update(0.9, 0.5, 0.3, reading_id=1) == pytest.approx(0.35)  # rate limit
     assert controller.update(0.9, 0.5, 0.35, reading_id=1) == 0.35  # same reading: no change
     assert controller.update(0.9, 0.88, 0.35, reading_id=2) == pytest.approx(0.36)  # half error
-    assert controller.update(0.9, None, 0.36) == 0.36 and controller.updates == 2
+    assert controller.update(0.9, None, 0.36) == 0.36
+    assert controller.updates == 2
     assert controller.update(0.9, math.nan, 0.36) == 0.36
     assert controller.update(-0.9, 0.9, -0.48) == -0.5  # the floor
     # Rebased to the current momentum: the reading was taken at 0.1, the momentum is now 0.3.
@@ -210,7 +214,8 @@ def test_controller_is_bounded_rate_limited_and_ignores_repeated_readings():
     state = controller.state_dict()
     restored = ClosedLoopController()
     restored.load_state_dict(state)
-    assert restored.updates == controller.updates and restored.last_error == controller.last_error
+    assert restored.updates == controller.updates
+    assert restored.last_error == controller.last_error
     with pytest.raises(ValueError, match="gain"):
         ClosedLoopController(gain=0.0)
     with pytest.raises(ValueError, match="current_alg"):
@@ -265,7 +270,8 @@ def test_measuring_in_spans_reads_the_same_momentum_at_a_fraction_of_the_records
     assert meter.gaps == 0  # a new span is not a gap
     assert meter._records == 300 + 300 + 100  # spans [0, 300), [600, 900), [1200, 1300)
     reading = meter.reading  # fitted when the span [600, 900) ended
-    assert reading is not None and reading.serial >= 2
+    assert reading is not None
+    assert reading.serial >= 2
     assert abs(reading.total - 0.75) < 0.1
     with pytest.raises(ValueError, match="period"):
         MomentumMeter(meter._tensors, window=300, period=300)

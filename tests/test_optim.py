@@ -45,7 +45,8 @@ def test_momentum_follows_measured_staleness(cnn_batches):
     assert opt.param_groups[0]["momentum"] == 0.9
     assert opt.applied_momentum(opt.param_groups[0]) == opt.algorithmic_momentum
     assert opt.total_momentum == pytest.approx(0.9)
-    assert opt.mean_staleness == pytest.approx(19) and opt.last_staleness == 19
+    assert opt.mean_staleness == pytest.approx(19)
+    assert opt.last_staleness == 19
 
 
 def test_staleness_is_measured_from_the_clock_between_zero_grad_and_step(cnn_batches):
@@ -56,7 +57,8 @@ def test_staleness_is_measured_from_the_clock_between_zero_grad_and_step(cnn_bat
     for _ in range(3):  # three other updates land meanwhile
         opt.clock.tick()
     opt.step()
-    assert opt.last_staleness == 3 and opt.clock.value == 4
+    assert opt.last_staleness == 3
+    assert opt.clock.value == 4
     # Without zero_grad, staleness counts from this optimizer's own previous step.
     _loss(model, cnn_batches[1]).backward()
     opt.step()
@@ -110,7 +112,9 @@ def test_closure_runs_before_the_momentum_is_read(cnn_batches):
         return loss
 
     loss = opt.step(closure)
-    assert isinstance(loss, torch.Tensor) and seen == [0] and opt.clock.value == 1
+    assert isinstance(loss, torch.Tensor)
+    assert seen == [0]
+    assert opt.clock.value == 1
 
 
 @pytest.mark.parametrize("path", [{"foreach": False}, {"foreach": True}, {"fused": True}])
@@ -145,7 +149,7 @@ def test_resume_is_bit_for_bit(path, cnn_batches):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    ("kwargs", "match"),
     [
         ({"momentum": 1.0}, r"momentum.*\(-1, 1\)"),
         ({"momentum": -1.5}, r"momentum.*\(-1, 1\)"),
@@ -198,7 +202,8 @@ def test_the_literal_swap_tunes_keyword_and_positional(cnn_batches):
     fixed_model = make_cnn()
     fixed = AsyncMomentumSGD(fixed_model.parameters(), 0.01, 0.9, tune=False, warmup=0)
     _steps(fixed_model, fixed, cnn_batches, [7] * 30)
-    assert fixed.algorithmic_momentum == 0.9 and fixed.estimated_workers == pytest.approx(8)
+    assert fixed.algorithmic_momentum == 0.9
+    assert fixed.estimated_workers == pytest.approx(8)
 
 
 def test_fused_on_unsupported_devices_raises_at_step_as_torch_does():
@@ -217,8 +222,9 @@ def test_bad_staleness_raises_and_changes_nothing(bad, cnn_batches):
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="staleness must be a non-negative integer"):
         opt.step(staleness=bad)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert opt.clock.value == 0 and opt.estimator.count == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert opt.clock.value == 0
+    assert opt.estimator.count == 0
 
 
 @pytest.mark.parametrize("path", [{"foreach": False}, {"foreach": True}, {"fused": True}])
@@ -235,7 +241,7 @@ def test_nonfinite_gradient_raises_and_leaves_everything_untouched(poison, path,
     model.head.bias.grad[3] = poison
     with pytest.raises(NonFiniteGradientError, match=r"NaN or inf.*unchanged"):
         opt.step(staleness=7)
-    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
     after = opt.state_dict()
     for key, value in state["state"].items():
         assert torch.equal(value["momentum_buffer"], after["state"][key]["momentum_buffer"])
@@ -249,8 +255,9 @@ def test_nonfinite_skip_mode_counts_and_skips(cnn_batches):
     model.head.weight.grad[0, 0] = float("nan")
     before = [p.detach().clone() for p in model.parameters()]
     opt.step()
-    assert opt.skipped_steps == 1 and opt.clock.value == 0
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.skipped_steps == 1
+    assert opt.clock.value == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_huge_but_finite_gradients_are_not_mistaken_for_nan():
@@ -258,7 +265,8 @@ def test_huge_but_finite_gradients_are_not_mistaken_for_nan():
     opt = AsyncMomentumSGD([param], lr=1e-30, momentum=0.0, tune=False)
     param.grad = torch.full((4,), 3e38)  # the sum overflows, the values do not
     opt.step()
-    assert torch.isfinite(param).all() and opt.clock.value == 1
+    assert torch.isfinite(param).all()
+    assert opt.clock.value == 1
 
 
 def test_checkpoints_from_elsewhere_are_refused_without_damage(cnn_batches):
@@ -304,6 +312,6 @@ def test_tuned_momentum_passing_through_zero_keeps_paths_consistent(cnn_batches)
         _steps(model, opt, cnn_batches, [9] * 10 + [0] * 10)
         results.append([p.detach().clone() for p in model.parameters()])
     for other in results[1:]:
-        for p, q in zip(results[0], other):
+        for p, q in zip(results[0], other, strict=True):
             torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
     assert rules.algorithmic_momentum(0.9, formulas.implicit_momentum(10)) == pytest.approx(0.0)

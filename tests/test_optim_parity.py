@@ -102,7 +102,7 @@ def test_training_actually_moves_parameters(cnn_batches):
         cnn_batches,
         steps=5,
     )
-    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("path", list(PATHS))

@@ -174,7 +174,8 @@ def test_a_rule_defined_here_works_through_the_tuner_and_the_optimizer(registry)
     rules.register_rule(LongestDelayRule)
     assert rules.rule_names() == (*FOUR, "longest_delay")
     tuner = MomentumTuner(0.9, rule="longest_delay", rule_options={"cap": 7}, warmup=0)
-    assert isinstance(tuner.rule, LongestDelayRule) and tuner.rule.cap == 7
+    assert isinstance(tuner.rule, LongestDelayRule)
+    assert tuner.rule.cap == 7
     assert tuner.rule_name == "longest_delay"
     for tau in (1, 3, 2, 30):
         tuner.observe(tau)
@@ -210,8 +211,10 @@ def test_a_rule_object_can_be_given_instead_of_a_name():
 
 
 def _drive(tuner: MomentumTuner, steps: range, seed: int) -> list[float]:
-    """Feed a tuner staleness (and a reading or a curvature if its rule uses one); return the
-    momentum it gives after each step."""
+    """Feed a tuner staleness; return the momentum it gives after each step.
+
+    A reading or a curvature is fed too if its rule uses one.
+    """
     rng = np.random.default_rng(seed)
     momenta = []
     for step in steps:
@@ -258,7 +261,7 @@ def test_a_corrupt_rule_state_changes_nothing(name):
     broken["format"] = 99
     with pytest.raises(ValueError, match="format"):
         tuner.load_state_dict({**state, name: broken})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="StalenessEstimator state is missing"):
         tuner.check_state_dict({**state, "estimator": {"format": 1}})
     assert repr(tuner.rule.state_dict()) == repr(before)
     # A state without the rule's entry (written under another rule) restarts it.
@@ -266,7 +269,8 @@ def test_a_corrupt_rule_state_changes_nothing(name):
     if name == "closed_loop":
         assert tuner.rule.state_dict()["loops"] == []
     else:
-        assert tuner.rule.histogram.count == 0 and tuner.curvature is None
+        assert tuner.rule.histogram.count == 0
+        assert tuner.curvature is None
 
 
 def test_format_1_checkpoints_of_the_closed_loop_load():

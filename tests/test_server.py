@@ -117,7 +117,9 @@ def test_staleness_is_the_number_of_updates_between_read_and_apply() -> None:
     assert first.version == second.version == 0
     grads = gradients(server.model)
     reply = server.push(1, grads, first.version, loss=2.0)  # nothing happened since: tau 0
-    assert reply.applied and reply.version == 1 and not reply.stop
+    assert reply.applied
+    assert reply.version == 1
+    assert not reply.stop
     server.push(2, grads, second.version)  # worker 1 updated since worker 2 read: tau 1
     server.push(1, grads, reply.version)  # worker 2 updated since: tau 1
     result = server.result()
@@ -144,18 +146,18 @@ def test_bad_pushes_raise_and_change_nothing() -> None:
     params = snapshot(server.model)
     buffers = [s["momentum_buffer"].clone() for s in server.optimizer.state.values()]
     grads = gradients(server.model)
-    bad_pushes = {
-        "too few gradients": (1, grads[:-1], 0),
-        "a wrong shape": (1, [*grads[:-1], torch.zeros(3)], 0),
-        "a wrong dtype": (1, [*grads[:-1], grads[-1].double()], 0),
-        "not a list": (1, grads[0], 0),
-        "a version from the future": (1, grads, 5),
-        "a negative version": (1, grads, -1),
-        "an unknown rank": (3, grads, 0),
-        "rank 0, the server": (0, grads, 0),
+    bad_pushes = {  # what: (push arguments, the error's message)
+        "too few gradients": ((1, grads[:-1], 0), "entries but the model has"),
+        "a wrong shape": ((1, [*grads[:-1], torch.zeros(3)], 0), "has shape"),
+        "a wrong dtype": ((1, [*grads[:-1], grads[-1].double()], 0), "is torch.float64"),
+        "not a list": ((1, grads[0], 0), "grads must be a list"),
+        "a version from the future": ((1, grads, 5), "pushed a gradient of version 5"),
+        "a negative version": ((1, grads, -1), "version must be an integer"),
+        "an unknown rank": ((3, grads, 0), "worker rank must be an integer"),
+        "rank 0, the server": ((0, grads, 0), "worker rank must be an integer"),
     }
-    for what, args in bad_pushes.items():
-        with pytest.raises(ValueError):
+    for what, (args, match) in bad_pushes.items():
+        with pytest.raises(ValueError, match=match):
             server.push(*args)
         assert same(snapshot(server.model), params), what
     assert server.version == 1
@@ -173,7 +175,8 @@ def test_a_nonfinite_gradient_is_refused_for_plain_sgd() -> None:
     grads[0] = torch.full_like(grads[0], math.nan)
     with pytest.raises(NonFiniteGradientError):
         server.push(1, grads, server.join(1).version)
-    assert same(snapshot(model), params) and server.version == 0
+    assert same(snapshot(model), params)
+    assert server.version == 0
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -181,12 +184,16 @@ def test_the_end_refuses_late_gradients_and_keeps_what_was_applied() -> None:
     server = make_server(total_updates=2)
     grads = gradients(server.model)
     first = server.push(1, grads, server.join(1).version)
-    assert first.applied and not first.stop
+    assert first.applied
+    assert not first.stop
     last = server.push(2, grads, server.join(2).version)
-    assert last.applied and last.stop and last.params == []
+    assert last.applied
+    assert last.stop
+    assert last.params == []
     params = snapshot(server.model)
     late = server.push(1, grads, first.version)
-    assert not late.applied and late.stop
+    assert not late.applied
+    assert late.stop
     assert same(snapshot(server.model), params)
     result = server.result()
     assert (result.updates, result.refused, result.stop_reason) == (2, 1, "total_updates")
@@ -199,9 +206,12 @@ def test_a_silent_worker_is_dropped_and_the_server_stops_without_workers() -> No
     server.leave(1)
     assert server.serve() == "no_workers"  # returns once worker 2 has been silent 0.3 s
     result = server.result()
-    assert result.dropped_workers == (2,) and result.left_workers == (1,)
+    assert result.dropped_workers == (2,)
+    assert result.left_workers == (1,)
     refused = server.push(2, gradients(server.model), 0)
-    assert refused.stop and not refused.applied and server.version == 1
+    assert refused.stop
+    assert not refused.applied
+    assert server.version == 1
 
 
 def test_max_seconds_stops_the_server() -> None:
@@ -220,7 +230,8 @@ def test_checkpoint_loads_into_a_fresh_model_and_optimizer(tmp_path) -> None:
     model = make_cnn(1)
     optimizer = AsyncMomentumSGD(model.parameters(), lr=0.05, momentum=0.9, warmup=0)
     info = load_checkpoint(path, model, optimizer)
-    assert info.updates == 5 and info.optimizer_class == "AsyncMomentumSGD"
+    assert info.updates == 5
+    assert info.optimizer_class == "AsyncMomentumSGD"
     assert same(snapshot(model), snapshot(server.model))
     assert optimizer.clock.value == 5
     assert optimizer.estimated_workers == server.optimizer.estimated_workers > 1.0
@@ -242,24 +253,25 @@ def test_a_mismatched_checkpoint_raises_and_changes_nothing(tmp_path) -> None:
     torch.save({"not": "a checkpoint"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a parameter-server checkpoint"):
         load_checkpoint(tmp_path / "other.pt", model)
-    assert same(snapshot(model), params) and sgd.state_dict()["state"] == {}
+    assert same(snapshot(model), params)
+    assert sgd.state_dict()["state"] == {}
 
 
 def test_bad_arguments_raise(monkeypatch) -> None:
-    for kwargs in (
-        {"total_updates": 0},
-        {"total_updates": 2.5},
-        {"total_updates": None, "max_seconds": None},
-        {"max_seconds": -1.0},
-        {"worker_timeout": 0},
-        {"rpc_timeout": math.inf},
-        {"checkpoint_every": 10},  # without checkpoint_path
-        {"trace_every": 0},
-        {"progress_every": 0},
-        {"on_progress": "print"},
-        {"horizon": 0},
+    for kwargs, match in (
+        ({"total_updates": 0}, "total_updates must be"),
+        ({"total_updates": 2.5}, "total_updates must be"),
+        ({"total_updates": None, "max_seconds": None}, "give total_updates or max_seconds"),
+        ({"max_seconds": -1.0}, "max_seconds must be"),
+        ({"worker_timeout": 0}, "worker_timeout must be"),
+        ({"rpc_timeout": math.inf}, "rpc_timeout must be"),
+        ({"checkpoint_every": 10}, "needs a checkpoint_path"),  # without checkpoint_path
+        ({"trace_every": 0}, "trace_every must be"),
+        ({"progress_every": 0}, "progress_every must be"),
+        ({"on_progress": "print"}, "on_progress must be"),
+        ({"horizon": 0}, "horizon must be"),
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=match):
             ServerConfig(**kwargs)
     model = make_cnn(0)
     foreign = torch.optim.SGD(make_cnn(1).parameters(), lr=0.1)
@@ -320,7 +332,8 @@ def test_three_workers_then_one_killed_server_goes_on_and_momentum_follows(tmp_p
     assert (result.updates, result.stop_reason) == (total, "total_updates")
     for rank in (1, 2):
         outcome = job_result.workers[rank]
-        assert outcome.exitcode == 0 and outcome.result is not None
+        assert outcome.exitcode == 0
+        assert outcome.result is not None
         assert outcome.result.steps == result.updates_per_worker[rank]
     assert sum(result.updates_per_worker.values()) == total == len(result.trace)
 
@@ -328,7 +341,8 @@ def test_three_workers_then_one_killed_server_goes_on_and_momentum_follows(tmp_p
     # horizon is short (30 updates) so that the change shows; read it over a window of updates.
     death = max(i for i, p in enumerate(result.trace) if p.worker == kill_rank)
     before, after = result.trace[death - 100 : death + 1], result.trace[-60:]
-    assert len(before) == 101 and len(result.trace) - death > 150  # 5 horizons to settle
+    assert len(before) == 101
+    assert len(result.trace) - death > 150  # 5 horizons to settle
     assert {p.worker for p in result.trace[death + 1 :]} == {1, 2}
     assert abs(mean(p.estimated_workers for p in before) - 3.0) <= 0.35 * 3.0
     assert abs(mean(p.estimated_workers for p in after) - 2.0) <= 0.35 * 2.0
@@ -369,9 +383,11 @@ def test_plain_torch_sgd_on_the_server_and_workers_that_stop_by_themselves(tmp_p
     result = job_result.server
     assert (result.updates, result.stop_reason) == (200, "no_workers")
     assert result.updates_per_worker == {1: 100, 2: 100}
-    assert result.left_workers == (1, 2) and result.dropped_workers == ()
+    assert result.left_workers == (1, 2)
+    assert result.dropped_workers == ()
     for outcome in job_result.workers.values():
-        assert outcome.exitcode == 0 and outcome.result.stop_reason == "max_steps"
+        assert outcome.exitcode == 0
+        assert outcome.result.stop_reason == "max_steps"
     # Staleness is measured for torch's SGD too, and M is near 2.
     assert [p.update for p in result.trace] == list(range(1, 201))
     assert all(0 <= p.staleness < p.update for p in result.trace)
@@ -474,7 +490,8 @@ def test_the_feedback_rules_run_on_the_server(tmp_path, rule) -> None:
     assert optimizer.algorithmic_momentum == pytest.approx(result.algorithmic_momentum, abs=5e-3)
     if rule == "stability":
         # The server probed its own model: the checkpoint carries the curvature it found.
-        assert optimizer.curvature is not None and optimizer.curvature > 0
+        assert optimizer.curvature is not None
+        assert optimizer.curvature > 0
         assert optimizer.tuner.rule.histogram.count == 300
     else:
         # The meter read the server's trajectory, and the loop acted on its readings.

@@ -28,8 +28,10 @@ DRAWS = 20_000
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine the spinning of
-    idle OpenMP threads makes them many times slower."""
+    """Run each test on one torch thread: tiny models gain nothing from threads.
+
+    On a shared 2-core machine the spinning of idle OpenMP threads makes them many times slower.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -143,27 +145,27 @@ def test_staleness_model_by_name() -> None:
 
 
 @pytest.mark.parametrize(
-    "make",
+    ("make", "match"),
     [
-        lambda: geometric(-0.1),
-        lambda: geometric(1.0),
-        lambda: geometric(math.nan),
-        lambda: geometric(0.5, max_staleness=-1),
-        lambda: workers(0),
-        lambda: workers(2.5),
-        lambda: workers(2, [1.0]),
-        lambda: workers(2, [1.0, 0.0]),
-        lambda: workers(2, [1.0, -1.0]),
-        lambda: workers(2, [1.0, math.inf]),
-        lambda: round_robin(0),
-        lambda: staleness_model("poisson", 4),
-        lambda: staleness_model("geometric", 0),
-        lambda: geometric(0.5).sample(-1, seed=0),
-        lambda: geometric(0.5).sample(3, seed=-1),
+        (lambda: geometric(-0.1), "must be a number in"),
+        (lambda: geometric(1.0), "must be a number in"),
+        (lambda: geometric(math.nan), "must be a number in"),
+        (lambda: geometric(0.5, max_staleness=-1), "max_staleness"),
+        (lambda: workers(0), "number of workers"),
+        (lambda: workers(2.5), "number of workers"),
+        (lambda: workers(2, [1.0]), "rates must hold"),
+        (lambda: workers(2, [1.0, 0.0]), "each rate"),
+        (lambda: workers(2, [1.0, -1.0]), "each rate"),
+        (lambda: workers(2, [1.0, math.inf]), "each rate"),
+        (lambda: round_robin(0), "number of workers"),
+        (lambda: staleness_model("poisson", 4), "staleness model must be one of"),
+        (lambda: staleness_model("geometric", 0), "workers must be an integer"),
+        (lambda: geometric(0.5).sample(-1, seed=0), "^n must be"),
+        (lambda: geometric(0.5).sample(3, seed=-1), "seed"),
     ],
 )
-def test_bad_model_arguments_raise_value_error(make) -> None:
-    with pytest.raises(ValueError):
+def test_bad_model_arguments_raise_value_error(make, match) -> None:
+    with pytest.raises(ValueError, match=match):
         make()
 
 
@@ -179,7 +181,8 @@ def test_snapshot_ring_wraps_and_restores() -> None:
         for t in (a, b, c):
             t.fill_(value)
         ring.push()
-    assert len(ring) == 3 and ring.pushed == 5
+    assert len(ring) == 3
+    assert ring.pushed == 5
     oldest = ring.snapshot(2)
     assert [s.shape for s in oldest] == [a.shape, b.shape, c.shape]
     assert all(bool((s == 2).all()) for s in oldest)
@@ -195,13 +198,14 @@ def test_snapshot_ring_wraps_and_restores() -> None:
     assert ring.is_finite(0)
     b[1] = math.nan
     ring.push()
-    assert not ring.is_finite(0) and ring.is_finite(1)
+    assert not ring.is_finite(0)
+    assert ring.is_finite(1)
 
 
 def test_snapshot_ring_bad_arguments() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one tensor"):
         SnapshotRing([], capacity=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="capacity"):
         SnapshotRing([torch.zeros(1)], capacity=0)
     with pytest.raises(ValueError, match="push"):
         SnapshotRing([torch.zeros(1)], capacity=2).load(0)
@@ -260,7 +264,8 @@ def test_simulator_applies_gradients_of_stale_parameters() -> None:
 def test_simulator_follows_random_staleness_through_the_ring_wrap() -> None:
     lr, steps = 0.05, 80
     w_async, history = run_quadratic(geometric(0.6, max_staleness=4), steps, lr)
-    assert max(history.staleness) == 4 and len(set(history.staleness)) == 5
+    assert max(history.staleness) == 4
+    assert len(set(history.staleness)) == 5
     assert all(tau <= t for t, tau in enumerate(history.staleness))
     torch.testing.assert_close(
         w_async, delayed_gradient_descent(history.staleness, lr), rtol=1e-12, atol=1e-12
@@ -280,7 +285,8 @@ def test_async_momentum_sgd_estimates_the_simulated_workers(M: int) -> None:
     model = nn.Linear(8, 3)
     opt = AsyncMomentumSGD(model.parameters(), lr=0.02, momentum=0.9, warmup=0, horizon=300)
     history = simulate(model, cross_entropy, data, opt, workers(M), steps=1500, seed=M)
-    assert not history.diverged and len(history) == 1500
+    assert not history.diverged
+    assert len(history) == 1500
     assert opt.estimator.count == 1500
     assert history.estimated_workers[-1] == pytest.approx(M, rel=0.1)
     assert history.implicit_momentum[-1] == pytest.approx(1 - 1 / M, abs=0.02)
@@ -292,7 +298,7 @@ def dropout_cnn_run(cnn_batches, seed: int) -> History:
     model = nn.Sequential(make_cnn(seed=1), nn.Dropout(0.3))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(*map(torch.cat, zip(*cnn_batches))),
+        torch.utils.data.TensorDataset(*map(torch.cat, zip(*cnn_batches, strict=True))),
         batch_size=16,
         shuffle=True,
     )
@@ -307,7 +313,8 @@ def test_same_seed_same_history_bit_for_bit(cnn_batches) -> None:
     second = dropout_cnn_run(cnn_batches, seed=11)
     assert first == second
     other = dropout_cnn_run(cnn_batches, seed=12)
-    assert other.staleness != first.staleness and other.loss != first.loss
+    assert other.staleness != first.staleness
+    assert other.loss != first.loss
 
 
 def test_history_rows_and_on_step(cnn_batches) -> None:
@@ -396,22 +403,26 @@ def test_divergence_is_flagged_without_raising_or_stepping(make_loss, optimizer:
 
     model, opt = build()
     history = simulate(model, make_loss(6), [None], opt, workers(3), steps=20, seed=2)
-    assert history.diverged and len(history) == 6
+    assert history.diverged
+    assert len(history) == 6
     assert all(math.isfinite(v) for v in history.loss)
     # The bad gradient was not applied: the model is where 6 clean updates put it.
     reference, reference_opt = build()
     clean = simulate(reference, make_loss(99), [None], reference_opt, workers(3), steps=6, seed=2)
-    assert not clean.diverged and clean.staleness == history.staleness
+    assert not clean.diverged
+    assert clean.staleness == history.staleness
     assert torch.equal(model.w, reference.w)
     if optimizer != "sgd":
-        assert opt.clock.value == 6 and opt.estimator.count == 6
+        assert opt.clock.value == 6
+        assert opt.estimator.count == 6
 
 
 def test_overflowing_parameters_are_flagged(cnn_batches) -> None:
     model = make_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=1e30)
     history = simulate(model, cross_entropy, cnn_batches, opt, geometric(0.5), steps=50)
-    assert history.diverged and 0 < len(history) < 50
+    assert history.diverged
+    assert 0 < len(history) < 50
 
 
 @pytest.mark.parametrize(

@@ -40,11 +40,13 @@ def _run_mean_field(mu: float, a: float, pmf: np.ndarray, steps: int) -> float:
 
 
 def _second_moment_growth(mu: float, a: float, pmf: np.ndarray, steps: int = 1500) -> float:
-    """Per-step growth of E[w^2] for independent delays, by iterating the exact covariance map
-    P -> sum_l p(l) A_l P A_l^T of the state (w_t, ..., w_{t-L}) (no formula shared with the
-    module: a plain matrix recursion). ``A_l`` shifts the history and puts
+    """Per-step growth of E[w^2] for independent delays, by iterating the exact covariance map.
+
+    The map is P -> sum_l p(l) A_l P A_l^T of the state (w_t, ..., w_{t-L}) (no formula shared
+    with the module: a plain matrix recursion). ``A_l`` shifts the history and puts
     ``c_l . state`` on top, ``c_l = (1 + mu) e_0 - mu e_1 - a e_l``, so the average of
-    ``A_l P A_l^T`` is the shifted ``P`` bordered by ``P c_bar`` and ``E[c_l^T P c_l]``."""
+    ``A_l P A_l^T`` is the shifted ``P`` bordered by ``P c_bar`` and ``E[c_l^T P c_l]``.
+    """
     size = max(pmf.size, 2)
     p = np.zeros(size)
     p[: pmf.size] = pmf
@@ -166,8 +168,10 @@ def test_largest_stable_momentum_respects_cap_floor_and_margins():
     plain = largest_stable_momentum(0.2, pmf, cap=0.95)
     safer = largest_stable_momentum(0.2, pmf, cap=0.95, curvature_margin=0.5)
     stricter = largest_stable_momentum(0.2, pmf, cap=0.95, margin=0.02)
-    assert safer < plain and stricter < plain
-    assert is_stable(plain, 0.2, pmf) and not is_stable(plain + 0.01, 0.2, pmf)
+    assert safer < plain
+    assert stricter < plain
+    assert is_stable(plain, 0.2, pmf)
+    assert not is_stable(plain + 0.01, 0.2, pmf)
     # Nothing is stable (lr far too large for this staleness): the least unstable choice.
     fallback = largest_stable_momentum(3.0, round_robin(8).pmf(), cap=0.9, floor=-0.9)
     assert -0.9 <= fallback <= 0.9
@@ -211,11 +215,13 @@ def test_pmf_is_normalized_and_truncated_with_the_tail_folded_in():
 
 def test_histogram_is_windowed_and_capped():
     histogram = StalenessHistogram(window=4, max_staleness=10)
-    assert histogram.pmf() is None and histogram.mean == 0.0
+    assert histogram.pmf() is None
+    assert histogram.mean == 0.0
     for tau in (0, 0, 0, 0, 3, 3, 50):
         histogram.observe(tau)
     # The window holds the last four: 0, 3, 3 and 50 capped at 10.
-    assert histogram.size == 4 and histogram.count == 7
+    assert histogram.size == 4
+    assert histogram.count == 7
     assert histogram.pmf(0.0).tolist() == pytest.approx([0.25, 0, 0, 0.5, 0, 0, 0, 0, 0, 0, 0.25])
     assert histogram.mean == pytest.approx((0 + 3 + 3 + 10) / 4)
     with pytest.raises(ValueError, match="non-negative integer"):
@@ -250,7 +256,8 @@ def test_curvature_estimator_finds_the_largest_eigenvalue_and_leaves_the_model_a
     estimator = CurvatureEstimator(model.parameters(), iterations=200, tolerance=1e-6)
     assert estimator.value is None
     assert estimator.estimate(model.objective) == pytest.approx(1.0, rel=1e-3)
-    assert torch.equal(model.w, before) and torch.equal(model.w.grad, torch.full_like(before, 7.0))
+    assert torch.equal(model.w, before)
+    assert torch.equal(model.w.grad, torch.full_like(before, 7.0))
     first_products = estimator.products
     assert estimator.estimate(model.objective) == pytest.approx(1.0, rel=1e-3)
     assert estimator.products - first_products <= estimator.warm_iterations
@@ -338,7 +345,8 @@ def test_rule_follows_a_change_of_staleness_regime():
     for _ in range(256):
         rule.observe(7)  # eight workers in lock step
     delayed = rule.algorithmic_momentum(0.9, 0.875, lr=0.3)
-    assert synchronous == 0.9 and delayed < 0.3
+    assert synchronous == 0.9
+    assert delayed < 0.3
 
 
 def test_rule_state_round_trip_and_bad_input():
@@ -362,17 +370,22 @@ def test_rule_state_round_trip_and_bad_input():
         restored.load_state_dict({**rule.state_dict(), "curvature": float("nan")})
     with pytest.raises(ValueError, match="StalenessHistogram"):
         restored.load_state_dict({**rule.state_dict(), "histogram": {"format": 1}})
-    assert restored.curvature == 2.0 and restored.histogram.count == 4  # unchanged
+    # unchanged
+    assert restored.curvature == 2.0
+    assert restored.histogram.count == 4
     restored.reset()
-    assert restored.curvature is None and restored.histogram.count == 0
+    assert restored.curvature is None
+    assert restored.histogram.count == 0
     with pytest.raises(ValueError, match="curvature_margin"):
         StabilityRule(curvature_margin=-0.5)
 
 
 def _steps_to_target(rule: StabilityRule | None, seed: int = 0) -> int:
-    """Updates the sweep's quadratic (lr 0.125, 8 workers) needs to reach loss 0.1, tuned by
-    ``rule`` (curvature from a CurvatureEstimator every 50 updates) or, if ``None``, by the
-    optimizer's own additive rule."""
+    """Updates the sweep's quadratic (lr 0.125, 8 workers) needs to reach loss 0.1.
+
+    Tuned by ``rule`` (curvature from a CurvatureEstimator every 50 updates) or, if ``None``, by
+    the optimizer's own additive rule.
+    """
     problem = get_problem("quadratic")
     model = problem.make_model(seed)
     lr, target = 0.125, 0.9
@@ -397,7 +410,8 @@ def _steps_to_target(rule: StabilityRule | None, seed: int = 0) -> int:
             group["momentum"] = rule.algorithmic_momentum(target, 0.0, lr=lr)
         if (step + 1) % 10 == 0:
             loss = problem.full_loss(model)
-            assert math.isfinite(loss) and loss < 100, f"diverged at update {step}"
+            assert math.isfinite(loss), f"diverged at update {step}"
+            assert loss < 100, f"diverged at update {step}"
             if loss <= 0.1:
                 raise Reached(step + 1)
 

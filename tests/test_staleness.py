@@ -98,12 +98,14 @@ def test_warmup_reports_one_worker_and_known_workers_skip_estimation():
     est = StalenessEstimator(warmup=10)
     for _ in range(9):
         est.observe(7)
-    assert est.estimated_workers == 1.0 and est.implicit_momentum == 0.0
+    assert est.estimated_workers == 1.0
+    assert est.implicit_momentum == 0.0
     est.observe(7)
     assert est.estimated_workers == pytest.approx(8)
     known = StalenessEstimator(workers=4)
     known.observe(100)
-    assert known.estimated_workers == 4 and known.mean == pytest.approx(100)
+    assert known.estimated_workers == 4
+    assert known.mean == pytest.approx(100)
 
 
 def test_state_dict_round_trip_continues_identically():
@@ -130,12 +132,13 @@ def test_bad_state_and_bad_staleness_raise_and_change_nothing():
     for bad in (-1, 2.5, "3", True):
         with pytest.raises(ValueError, match="staleness"):
             est.observe(bad)
-    assert est.state_dict()["ema"] == before["ema"] and est.count == 1
+    assert est.state_dict()["ema"] == before["ema"]
+    assert est.count == 1
     assert check_staleness(np.int64(4)) == 4
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    ("kwargs", "match"),
     [
         ({"horizon": 0}, "horizon"),
         ({"warmup": -1}, "warmup"),

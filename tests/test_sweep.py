@@ -121,7 +121,8 @@ def test_run_reaches_the_target_and_repeats_bit_for_bit():
     first, second = run_one(spec), run_one(spec)
     assert first.status == "converged"
     assert first.final_loss <= spec.target_loss < first.initial_loss
-    assert first.steps % spec.eval_every == 0 and 0 < first.steps < spec.max_steps
+    assert first.steps % spec.eval_every == 0
+    assert 0 < first.steps < spec.max_steps
     assert first.mean_algorithmic_momentum == pytest.approx(0.5)
     assert without_timing(first) == without_timing(second)
 
@@ -182,7 +183,8 @@ def test_learning_rate_is_the_fastest_that_converges_for_every_seed_times_the_sa
     choice = choose_learning_rate("quadratic", runs, safety=0.25)
     assert choice.fastest == 0.2
     assert choice.lr == pytest.approx(0.05)
-    assert choice.median_steps[0.4] == 70 and not choice.all_converged[0.4]
+    assert choice.median_steps[0.4] == 70
+    assert not choice.all_converged[0.4]
 
 
 def test_no_converging_learning_rate_is_a_clear_error():
@@ -209,7 +211,8 @@ def test_oracle_ratios_and_geometric_mean_follow_their_definitions():
     (cell,) = build_cells(runs, grid=(0.0, 0.5, 0.8, 0.9))
     # 0.8 is fastest on its one converged seed but converges for a minority only; 0.5 and 0.9
     # both have median 210 (a diverged seed counts as the cap); 0.9's mean is lower.
-    assert cell.oracle is not None and cell.oracle.momentum == 0.9
+    assert cell.oracle is not None
+    assert cell.oracle.momentum == 0.9
     assert cell.oracle.median == 210
     assert cell.near_optimal == (0.5, 0.9)
     assert cell.ratio(cell.rules["additive"]) == pytest.approx(300 / 210)
@@ -218,7 +221,8 @@ def test_oracle_ratios_and_geometric_mean_follow_their_definitions():
     summaries = {s.label: s for s in summarize([cell, cell], baseline=0.9)}
     assert summaries["additive"].geomean_ratio == pytest.approx(300 / 210)
     assert summaries["fixed 0.9"].geomean_ratio == pytest.approx(1.0)
-    assert summaries["additive"].cells == 2 and summaries["additive"].runs == 6
+    assert summaries["additive"].cells == 2
+    assert summaries["additive"].runs == 6
 
 
 def test_a_cell_where_no_grid_momentum_converges_has_no_oracle_and_no_ratio():
@@ -229,10 +233,12 @@ def test_a_cell_where_no_grid_momentum_converges_has_no_oracle_and_no_ratio():
         for s in range(3)
     ]
     (cell,) = build_cells(runs, grid=(0.5, 0.9))
-    assert cell.oracle is None and cell.near_optimal == ()
+    assert cell.oracle is None
+    assert cell.near_optimal == ()
     assert cell.ratio(cell.fixed[0.9]) is None
     (baseline,) = summarize([cell], baseline=0.9)
-    assert baseline.cells == 0 and math.isnan(baseline.geomean_ratio)
+    assert baseline.cells == 0
+    assert math.isnan(baseline.geomean_ratio)
     assert baseline.diverged_runs == 3
 
 
@@ -344,7 +350,8 @@ def test_the_sweep_checks_the_momentum_meter_against_the_queuing_model(tmp_path)
     table = (tmp_path / TABLE_NAME).read_text()
     assert "Momentum meter: measured against predicted" in table
     summary = json.loads((tmp_path / SUMMARY_NAME).read_text(), parse_constant=reject_non_json)
-    assert len(summary["meter"]) == 4 and all(p["within"] for p in summary["meter"])
+    assert len(summary["meter"]) == 4
+    assert all(p["within"] for p in summary["meter"])
     assert (tmp_path / METER_FIGURE_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -376,7 +383,8 @@ def test_the_oracle_of_each_cell_is_the_best_converging_grid_momentum(tiny_sweep
 def test_a_rerun_computes_nothing_and_gives_the_same_rows(tiny_sweep):
     out, first = tiny_sweep
     again = run_sweep(TINY, out, jobs=1)
-    assert again.computed == 0 and again.cached == first.computed + first.cached
+    assert again.computed == 0
+    assert again.cached == first.computed + first.cached
     assert again.rows == first.rows
 
 
@@ -482,7 +490,8 @@ def test_cli_runs_the_sweep_and_prints_the_table(tiny_sweep, tmp_path, capsys):
     (tmp_path / CACHE_NAME).write_text("".join(lines[:-2]))
     assert run_cli([*TINY_ARGS, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "| round_robin | 8 |" in printed and "Kendall tau" in printed
+    assert "| round_robin | 8 |" in printed
+    assert "Kendall tau" in printed
     assert f"2 runs computed, {len(lines) - 2} from the cache" in printed
     assert {path.name for path in tmp_path.iterdir()} == {*OUTPUTS, CACHE_NAME}
     with (tmp_path / CSV_NAME).open() as file:
@@ -537,7 +546,8 @@ def test_cli_unwritable_out_exits_2_before_running_anything(where, tmp_path, cap
         run_cli([*TINY_ARGS, "--out", str(out)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "cannot write the sweep's output to" in err and "--out" in err
+    assert "cannot write the sweep's output to" in err
+    assert "--out" in err
     assert blocker.read_text() == "not a directory"
     assert [path.name for path in tmp_path.iterdir()] == ["blocker"]
 
@@ -546,7 +556,8 @@ def test_cli_a_sweep_that_cannot_converge_exits_1_with_the_reason(tmp_path, caps
     monkeypatch.setitem(PROBLEMS, "quadratic", dataclasses.replace(SMALL_QUADRATIC, max_steps=5))
     assert run_cli([*TINY_ARGS, "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert "no learning rate of quadratic's lr_grid" in err and "widen lr_grid" in err
+    assert "no learning rate of quadratic's lr_grid" in err
+    assert "widen lr_grid" in err
     assert {path.name for path in tmp_path.iterdir()} == {CACHE_NAME}  # the runs it finished
 
 

@@ -73,13 +73,15 @@ def _dtype_id(dtype: torch.dtype) -> str:
 
 
 def _desc_id(desc: str) -> str:
-    """A torch input description as a test id (``"weight_decay w/ momentum"`` ->
-    ``"weight_decay_w_momentum"``)."""
+    """A torch input description as a test id.
+
+    For example ``"weight_decay w/ momentum"`` -> ``"weight_decay_w_momentum"``.
+    """
     return re.sub(r"\W+", "_", desc).strip("_")
 
 
 def _sgd_inputs(dtype: torch.dtype = torch.float32) -> dict[str, dict[str, Any]]:
-    """torch's SGD optimizer inputs by description, fresh (a tensor lr is new at each call)."""
+    """Torch's SGD optimizer inputs by description, fresh (a tensor lr is new at each call)."""
     return {inp.desc: dict(inp.kwargs) for inp in optim_inputs_func_sgd(device="cpu", dtype=dtype)}
 
 
@@ -89,7 +91,7 @@ def _is_negative_momentum(error: ErrorOptimizerInput) -> bool:
 
 
 def _sgd_error_inputs(dtype: torch.dtype = torch.float32) -> dict[str, ErrorOptimizerInput]:
-    """torch's SGD error inputs, fresh, by description, less the negative-momentum one.
+    """Torch's SGD error inputs, fresh, by description, less the negative-momentum one.
 
     torch.optim.SGD refuses ``momentum=-0.5`` ("Invalid momentum value: -0.5"). AsyncMomentumSGD
     accepts negative momentum by design: under high asynchrony the algorithmic momentum that
@@ -183,8 +185,11 @@ def _loss(params: list[Tensor], x: Tensor) -> Tensor:
 
 
 def _clone_params(params: list[Tensor]) -> list[Tensor]:
-    """Detached copies of ``params`` that require grad (new leaves with the same values and the
-    same memory layout: the update path, and so its rounding, may depend on the layout)."""
+    """Detached copies of ``params`` that require grad.
+
+    New leaves with the same values and the same memory layout: the update path, and so its
+    rounding, may depend on the layout.
+    """
     return [
         torch.empty_strided(p.size(), p.stride(), dtype=p.dtype)
         .copy_(p.detach())
@@ -194,18 +199,25 @@ def _clone_params(params: list[Tensor]) -> list[Tensor]:
 
 
 def _assert_params_equal(actual: list[Tensor], expected: list[Tensor], what: str = "") -> None:
-    """Parameters equal to the default tolerance of their dtype (tight; exact when both ran the
-    same kernels)."""
+    """Assert the parameters are equal to the default tolerance of their dtype.
+
+    That tolerance is tight; the parameters are exact when both ran the same kernels.
+    """
     assert len(actual) == len(expected)
-    for i, (a, e) in enumerate(zip(actual, expected)):
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         torch.testing.assert_close(a.detach(), e.detach(), msg=lambda m, i=i: f"{what} p{i}: {m}")
 
 
 def _same(a: list[Tensor], b: list[Tensor]) -> bool:
-    """Whether two parameter lists agree to rtol 1e-2, atol 1e-3: loose enough for the rounding
-    of a fused kernel against a per-tensor loop in low precision, tight enough for a kernel bug
-    (which is off by the size of whole updates)."""
-    return all(torch.allclose(p.detach(), q.detach(), rtol=1e-2, atol=1e-3) for p, q in zip(a, b))
+    """Whether two parameter lists agree to rtol 1e-2, atol 1e-3.
+
+    Loose enough for the rounding of a fused kernel against a per-tensor loop in low precision,
+    tight enough for a kernel bug (which is off by the size of whole updates).
+    """
+    return all(
+        torch.allclose(p.detach(), q.detach(), rtol=1e-2, atol=1e-3)
+        for p, q in zip(a, b, strict=True)
+    )
 
 
 def _assert_same_tree(actual: Any, expected: Any, path: str = "state_dict") -> None:
@@ -214,17 +226,21 @@ def _assert_same_tree(actual: Any, expected: Any, path: str = "state_dict") -> N
         assert isinstance(actual, Tensor), f"{path}: {type(actual)} is not a Tensor"
         torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
     elif isinstance(expected, dict):
-        assert isinstance(actual, dict) and set(actual) == set(expected), path
+        assert isinstance(actual, dict), path
+        assert set(actual) == set(expected), path
         for key in expected:
             _assert_same_tree(actual[key], expected[key], f"{path}[{key!r}]")
     elif isinstance(expected, list | tuple):
-        assert type(actual) is type(expected) and len(actual) == len(expected), path
-        for i, (a, e) in enumerate(zip(actual, expected)):
+        assert type(actual) is type(expected), path
+        assert len(actual) == len(expected), path
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
             _assert_same_tree(a, e, f"{path}[{i}]")
     elif isinstance(expected, float) and expected != expected:  # NaN
-        assert isinstance(actual, float) and actual != actual, path
+        assert isinstance(actual, float), path
+        assert actual != actual, path
     else:
-        assert type(actual) is type(expected) and actual == expected, f"{path}: {actual!r}"
+        assert type(actual) is type(expected), f"{path}: {actual!r}"
+        assert actual == expected, f"{path}: {actual!r}"
 
 
 def _make_pair(
@@ -255,8 +271,11 @@ def _train_step(
     use_closure: bool,
     **step_kwargs: Any,
 ) -> None:
-    """One ``zero_grad``/backward/``step`` (through a closure or not); no backward on
-    :data:`NO_GRAD_STEP`, so all gradients are ``None`` there. A closure's loss must come back."""
+    """One ``zero_grad``/backward/``step`` (through a closure or not).
+
+    No backward on :data:`NO_GRAD_STEP`, so all gradients are ``None`` there. A closure's loss
+    must come back.
+    """
 
     def closure() -> Tensor:
         opt.zero_grad()
@@ -267,7 +286,8 @@ def _train_step(
 
     if use_closure:
         returned = opt.step(closure, **step_kwargs)
-        assert isinstance(returned, Tensor) and returned.ndim == 0
+        assert isinstance(returned, Tensor)
+        assert returned.ndim == 0
     else:
         closure()
         assert opt.step(**step_kwargs) is None
@@ -306,8 +326,11 @@ def test_error_inputs_raise_like_torch(variant: str, desc: str, dtype: torch.dty
 
 @pytest.mark.parametrize("variant", VARIANT_PARAMS)
 def test_negative_momentum_is_accepted_where_torch_refuses(variant: str) -> None:
-    """The one intentional difference: momentum=-0.5 is valid and steps like torch's update
-    rule with -0.5 (torch's SGD only refuses it in its constructor)."""
+    """The one intentional difference: momentum=-0.5 is valid.
+
+    It steps like torch's update rule with -0.5 (torch's SGD only refuses it in its
+    constructor).
+    """
     with pytest.raises(ValueError, match=r"Invalid momentum value: -0\.5"):
         SGD(_make_params(), lr=1e-2, momentum=-0.5)
     ours_params, torch_params = _make_params(), _make_params()
@@ -323,7 +346,7 @@ def test_negative_momentum_is_accepted_where_torch_refuses(variant: str) -> None
 
 @pytest.mark.parametrize("variant", VARIANT_PARAMS)
 def test_differentiable_raises_value_error(variant: str) -> None:
-    """torch's differentiable implementation is not supported, and says so clearly."""
+    """Torch's differentiable implementation is not supported, and says so clearly."""
     with pytest.raises(ValueError, match="differentiable"):
         AsyncMomentumSGD(_make_params(), lr=0.1, differentiable=True, **VARIANTS[variant])
     opt = AsyncMomentumSGD(_make_params(), lr=0.1, differentiable=False, **VARIANTS[variant])
@@ -336,7 +359,7 @@ def test_loading_a_torch_sgd_state_dict_raises_value_error() -> None:
     theirs = SGD(params, lr=0.1, momentum=0.9)
     _train_step(theirs, params, _make_input(), 0, use_closure=False)
     ours = AsyncMomentumSGD(_clone_params(params), lr=0.1, momentum=0.9)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no 'async_momentum' entry"):
         ours.load_state_dict(theirs.state_dict())
 
 
@@ -344,8 +367,10 @@ def test_loading_a_torch_sgd_state_dict_raises_value_error() -> None:
 
 
 def _skip_unless_torch_fused_is_right(desc: str, dtype: torch.dtype, x: Tensor) -> None:
-    """Skip a low-precision fused comparison where torch's own fused run strays from its
-    per-tensor run (then matching torch would mean matching a torch bug)."""
+    """Skip a low-precision fused comparison where torch's own fused run strays.
+
+    It strays from torch's per-tensor run: then matching torch would mean matching a torch bug.
+    """
     runs = []
     for flags in ({"fused": True}, {"foreach": False}):
         params = _make_params(dtype, strided=False)
@@ -382,7 +407,7 @@ def test_steps_match_torch_sgd(
         _assert_params_equal(ours_params, torch_params, f"step {step}")
     expected = _momentum_buffers(theirs, torch_params)
     actual = _momentum_buffers(ours, ours_params)
-    for i, (a, e) in enumerate(zip(actual, expected)):
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         if e is not None:
             assert a is not None, f"p{i} has no momentum_buffer where torch has one"
             torch.testing.assert_close(a, e)
@@ -391,8 +416,11 @@ def test_steps_match_torch_sgd(
 @pytest.mark.parametrize("desc", SGD_INPUT_PARAMS)
 @pytest.mark.parametrize("variant", VARIANT_PARAMS)
 def test_state_has_no_empty_entries(variant: str, desc: str) -> None:
-    """After a step no per-parameter state entry is empty: torch's SGD creates none where it
-    has nothing to store (torch's own suite checks this, ``test_non_empty_state``)."""
+    """After a step no per-parameter state entry is empty.
+
+    Torch's SGD creates none where it has nothing to store (torch's own suite checks this,
+    ``test_non_empty_state``).
+    """
     ours, ours_params, theirs, torch_params = _make_pair(variant, _sgd_inputs()[desc])
     x = _make_input()
     _train_step(ours, ours_params, x, 0, use_closure=False)
@@ -404,8 +432,11 @@ def test_state_has_no_empty_entries(variant: str, desc: str) -> None:
 @pytest.mark.parametrize("impl", [i for i in ("forloop", "fused") if i in IMPLS])
 @pytest.mark.parametrize("desc", SGD_INPUT_PARAMS)
 def test_tuned_without_asynchrony_matches_torch_past_warmup(desc: str, impl: str) -> None:
-    """With each step after its own zero_grad (staleness 0) the tuned optimizer stays torch's
-    SGD well past the tuner's warmup, and reports the target as its applied momentum."""
+    """Without staleness the tuned optimizer stays torch's SGD well past the tuner's warmup.
+
+    With each step after its own zero_grad (staleness 0) it steps like torch's SGD, and reports
+    the target as its applied momentum.
+    """
     kwargs = {**_sgd_inputs()[desc], **IMPLS[impl]}
     ours, ours_params, theirs, torch_params = _make_pair("tuned", kwargs, strided=_strided_ok(impl))
     x = _make_input()
@@ -516,7 +547,7 @@ def test_complex_params_match_view_as_real(variant: str, impl: str, desc: str) -
     for step in range(STEPS):
         complex_opt.zero_grad()
         real_opt.zero_grad()
-        for c, r in zip(complex_params, real_params):
+        for c, r in zip(complex_params, real_params, strict=True):
             grad = torch.randn(r.shape, generator=gen, dtype=r.dtype)
             r.grad = grad
             c.grad = torch.view_as_complex(grad.clone()) if c.is_complex() else grad.clone()
@@ -545,7 +576,7 @@ def test_mixed_dtypes_in_one_group_match_torch(variant: str, impl: str) -> None:
     theirs = SGD(torch_params, **kwargs)
     gen = torch.Generator().manual_seed(6)
     for step in range(STEPS):
-        for a, b in zip(ours_params, torch_params):
+        for a, b in zip(ours_params, torch_params, strict=True):
             grad = torch.randn(a.shape, generator=gen, dtype=torch.float64).to(a.dtype)
             a.grad, b.grad = grad, grad.clone()
         ours.step()
@@ -580,8 +611,11 @@ def test_param_groups_with_own_lr_and_weight_decay_match_torch(variant: str, imp
 @pytest.mark.parametrize("set_to_none", [False, True], ids=["set_to_zero", "set_to_none"])
 @pytest.mark.parametrize("variant", VARIANT_PARAMS)
 def test_zero_grad_matches_torch(variant: str, set_to_none: bool) -> None:
-    """``zero_grad(set_to_none=...)`` leaves gradients as torch does, and the next step then
-    moves (zero gradients, momentum carries on) or not (no gradients) as torch's does."""
+    """``zero_grad(set_to_none=...)`` leaves gradients as torch does.
+
+    The next step then moves (zero gradients, momentum carries on) or not (no gradients) as
+    torch's does.
+    """
     ours, ours_params, theirs, torch_params = _make_pair(variant, {"lr": 0.1, "momentum": 0.9})
     x = _make_input()
     for opt, params in ((ours, ours_params), (theirs, torch_params)):
@@ -589,7 +623,7 @@ def test_zero_grad_matches_torch(variant: str, set_to_none: bool) -> None:
     grads_before = [p.grad for p in ours_params]
     ours.zero_grad(set_to_none=set_to_none)
     theirs.zero_grad(set_to_none=set_to_none)
-    for p, q, before in zip(ours_params, torch_params, grads_before):
+    for p, q, before in zip(ours_params, torch_params, grads_before, strict=True):
         if set_to_none or q.grad is None:
             assert p.grad is None
         else:
@@ -607,8 +641,10 @@ def test_zero_grad_matches_torch(variant: str, set_to_none: bool) -> None:
 def test_fused_honours_grad_scaler_attributes(
     variant: str, found_inf: float, grad_scale: float | None
 ) -> None:
-    """On the fused path, GradScaler's ``grad_scale`` unscales and a set ``found_inf`` skips the
-    step, as in torch's fused SGD."""
+    """On the fused path, GradScaler's attributes act as in torch's fused SGD.
+
+    ``grad_scale`` unscales and a set ``found_inf`` skips the step.
+    """
     for desc, kwargs in _sgd_inputs().items():
         ours_params = [torch.ones(3, requires_grad=True) for _ in range(4)]
         torch_params = [torch.ones(3, requires_grad=True) for _ in range(4)]
@@ -674,8 +710,10 @@ def _run_on_layout(
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i != "fused"])
 @pytest.mark.parametrize("variant", VARIANT_PARAMS)
 def test_memory_layouts_match_torch(variant: str, impl: str, case: str) -> None:
-    """Strided and transposed parameters or gradients step like torch on the non-fused paths
-    (a path that hands them to torch's fused kernel would not, see :data:`FUSED_HAZARDS`)."""
+    """Strided and transposed parameters or gradients step like torch on the non-fused paths.
+
+    A path that hands them to torch's fused kernel would not, see :data:`FUSED_HAZARDS`.
+    """
 
     def ours(params: list[Tensor], **kwargs: Any) -> AsyncMomentumSGD:
         return AsyncMomentumSGD(params, **kwargs, **VARIANTS[variant])
@@ -689,9 +727,11 @@ def test_memory_layouts_match_torch(variant: str, impl: str, case: str) -> None:
 @pytest.mark.parametrize("case", FUSED_HAZARDS)
 @pytest.mark.parametrize("variant", VARIANT_PARAMS)
 def test_fused_matches_forloop_where_torch_kernel_errs(variant: str, case: str) -> None:
-    """``fused=True`` steps like the per-tensor loop, or, on inputs torch's CPU kernel gets wrong
-    (torch.optim.SGD(fused=True) computes wrong values there), refuses the step and changes
-    nothing: a step must never corrupt the parameters."""
+    """``fused=True`` steps like the per-tensor loop, or refuses the step.
+
+    On inputs torch's CPU kernel gets wrong (torch.optim.SGD(fused=True) computes wrong values
+    there) it refuses the step and changes nothing: a step must never corrupt the parameters.
+    """
 
     def ours(params: list[Tensor], **kwargs: Any) -> AsyncMomentumSGD:
         return AsyncMomentumSGD(params, **kwargs, **VARIANTS[variant])
@@ -706,7 +746,8 @@ def test_fused_matches_forloop_where_torch_kernel_errs(variant: str, case: str) 
             p.grad = _layout_grad(case, p, gen)
         with pytest.raises(RuntimeError, match="fused=True on the CPU"):
             opt.step()
-        assert _same(params, before) and opt.clock.value == 0
+        assert _same(params, before)
+        assert opt.clock.value == 0
         return
     fused = _run_on_layout(ours, case, fused=True)
     forloop = _run_on_layout(ours, case, foreach=False)
@@ -735,8 +776,11 @@ FAST_TUNING = {"warmup": 2}
 def test_state_dict_round_trip_continues_like_uninterrupted(
     variant: str, impl: str, desc: str
 ) -> None:
-    """Save after some stale steps, load into a fresh optimizer on copied parameters: training
-    goes on exactly as without the interruption (tuner state included)."""
+    """Training goes on after a save and load exactly as without the interruption.
+
+    Save after some stale steps, load into a fresh optimizer on copied parameters: training goes
+    on exactly as without the interruption (tuner state included).
+    """
     kwargs = {**_sgd_inputs()[desc], **IMPLS[impl], **VARIANTS[variant], **FAST_TUNING}
     straight_params = _make_params(strided=_strided_ok(impl))
     straight = AsyncMomentumSGD(straight_params, **copy.deepcopy(kwargs))
@@ -759,8 +803,10 @@ def test_state_dict_round_trip_continues_like_uninterrupted(
 @pytest.mark.parametrize("desc", SGD_INPUT_PARAMS)
 @pytest.mark.parametrize("variant", VARIANT_PARAMS)
 def test_state_dict_survives_weights_only_load(variant: str, desc: str) -> None:
-    """``torch.save`` then ``torch.load(weights_only=True)`` gives back an equal state dict,
-    which loads and steps."""
+    """``torch.save`` then ``torch.load(weights_only=True)`` gives back an equal state dict.
+
+    It loads and steps.
+    """
     kwargs = {**_sgd_inputs()[desc], **VARIANTS[variant], **FAST_TUNING}
     params = _make_params()
     opt = AsyncMomentumSGD(params, **kwargs)
@@ -783,8 +829,10 @@ def test_state_dict_survives_weights_only_load(variant: str, desc: str) -> None:
 
 @pytest.mark.parametrize("variant", VARIANT_PARAMS)
 def test_state_dict_layout_extends_torch(variant: str) -> None:
-    """torch's layout (``state`` with the same per-parameter entries, ``param_groups``) plus one
-    ``"async_momentum"`` entry."""
+    """The state dict has torch's layout plus one ``"async_momentum"`` entry.
+
+    Torch's layout: ``state`` with the same per-parameter entries, and ``param_groups``.
+    """
     ours, ours_params, theirs, torch_params = _make_pair(variant, {"lr": 0.1, "momentum": 0.9})
     x = _make_input()
     for step in range(3):
@@ -796,7 +844,9 @@ def test_state_dict_layout_extends_torch(variant: str) -> None:
     for index, entry in torch_state["state"].items():
         assert set(ours_state["state"][index]) == set(entry)
         _assert_same_tree(ours_state["state"][index], entry, f"state[{index}]")
-    for ours_group, torch_group in zip(ours_state["param_groups"], torch_state["param_groups"]):
+    for ours_group, torch_group in zip(
+        ours_state["param_groups"], torch_state["param_groups"], strict=True
+    ):
         assert set(torch_group) | {"tune"} <= set(ours_group)
         assert ours_group["params"] == torch_group["params"]
 
@@ -815,8 +865,10 @@ OLD_GROUP_KEYS = (
 @pytest.mark.parametrize("missing", [*OLD_GROUP_KEYS, "all"])
 @pytest.mark.parametrize("variant", VARIANT_PARAMS)
 def test_older_state_dicts_load_and_step(variant: str, missing: str) -> None:
-    """A state dict whose groups predate a key loads with the key's default and steps on as the
-    original (which used the defaults) does."""
+    """A state dict whose groups predate a key loads with the key's default.
+
+    It then steps on as the original (which used the defaults) does.
+    """
     kwargs = {"lr": 0.05, "momentum": 0.9, **VARIANTS[variant]}
     params = _make_params()
     opt = AsyncMomentumSGD(params, **kwargs)
@@ -864,7 +916,7 @@ def test_copies_keep_public_attributes_and_continue_equal(variant: str, copier: 
     assert clone.defaults == opt.defaults
     assert clone.algorithmic_momentum == opt.algorithmic_momentum
     clone_params = [p for group in clone.param_groups for p in group["params"]]
-    assert all(c is not p for c, p in zip(clone_params, params))
+    assert all(c is not p for c, p in zip(clone_params, params, strict=True))
     _assert_params_equal(clone_params, params)
     _run_stale(opt, params, range(4, 7))
     _run_stale(clone, clone_params, range(4, 7))
@@ -877,8 +929,10 @@ def test_copies_keep_public_attributes_and_continue_equal(variant: str, copier: 
 
 @pytest.mark.parametrize("variant", VARIANT_PARAMS)
 def test_step_hooks_fire_in_order_and_see_staleness(variant: str) -> None:
-    """Global and per-optimizer step pre/post hooks fire in torch's order, receive ``step``'s
-    keyword arguments, and stop firing once removed."""
+    """Global and per-optimizer step pre/post hooks fire in torch's order.
+
+    They receive ``step``'s keyword arguments, and stop firing once removed.
+    """
     fired: list[tuple[str, dict[str, Any]]] = []
 
     def recorder(name: str) -> Callable[..., None]:
@@ -926,8 +980,10 @@ def test_state_dict_hooks_fire(variant: str) -> None:
 
 @pytest.mark.parametrize("variant", VARIANT_PARAMS)
 def test_state_dict_post_hook_sees_the_whole_state_dict(variant: str) -> None:
-    """A state_dict post hook gets the finished dict, ``"async_momentum"`` included, so hooks
-    that filter, move or record a checkpoint see all of it (as they would with torch)."""
+    """A state_dict post hook gets the finished dict, ``"async_momentum"`` included.
+
+    So hooks that filter, move or record a checkpoint see all of it (as they would with torch).
+    """
     opt = AsyncMomentumSGD(_make_params(), lr=0.1, momentum=0.9, **VARIANTS[variant])
     seen: list[set[str]] = []
     opt.register_state_dict_post_hook(lambda optimizer, state_dict: seen.append(set(state_dict)))
@@ -978,9 +1034,12 @@ CONSTRUCTORS: dict[str, Callable[..., AsyncMomentumSGD]] = {
 
 
 def _stale_and_torch_runs(form: str, **extra: Any) -> tuple[AsyncMomentumSGD, list[float]]:
-    """Run the literal swap ``AsyncMomentumSGD(params, 0.1, 0.9)`` (in ``form``) with every step
-    reported :data:`STALENESS` stale, beside ``SGD(params, 0.1, 0.9)``; return the optimizer
-    and the per-parameter differences from torch."""
+    """Run the literal swap ``AsyncMomentumSGD(params, 0.1, 0.9)`` beside torch's SGD.
+
+    The swap (in ``form``) has every step reported :data:`STALENESS` stale; torch's run is
+    ``SGD(params, 0.1, 0.9)``. Return the optimizer and the per-parameter differences from
+    torch.
+    """
     ours_params, torch_params = _make_params(), _make_params()
     ours = CONSTRUCTORS[form](ours_params, **extra)
     theirs = SGD(torch_params, 0.1, 0.9)
@@ -989,14 +1048,17 @@ def _stale_and_torch_runs(form: str, **extra: Any) -> tuple[AsyncMomentumSGD, li
         _train_step(ours, ours_params, x, step, use_closure=False, staleness=STALENESS)
         _train_step(theirs, torch_params, x, step, use_closure=False)
     return ours, [
-        float((p.detach() - q.detach()).abs().max()) for p, q in zip(ours_params, torch_params)
+        float((p.detach() - q.detach()).abs().max())
+        for p, q in zip(ours_params, torch_params, strict=True)
     ]
 
 
 @pytest.mark.parametrize("form", list(CONSTRUCTORS))
 def test_literal_swap_tunes_momentum_down_under_staleness(form: str) -> None:
-    """``AsyncMomentumSGD(params, 0.1, 0.9)`` fed stale gradients applies less than 0.9, and
-    the update really uses it (it leaves torch's trajectory)."""
+    """``AsyncMomentumSGD(params, 0.1, 0.9)`` fed stale gradients applies less than 0.9.
+
+    And the update really uses it (it leaves torch's trajectory).
+    """
     ours, differences = _stale_and_torch_runs(form)
     assert ours.param_groups[0]["tune"] is True
     assert -1.0 < ours.algorithmic_momentum < 0.9
@@ -1012,8 +1074,11 @@ def test_literal_swap_with_tune_false_keeps_momentum(form: str) -> None:
 
 
 def test_tune_is_a_per_group_key() -> None:
-    """A group with ``tune=False`` keeps torch's momentum under staleness; a tuned group in the
-    same optimizer does not. (The groups' losses are separate, so their gradients are too.)"""
+    """A group with ``tune=False`` keeps torch's momentum under staleness; a tuned one does not.
+
+    The tuned group is in the same optimizer. (The groups' losses are separate, so their
+    gradients are too.)
+    """
     tuned_params, fixed_params = _make_params(seed=0), _make_params(seed=1)
     twins = {"tuned": _make_params(seed=0), "fixed": _make_params(seed=1)}
     ours = AsyncMomentumSGD(
@@ -1032,6 +1097,7 @@ def test_tune_is_a_per_group_key() -> None:
     assert ours.param_groups[1]["tune"] is False
     _assert_params_equal(fixed_params, twins["fixed"], "fixed group")
     difference = max(
-        float((p.detach() - q.detach()).abs().max()) for p, q in zip(tuned_params, twins["tuned"])
+        float((p.detach() - q.detach()).abs().max())
+        for p, q in zip(tuned_params, twins["tuned"], strict=True)
     )
     assert difference > 1e-3, "the tuned group did not tune"

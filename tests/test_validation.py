@@ -1,6 +1,8 @@
-"""The package's one set of argument checks (asyncmomentum.core.validation), and the refusals of
-issue 13 at the public entry points: bools are not integers, strings are not numbers, a staleness
-that no run reaches is refused before the clock moves."""
+"""The package's one set of argument checks (asyncmomentum.core.validation).
+
+And the refusals of issue 13 at the public entry points: bools are not integers, strings are not
+numbers, a staleness that no run reaches is refused before the clock moves.
+"""
 
 from __future__ import annotations
 
@@ -61,7 +63,8 @@ def test_check_int_names_its_maximum() -> None:
 
 
 def test_check_real_returns_a_float() -> None:
-    assert check_real(1, "x") == 1.0 and type(check_real(1, "x")) is float
+    assert check_real(1, "x") == 1.0
+    assert type(check_real(1, "x")) is float
     assert check_real(np.float32(0.5), "x") == 0.5
     assert check_real(0.0, "x", minimum=0.0) == 0.0
     assert check_real(math.inf, "x", finite=False) == math.inf
@@ -308,11 +311,13 @@ def test_a_bad_staleness_is_refused_before_anything_moves(staleness: Any) -> Non
     with pytest.raises(ValueError, match="staleness must be a non-negative integer"):
         opt.step(closure, staleness=staleness)
     assert len(closure_calls) == 1  # the closure did not run
-    assert opt.clock.value == clock and opt.estimator.count == count
+    assert opt.clock.value == clock
+    assert opt.estimator.count == count
     assert torch.equal(params[0], before)
     assert opt.state[params[0]] == {}  # no momentum buffer either
     opt.step(staleness=MAX_COUNT)  # the largest staleness is taken
-    assert opt.clock.value == clock + 1 and opt.last_staleness == MAX_COUNT
+    assert opt.clock.value == clock + 1
+    assert opt.last_staleness == MAX_COUNT
 
 
 def test_horizon_and_warmup_have_one_name_and_one_default_everywhere() -> None:

@@ -353,13 +353,13 @@ def _write_plot(path: Path, runs: list[RunSummary], config: DemoConfig) -> None:
 
     fig, (ax_loss, ax_mom) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     colors = ("tab:red", "tab:blue")
-    for run, color in zip(runs, colors):
+    for run, color in zip(runs, colors, strict=True):
         if not run.trace:
             continue
-        update, loss, _, algorithmic, implicit = zip(*sorted(run.trace))
-        finite = [(u, v) for u, v in zip(update, loss) if math.isfinite(v)]
+        update, loss, _, algorithmic, implicit = zip(*sorted(run.trace), strict=True)
+        finite = [(u, v) for u, v in zip(update, loss, strict=True) if math.isfinite(v)]
         if finite:
-            xs, ys = zip(*finite)
+            xs, ys = zip(*finite, strict=True)
             ax_loss.plot(xs, ys, color=color, lw=0.6, alpha=0.25)
             ax_loss.plot(xs, _moving_average(ys, 25), color=color, lw=1.8, label=run.label)
         name = run.label.split("(")[0]

@@ -88,9 +88,10 @@ QUADRATIC_NOISE = 0.05
 
 
 class QuadraticModel(nn.Module):
-    """``f(w) = 1/2 (w - w*)^T H (w - w*)`` with diagonal ``H``, eigenvalues log-spaced in
-    ``[1 / condition, 1]``; a batch is a noise vector ``xi`` and the batch loss adds ``xi . w``,
-    so the stochastic gradient is ``H (w - w*) + xi``.
+    """A noisy quadratic ``f(w) = 1/2 (w - w*)^T H (w - w*)`` with diagonal ``H``.
+
+    The eigenvalues of ``H`` are log-spaced in ``[1 / condition, 1]``; a batch is a noise vector
+    ``xi`` and the batch loss adds ``xi . w``, so the stochastic gradient is ``H (w - w*) + xi``.
 
     The initial point has coordinate ``i`` drawn from ``N(0, 1 / h_i)``, so every eigendirection
     starts with the same expected loss (1/2): the flat directions then carry as much of the

@@ -1,5 +1,6 @@
-"""Parts that ride along the updates of an AsyncMomentumSGD: the momentum meter and the curvature
-schedule of the stability rule.
+"""Parts that ride along the updates of an AsyncMomentumSGD.
+
+The momentum meter and the curvature schedule of the stability rule.
 
 The optimizer's ``step`` knows one small interface, :class:`StepComponent`, and calls every
 attached component before and after an update; it holds no branch for any of them. Each
@@ -25,15 +26,18 @@ __all__ = ["CurvatureSchedule", "MeterComponent", "StepComponent"]
 
 
 class StepComponent:
-    """Something attached to an :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD` that
-    sees every update. The defaults do nothing; a component overrides what it needs."""
+    """Something attached to an :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD`.
+
+    It sees every update. The defaults do nothing; a component overrides what it needs.
+    """
 
     #: Key of this component's entry in the optimizer's state dict.
     name: str = "component"
 
     def before_update(self, optimizer: AsyncMomentumSGD) -> None:
-        """Called once the gradients are known to be finite, before the clock moves; if this
-        raises, nothing has changed.
+        """Called once the gradients are known to be finite, before the clock moves.
+
+        If this raises, nothing has changed.
 
         Args:
             optimizer: the optimizer about to update.
@@ -68,8 +72,9 @@ class StepComponent:
 
 
 class MeterComponent(StepComponent):
-    """Feeds every update to a :class:`~asyncmomentum.core.measuring.meter.MomentumMeter` and,
-    for a rule that uses it, hands the tuner the meter's latest reading.
+    """Feeds every update to a :class:`~asyncmomentum.core.measuring.meter.MomentumMeter`.
+
+    For a rule that uses it, it hands the tuner the meter's latest reading.
 
     Args:
         meter: the meter, built over the optimizer's parameter groups.
@@ -159,8 +164,9 @@ class CurvatureSchedule(StepComponent):
         self._probe = probe
 
     def before_update(self, optimizer: AsyncMomentumSGD) -> None:
-        """Estimate the curvature if it is due (before the clock moves: a probe that raises
-        leaves everything unchanged).
+        """Estimate the curvature if it is due.
+
+        Before the clock moves: a probe that raises leaves everything unchanged.
 
         Args:
             optimizer: the optimizer about to update.

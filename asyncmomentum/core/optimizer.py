@@ -58,8 +58,10 @@ class NonFiniteGradientError(RuntimeError):
 
 @dataclass
 class _AsyncState:
-    """Everything this optimizer keeps beyond torch's ``state`` and ``param_groups``: one
-    object, so that pickling and copying carry all of it without a list of names."""
+    """Everything this optimizer keeps beyond torch's ``state`` and ``param_groups``.
+
+    One object, so that pickling and copying carry all of it without a list of names.
+    """
 
     nonfinite: str
     clock: VersionClock
@@ -394,8 +396,10 @@ class AsyncMomentumSGD(Optimizer):
 
     @property
     def curvature(self) -> float | None:
-        """``lambda_max`` the stability rule works with (``None`` for other rules, or before
-        the first estimate)."""
+        """The ``lambda_max`` the stability rule works with.
+
+        ``None`` for other rules, or before the first estimate.
+        """
         return self._async.tuner.curvature
 
     def _curvature_schedule(self) -> CurvatureSchedule:
@@ -409,8 +413,10 @@ class AsyncMomentumSGD(Optimizer):
 
     @property
     def curvature_probe(self) -> Callable[[], Tensor] | None:
-        """The loss :meth:`step` estimates the curvature on (``rule="stability"``); settable,
-        e.g. once the model it needs exists."""
+        """The loss :meth:`step` estimates the curvature on (``rule="stability"``).
+
+        Settable, e.g. once the model it needs exists.
+        """
         schedule = self._async.components.get("curvature")
         return schedule.probe if isinstance(schedule, CurvatureSchedule) else None
 
@@ -683,8 +689,10 @@ class AsyncMomentumSGD(Optimizer):
             meter.feed(self)
 
     def _check_buffers(self, state_dict: dict[str, Any]) -> None:
-        """Every saved momentum buffer has its parameter's shape and is finite (a wrong one
-        would corrupt memory in the fused kernel, or the parameters at the next step)."""
+        """Check that every saved momentum buffer has its parameter's shape and is finite.
+
+        A wrong one would corrupt memory in the fused kernel, or the parameters at the next step.
+        """
         groups, saved_state = state_dict["param_groups"], state_dict.get("state", {})
         if len(groups) != len(self.param_groups) or not isinstance(saved_state, dict):
             return  # torch's own load refuses it, before changing anything
@@ -715,8 +723,10 @@ def _add_async_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[s
 
 
 def _upgraded(state_dict: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The state dict in the current format, and its ``"async_momentum"`` entry; raises for
-    one that is not ours."""
+    """The state dict in the current format, and its ``"async_momentum"`` entry.
+
+    Raises ``ValueError`` for one that is not ours.
+    """
     extra = state_dict.get(_STATE_KEY) if isinstance(state_dict, dict) else None
     if extra is None:
         raise ValueError(

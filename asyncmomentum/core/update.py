@@ -179,6 +179,23 @@ def single_tensor_update(
     maximize: bool,
     with_buffer: bool,
 ) -> None:
+    """Apply the SGD update one tensor at a time (torch's single-tensor path).
+
+    Args:
+        params: the parameters to update, in place.
+        grads: their gradients, one per parameter.
+        buffers: their momentum buffers, one per parameter; a ``None`` entry is replaced by a
+            new buffer set to the (weight-decayed) gradient, as torch's first step does, the
+            others are updated in place.
+        lr: the learning rate.
+        momentum: the momentum factor, any real number (negative included).
+        dampening: dampening of the gradient added to the buffer.
+        weight_decay: L2 penalty added to the gradient.
+        nesterov: apply Nesterov momentum.
+        maximize: ascend the objective instead of descending it.
+        with_buffer: keep momentum buffers; without, the update is plain SGD and ``buffers``
+            is left alone.
+    """
     for i, param in enumerate(params):
         grad = -grads[i] if maximize else grads[i]
         if weight_decay != 0:
@@ -226,6 +243,23 @@ def multi_tensor_update(
     maximize: bool,
     with_buffer: bool,
 ) -> None:
+    """Apply the SGD update with multi-tensor (``torch._foreach_*``) ops, in cache-sized buckets.
+
+    Args:
+        params: the parameters to update, in place.
+        grads: their gradients, one per parameter.
+        buffers: their momentum buffers, one per parameter; a ``None`` entry is replaced by a
+            new buffer set to the (weight-decayed) gradient, as torch's first step does, the
+            others are updated in place.
+        lr: the learning rate.
+        momentum: the momentum factor, any real number (negative included).
+        dampening: dampening of the gradient added to the buffer.
+        weight_decay: L2 penalty added to the gradient.
+        nesterov: apply Nesterov momentum.
+        maximize: ascend the objective instead of descending it.
+        with_buffer: keep momentum buffers; without, the update is plain SGD and ``buffers``
+            is left alone.
+    """
     for same_kind in _by_device_and_dtype(params):
         for bucket in _buckets(params, same_kind):
             ps = [params[i] for i in bucket]
@@ -237,7 +271,7 @@ def multi_tensor_update(
             if with_buffer:
                 fresh = {i for i in bucket if buffers[i] is None}
                 running, running_grads = [], []
-                for i, g in zip(bucket, gs):
+                for i, g in zip(bucket, gs, strict=True):
                     if i in fresh:
                         buffers[i] = torch.clone(g).detach()
                     else:
@@ -265,6 +299,25 @@ def fused_update(
     with_buffer: bool,
     grad_scale: Tensor | None = None,
 ) -> None:
+    """Apply the SGD update with torch's fused kernel (``torch._fused_sgd_``).
+
+    Args:
+        params: the parameters to update, in place.
+        grads: their gradients, one per parameter.
+        buffers: their momentum buffers, one per parameter; a ``None`` entry is replaced by a
+            new buffer set to the (weight-decayed) gradient, as torch's first step does, the
+            others are updated in place.
+        lr: the learning rate.
+        momentum: the momentum factor, any real number (negative included).
+        dampening: dampening of the gradient added to the buffer.
+        weight_decay: L2 penalty added to the gradient.
+        nesterov: apply Nesterov momentum.
+        maximize: ascend the objective instead of descending it.
+        with_buffer: keep momentum buffers; without, the update is plain SGD and ``buffers``
+            is left alone.
+        grad_scale: the scale ``torch.amp.GradScaler`` set on the optimizer, if any: the kernel
+            unscales the gradients by it.
+    """
     kernel_args = {
         "weight_decay": weight_decay,
         "momentum": momentum if with_buffer else 0.0,

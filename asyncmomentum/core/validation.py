@@ -131,8 +131,9 @@ def check_real(
 def check_positive(
     value: Any, name: str, *, integer: bool = False, optional: bool = False
 ) -> int | float | None:
-    """Return ``value`` if it is a finite number (or an integer) ``> 0``, or ``None`` where
-    allowed; else raise.
+    """Return ``value`` if it is a finite number (or an integer) ``> 0``; else raise.
+
+    ``None`` is returned as it is where allowed (``optional=True``).
 
     Args:
         value: a limit, period or timeout given by a caller.

@@ -111,14 +111,20 @@ class OptimizerView:
 
     @property
     def measures_staleness(self) -> bool:
-        """Whether it measures staleness itself: it has a version clock and an estimator,
-        :meth:`mark_read` marks its reads and :meth:`step` hands it the staleness."""
+        """Whether it measures staleness itself.
+
+        It then has a version clock and an estimator, :meth:`mark_read` marks its reads and
+        :meth:`step` hands it the staleness.
+        """
         return self._ours is not None
 
     @property
     def tunes_itself(self) -> bool:
-        """Whether it retunes its own momentum to the staleness it measures (an AsyncMomentumSGD
-        with ``tune=True`` in some group); nobody else may then set its momentum."""
+        """Whether it retunes its own momentum to the staleness it measures.
+
+        True for an AsyncMomentumSGD with ``tune=True`` in some group; nobody else may then set
+        its momentum.
+        """
         return self._ours is not None and self._ours.tunes
 
     @property
@@ -158,8 +164,10 @@ class OptimizerView:
 
     @property
     def needs_every_update(self) -> bool:
-        """Whether one process must see every update in order: the momentum meter, or a rule
-        that feeds on it or on a curvature (so not for Hogwild workers)."""
+        """Whether one process must see every update in order (so not for Hogwild workers).
+
+        True with the momentum meter, or a rule that feeds on it or on a curvature.
+        """
         ours = self._ours
         if ours is None:
             return False
@@ -196,8 +204,9 @@ class OptimizerView:
     # -- momentum -------------------------------------------------------------------------------
 
     def momentum_key(self, group: dict[str, Any]) -> MomentumKey | None:
-        """Where ``group`` keeps its momentum: ``"momentum"``, ``"betas"`` (the first entry),
-        or ``None`` (no momentum, e.g. Adagrad).
+        """Where ``group`` keeps its momentum.
+
+        ``"momentum"``, ``"betas"`` (the first entry), or ``None`` (no momentum, e.g. Adagrad).
 
         Args:
             group: one of the optimizer's ``param_groups``.
@@ -217,13 +226,17 @@ class OptimizerView:
 
     @property
     def tunable_from_outside(self) -> bool:
-        """Whether a tuner outside the optimizer may set its momentum (:meth:`set_momentum`):
-        any optimizer with a momentum in every group, except an AsyncMomentumSGD."""
+        """Whether a tuner outside the optimizer may set its momentum (:meth:`set_momentum`).
+
+        True for any optimizer with a momentum in every group, except an AsyncMomentumSGD.
+        """
         return self._ours is None and self.has_momentum
 
     def applied_momentum(self, group: dict[str, Any] | None = None) -> float:
-        """The momentum ``group`` applies now: an AsyncMomentumSGD's tuned (or fixed) one, else
-        the group's ``momentum`` or first beta; 0 for a group without momentum.
+        """The momentum ``group`` applies now.
+
+        An AsyncMomentumSGD's tuned (or fixed) one, else the group's ``momentum`` or first beta;
+        0 for a group without momentum.
 
         Args:
             group: one of the optimizer's ``param_groups``; default the first.
@@ -239,10 +252,12 @@ class OptimizerView:
         return float(value.item() if isinstance(value, Tensor) else value)
 
     def target_momentum(self, group: dict[str, Any]) -> float | None:
-        """The total momentum ``group`` is to keep, if it says: an AsyncMomentumSGD group with
-        ``tune=True`` keeps its ``momentum``; a group of another optimizer may carry a
-        ``target_momentum`` of its own for an outside tuner (its ``momentum`` is overwritten).
-        ``None`` otherwise (a fixed group, or the tuner's own target applies).
+        """The total momentum ``group`` is to keep, if it says.
+
+        An AsyncMomentumSGD group with ``tune=True`` keeps its ``momentum``; a group of another
+        optimizer may carry a ``target_momentum`` of its own for an outside tuner (its
+        ``momentum`` is overwritten). ``None`` otherwise (a fixed group, or the tuner's own
+        target applies).
 
         Args:
             group: one of the optimizer's ``param_groups``.
@@ -324,8 +339,11 @@ class OptimizerView:
             self._ours.mark_read()
 
     def zero_grad(self) -> None:
-        """Drop the gradients (``set_to_none``); an optimizer with a clock also marks the
-        parameters as read (AsyncMomentumSGD's ``zero_grad`` does)."""
+        """Drop the gradients (``set_to_none``).
+
+        An optimizer with a clock also marks the parameters as read (AsyncMomentumSGD's
+        ``zero_grad`` does).
+        """
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self, staleness: int | None = None, *, refuse_nonfinite: bool = False) -> bool:

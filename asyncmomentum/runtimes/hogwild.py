@@ -277,8 +277,10 @@ class TracePoint(NamedTuple):
 
 
 class _OptimizerClock:
-    """An optimizer that measures staleness itself (AsyncMomentumSGD): ``zero_grad()`` marks
-    the version read, ``step()`` ticks its clock."""
+    """The clock of an optimizer that measures staleness itself (AsyncMomentumSGD).
+
+    ``zero_grad()`` marks the version read, ``step()`` ticks its clock.
+    """
 
     def __init__(self, view: OptimizerView) -> None:
         assert view.clock is not None

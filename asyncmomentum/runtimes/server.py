@@ -517,7 +517,7 @@ class ParameterServer:
     def _apply_locked(self, grads: list[Tensor | None], staleness: int) -> bool:
         """Install the gradient, step, clear it; ``False`` if the optimizer skipped the step."""
         try:
-            for param, grad in zip(self._params, grads):
+            for param, grad in zip(self._params, grads, strict=True):
                 param.grad = grad
             began = time.perf_counter()
             # AsyncMomentumSGD gets the staleness and checks gradients itself (it raises or
@@ -659,7 +659,7 @@ def _check_gradients(grads: Any, params: list[Tensor]) -> list[Tensor | None]:
             "do worker and server build the same model?"
         )
     checked: list[Tensor | None] = []
-    for index, (grad, param) in enumerate(zip(grads, params)):
+    for index, (grad, param) in enumerate(zip(grads, params, strict=True)):
         if grad is None:
             checked.append(None)
             continue
@@ -915,7 +915,7 @@ def _train_loop(
         loss = loss_fn(model(inputs), targets)
         computed = torch.autograd.grad(loss, [params[i] for i in trainable], allow_unused=True)
         grads: list[Tensor | None] = [None] * len(params)
-        for i, grad in zip(trainable, computed):
+        for i, grad in zip(trainable, computed, strict=True):
             grads[i] = grad
         reply = rpc.rpc_sync(
             SERVER_NAME, _remote_push, args=(rank, grads, reply.version, float(loss.detach()))
@@ -932,7 +932,7 @@ def _load_parameters(params: list[Tensor], values: list[Tensor]) -> None:
             f"the server sent {len(values)} parameters but this worker's model has "
             f"{len(params)}; build the same model on every rank"
         )
-    for param, value in zip(params, values):
+    for param, value in zip(params, values, strict=True):
         param.copy_(value)
 
 
@@ -1271,7 +1271,7 @@ def _collect_workers(
     processes: list[Any], connections: list[Connection], deadline: float
 ) -> dict[int, WorkerOutcome]:
     outcomes = {}
-    for rank, (process, connection) in enumerate(zip(processes, connections), start=1):
+    for rank, (process, connection) in enumerate(zip(processes, connections, strict=True), start=1):
         try:
             message = _receive(connection, process, deadline)
         except TimeoutError:

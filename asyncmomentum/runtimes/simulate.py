@@ -488,7 +488,7 @@ class SnapshotRing:
         self._sizes = [[self.tensors[i].numel() for i in group] for group in self._groups]
         self._buffers = [
             torch.empty((self._capacity, sum(sizes)), dtype=dtype, device=device)
-            for (device, dtype), sizes in zip(groups, self._sizes)
+            for (device, dtype), sizes in zip(groups, self._sizes, strict=True)
         ]
         # Flat views of the tensors (contiguous ones; others are copied through their shape),
         # so a copy to or from a flat row needs no per-tensor reshaping.
@@ -532,14 +532,18 @@ class SnapshotRing:
     def _pieces(self, slot: int) -> list[list[Tensor]]:
         """Per group, views of one row shaped like the copy targets."""
         pieces = []
-        for buffer, sizes, targets in zip(self._buffers, self._sizes, self._targets):
+        for buffer, sizes, targets in zip(self._buffers, self._sizes, self._targets, strict=True):
             row = torch.split_with_sizes(buffer[slot], sizes)
-            pieces.append([_shaped_like(piece, target) for piece, target in zip(row, targets)])
+            pieces.append(
+                [_shaped_like(piece, target) for piece, target in zip(row, targets, strict=True)]
+            )
         return pieces
 
     def flat(self, age: int = 0) -> list[Tensor]:
-        """The snapshot of ``age`` pushes ago as one flat vector per (device, dtype) group, in
-        the order the groups first appear in ``tensors``; views: do not modify them.
+        """The snapshot of ``age`` pushes ago as one flat vector per (device, dtype) group.
+
+        The groups come in the order they first appear in ``tensors``; views: do not modify
+        them.
 
         Args:
             age: how many pushes back, in ``0 .. len(self) - 1``.
@@ -554,8 +558,8 @@ class SnapshotRing:
             age: how many pushes back, in ``0 .. len(self) - 1``.
         """
         by_index: dict[int, Tensor] = {}
-        for group, pieces in zip(self._groups, self._pieces(self._slot(age))):
-            for index, piece in zip(group, pieces):
+        for group, pieces in zip(self._groups, self._pieces(self._slot(age)), strict=True):
+            for index, piece in zip(group, pieces, strict=True):
                 by_index[index] = piece.view(self.tensors[index].shape)
         return [by_index[i] for i in range(len(self.tensors))]
 
@@ -563,7 +567,7 @@ class SnapshotRing:
     def push(self) -> None:
         """Store the tensors' current values as the newest snapshot, dropping the oldest if full."""
         slot = (self._newest + 1) % self._capacity
-        for pieces, targets in zip(self._pieces(slot), self._targets):
+        for pieces, targets in zip(self._pieces(slot), self._targets, strict=True):
             torch._foreach_copy_(pieces, targets)
         self._newest = slot
         self._pushed += 1
@@ -575,7 +579,7 @@ class SnapshotRing:
         Args:
             age: how many pushes back, in ``0 .. len(self) - 1``.
         """
-        for pieces, targets in zip(self._pieces(self._slot(age)), self._targets):
+        for pieces, targets in zip(self._pieces(self._slot(age)), self._targets, strict=True):
             torch._foreach_copy_(targets, pieces)
 
     @torch.no_grad()
@@ -594,8 +598,9 @@ class SnapshotRing:
 
     @contextmanager
     def stale(self, age: int) -> Iterator[None]:
-        """Within the block the tensors hold the values of ``age`` pushes ago; after it (even on
-        an exception) they hold the newest snapshot again.
+        """Within the block the tensors hold the values of ``age`` pushes ago.
+
+        After it (even on an exception) they hold the newest snapshot again.
 
         Assumes the tensors equal the newest snapshot on entry (push after every change).
 
@@ -660,14 +665,18 @@ class History:
                     self.algorithmic_momentum,
                     self.implicit_momentum,
                     self.estimated_workers,
+                    strict=True,
                 )
             )
         ]
 
 
 def _endless_batches(batches: Iterable[Any]) -> Iterator[Any]:
-    """Yield from ``batches``, iterating it again when it ends (a new epoch; a DataLoader
-    reshuffles). A one-shot iterator cannot start again: running out of it raises."""
+    """Yield from ``batches``, iterating it again when it ends.
+
+    Each pass is a new epoch (a DataLoader reshuffles). A one-shot iterator cannot start again:
+    running out of it raises.
+    """
     iterator = iter(batches)
     one_shot = iterator is batches
     served = 0

@@ -71,7 +71,7 @@ def _quadratic_probe(params: list[torch.nn.Parameter], seed: int) -> Callable[[]
     curvatures = [torch.rand(p.shape, generator=gen) for p in params]
 
     def probe() -> torch.Tensor:
-        return 0.5 * sum((h * p * p).sum() for h, p in zip(curvatures, params))
+        return 0.5 * sum((h * p * p).sum() for h, p in zip(curvatures, params, strict=True))
 
     return probe
 

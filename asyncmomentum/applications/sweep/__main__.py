@@ -1,5 +1,7 @@
-"""``python -m asyncmomentum.applications.sweep [options]``: the same as ``asyncmomentum sweep
-[options]``."""
+"""Entry point of ``python -m asyncmomentum.applications.sweep [options]``.
+
+The same as ``asyncmomentum sweep [options]``.
+"""
 
 import argparse
 

@@ -1,5 +1,7 @@
-"""Running a sweep: learning-rate tuning at ``M = 1``, then the grid and the rules, in parallel,
-cached, with a progress bar."""
+"""Running a sweep: learning-rate tuning at ``M = 1``, then the grid and the rules.
+
+The runs go in parallel, cached, with a progress bar.
+"""
 
 from __future__ import annotations
 
@@ -240,8 +242,9 @@ def _cap(config: SweepConfig, problem: str) -> int:
 
 
 def lr_tuning_specs(config: SweepConfig, problem: str) -> list[RunSpec]:
-    """The learning-rate tuning runs of ``problem``: its ``lr_grid`` at ``M = 1``, momentum
-    ``target_momentum``, every seed.
+    """The learning-rate tuning runs of ``problem``.
+
+    Its ``lr_grid`` at ``M = 1``, momentum ``target_momentum``, every seed.
 
     Args:
         config: the sweep.
@@ -375,8 +378,9 @@ def compute_sweep(
     jobs: int = 1,
     progress: bool = False,
 ) -> SweepResult:
-    """Run (or read from the cache) every run of the sweep and analyse them; writes nothing
-    but the cache.
+    """Run (or read from the cache) every run of the sweep and analyse them.
+
+    Writes nothing but the cache.
 
     Args:
         config: the sweep.

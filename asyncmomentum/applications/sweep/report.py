@@ -1,5 +1,7 @@
-"""The sweep's outputs: the CSV of every run, the steps-to-target table, a JSON summary and the
-figure, written all together or not at all."""
+"""The sweep's outputs, written all together or not at all.
+
+The CSV of every run, the steps-to-target table, a JSON summary and the figure.
+"""
 
 from __future__ import annotations
 
@@ -288,7 +290,7 @@ def format_summary(result: SweepResult) -> str:
     for trend in oracle_trends(result):
         values = ", ".join(
             f"{m}: {'none' if o is None else f'{o:g}'}"
-            for m, o in zip(trend["workers"], trend["oracle"])
+            for m, o in zip(trend["workers"], trend["oracle"], strict=True)
         )
         tau = trend["kendall_tau"]
         lines.append(f"| {trend['problem']} | {trend['staleness']} | {values} | {tau:+.2f} |")
@@ -516,8 +518,8 @@ def _draw_panel(axis: Any, cells: list[Cell], result: SweepResult, handles: dict
     if with_oracle:
         xs = [c.workers for c in with_oracle]
         ys = [c.oracle.momentum for c in with_oracle if c.oracle is not None]
-        low = [y - min(c.near_optimal) for c, y in zip(with_oracle, ys)]
-        high = [max(c.near_optimal) - y for c, y in zip(with_oracle, ys)]
+        low = [y - min(c.near_optimal) for c, y in zip(with_oracle, ys, strict=True)]
+        high = [max(c.near_optimal) - y for c, y in zip(with_oracle, ys, strict=True)]
         bars = axis.errorbar(
             xs, ys, yerr=[low, high], color="black", marker="o", markersize=6,
             linewidth=1.2, capsize=3, zorder=4,

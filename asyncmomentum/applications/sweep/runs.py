@@ -41,8 +41,10 @@ METER_METHOD = "meter"
 
 
 def simulated_staleness(staleness: str, workers: int) -> str:
-    """The staleness model a run simulates: ``staleness``, except at ``M = 1``, where every
-    model gives ``tau = 0`` and the runs are simulated once, under ``"geometric"``.
+    """The staleness model a run simulates.
+
+    ``staleness``, except at ``M = 1``, where every model gives ``tau = 0`` and the runs are
+    simulated once, under ``"geometric"``.
 
     Args:
         staleness: a name in :data:`asyncmomentum.runtimes.simulate.STALENESS_MODELS`.
@@ -134,8 +136,10 @@ class _Stop(Exception):
 
 
 class _Evaluator:
-    """The ``on_step`` hook: evaluates the full loss every ``eval_every`` updates and stops the
-    simulation on the target or on divergence."""
+    """The ``on_step`` hook: evaluates the full loss every ``eval_every`` updates.
+
+    It stops the simulation on the target or on divergence.
+    """
 
     def __init__(
         self, model: nn.Module, full_loss: Callable[[nn.Module], float], spec: RunSpec

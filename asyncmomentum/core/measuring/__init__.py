@@ -1,2 +1,1 @@
-"""What a run observes: staleness (clock and estimator), the momentum meter, the curvature,
-metrics."""
+"""What a run observes: staleness (clock and estimator), momentum meter, curvature, metrics."""

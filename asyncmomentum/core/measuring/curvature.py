@@ -20,7 +20,7 @@ __all__ = ["CurvatureEstimator"]
 
 
 def _dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> float:
-    return float(sum(torch.dot(x.flatten(), y.flatten()) for x, y in zip(xs, ys)))
+    return float(sum(torch.dot(x.flatten(), y.flatten()) for x, y in zip(xs, ys, strict=True)))
 
 
 def _normalized(xs: Sequence[Tensor]) -> list[Tensor] | None:
@@ -77,8 +77,11 @@ class CurvatureEstimator:
 
     @property
     def value(self) -> float | None:
-        """The largest of the last ``history`` estimates (curvature can rise quickly; being
-        late to see it is what makes a run diverge), ``None`` before the first."""
+        """The largest of the last ``history`` estimates, ``None`` before the first.
+
+        The largest, because curvature can rise quickly; being late to see it is what makes a
+        run diverge.
+        """
         return max(self._estimates) if self._estimates else None
 
     def _random_vector(self) -> list[Tensor]:
@@ -106,7 +109,10 @@ class CurvatureEstimator:
             if not torch.isfinite(loss.detach()).all():
                 raise ValueError(f"loss_fn returned a non-finite loss ({loss.item()}); no estimate")
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+            grads = [
+                torch.zeros_like(p) if g is None else g
+                for p, g in zip(self.params, grads, strict=True)
+            ]
             if not any(g.requires_grad for g in grads):
                 eigenvalue = 0.0  # the loss is linear in the parameters: no curvature
             else:
@@ -119,7 +125,10 @@ class CurvatureEstimator:
         out = torch.autograd.grad(
             grads, self.params, grad_outputs=list(vector), retain_graph=True, allow_unused=True
         )
-        return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(self.params, out)]
+        return [
+            torch.zeros_like(p) if h is None else h.detach()
+            for p, h in zip(self.params, out, strict=True)
+        ]
 
     def _power_iteration(self, grads: Sequence[Tensor]) -> float:
         steps = self.iterations if self._vector is None else self.warm_iterations
@@ -142,7 +151,7 @@ class CurvatureEstimator:
         for _ in range(steps):
             product = self._product(grads, vector)
             if shift:
-                product = [h - shift * v for h, v in zip(product, vector)]
+                product = [h - shift * v for h, v in zip(product, vector, strict=True)]
             previous, eigenvalue = eigenvalue, _dot(vector, product)
             following = _normalized(product)
             if following is None:  # H v = 0: v is in the kernel

@@ -56,8 +56,10 @@ _RIDGE = 1e-9
 
 
 class Composition(Protocol):
-    """How algorithmic and implicit momentum compose to a total. Every tuning rule
-    (:class:`~asyncmomentum.core.tuning.rules.base.TuningRule`) is one."""
+    """How algorithmic and implicit momentum compose to a total.
+
+    Every tuning rule (:class:`~asyncmomentum.core.tuning.rules.base.TuningRule`) is one.
+    """
 
     def total_momentum(self, algorithmic: float, implicit: float) -> float:
         """The total momentum of ``algorithmic`` on top of ``implicit``.
@@ -211,7 +213,7 @@ class MomentumMeter:
         stops = np.cumsum([int(i.numel()) for i in self._indices])
         self._layout = [
             (tensor, index.cpu().numpy(), int(stop - index.numel()), int(stop))
-            for tensor, index, stop in zip(self._tensors, self._indices, stops)
+            for tensor, index, stop in zip(self._tensors, self._indices, stops, strict=True)
         ]
         # Rings indexed by version % window: parameters at a version, and the sum (and count)
         # of the gradients computed at that version. On the parameters' device, so that
@@ -236,7 +238,7 @@ class MomentumMeter:
         self._serial = 0
 
     def _views_of_rings(self) -> tuple[np.ndarray, np.ndarray] | tuple[()]:
-        """numpy views of (parameter ring, gradient ring) on the CPU: no torch op per write."""
+        """NumPy views of (parameter ring, gradient ring) on the CPU: no torch op per write."""
         if not self._on_cpu:
             return ()
         return self._params_ring.numpy(), self._grads_ring.numpy()
@@ -294,8 +296,10 @@ class MomentumMeter:
             self.estimate()
 
     def _pause(self) -> None:
-        """Between measuring spans: fit what the span recorded, once, then idle (the next span
-        starts afresh, which is not a gap)."""
+        """Between measuring spans: fit what the span recorded, once, then idle.
+
+        The next span starts afresh, which is not a gap.
+        """
         if self._newest is None:
             return
         self._since_fit = 0
@@ -314,12 +318,15 @@ class MomentumMeter:
         return lr, math.nan if momentum is None else float(momentum)
 
     def _gather_into(self, ring: Tensor, slot: int, *, grad: bool, add: bool) -> None:
-        """Write (``add=False``) or add the sampled coordinates of the parameters, or of their
-        gradients, into ``ring[slot]``. A tensor without a gradient contributes zeros: the
-        update did not touch it."""
+        """Write or add the sampled coordinates of the parameters (or gradients) into a ring.
+
+        Writes (``add=False``) or adds the sampled coordinates of the parameters, or of their
+        gradients (``grad=True``), into ``ring[slot]``. A tensor without a gradient contributes
+        zeros: the update did not touch it.
+        """
         if not self._on_cpu:
             parts = []
-            for tensor, index in zip(self._tensors, self._indices):
+            for tensor, index in zip(self._tensors, self._indices, strict=True):
                 source = tensor.grad if grad else tensor
                 if source is None:
                     parts.append(torch.zeros(index.numel(), device=index.device))
@@ -402,8 +409,10 @@ class MomentumMeter:
         return None if self._reading is None else self._reading.total_momentum(self.rule)
 
     def settle(self) -> int:
-        """Versions newer than this many updates are not fitted yet: their gradients may still
-        come (the 99th percentile of the recent staleness, at least 1)."""
+        """Versions newer than this many updates are not fitted yet.
+
+        Their gradients may still come (the 99th percentile of the recent staleness, at least 1).
+        """
         recent = self._staleness[: min(self._records, self.window)]
         if recent.size == 0:
             return 1
@@ -411,8 +420,11 @@ class MomentumMeter:
 
     @torch.no_grad()
     def estimate(self) -> MomentumReading | None:
-        """Fit the kernel now on the window; update and return :attr:`reading` (``None`` and
-        the previous reading kept if there is not enough data)."""
+        """Fit the kernel now on the window; update and return :attr:`reading`.
+
+        Returns:
+            The new reading; ``None``, the previous reading kept, if there is not enough data.
+        """
         if self._newest is None:
             return None
         newest, first = self._newest, self._first
@@ -668,8 +680,10 @@ _METER_STATE_KEYS = (
 
 
 def _flat_view(tensor: Tensor) -> np.ndarray | None:
-    """A numpy view of ``tensor``'s elements in flat (row-major) order, ``None`` if numpy cannot
-    view it without a copy (strided, or a dtype numpy lacks)."""
+    """A numpy view of ``tensor``'s elements in flat (row-major) order.
+
+    ``None`` if numpy cannot view it without a copy (strided, or a dtype numpy lacks).
+    """
     if tensor.dtype not in _NUMPY_FLOATS or not tensor.is_contiguous():
         return None
     return tensor.detach().numpy().reshape(-1)
@@ -707,9 +721,12 @@ def _sample_coordinates(
     block: int,
     rng: np.random.Generator,
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """Choose up to ``max_tensors`` tensors (probability proportional to size, on one device),
-    then about ``coordinates`` flat indices in aligned runs of ``block`` consecutive elements,
-    the runs drawn uniformly without replacement over the chosen tensors."""
+    """Choose up to ``max_tensors`` tensors, then about ``coordinates`` flat indices in them.
+
+    The tensors are drawn with probability proportional to size, on one device; the indices
+    come in aligned runs of ``block`` consecutive elements, the runs drawn uniformly without
+    replacement over the chosen tensors.
+    """
     device = max(tensors, key=lambda t: t.numel()).device
     tensors = [t for t in tensors if t.device == device]
     sizes = np.array([t.numel() for t in tensors], dtype=np.float64)

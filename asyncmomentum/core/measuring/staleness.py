@@ -44,8 +44,9 @@ DEFAULT_WARMUP = 20
 
 
 class _SharableState:
-    """State in tensors (so it can move to shared memory) behind a lock that is a thread lock
-    until ``share_memory()`` and a process lock after.
+    """State in tensors (so it can move to shared memory) behind a lock.
+
+    The lock is a thread lock until ``share_memory()`` and a process lock after.
 
     The hot path reads and writes through cached numpy views of the tensors: a numpy scalar
     access costs about a tenth of a torch one. A process lock can only travel to a child when the

@@ -129,9 +129,9 @@ def truncate_pmf(staleness_pmf: Any, tail_mass: float = DEFAULT_TAIL_MASS) -> np
 
 
 def _characteristic_polynomial(mu: float, a: float, pmf: np.ndarray) -> np.ndarray:
-    """Coefficients, highest power first, of the characteristic polynomial
+    """Coefficients, highest power first, of the characteristic polynomial.
 
-    ``z^(L+1) - (1 + mu) z^L + mu z^(L-1) + a sum_l p_l z^(L-l)``.
+    The polynomial is ``z^(L+1) - (1 + mu) z^L + mu z^(L-1) + a sum_l p_l z^(L-l)``.
     """
     lags = max(pmf.size - 1, 1)  # at least one lag: the momentum term needs w_{t-1}
     coefficients = np.zeros(lags + 2)
@@ -166,8 +166,10 @@ def spectral_radius(
 def _circle(
     pmf: np.ndarray, radius: np.ndarray, points: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per radius (one per row): ``u`` on ``|u| = 1 / radius``, ``P(u)`` there, and
-    ``sum_l p_l radius^(-2 l)``."""
+    """Sample the circle ``|u| = 1 / radius`` of each radius (one per row).
+
+    Returns ``u`` on the circle, ``P(u)`` there, and ``sum_l p_l radius^(-2 l)``.
+    """
     decay = radius ** -np.arange(pmf.size, dtype=np.float64)  # (rows, lags)
     # numpy's FFT is sum_l x_l e^{-2 pi i k l / N}: P at u_k = e^{-2 pi i k / N} / radius.
     transform = np.fft.fft(pmf * decay, points, axis=1)
@@ -421,8 +423,9 @@ class StalenessHistogram:
         return float(np.dot(np.arange(self._counts.size), self._counts) / self.size)
 
     def pmf(self, tail_mass: float = DEFAULT_TAIL_MASS) -> np.ndarray | None:
-        """Empirical ``P(tau = l)`` of the window, truncated by :func:`truncate_pmf`; ``None``
-        before the first observation.
+        """Empirical ``P(tau = l)`` of the window, truncated by :func:`truncate_pmf`.
+
+        ``None`` before the first observation.
 
         Args:
             tail_mass: see :func:`truncate_pmf`.

@@ -94,8 +94,9 @@ class MomentumTuner:
         self.rule.observe(tau)
 
     def observe_reading(self, reading: MomentumReading | None) -> None:
-        """Hand the rule the momentum meter's latest reading (``None``: none yet); a rule that
-        does not use the meter (:attr:`uses_meter`) ignores it.
+        """Hand the rule the momentum meter's latest reading (``None``: none yet).
+
+        A rule that does not use the meter (:attr:`uses_meter`) ignores it.
 
         Args:
             reading: :attr:`MomentumMeter.reading
@@ -104,8 +105,9 @@ class MomentumTuner:
         self.rule.observe_reading(reading)
 
     def observe_curvature(self, lambda_max: float) -> None:
-        """Set the largest curvature of the loss (not times ``lr``), for a rule that uses one
-        (:attr:`uses_curvature`); other rules raise ``ValueError``.
+        """Set the largest curvature of the loss (not times ``lr``).
+
+        For a rule that uses one (:attr:`uses_curvature`); other rules raise ``ValueError``.
 
         Args:
             lambda_max: e.g. from a
@@ -184,15 +186,21 @@ class MomentumTuner:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def share_memory(self) -> MomentumTuner:
-        """Put the estimate (and what the rule shares) in shared memory for Hogwild processes;
-        returns self."""
+        """Put the estimate (and what the rule shares) in shared memory for Hogwild processes.
+
+        Returns:
+            ``self``.
+        """
         self.estimator.share_memory()
         self.rule.share_memory()
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        """The estimator's observations and, under the rule's name, the rule's state if it keeps
-        any (configuration stays the constructor's)."""
+        """The estimator's observations and, under the rule's name, the rule's state.
+
+        The rule's entry is there only if it keeps any state; its configuration stays the
+        constructor's.
+        """
         state: dict[str, Any] = {"estimator": self.estimator.state_dict()}
         rule_state = self.rule.state_dict()
         if rule_state:
@@ -200,8 +208,9 @@ class MomentumTuner:
         return state
 
     def check_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Raise ``ValueError`` unless :meth:`load_state_dict` can take ``state_dict``; change
-        nothing.
+        """Raise ``ValueError`` unless :meth:`load_state_dict` can take ``state_dict``.
+
+        Changes nothing.
 
         Args:
             state_dict: a dict returned by :meth:`state_dict`.

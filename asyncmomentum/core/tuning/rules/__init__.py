@@ -86,8 +86,9 @@ def rule_class(name: str) -> type[TuningRule]:
 
 
 def make_rule(rule: str | TuningRule, **options: Any) -> TuningRule:
-    """A rule object: a new one of the registered class ``rule`` built with ``options``, or
-    ``rule`` itself if it is one already.
+    """A rule object: a new one of the registered class ``rule`` built with ``options``.
+
+    Or ``rule`` itself, if it is a rule object already.
 
     Args:
         rule: a name in :func:`rule_names`, or a :class:`TuningRule` (used as it is).

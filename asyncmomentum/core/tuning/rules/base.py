@@ -121,13 +121,16 @@ class TuningRule(ABC):
     # -- lifecycle ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """What the rule has observed (its configuration stays the constructor's); ``{}`` when
-        it keeps nothing (the tuner then writes no entry for it)."""
+        """What the rule has observed (its configuration stays the constructor's).
+
+        ``{}`` when it keeps nothing (the tuner then writes no entry for it).
+        """
         return {}
 
     def check_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Raise ``ValueError`` unless :meth:`load_state_dict` can take ``state_dict``; change
-        nothing.
+        """Raise ``ValueError`` unless :meth:`load_state_dict` can take ``state_dict``.
+
+        Changes nothing.
 
         Args:
             state_dict: a dict returned by :meth:`state_dict`.

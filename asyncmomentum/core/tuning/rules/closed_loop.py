@@ -142,8 +142,7 @@ class ClosedLoopController:
 
 
 class _Loop:
-    """One closed loop: a controller and the correction it has integrated on top of the
-    additive rule."""
+    """One closed loop: a controller and its integrated correction to the additive rule."""
 
     def __init__(self, controller: ClosedLoopController) -> None:
         self.controller = controller
@@ -178,8 +177,9 @@ class ClosedLoopRule(TuningRule):
         self._reading: MomentumReading | None = None
 
     def observe_reading(self, reading: MomentumReading | None) -> None:
-        """Keep the meter's latest reading; the next :meth:`algorithmic_momentum` of each
-        target integrates it once.
+        """Keep the meter's latest reading.
+
+        The next :meth:`algorithmic_momentum` of each target integrates it once.
 
         Args:
             reading: :attr:`MomentumMeter.reading
@@ -236,8 +236,10 @@ class ClosedLoopRule(TuningRule):
     # -- lifecycle ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Each target's integrated correction and controller (the latest reading is an input,
-        not state: the meter's own state keeps it)."""
+        """Each target's integrated correction and controller.
+
+        The latest reading is an input, not state: the meter's own state keeps it.
+        """
         return {
             "format": STATE_FORMAT,
             "loops": [

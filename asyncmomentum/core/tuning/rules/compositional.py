@@ -11,8 +11,10 @@ __all__ = ["CompositionalRule"]
 
 
 class CompositionalRule(TuningRule):
-    """Applies ``1 - (1 - target) / (1 - implicit)``, clipped: it matches the low-frequency
-    gain, ``(1 - total) = (1 - algorithmic)(1 - implicit)``. No state, no options.
+    """Applies ``1 - (1 - target) / (1 - implicit)``, clipped.
+
+    It matches the low-frequency gain, ``(1 - total) = (1 - algorithmic)(1 - implicit)``. No
+    state, no options.
     """
 
     name: ClassVar[str] = "compositional"

@@ -191,8 +191,10 @@ class StabilityRule(TuningRule):
         return self._cache[key]
 
     def _refresh_pmf(self) -> None:
-        """Re-read the histogram (at doubling counts, then every ``refresh`` observations); drop
-        the cache if it moved."""
+        """Re-read the histogram; drop the cache if it moved.
+
+        The histogram is re-read at doubling counts, then every ``refresh`` observations.
+        """
         count = self.histogram.count
         # Early on the histogram changes fast (and starts from the short delays of start-up):
         # check at doubling counts until `refresh` observations apart.
