@@ -7,9 +7,11 @@ and a pytest timeout, and checks afterwards that no worker process is left.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import multiprocessing
 import os
+import signal
 import threading
 
 import pytest
@@ -56,15 +58,22 @@ def _assert_all_processes_gone(result) -> None:
 
 # -- loss functions the workers run (module level: spawn pickles them by reference) --------------
 
-_rank_2_calls = itertools.count()
+_calls = itertools.count()
 
 
-def loss_raising_on_rank_2_dying_on_rank_1(model, batch):
-    """Rank 1 dies without a word at its first step; rank 2 raises at its sixth."""
-    rank = worker_rank()
-    if rank == 1:
-        os._exit(3)
-    if rank == 2 and next(_rank_2_calls) >= 5:
+def _die_holding_the_shared_clock() -> None:
+    """SIGKILL this process inside the shared clock's critical section, as in an unlucky kill."""
+    (clock,) = (o for o in gc.get_objects() if isinstance(o, VersionClock) and o.is_shared)
+    clock._acquire()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def loss_raising_on_rank_2_killed_on_rank_1(model, batch):
+    """Rank 1 is killed holding the clock's lock at its 8th step; rank 2 raises at its 6th."""
+    rank, call = worker_rank(), next(_calls)
+    if rank == 1 and call >= 7:
+        _die_holding_the_shared_clock()  # after 7 updates, 5 of them reported
+    if rank == 2 and call >= 5:
         raise RuntimeError("injected failure on rank 2")
     return classification_loss(model, batch)
 
@@ -154,11 +163,12 @@ def test_failing_workers_are_reported_while_the_others_finish():
         result = train_hogwild(
             model,
             opt,
-            loss_raising_on_rank_2_dying_on_rank_1,
+            loss_raising_on_rank_2_killed_on_rank_1,
             data,
             workers=3,
             steps_per_worker=60,
             batch_size=16,
+            report_every=5,
             timeout=RUN_TIMEOUT_S,
         )
 
@@ -167,10 +177,10 @@ def test_failing_workers_are_reported_while_the_others_finish():
     assert survivor.ok
     assert survivor.steps == 60
     assert survivor.exit_code == 0
-    assert dead.exit_code == 3
+    assert dead.exit_code == -signal.SIGKILL
     assert not dead.finished
-    assert dead.steps == 0
-    assert "exited with code 3" in dead.error
+    assert dead.steps == 5  # as of its last report; it applied 2 more before it was killed
+    assert "exited with code -9" in dead.error
     assert raised.exit_code == 1
     assert not raised.finished
     assert raised.steps == 5
@@ -178,8 +188,11 @@ def test_failing_workers_are_reported_while_the_others_finish():
     assert not result.timed_out
     assert not result.ok
     assert result.failures == [dead, raised]
-    # Updates of the failed worker before its error count too: the clock stays exact.
-    assert result.clock_value == result.total_updates == 65
+    # Every applied update counts, also the killed worker's unreported ones: the clock is exact.
+    assert sum(r.steps for r in result.reports) == 60 + 5 + 5
+    assert result.clock_value - result.clock_start == result.total_updates == 60 + 7 + 5
+    # The killed worker held the clock's lock: the kernel released it, the parent can tick.
+    assert opt.clock.tick() == result.clock_value
     with pytest.raises(HogwildError, match="worker 2: RuntimeError: injected failure"):
         result.raise_if_failed()
     assert all(torch.isfinite(p).all() for p in model.parameters())

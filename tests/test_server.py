@@ -507,3 +507,80 @@ def test_a_probe_needs_the_stability_rule() -> None:
     )  # fmt: skip
     with pytest.raises(Exception, match="probe_fn feeds"):
         launch_local(job, workers=1, config=ServerConfig(total_updates=10), timeout=120.0)
+
+
+def _non_loopback_ipv4() -> str | None:
+    """An IPv4 address of this machine that is not loopback, if it has one."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+    except OSError:
+        infos = []
+    addresses = {info[4][0] for info in infos}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # UDP: no packet is sent, the route picks an address
+            addresses.add(probe.getsockname()[0])
+        except OSError:
+            pass
+    public = sorted(a for a in addresses if not a.startswith("127.") and a != "0.0.0.0")
+    return public[0] if public else None
+
+
+def probe_rendezvous_port(out: str, address: str, point) -> None:
+    """Try the server's rendezvous port on loopback and on ``address``, once (its on_progress).
+
+    Runs in the server process and writes what happened to ``out``.
+    """
+    if os.path.exists(out):
+        return
+    port = int(os.environ["MASTER_PORT"])
+    reached = {}
+    for name, host in (("loopback", "127.0.0.1"), ("other", address)):
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+            reached[name] = True
+        except OSError:
+            reached[name] = False
+    Path(out).write_text(f"{reached['loopback']} {reached['other']}")
+
+
+def test_a_local_job_listens_on_loopback_only(tmp_path) -> None:
+    address = _non_loopback_ipv4()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to probe from")
+    out = str(tmp_path / "reached.txt")
+    job = ParameterServerJob(
+        model_fn=make_cnn, optimizer_fn=async_sgd(), batches_fn=teacher_batches
+    )
+    config = ServerConfig(
+        total_updates=40,
+        progress_every=20,
+        on_progress=functools.partial(probe_rendezvous_port, out, address),
+    )
+    job_result = launch_local(job, workers=1, config=config, timeout=120.0)
+    assert_all_ended(job_result.pids)
+    # The probe reached the rendezvous store on loopback (so it was listening), not elsewhere.
+    assert Path(out).read_text() == "True False"
+
+
+def test_a_requested_checkpoint_stays_in_the_jobs_folder(tmp_path) -> None:
+    job_folder = tmp_path / "job"
+    job_folder.mkdir()
+    server = make_server(checkpoint_path=str(job_folder / "final.pt"))
+    inside = server.requested_checkpoint_path(job_folder / "sub" / ".." / "requested.pt")
+    assert inside == str((job_folder / "requested.pt").resolve())
+    assert server.requested_checkpoint_path(None) is None
+    (tmp_path / "elsewhere").mkdir()
+    (job_folder / "escape").symlink_to(tmp_path / "elsewhere")
+    for outside in (
+        tmp_path / "x.pt",
+        job_folder / ".." / "x.pt",
+        "/etc/asyncmomentum.pt",
+        job_folder / "escape" / "x.pt",
+        job_folder,
+    ):
+        with pytest.raises(ValueError, match="checkpoint folder"):
+            server.requested_checkpoint_path(outside)
+    no_folder = make_server()
+    with pytest.raises(ValueError, match="this job has none"):
+        no_folder.requested_checkpoint_path(tmp_path / "x.pt")

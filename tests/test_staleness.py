@@ -1,13 +1,22 @@
-"""VersionClock exactness across processes, and the StalenessEstimator's accuracy and robustness."""
+"""VersionClock exactness across processes, and the StalenessEstimator's accuracy and robustness.
+
+Both stay usable when a process sharing them is killed inside their critical section.
+"""
 
 from __future__ import annotations
 
+import gc
+import os
 import pickle
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch.multiprocessing as mp
 
+from asyncmomentum.core.measuring import process_lock, staleness
 from asyncmomentum.core.measuring.staleness import StalenessEstimator, VersionClock
 from asyncmomentum.core.tuning.tuner import MomentumTuner
 from asyncmomentum.core.validation import check_staleness
@@ -21,9 +30,11 @@ def _bump(clock: VersionClock, times: int) -> None:
         clock.tick()
 
 
-def test_version_clock_loses_no_increment_across_processes():
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_version_clock_loses_no_increment_across_processes(method):
+    # fork: each child must lock through its own descriptor, not the one it inherited.
     clock = VersionClock().share_memory()
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(method)
     procs = [ctx.Process(target=_bump, args=(clock, BUMPS)) for _ in range(PROCESSES)]
     try:
         for p in procs:
@@ -186,15 +197,94 @@ def test_tuner_applies_the_rule_to_the_estimate():
     assert tuner.algorithmic_momentum(target=0.99) == pytest.approx(0.04)
 
 
-def test_a_lock_held_by_a_dead_holder_fails_loudly_instead_of_hanging(monkeypatch):
-    from asyncmomentum.core.measuring import staleness
-
+@pytest.mark.parametrize(
+    ("file_lock", "match"),
+    [(True, "stopped or stuck while holding it"), (False, "probably died while holding it")],
+)
+def test_a_lock_held_for_too_long_fails_loudly_instead_of_hanging(monkeypatch, file_lock, match):
+    # file_lock=False: the fallback of platforms without flock, a multiprocessing.Lock.
+    monkeypatch.setattr(process_lock, "AVAILABLE", file_lock)
     monkeypatch.setattr(staleness, "LOCK_TIMEOUT_S", 0.05)
     clock = VersionClock().share_memory()
-    clock._lock.acquire()  # as if a process died inside tick()
+    assert isinstance(clock._lock, process_lock.FileLock) == file_lock
+    clock._lock.acquire()  # as if a process stopped (or, fallback: died) inside tick()
     try:
-        with pytest.raises(RuntimeError, match="probably died while holding it"):
+        with pytest.raises(RuntimeError, match=match):
             clock.tick()
     finally:
         clock._lock.release()
     assert clock.tick() == 0
+
+
+def _hold_the_lock_until_killed(shared, held, forever) -> None:
+    """Enter the critical section as tick() does, store a tick, say so, never leave."""
+    shared._acquire()
+    if isinstance(shared, VersionClock):
+        shared._np("_count")[0] += 1  # the tick's store is done, its release never comes
+    held.set()
+    forever.wait()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    ("kind", "holder_method"), [("clock", "spawn"), ("clock", "fork"), ("estimator", "spawn")]
+)
+def test_a_holder_killed_inside_the_critical_section_blocks_nobody(
+    monkeypatch, kind, holder_method
+):
+    # If the lock stayed taken, the parent's tick would raise after 5 s (not hang).
+    monkeypatch.setattr(staleness, "LOCK_TIMEOUT_S", 5.0)
+    if kind == "clock":
+        shared, work = VersionClock(start=10).share_memory(), _bump
+    else:
+        shared, work = StalenessEstimator(warmup=0).share_memory(), _observe_threes
+    spawn = mp.get_context("spawn")
+    held, forever, ready = spawn.Event(), spawn.Event(), spawn.Event()
+    holder = mp.get_context(holder_method).Process(
+        target=_hold_the_lock_until_killed, args=(shared, held, forever)
+    )
+    other = spawn.Process(target=_signal_then, args=(ready, work, shared, 1_000))
+    try:
+        holder.start()
+        assert held.wait(timeout=90), "the holder never took the lock"
+        assert not shared._lock.acquire(timeout=0.05)  # really held, by the holder
+        other.start()
+        assert ready.wait(timeout=90), "the other process never started"
+        os.kill(holder.pid, signal.SIGKILL)  # inside the critical section
+        holder.join(timeout=30)
+        assert holder.exitcode == -signal.SIGKILL
+        started = time.monotonic()
+        work(shared, 1)
+        assert time.monotonic() - started < 2.0
+        other.join(timeout=60)
+        assert other.exitcode == 0
+    finally:
+        for process in (holder, other):
+            if process.pid is not None and process.is_alive():
+                process.kill()
+                process.join()
+    if kind == "clock":
+        assert shared.value == 10 + 1 + 1 + 1_000  # the holder's store, the parent, the other
+    else:
+        assert shared.count == 1 + 1_000
+
+
+def _observe_threes(est: StalenessEstimator, times: int) -> None:
+    _observe_many(est, 3, times)
+
+
+def _signal_then(ready, work, shared, times: int) -> None:
+    ready.set()
+    work(shared, times)
+
+
+def test_the_lock_file_lives_as_long_as_the_shared_object():
+    clock = VersionClock().share_memory()
+    path = clock._lock.path
+    assert os.path.exists(path)
+    copy = pickle.loads(pickle.dumps(clock))  # an independent copy: its own thread lock
+    assert not copy.is_shared
+    assert isinstance(copy._lock, type(threading.Lock()))
+    del clock
+    gc.collect()
+    assert not os.path.exists(path)

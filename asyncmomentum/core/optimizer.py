@@ -24,10 +24,12 @@ from asyncmomentum.core.tuning import formulas, rules
 from asyncmomentum.core.tuning.rules import TuningRule
 from asyncmomentum.core.tuning.tuner import MomentumTuner
 from asyncmomentum.core.validation import (
+    MAX_COUNT,
     check_bool,
     check_choice,
     check_int,
     check_momentum,
+    check_optimizer_state,
     check_real,
     check_staleness,
 )
@@ -642,45 +644,36 @@ class AsyncMomentumSGD(Optimizer):
             "components": {name: c.state_dict() for name, c in run.components.items()},
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; a bad checkpoint raises and changes nothing.
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError`` unless :meth:`load_state_dict` can take ``state_dict``.
+
+        Changes nothing. Checked: every group's hyper-parameters (as the constructor checks
+        them); that groups and parameter ids match this optimizer's; every state entry belongs
+        to a listed parameter and is a dict; every momentum buffer is a tensor of its
+        parameter's shape, holds no NaN or inf, and has a dtype torch can load (any floating
+        dtype for a floating parameter, which torch casts; exactly the parameter's dtype
+        otherwise); and the ``"async_momentum"`` entry (clock, tuner, counters, components).
 
         Args:
             state_dict: a dict returned by :meth:`state_dict` of an ``AsyncMomentumSGD``.
         """
-        state_dict, extra = _upgraded(state_dict)
-        groups = state_dict.get("param_groups")
-        if not isinstance(groups, list):
-            raise ValueError("this state_dict has no list of 'param_groups'")
-        for index, saved in enumerate(groups):
-            merged = {**_GROUP_DEFAULTS, **self.defaults, **saved}
-            try:
-                _check_group(merged)
-            except (ValueError, RuntimeError) as error:
-                raise ValueError(f"param group {index} of this state_dict: {error}") from None
-        self._check_buffers(state_dict)
-        # Validate the extra state on throwaway objects before touching our own.
-        try:
-            VersionClock().load_state_dict(extra["clock"])
-            self._async.tuner.check_state_dict(extra["tuner"])
-            version_read = int(extra["version_read"])
-            last_staleness = int(extra["last_staleness"])
-            skipped_steps = int(extra["skipped_steps"])
-            saved_components = extra.get("components") or {}
-            for name, component in self._async.components.items():
-                if name in saved_components:
-                    component.check_state_dict(saved_components[name])
-        except (KeyError, TypeError) as error:
-            raise ValueError(
-                f"the {_STATE_KEY!r} entry of this state_dict is corrupt: {error!r}"
-            ) from None
-        torch_state = {k: v for k, v in state_dict.items() if k != _STATE_KEY}
+        self._checked(state_dict)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; a bad checkpoint raises and changes nothing.
+
+        Everything is checked first (see :meth:`check_state_dict`), then loaded.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict` of an ``AsyncMomentumSGD``.
+        """
+        torch_state, extra, counters = self._checked(state_dict)
         super().load_state_dict(torch_state)
         run = self._async
         run.clock.load_state_dict(extra["clock"])
         run.tuner.load_state_dict(extra["tuner"])
-        run.version_read, run.last_staleness = version_read, last_staleness
-        run.skipped_steps = skipped_steps
+        run.version_read, run.last_staleness, run.skipped_steps = counters
+        saved_components = extra["components"]
         for name, component in run.components.items():
             if name in saved_components:
                 component.load_state_dict(saved_components[name])
@@ -688,33 +681,58 @@ class AsyncMomentumSGD(Optimizer):
         if isinstance(meter, MeterComponent):
             meter.feed(self)
 
-    def _check_buffers(self, state_dict: dict[str, Any]) -> None:
-        """Check that every saved momentum buffer has its parameter's shape and is finite.
+    def _checked(
+        self, state_dict: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any], tuple[int, int, int]]:
+        """Check ``state_dict`` whole; return torch's part, ours, and our three counters."""
+        state_dict, extra = _upgraded(state_dict)
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list):
+            raise ValueError("this state_dict has no list of 'param_groups'")
+        for index, saved in enumerate(groups):
+            if not isinstance(saved, dict):
+                raise ValueError(f"param group {index} of this state_dict is not a dict")
+            merged = {**_GROUP_DEFAULTS, **self.defaults, **saved}
+            try:
+                _check_group(merged)
+            except (ValueError, RuntimeError) as error:
+                raise ValueError(f"param group {index} of this state_dict: {error}") from None
+        torch_state = {k: v for k, v in state_dict.items() if k != _STATE_KEY}
+        # Buffers of another shape would corrupt memory in the fused kernel; NaN would reach
+        # the parameters at the next step.
+        check_optimizer_state(self, torch_state, exact=("momentum_buffer",), check_groups=False)
+        return torch_state, extra, self._check_async_state(extra)
 
-        A wrong one would corrupt memory in the fused kernel, or the parameters at the next step.
-        """
-        groups, saved_state = state_dict["param_groups"], state_dict.get("state", {})
-        if len(groups) != len(self.param_groups) or not isinstance(saved_state, dict):
-            return  # torch's own load refuses it, before changing anything
-        params = {}
-        for saved, group in zip(groups, self.param_groups, strict=True):
-            if len(saved.get("params", ())) != len(group["params"]):
-                return  # idem
-            params.update(zip(saved["params"], group["params"], strict=True))
-        for key, entry in saved_state.items():
-            buffer = entry.get("momentum_buffer") if isinstance(entry, dict) else None
-            if buffer is None or key not in params:
-                continue
-            param = params[key]
-            if not isinstance(buffer, Tensor) or buffer.shape != param.shape:
-                found = tuple(buffer.shape) if isinstance(buffer, Tensor) else type(buffer)
-                raise ValueError(
-                    f"the momentum buffer of parameter {key} has shape {found}, but the "
-                    f"parameter has shape {tuple(param.shape)}: this state_dict belongs to "
-                    "another model"
-                )
-            if not bool(torch.isfinite(buffer).all()):
-                raise ValueError(f"the momentum buffer of parameter {key} holds NaN or inf")
+    def _check_async_state(self, extra: dict[str, Any]) -> tuple[int, int, int]:
+        """Check the ``"async_momentum"`` entry on throwaway objects; return its counters."""
+        missing = [
+            key
+            for key in ("clock", "tuner", "version_read", "last_staleness", "skipped_steps")
+            if key not in extra
+        ]
+        if missing:
+            raise ValueError(f"the {_STATE_KEY!r} entry of this state_dict lacks {missing}")
+        components = extra.get("components")
+        if not isinstance(components, dict):
+            raise ValueError(
+                f"the {_STATE_KEY!r} entry of this state_dict has no 'components' dict, got "
+                f"{components!r}"
+            )
+        try:
+            VersionClock().load_state_dict(extra["clock"])
+            self._async.tuner.check_state_dict(extra["tuner"])
+            counters = tuple(
+                check_int(extra[key], key, 0, maximum=MAX_COUNT)
+                for key in ("version_read", "last_staleness", "skipped_steps")
+            )
+            for name, component in self._async.components.items():
+                if name in components:
+                    component.check_state_dict(components[name])
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(
+                f"the {_STATE_KEY!r} entry of this state_dict is corrupt: {error}"
+            ) from None
+        return counters  # type: ignore[return-value]
 
 
 def _add_async_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -746,7 +764,10 @@ def _upgraded(state_dict: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     # Format 1: a group was tuned toward 'target_momentum', or fixed at 'momentum' when the
     # target was None; the meter and the curvature schedule had entries of their own.
     groups = []
-    for index, group in enumerate(state_dict.get("param_groups", [])):
+    saved_groups = state_dict.get("param_groups")
+    if not isinstance(saved_groups, list):
+        raise ValueError("this format-1 state_dict has no list of 'param_groups'")
+    for index, group in enumerate(saved_groups):
         if not isinstance(group, dict) or "target_momentum" not in group:
             raise ValueError(f"param group {index} of this format-1 state_dict is corrupt")
         group = dict(group)

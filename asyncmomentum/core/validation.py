@@ -28,6 +28,8 @@ __all__ = [
     "check_real",
     "check_staleness",
     "check_state",
+    "check_state_tensor",
+    "check_optimizer_state",
 ]
 
 #: Largest staleness, clock version or observation count accepted. The package keeps them in
@@ -289,3 +291,179 @@ def check_state(
     missing = [key for key in keys if key not in state_dict]
     if missing:
         raise ValueError(f"{owner} state is missing {missing}; was it written by another class?")
+
+
+def check_state_tensor(
+    reference: torch.Tensor, value: Any, name: str, *, reducible: bool = False
+) -> None:
+    """Raise ``ValueError`` unless ``value`` can be loaded as the state of ``reference``.
+
+    The dtype rule follows what torch does on load: a floating tensor is cast to the
+    floating dtype of ``reference`` (``float16`` state into a ``float32`` parameter is fine), so
+    any floating ``value`` is accepted for a floating ``reference``; torch does not cast any
+    other kind, so an integer, bool or complex ``reference`` needs ``value`` of exactly its
+    dtype (a complex state is never accepted for a real parameter, nor the reverse). The
+    device is not checked: torch moves the state to the parameter's device.
+
+    Args:
+        reference: the parameter (or model tensor) the state belongs to.
+        value: the saved state.
+        name: what ``value`` is, for the message (``"the momentum buffer of parameter 3"``).
+        reducible: also accept a 0-d tensor, and a tensor with ``reference``'s number of
+            dimensions whose every size is ``reference``'s or 1 (the factored statistics of
+            Adafactor); else the shape must be ``reference``'s exactly.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(value).__name__}")
+    shape, expected = tuple(value.shape), tuple(reference.shape)
+    if shape != expected and not (reducible and _reduces(shape, expected)):
+        raise ValueError(
+            f"{name} has shape {shape}, but its parameter has shape {expected}: this state "
+            "belongs to another model"
+        )
+    if reference.is_floating_point():
+        kind_matches = value.is_floating_point()
+    else:
+        kind_matches = value.dtype == reference.dtype
+    if not kind_matches:
+        raise ValueError(
+            f"{name} has dtype {value.dtype}, which cannot be loaded for a {reference.dtype} "
+            "parameter (floating state is cast to a floating parameter's dtype; any other "
+            "dtype must match exactly)"
+        )
+    if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} holds NaN or inf")
+
+
+def _reduces(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """Whether ``shape`` is 0-d or ``expected`` with some sizes reduced to 1."""
+    if not shape:
+        return True
+    return len(shape) == len(expected) and all(
+        size in (full, 1) for size, full in zip(shape, expected, strict=True)
+    )
+
+
+def _saved_params(
+    optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]
+) -> dict[Any, torch.Tensor]:
+    """Map the saved parameter ids of ``state_dict`` to ``optimizer``'s parameters, or raise."""
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise ValueError("this optimizer state_dict has no list of 'param_groups' dicts")
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"this optimizer state_dict has {len(groups)} parameter groups, the optimizer "
+            f"{len(optimizer.param_groups)}"
+        )
+    params: dict[Any, torch.Tensor] = {}
+    for index, (saved, group) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
+        ids = saved.get("params")
+        valid = isinstance(ids, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids
+        )
+        if not valid or len(ids) != len(group["params"]):
+            found = len(ids) if isinstance(ids, list) else repr(ids)
+            raise ValueError(
+                f"param group {index} of this optimizer state_dict has params {found}, the "
+                f"optimizer's group {len(group['params'])}: it belongs to another model"
+            )
+        params.update(zip(ids, group["params"], strict=True))
+    if len(params) != sum(len(g["params"]) for g in groups):
+        raise ValueError("this optimizer state_dict lists a parameter id twice")
+    return params
+
+
+def _check_group_values(optimizer: torch.optim.Optimizer, index: int, saved: dict) -> None:
+    """Check the hyper-parameters of a saved group against the types of the defaults."""
+    for key, default in optimizer.defaults.items():
+        if key not in saved or default is None:
+            continue
+        name = f"{key!r} of param group {index}"
+        value = saved[key]
+        if isinstance(default, bool):
+            check_bool(value, name)
+        elif isinstance(default, (numbers.Real, torch.Tensor)):
+            number = check_real(value, name, allow_tensor=True)
+            if key == "lr" and number < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        elif isinstance(default, tuple):
+            if not isinstance(value, (tuple, list)) or len(value) != len(default):
+                raise ValueError(f"{name} must be a {len(default)}-tuple, got {value!r}")
+            for item, default_item in zip(value, default, strict=True):
+                if item is not None or default_item is not None:  # Adafactor's eps=(None, ..)
+                    check_real(item, name, allow_tensor=True)
+
+
+def check_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    state_dict: Any,
+    *,
+    exact: Collection[str] = (),
+    check_groups: bool = True,
+) -> None:
+    """Raise ``ValueError`` unless ``optimizer.load_state_dict(state_dict)`` is safe.
+
+    Changes nothing.
+
+    Checks what torch's own load does not: every state entry belongs to a parameter, every
+    state tensor fits its parameter (:func:`check_state_tensor`) and holds no NaN or inf, and
+    (``check_groups``) every saved hyper-parameter has the type of the optimizer's default and
+    a finite value. Tensors nested in lists or dicts are checked for finiteness only; so are
+    all state tensors of :class:`torch.optim.LBFGS`, whose state is not per parameter.
+
+    Args:
+        optimizer: the optimizer about to load ``state_dict``.
+        state_dict: a dict returned by ``state_dict()`` of an optimizer of the same class.
+        exact: state keys whose values must be ``None`` or tensors of their parameter's shape
+            exactly; other tensors may be 0-d or reduced (see ``reducible`` of
+            :func:`check_state_tensor`).
+        check_groups: check the hyper-parameters of the groups (off where the optimizer
+            checks them itself).
+    """
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
+        raise ValueError(
+            "an optimizer state_dict is a dict with a 'state' dict and 'param_groups', got "
+            f"{type(state_dict).__name__}"
+        )
+    params = _saved_params(optimizer, state_dict)
+    if check_groups:
+        for index, saved in enumerate(state_dict["param_groups"]):
+            _check_group_values(optimizer, index, saved)
+    per_parameter = not isinstance(optimizer, torch.optim.LBFGS)
+    for key, entry in state_dict["state"].items():
+        if key not in params:
+            raise ValueError(
+                f"this optimizer state_dict has state for parameter {key!r}, which none of its "
+                "param groups lists"
+            )
+        if not isinstance(entry, dict):
+            raise ValueError(
+                f"the state of parameter {key} must be a dict, got {type(entry).__name__}"
+            )
+        for name, value in entry.items():
+            where = f"the {name!r} state of parameter {key}"
+            if name in exact and value is not None:  # a tensor of the parameter's shape
+                check_state_tensor(params[key], value, where)
+            elif isinstance(value, torch.Tensor) and per_parameter:
+                check_state_tensor(params[key], value, where, reducible=True)
+            else:
+                _check_finite_within(value, where)
+
+
+def _check_finite_within(value: Any, name: str) -> None:
+    """Raise ``ValueError`` if a tensor or float in ``value`` (or nested in it) is not finite."""
+    if isinstance(value, torch.Tensor):
+        if (value.is_floating_point() or value.is_complex()) and not bool(
+            torch.isfinite(value).all()
+        ):
+            raise ValueError(f"{name} holds NaN or inf")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} is {value}")
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_finite_within(item, name)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_finite_within(item, name)

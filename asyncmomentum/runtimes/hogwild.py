@@ -532,7 +532,8 @@ class _Terminated(BaseException):
 
 def _raise_terminated(signum: int, frame: Any) -> None:
     # Unwinding (rather than dying on the spot) releases the process locks of the shared clock
-    # and estimator if the worker held one: the parent and the other workers can still tick.
+    # and estimator if the worker held one. The kernel would release them anyway (flock), but
+    # not the fallback lock of platforms without flock: there this keeps the others ticking.
     raise _Terminated
 
 
@@ -630,7 +631,9 @@ class WorkerReport:
     Args:
         rank: the worker's index.
         pid: its process id.
-        steps: updates it applied (all of them count on the shared clock).
+        steps: updates it applied, as of its last message (a worker that died without a word
+            may have applied a few more since: they count on the shared clock and in
+            :attr:`HogwildResult.total_updates`).
         last_loss: its mean loss over its last report window (NaN if it never reported).
         mean_staleness: mean staleness of its updates.
         max_staleness: largest staleness of its updates.
@@ -662,10 +665,14 @@ class HogwildResult:
     Args:
         workers: number of worker processes.
         steps_per_worker: iterations each worker was asked to do.
-        total_updates: updates the workers report they applied.
+        total_updates: updates applied during the run by all workers, as the shared clock
+            counts them: ``clock_value - clock_start``. It includes the updates of workers that
+            died before reporting them (a killed worker's :attr:`WorkerReport.steps` stops at its
+            last report), so it can exceed the sum of the reports' ``steps``.
         clock_start: the clock's value before training.
-        clock_value: the clock's value after training; ``clock_value - clock_start`` equals
-            ``total_updates`` (the clock is exact).
+        clock_value: the clock's value after training. The clock is exact: no tick is lost or
+            counted twice, also when a worker is killed inside the clock's critical section (its
+            tick counts if its one store was done).
         reports: one :class:`WorkerReport` per worker, by rank.
         estimated_workers: final ``M_hat`` of the shared staleness estimate.
         mean_staleness: final moving average of the staleness.
@@ -925,12 +932,15 @@ def train_hogwild(
         supervisor.stop()
 
     reports = [state.report(timeout) for state in supervisor.states]
+    # Counted by the clock, not summed from the reports: a killed worker's last updates never
+    # reach a report, but they did tick the clock (every worker has been joined by now).
+    clock_value = clock.value
     result = HogwildResult(
         workers=workers,
         steps_per_worker=steps_per_worker,
-        total_updates=sum(r.steps for r in reports),
+        total_updates=clock_value - clock_start,
         clock_start=clock_start,
-        clock_value=clock.value,
+        clock_value=clock_value,
         reports=reports,
         wall_time=supervisor.wall_time,
         train_time=supervisor.train_time,

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 from typing import Any, NamedTuple
+from urllib.parse import parse_qs, urlparse
 
 import torch
 import torch.distributed as dist
@@ -70,7 +71,13 @@ from asyncmomentum.core.measuring.staleness import (
     DEFAULT_WARMUP,
     StalenessEstimator,
 )
-from asyncmomentum.core.validation import MAX_COUNT, check_int, check_positive
+from asyncmomentum.core.validation import (
+    MAX_COUNT,
+    check_int,
+    check_optimizer_state,
+    check_positive,
+    check_state_tensor,
+)
 from asyncmomentum.runtimes.adapter import OptimizerView
 
 __all__ = [
@@ -469,6 +476,35 @@ class ParameterServer:
         os.replace(partial, target)  # a reader never sees a half-written checkpoint
         return target
 
+    def requested_checkpoint_path(self, path: str | os.PathLike[str] | None) -> str | None:
+        """Where a remote :func:`request_checkpoint` may write: inside the job's folder only.
+
+        A process of the job (or anyone who reaches the RPC port) must not make the server
+        write anywhere its rights allow: a requested path must resolve inside the folder of
+        ``config.checkpoint_path``. The server's owner calls :meth:`checkpoint` directly.
+
+        Args:
+            path: the requested path; ``None`` means ``config.checkpoint_path``.
+
+        Returns:
+            The path to write, ``None`` for the default.
+        """
+        if path is None:
+            return None
+        if self.config.checkpoint_path is None:
+            raise ValueError(
+                "a requested checkpoint path must lie in the folder of "
+                "ServerConfig.checkpoint_path, and this job has none"
+            )
+        folder = os.path.realpath(os.path.dirname(os.path.abspath(self.config.checkpoint_path)))
+        target = os.path.realpath(os.path.abspath(os.fspath(path)))
+        if os.path.commonpath([folder, target]) != folder or target == folder:
+            raise ValueError(
+                f"a requested checkpoint path must lie in the job's checkpoint folder {folder}, "
+                f"got {os.fspath(path)!r}"
+            )
+        return target
+
     def result(self, checkpoint_path: str | None = None) -> ServerResult:
         """A summary of the run so far.
 
@@ -686,46 +722,99 @@ def load_checkpoint(
     """Load a checkpoint of :meth:`ParameterServer.checkpoint` into a model (and optimizer).
 
     The optimizer must be of the class that was trained (an AsyncMomentumSGD gets its tuner
-    back, so the momentum continues where it was).
+    back, so the momentum continues where it was). The whole checkpoint is checked before
+    anything is loaded, so a refused one leaves model and optimizer as they were: the file
+    must unpickle with ``torch.load(weights_only=True)``; the model tensors must have this
+    model's names and shapes, a loadable dtype and finite values; the optimizer state passes
+    the optimizer's own ``check_state_dict`` (AsyncMomentumSGD) or
+    :func:`~asyncmomentum.core.validation.check_optimizer_state`; ``updates`` is a count.
 
     Args:
         path: the checkpoint file.
         model: a model of the trained architecture.
         optimizer: an optimizer over ``model``'s parameters, or ``None`` to load weights only.
+
+    Returns:
+        The number of updates and the optimizer class the checkpoint records.
+
+    Raises:
+        ValueError: the file is not a readable checkpoint, or does not fit model or optimizer.
+        OSError: the file cannot be opened.
     """
-    state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(
-            f"{os.fspath(path)!r} is not a parameter-server checkpoint of format "
-            f"{CHECKPOINT_FORMAT} (found {found!r}); was it written by ParameterServer.checkpoint?"
-        )
-    if optimizer is not None and type(optimizer).__name__ != state["optimizer_class"]:
-        raise ValueError(
-            f"the checkpoint holds the state of a {state['optimizer_class']}, not of a "
-            f"{type(optimizer).__name__}; build the optimizer the run used, or pass optimizer=None"
-        )
-    # Checked first: a failed load must leave model and optimizer as they were.
-    _check_same_tensors(model.state_dict(), state["model"])
+    state = _read_checkpoint(path)
+    info = _check_checkpoint(state, model, optimizer)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     model.load_state_dict(state["model"])
-    return CheckpointInfo(state["updates"], state["optimizer_class"])
+    return info
 
 
-def _check_same_tensors(expected: dict[str, Tensor], found: dict[str, Tensor]) -> None:
+def _read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Unpickle a checkpoint (tensors and plain containers only) and check its layout."""
+    name = os.fspath(path)
+    try:
+        state = torch.load(name, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as error:  # corrupt bytes fail in many ways
+        lines = str(error).splitlines() or [""]
+        # weights_only names the refused global on a later line: the useful one.
+        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
+        reason = reason.split(". Please use")[0]
+        raise ValueError(
+            f"{name!r} cannot be read as a checkpoint ({type(error).__name__}: {reason}); it is "
+            "corrupt, truncated, or holds objects other than tensors and plain containers"
+        ) from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(
+            f"{name!r} is not a parameter-server checkpoint of format "
+            f"{CHECKPOINT_FORMAT} (found {found!r}); was it written by ParameterServer.checkpoint?"
+        )
+    missing = [k for k in ("model", "optimizer", "optimizer_class", "updates") if k not in state]
+    if missing:
+        raise ValueError(f"the checkpoint {name!r} lacks {missing}; it is corrupt")
+    return state
+
+
+def _check_checkpoint(
+    state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> CheckpointInfo:
+    """Check everything ``load_checkpoint`` would load; change nothing."""
+    updates = check_int(state["updates"], "the checkpoint's 'updates'", 0, maximum=MAX_COUNT)
+    optimizer_class = state["optimizer_class"]
+    if not isinstance(optimizer_class, str):
+        raise ValueError(f"the checkpoint's 'optimizer_class' is not a name: {optimizer_class!r}")
+    if not isinstance(state["model"], dict):
+        raise ValueError("the checkpoint's 'model' is not a state dict")
+    _check_same_tensors(model.state_dict(), state["model"])
+    if optimizer is not None:
+        if type(optimizer).__name__ != optimizer_class:
+            raise ValueError(
+                f"the checkpoint holds the state of a {optimizer_class}, not of a "
+                f"{type(optimizer).__name__}; build the optimizer the run used, or pass "
+                "optimizer=None"
+            )
+        check = getattr(optimizer, "check_state_dict", None)
+        if callable(check):
+            check(state["optimizer"])
+        else:
+            check_optimizer_state(optimizer, state["optimizer"])
+    return CheckpointInfo(updates, optimizer_class)
+
+
+def _check_same_tensors(expected: dict[str, Tensor], found: dict[str, Any]) -> None:
     if expected.keys() != found.keys():
         missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
         raise ValueError(
             f"the checkpoint's model does not match this model: missing {sorted(missing)}, "
-            f"unexpected {sorted(unexpected)}; build the model the run used"
+            f"unexpected {sorted(map(str, unexpected))}; build the model the run used"
         )
     for name, tensor in expected.items():
-        if tensor.shape != found[name].shape:
-            raise ValueError(
-                f"the checkpoint's {name!r} has shape {tuple(found[name].shape)}, this model's "
-                f"{tuple(tensor.shape)}; build the model the run used"
-            )
+        try:
+            check_state_tensor(tensor, found[name], f"the checkpoint's {name!r}")
+        except ValueError as error:
+            raise ValueError(f"{error}; build the model the run used") from None
 
 
 # -- RPC glue ------------------------------------------------------------------------------------
@@ -753,7 +842,8 @@ def _remote_leave(rank: int) -> None:
 
 
 def _remote_checkpoint(path: str | None) -> str:
-    return _serving().checkpoint(path)
+    server = _serving()
+    return server.checkpoint(server.requested_checkpoint_path(path))
 
 
 def request_checkpoint(path: str | None = None, timeout: float | None = None) -> str:
@@ -780,6 +870,67 @@ def _init_rpc(
         # torch's own init_rpc trips its own deprecation warning; nothing a user can act on.
         warnings.filterwarnings("ignore", message="You are using a Backend", category=UserWarning)
         rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=options)
+
+
+#: The rendezvous scheme of jobs this module starts itself: like torch's ``env://``, but the
+#: server's store listens only on ``MASTER_ADDR`` (torch's binds every interface).
+_BOUND_SCHEME = "asyncmomentum"
+_bound_scheme_registered = False
+
+
+def _bound_rendezvous(url: str, **kwargs: Any) -> Iterator[tuple[dist.Store, int, int]]:
+    """Rendezvous (a torch handler) for ``asyncmomentum://HOST:PORT?timeout=S``.
+
+    Rank 0 hosts the store on ``HOST`` only, the others connect; ``timeout`` bounds the wait for
+    every rank.
+
+    Args:
+        url: the rendezvous URL, with ``rank`` and ``world_size`` added by torch.
+        **kwargs: what torch's rendezvous passes on (unused).
+    """
+    parsed = urlparse(url)
+    query = parse_qs(parsed.query)
+    rank, world_size = int(query["rank"][0]), int(query["world_size"][0])
+    timeout = _seconds(float(query.get("timeout", ["300"])[0]))
+    host, port = parsed.hostname, parsed.port
+    if host is None or port is None:
+        raise ValueError(f"rendezvous URL {url!r} needs a host and a port")
+    if rank == 0:
+        listener = socket.create_server((host, port))  # this interface only
+        store = dist.TCPStore(
+            host,
+            port,
+            world_size,
+            is_master=True,
+            timeout=timeout,
+            wait_for_workers=False,
+            master_listen_fd=listener.detach(),  # the store owns and closes the socket
+        )
+    else:
+        store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    yield store, rank, world_size
+    raise RuntimeError("an asyncmomentum job does not rendezvous twice")
+
+
+def _init_method_from_env(join_timeout: float) -> str:
+    """The RPC rendezvous for a job started from environment variables.
+
+    Under ``torchrun`` its agent already hosts the store on ``MASTER_PORT``: ``env://`` joins
+    it. Otherwise the server hosts the store itself, listening only on ``MASTER_ADDR``.
+
+    Args:
+        join_timeout: seconds every rank may take to join.
+    """
+    global _bound_scheme_registered
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return "env://"
+    if not _bound_scheme_registered:
+        dist.register_rendezvous_handler(_BOUND_SCHEME, _bound_rendezvous)
+        _bound_scheme_registered = True
+    host = os.environ["MASTER_ADDR"]
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address in a URL
+    return f"{_BOUND_SCHEME}://{host}:{os.environ['MASTER_PORT']}?timeout={join_timeout:g}"
 
 
 def _signed_off_key(rank: int) -> str:
@@ -1056,6 +1207,7 @@ def run_from_env(
     """
     config = ServerConfig() if config is None else config
     rank, world_size = _rank_from_env()
+    init_method = _init_method_from_env(config.rpc_timeout)
     if rank == 0:
         model = job.model_fn()
         optimizer = job.optimizer_fn(model.parameters())
@@ -1067,7 +1219,9 @@ def run_from_env(
                     f"(rule='stability'); this job's optimizer_fn built {view.describe()}"
                 )
             view.set_curvature_probe(job.probe_fn(model))
-        return run_server(model, optimizer, world_size=world_size, config=config)
+        return run_server(
+            model, optimizer, world_size=world_size, config=config, init_method=init_method
+        )
     torch.manual_seed(job.seed + rank)
     return run_worker(
         job.model_fn(),
@@ -1077,6 +1231,7 @@ def run_from_env(
         loss_fn=job.loss_fn,
         max_steps=worker_max_steps,
         rpc_timeout=config.rpc_timeout,
+        init_method=init_method,
     )
 
 

@@ -493,11 +493,25 @@ class MomentumMeter:
             state_dict, "MomentumMeter", expected_format=STATE_FORMAT, keys=_METER_STATE_KEYS
         )
         shape = (self.window, self.coordinates)
-        if tuple(state_dict["params_ring"].shape) != shape:
-            raise ValueError(
-                f"MomentumMeter state has rings of shape {tuple(state_dict['params_ring'].shape)}"
-                f" but this meter keeps {shape}: build it with the same window and coordinates"
-            )
+        for key in ("params_ring", "grads_ring"):
+            ring = state_dict[key]
+            if not isinstance(ring, Tensor) or tuple(ring.shape) != shape:
+                found = tuple(ring.shape) if isinstance(ring, Tensor) else type(ring).__name__
+                raise ValueError(
+                    f"MomentumMeter state has a {key} of shape {found} but this meter keeps "
+                    f"{shape}: build it with the same window and coordinates"
+                )
+            if not ring.is_floating_point() or not bool(torch.isfinite(ring).all()):
+                raise ValueError(f"MomentumMeter state is corrupt: a non-finite {key}")
+        for key in ("grad_counts", "lrs", "momenta", "staleness"):
+            value = state_dict[key]
+            if not isinstance(value, Tensor) or tuple(value.shape) != (self.window,):
+                raise ValueError(f"MomentumMeter state is corrupt: {key} is not {self.window} long")
+        for key in ("records", "since_fit", "serial", "dropped", "gaps"):
+            check_int(state_dict[key], f"MomentumMeter state {key}", 0)
+        for key in ("first", "newest"):
+            if state_dict[key] is not None:
+                check_int(state_dict[key], f"MomentumMeter state {key}", 0)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict` of a meter built with the same arguments.

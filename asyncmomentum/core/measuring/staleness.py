@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from asyncmomentum.core.measuring import process_lock
 from asyncmomentum.core.tuning import formulas
 from asyncmomentum.core.validation import (
     MAX_COUNT,
@@ -29,7 +30,8 @@ from asyncmomentum.core.validation import (
 
 __all__ = ["DEFAULT_HORIZON", "DEFAULT_WARMUP", "StalenessEstimator", "VersionClock"]
 
-#: Seconds to wait for the clock's or estimator's lock before concluding its holder died.
+#: Seconds to wait for the clock's or estimator's lock before concluding its holder is stuck
+#: (or, with the fallback lock of platforms without ``flock``, died while holding it).
 LOCK_TIMEOUT_S = 60.0
 
 #: Layout version of the state dicts of the clock and the estimator.
@@ -46,7 +48,14 @@ DEFAULT_WARMUP = 20
 class _SharableState:
     """State in tensors (so it can move to shared memory) behind a lock.
 
-    The lock is a thread lock until ``share_memory()`` and a process lock after.
+    The lock is a thread lock until ``share_memory()`` and a process lock after. On POSIX the
+    process lock is a :class:`~asyncmomentum.core.measuring.process_lock.FileLock` (``flock`` on
+    a temporary file), which the kernel releases when a process dies holding it: a worker killed
+    inside the critical section (SIGKILL included) blocks nobody. Platforms without ``flock``
+    (Windows) fall back to ``multiprocessing.Lock``, which stays taken if its holder dies: every
+    other process then fails after :data:`LOCK_TIMEOUT_S` (loudly, rather than hanging).
+    A holder that dies mid-update leaves what it wrote: the clock's update is one store (done or
+    not), the estimator's observation can be half recorded (a slightly off moving average).
 
     The hot path reads and writes through cached numpy views of the tensors: a numpy scalar
     access costs about a tenth of a torch one. A process lock can only travel to a child when the
@@ -67,18 +76,40 @@ class _SharableState:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        # A process killed while holding a shared lock leaves it held forever: fail loudly
-        # instead of hanging every other process.
-        if not self._lock.acquire(timeout=LOCK_TIMEOUT_S):
-            raise RuntimeError(
-                f"{type(self).__name__}: could not take its lock within {LOCK_TIMEOUT_S:.0f} s; "
-                "a process sharing it probably died while holding it. Recreate the shared "
-                "state (or restart the job) to go on."
-            )
+        lock = self._acquire()
         try:
             yield
         finally:
-            self._lock.release()
+            lock.release()
+
+    def _acquire(self) -> Any:
+        """Take the lock; the caller releases it.
+
+        Returns:
+            The lock taken, for the caller to release (the same one even if ``_lock`` changes).
+
+        Raises:
+            RuntimeError: the lock could not be taken within :data:`LOCK_TIMEOUT_S`.
+        """
+        lock = self._lock
+        if lock.acquire(timeout=LOCK_TIMEOUT_S):
+            return lock
+        # A holder that never lets go (stopped, stuck; with the fallback lock, also killed):
+        # fail loudly instead of hanging every other process.
+        if isinstance(lock, process_lock.FileLock):
+            cause = (
+                "a process or thread sharing it is stopped or stuck while holding it (a dead "
+                "holder would have released it). Resume or end that process to go on."
+            )
+        else:
+            cause = (
+                "a process sharing it probably died while holding it. Recreate the shared "
+                "state (or restart the job) to go on."
+            )
+        raise RuntimeError(
+            f"{type(self).__name__}: could not take its lock within {LOCK_TIMEOUT_S:.0f} s; "
+            + cause
+        )
 
     def _np(self, name: str) -> np.ndarray:
         if self._views is None:
@@ -90,7 +121,10 @@ class _SharableState:
             getattr(self, name).share_memory_()  # moves the storage: old views are stale
         self._views = None
         if not self._shared:
-            self._lock = multiprocessing.get_context("spawn").Lock()
+            if process_lock.AVAILABLE:
+                self._lock = process_lock.FileLock()
+            else:
+                self._lock = multiprocessing.get_context("spawn").Lock()
             self._shared = True
 
     @property
@@ -103,7 +137,7 @@ class _SharableState:
         state["_views"] = None
         spawning = multiprocessing.context.get_spawning_popen() is not None
         if not (self._shared and spawning):
-            # Plain pickling (copy, save) yields an independent copy: drop the unpicklable lock.
+            # Plain pickling (copy, save) yields an independent copy: it must not share the lock.
             state["_lock"] = None
             state["_shared"] = False
         return state
@@ -148,9 +182,12 @@ class VersionClock(_SharableState):
         """Atomically advance the clock by one; return the version before the increment."""
         # A plain `tensor += 1` from several processes loses increments: read-modify-write races.
         count = self._np("_count")
-        with self._locked():
+        lock = self._acquire()  # not the _locked() context manager: it doubles the cost
+        try:
             version = int(count[0])
             count[0] = version + 1
+        finally:
+            lock.release()
         return version
 
     def share_memory(self) -> VersionClock:
@@ -243,8 +280,11 @@ class StalenessEstimator(_SharableState):
             tau: updates applied between the worker's read and this gradient's application (>= 0).
         """
         tau = check_staleness(tau)
-        with self._locked():
+        lock = self._acquire()  # not the _locked() context manager: it costs a microsecond
+        try:
             self._observe_locked(tau)
+        finally:
+            lock.release()
 
     def _observe_locked(self, tau: int) -> None:
         stats, counts, window = self._np("_stats"), self._np("_counts"), self._np("_window")
