@@ -12,6 +12,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from statistics import mean
@@ -43,6 +45,8 @@ def teacher_batches(
     *,
     seed: int = 0,
     kill: tuple[int, int] | None = None,
+    hang: tuple[int, int] | None = None,
+    end_server: tuple[int, int] | None = None,
     checkpoint: tuple[int, int, str] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless batches whose labels a fixed random teacher assigns, so the loss can fall.
@@ -52,6 +56,8 @@ def teacher_batches(
         num_workers: number of workers (unused: every worker draws its own stream).
         seed: seed of teacher and stream.
         kill: ``(rank, step)``: that worker SIGKILLs itself when asked for batch ``step``.
+        hang: ``(rank, step)``: that worker blocks forever when asked for batch ``step``.
+        end_server: ``(rank, step)``: that worker makes the server process exit then.
         checkpoint: ``(rank, step, path)``: that worker asks the server for a checkpoint then.
     """
     rank = worker_index + 1
@@ -60,10 +66,19 @@ def teacher_batches(
     for step in itertools.count():
         if kill is not None and kill == (rank, step):
             os.kill(os.getpid(), signal.SIGKILL)
+        if hang is not None and hang == (rank, step):
+            threading.Event().wait()
+        if end_server is not None and end_server == (rank, step):
+            torch.distributed.rpc.rpc_async("server", exit_process, args=(3,))
         if checkpoint is not None and checkpoint[:2] == (rank, step):
             request_checkpoint(checkpoint[2], timeout=30.0)
         x = torch.randn(16, 1, 8, 8, generator=stream)
         yield x, (x.flatten(1) @ teacher).argmax(dim=1)
+
+
+def exit_process(code: int) -> None:
+    """Run over RPC: end the process that runs it, at once."""
+    os._exit(code)
 
 
 def gradients(model: torch.nn.Module, seed: int = 0) -> list[torch.Tensor]:
@@ -411,6 +426,46 @@ def test_a_failing_server_raises_with_its_traceback_and_leaves_no_process() -> N
     job = ParameterServerJob(make_cnn, failing_optimizer, teacher_batches)
     with pytest.raises(RuntimeError, match="this optimizer cannot be built"):
         launch_local(job, workers=1, config=ServerConfig(total_updates=10), timeout=120.0)
+    assert multiprocessing.active_children() == []
+
+
+def test_a_hung_worker_is_killed_soon_after_the_server_ends_and_the_others_reported() -> None:
+    # Worker 1 hangs for good after 20 batches: the server drops it for silence and finishes
+    # with worker 2; the launcher then gives worker 1 a short grace and kills it. Worker 2,
+    # collected after it, is still reported as it ended.
+    job = ParameterServerJob(
+        make_cnn, async_sgd(), functools.partial(teacher_batches, hang=(1, 20))
+    )
+    config = ServerConfig(total_updates=150, worker_timeout=2.0)
+    began = time.monotonic()
+    job_result = launch_local(job, workers=2, config=config, timeout=120.0)
+    took = time.monotonic() - began
+    assert_all_ended(job_result.pids)
+    result = job_result.server
+    assert (result.updates, result.stop_reason) == (150, "total_updates")
+    assert result.dropped_workers == (1,)
+    hung, healthy = job_result.workers[1], job_result.workers[2]
+    assert healthy.exitcode == 0
+    assert healthy.error is None
+    assert healthy.result is not None
+    assert healthy.result.steps == result.updates_per_worker[2]
+    assert hung.exitcode in (-signal.SIGTERM, -signal.SIGKILL)
+    assert hung.result is None
+    assert "killed by the launcher" in hung.error
+    # Far below the 120 s timeout: start-up, serving, departures (at most worker_timeout)
+    # and the launcher's grace (3 s) plus a little.
+    assert took < result.wall_time + 30.0
+
+
+def test_a_worker_that_loses_the_server_says_so() -> None:
+    job = ParameterServerJob(
+        make_cnn, async_sgd(), functools.partial(teacher_batches, end_server=(1, 10))
+    )
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match="lost the parameter server") as raised:
+        launch_local(job, workers=1, config=ServerConfig(total_updates=10_000), timeout=120.0)
+    assert time.monotonic() - began < 60.0
+    assert "exit code 3" in str(raised.value)  # the server's own exit
     assert multiprocessing.active_children() == []
 
 

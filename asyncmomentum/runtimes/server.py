@@ -112,6 +112,14 @@ _LEAVE_TIMEOUT_S = 5.0
 # Seconds a child of launch_local gets to end after SIGTERM before SIGKILL.
 _KILL_GRACE_S = 5.0
 
+# Once the server has finished, seconds a worker still running gets to end by itself; then the
+# launcher terminates it (and kills it _TERM_GRACE_S later if it ignores SIGTERM).
+_WORKER_GRACE_S = 3.0
+_TERM_GRACE_S = 1.0
+
+# What torch's RPC puts in the message of an exception the remote side raised.
+_REMOTE_ERROR_MARK = "On WorkerInfo("
+
 # world_size as the messages name it.
 _WORLD_SIZE = "world_size (one server and at least one worker)"
 
@@ -1029,7 +1037,7 @@ def run_worker(
     control: dist.TCPStore | None = None
     try:
         began = time.monotonic()
-        reply = rpc.rpc_sync(SERVER_NAME, _remote_join, args=(rank,))
+        reply = _ask_server(rank, _remote_join, rank)
         control = _connect_control(reply.control_port, rpc_timeout)
         steps, refused, reason = _train_loop(model, iter(batches), loss_fn, rank, reply, max_steps)
         return WorkerResult(rank, steps, refused, reason, time.monotonic() - began)
@@ -1068,12 +1076,33 @@ def _train_loop(
         grads: list[Tensor | None] = [None] * len(params)
         for i, grad in zip(trainable, computed, strict=True):
             grads[i] = grad
-        reply = rpc.rpc_sync(
-            SERVER_NAME, _remote_push, args=(rank, grads, reply.version, float(loss.detach()))
-        )
+        reply = _ask_server(rank, _remote_push, rank, grads, reply.version, float(loss.detach()))
         steps += int(reply.applied)
         refused += int(not reply.applied)
     return steps, refused, "server"
+
+
+def _ask_server(rank: int, function: Callable[..., _Reply], *args: Any) -> _Reply:
+    """Call ``function(*args)`` on the server; say so plainly when the server is lost.
+
+    Args:
+        rank: the calling worker's rank, for the message.
+        function: the server-side function.
+        *args: its arguments.
+
+    Raises:
+        ConnectionError: the call failed in transport (the server process ended, or it did
+            not answer within the RPC timeout); the RPC layer's own error is chained.
+    """
+    try:
+        return rpc.rpc_sync(SERVER_NAME, function, args=args)
+    except RuntimeError as error:
+        if _REMOTE_ERROR_MARK in str(error):  # the server raised it: pass it on as it is
+            raise
+        raise ConnectionError(
+            f"worker {rank} lost the parameter server: its call {function.__name__} failed "
+            f"({error!s:.200}); the server process ended or cannot be reached"
+        ) from error
 
 
 @torch.no_grad()
@@ -1240,8 +1269,9 @@ class WorkerOutcome:
     """How one worker process of a local job ended.
 
     Attributes:
-        exitcode: the process's exit code (negative: killed by that signal; ``None``: it had to
-            be killed by the launcher after the deadline).
+        exitcode: the process's exit code (negative: killed by that signal, by the launcher too
+            when it was still running a few seconds after the server finished, which ``error``
+            then says; ``None``: it could not be ended).
         result: its :class:`WorkerResult`, if it finished normally.
         error: the traceback of the exception that ended it, if any.
     """
@@ -1326,7 +1356,12 @@ def launch_local(
         if quiet:
             del os.environ["TORCH_CPP_LOG_LEVEL"]
             quiet = False
-        server = _collect_server(processes[0], connections[0], deadline)
+        try:
+            server = _collect_server(processes[0], connections[0], deadline)
+        except RuntimeError as error:
+            # The workers may say more (e.g. that they lost the server): add what they report.
+            outcomes = _collect_workers(processes[1:], connections[1:], deadline)
+            raise RuntimeError(f"{error}{_worker_errors(outcomes)}") from None
         outcomes = _collect_workers(processes[1:], connections[1:], deadline)
         finished = True
         return LocalJobResult(server, outcomes, tuple(p.pid for p in processes), port)
@@ -1334,7 +1369,8 @@ def launch_local(
         if quiet:
             os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
         # After a failure the other children cannot finish their job: end them now.
-        _end_processes(processes, deadline if finished else time.monotonic())
+        grace_end = min(deadline, time.monotonic() + _WORKER_GRACE_S)
+        _end_processes(processes, grace_end if finished else time.monotonic())
         for connection in connections:
             connection.close()
 
@@ -1425,31 +1461,86 @@ def _collect_server(process: Any, connection: Connection, deadline: float) -> Se
 def _collect_workers(
     processes: list[Any], connections: list[Connection], deadline: float
 ) -> dict[int, WorkerOutcome]:
+    """Every worker's outcome, once the server has finished; the workers are read concurrently.
+
+    A worker still running ``_WORKER_GRACE_S`` seconds from now (or at ``deadline``, if
+    sooner) is terminated, then killed, and reported so.
+
+    Args:
+        processes: the worker processes, rank 1 first.
+        connections: their result pipes, in the same order.
+        deadline: the launcher's deadline (``time.monotonic()`` seconds).
+    """
+    grace_end = min(deadline, time.monotonic() + _WORKER_GRACE_S)
+    messages: dict[int, tuple[str, Any] | None] = {}
+    unread = dict(enumerate(connections, start=1))
+    running = {process.sentinel: rank for rank, process in enumerate(processes, start=1)}
+    while running:
+        ready = wait([*unread.values(), *running], timeout=max(grace_end - time.monotonic(), 0))
+        if not ready:
+            break
+        for rank, connection in list(unread.items()):
+            if connection in ready:
+                messages[rank] = _read(connection)
+                del unread[rank]
+        for sentinel in [s for s in ready if s in running]:
+            rank = running.pop(sentinel)
+            if rank in unread:  # it ended: what it sent, if anything, is in the pipe
+                messages[rank] = _read(unread.pop(rank))
+    stuck = set(running.values())
+    _end_processes([processes[rank - 1] for rank in sorted(stuck)], 0.0, _TERM_GRACE_S)
     outcomes = {}
-    for rank, (process, connection) in enumerate(zip(processes, connections, strict=True), start=1):
-        try:
-            message = _receive(connection, process, deadline)
-        except TimeoutError:
-            # The server's result is in: a stuck worker must not lose it. It will be killed.
-            message = ("error", "still running at the launcher's deadline; killed")
-        process.join(timeout=max(deadline - time.monotonic(), 0.0))
-        status, payload = message if message is not None else ("died", None)
+    for rank, process in enumerate(processes, start=1):
+        if rank in unread:  # killed before it sent anything
+            messages[rank] = _read(unread.pop(rank))
+        # Its sentinel fired, but the exit status may take a moment to be reapable.
+        process.join(timeout=_TERM_GRACE_S)
+        status, payload = messages.get(rank) or ("died", None)
+        error = payload if status == "error" else None
+        if rank in stuck:
+            note = (
+                f"still running {_WORKER_GRACE_S:g} s after the server finished; "
+                f"killed by the launcher (exit code {process.exitcode})"
+            )
+            error = note if error is None else f"{error}\n{note}"
         outcomes[rank] = WorkerOutcome(
-            exitcode=process.exitcode,
-            result=payload if status == "ok" else None,
-            error=payload if status == "error" else None,
+            exitcode=process.exitcode, result=payload if status == "ok" else None, error=error
         )
     return outcomes
 
 
-def _end_processes(processes: list[Any], deadline: float) -> None:
-    """Join every child until ``deadline``; terminate, then kill, the ones still running."""
+def _read(connection: Connection) -> tuple[str, Any] | None:
+    """The message waiting in ``connection``, or ``None`` if there is none (or it closed)."""
+    try:
+        return connection.recv() if connection.poll() else None
+    except (EOFError, OSError):
+        return None
+
+
+def _worker_errors(outcomes: dict[int, WorkerOutcome]) -> str:
+    """What the failed workers of ``outcomes`` report, to add to the launcher's error."""
+    return "".join(
+        f"\n\nworker {rank} (exit code {outcome.exitcode}):\n{outcome.error}"
+        for rank, outcome in outcomes.items()
+        if outcome.error is not None
+    )
+
+
+def _end_processes(processes: list[Any], deadline: float, grace: float = _KILL_GRACE_S) -> None:
+    """Join every child until ``deadline``; terminate, then kill, the ones still running.
+
+    Args:
+        processes: the children.
+        deadline: ``time.monotonic()`` until which they may end by themselves.
+        grace: seconds between SIGTERM and SIGKILL (and after SIGKILL).
+    """
     for process in processes:
         process.join(timeout=max(deadline - time.monotonic(), 0.0))
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-            process.join(timeout=_KILL_GRACE_S)
+    alive = [process for process in processes if process.is_alive()]
+    for process in alive:
+        process.terminate()
+    for process in alive:
+        process.join(timeout=grace)
         if process.is_alive():
             process.kill()
-            process.join(timeout=_KILL_GRACE_S)
+            process.join(timeout=grace)
