@@ -639,3 +639,41 @@ def test_a_requested_checkpoint_stays_in_the_jobs_folder(tmp_path) -> None:
     no_folder = make_server()
     with pytest.raises(ValueError, match="this job has none"):
         no_folder.requested_checkpoint_path(tmp_path / "x.pt")
+
+
+def test_a_remote_call_without_the_jobs_secret_is_refused(monkeypatch) -> None:
+    import asyncmomentum.runtimes.server as server_module
+
+    server = make_server(num_workers=1)
+    server.start()
+    monkeypatch.setattr(server_module, "_SERVING", server)
+    monkeypatch.setenv(server_module.SECRET_ENV, "the-job-secret")
+    grads = [torch.ones_like(p) for p in server.model.parameters()]
+    before = [p.detach().clone() for p in server.model.parameters()]
+    for wrong in ("", "another-secret", None, b"the-job-secret"):
+        with pytest.raises(PermissionError, match="secret"):
+            server_module._remote_push(1, grads, 0, 1.0, wrong)
+        with pytest.raises(PermissionError, match="secret"):
+            server_module._remote_checkpoint(None, wrong)
+    assert server.version == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, server.model.parameters(), strict=True))
+    reply = server_module._remote_push(1, grads, 0, 1.0, "the-job-secret")
+    assert reply.version == server.version == 1
+
+
+def cnn_that_rank_2_never_builds():
+    """A ``model_fn`` on which rank 2 blocks forever: that worker never joins the job."""
+    import threading
+
+    if os.environ.get("RANK") == "2":
+        threading.Event().wait()
+    return make_cnn()
+
+
+def test_a_worker_that_never_joins_fails_the_job_within_the_join_timeout() -> None:
+    job = ParameterServerJob(
+        model_fn=cnn_that_rank_2_never_builds, optimizer_fn=async_sgd(), batches_fn=teacher_batches
+    )
+    config = ServerConfig(total_updates=50, join_timeout=4.0)
+    with pytest.raises(RuntimeError, match=r"rank\(s\) \[2\] did not join the job within 4 s"):
+        launch_local(job, workers=2, config=config, timeout=60.0)

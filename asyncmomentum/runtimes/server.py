@@ -43,10 +43,12 @@ Example::
 from __future__ import annotations
 
 import copy
+import hmac
 import ipaddress
 import math
 import multiprocessing
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -120,6 +122,12 @@ _TERM_GRACE_S = 1.0
 # What torch's RPC puts in the message of an exception the remote side raised.
 _REMOTE_ERROR_MARK = "On WorkerInfo("
 
+#: Environment variable with the job's secret: when the server's process has one, every remote
+#: call must carry the same (``launch_local`` sets a fresh one; with ``torchrun`` or plain
+#: variables, export the same value to every process). It stops mistakes (a worker of another
+#: job, a stray client), not attackers: the RPC transport itself unpickles what it receives.
+SECRET_ENV = "ASYNCMOMENTUM_JOB_SECRET"
+
 # world_size as the messages name it.
 _WORLD_SIZE = "world_size (one server and at least one worker)"
 
@@ -144,6 +152,8 @@ class ServerConfig:
         worker_timeout: a worker not heard from for this many seconds is dropped: its later
             gradients are refused and the server no longer waits for it at the end.
         rpc_timeout: timeout of every RPC and of the store workers sign off in, in seconds.
+        join_timeout: seconds every process may take to join the job at start-up (outside
+            ``torchrun``); the server then fails with a message naming the missing ranks.
         checkpoint_path: where the server saves model and optimizer at the end and on request
             (``None``: only explicit requests with a path save).
         checkpoint_every: also save every this many applied updates (needs ``checkpoint_path``).
@@ -160,6 +170,7 @@ class ServerConfig:
     max_seconds: float | None = None
     worker_timeout: float = 60.0
     rpc_timeout: float = 120.0
+    join_timeout: float = 60.0
     checkpoint_path: str | None = None
     checkpoint_every: int | None = None
     trace_every: int = 1
@@ -179,6 +190,7 @@ class ServerConfig:
             )
         check_positive(self.worker_timeout, "worker_timeout")
         check_positive(self.rpc_timeout, "rpc_timeout")
+        check_positive(self.join_timeout, "join_timeout")
         check_positive(self.checkpoint_every, "checkpoint_every", integer=True, optional=True)
         if self.checkpoint_every is not None and self.checkpoint_path is None:
             raise ValueError("checkpoint_every needs a checkpoint_path to save to")
@@ -837,20 +849,38 @@ def _serving() -> ParameterServer:
     return _SERVING
 
 
-def _remote_join(rank: int) -> _Reply:
-    return _serving().join(rank)
+def _job_secret() -> str:
+    return os.environ.get(SECRET_ENV, "")
 
 
-def _remote_push(rank: int, grads: list[Tensor | None], version: int, loss: float) -> _Reply:
-    return _serving().push(rank, grads, version, loss)
+def _authorized(secret: Any) -> ParameterServer:
+    """The serving server, if ``secret`` is the job's; refused before anything is read."""
+    expected = _job_secret()
+    if expected and not (
+        isinstance(secret, str) and hmac.compare_digest(secret.encode(), expected.encode())
+    ):
+        raise PermissionError(
+            f"this call does not carry the job's secret ({SECRET_ENV}); refused, nothing changed"
+        )
+    return _serving()
 
 
-def _remote_leave(rank: int) -> None:
-    _serving().leave(rank)
+def _remote_join(rank: int, secret: str = "") -> _Reply:
+    return _authorized(secret).join(rank)
 
 
-def _remote_checkpoint(path: str | None) -> str:
-    server = _serving()
+def _remote_push(
+    rank: int, grads: list[Tensor | None], version: int, loss: float, secret: str = ""
+) -> _Reply:
+    return _authorized(secret).push(rank, grads, version, loss)
+
+
+def _remote_leave(rank: int, secret: str = "") -> None:
+    _authorized(secret).leave(rank)
+
+
+def _remote_checkpoint(path: str | None, secret: str = "") -> str:
+    server = _authorized(secret)
     return server.checkpoint(server.requested_checkpoint_path(path))
 
 
@@ -864,7 +894,7 @@ def request_checkpoint(path: str | None = None, timeout: float | None = None) ->
         timeout: seconds to wait for the save; default the RPC timeout.
     """
     kwargs = {} if timeout is None else {"timeout": timeout}
-    return rpc.rpc_sync(SERVER_NAME, _remote_checkpoint, args=(path,), **kwargs)
+    return rpc.rpc_sync(SERVER_NAME, _remote_checkpoint, args=(path, _job_secret()), **kwargs)
 
 
 def _rpc_options(rpc_timeout: float, init_method: str) -> rpc.TensorPipeRpcBackendOptions:
@@ -916,8 +946,32 @@ def _bound_rendezvous(url: str, **kwargs: Any) -> Iterator[tuple[dist.Store, int
         )
     else:
         store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+        store.set(_joined_key(rank), "1")
+    if rank == 0:
+        _await_joins(store, world_size, timeout)
     yield store, rank, world_size
     raise RuntimeError("an asyncmomentum job does not rendezvous twice")
+
+
+def _joined_key(rank: int) -> str:
+    return f"asyncmomentum/joined/{rank}"
+
+
+def _await_joins(store: dist.Store, world_size: int, timeout: timedelta) -> None:
+    """Wait until every rank has joined; name the missing ones when the timeout runs out."""
+    keys = [_joined_key(rank) for rank in range(1, world_size)]
+    if not keys:
+        return
+    try:
+        store.wait(keys, timeout)
+    except (RuntimeError, dist.DistStoreError) as error:
+        missing = [rank for rank, key in enumerate(keys, start=1) if not store.check([key])]
+        if not missing:
+            return
+        raise TimeoutError(
+            f"rank(s) {missing} did not join the job within {timeout.total_seconds():g} s "
+            "(ServerConfig.join_timeout); the server gives up"
+        ) from error
 
 
 def _init_method_from_env(join_timeout: float) -> str:
@@ -1037,7 +1091,7 @@ def run_worker(
     control: dist.TCPStore | None = None
     try:
         began = time.monotonic()
-        reply = _ask_server(rank, _remote_join, rank)
+        reply = _ask_server(rank, _remote_join, rank, _job_secret())
         control = _connect_control(reply.control_port, rpc_timeout)
         steps, refused, reason = _train_loop(model, iter(batches), loss_fn, rank, reply, max_steps)
         return WorkerResult(rank, steps, refused, reason, time.monotonic() - began)
@@ -1076,7 +1130,9 @@ def _train_loop(
         grads: list[Tensor | None] = [None] * len(params)
         for i, grad in zip(trainable, computed, strict=True):
             grads[i] = grad
-        reply = _ask_server(rank, _remote_push, rank, grads, reply.version, float(loss.detach()))
+        reply = _ask_server(
+            rank, _remote_push, rank, grads, reply.version, float(loss.detach()), _job_secret()
+        )
         steps += int(reply.applied)
         refused += int(not reply.applied)
     return steps, refused, "server"
@@ -1147,7 +1203,9 @@ def _connect_control(port: int, timeout_s: float) -> dist.TCPStore:
 def _try_leave(rank: int) -> None:
     """Tell the server this worker leaves; best effort, as the server may be gone already."""
     try:
-        rpc.rpc_sync(SERVER_NAME, _remote_leave, args=(rank,), timeout=_LEAVE_TIMEOUT_S)
+        rpc.rpc_sync(
+            SERVER_NAME, _remote_leave, args=(rank, _job_secret()), timeout=_LEAVE_TIMEOUT_S
+        )
     except Exception as error:  # don't mask the error that ended the worker, if any
         warnings.warn(f"worker {rank} could not tell the server it leaves: {error}", stacklevel=2)
 
@@ -1236,7 +1294,7 @@ def run_from_env(
     """
     config = ServerConfig() if config is None else config
     rank, world_size = _rank_from_env()
-    init_method = _init_method_from_env(config.rpc_timeout)
+    init_method = _init_method_from_env(config.join_timeout)
     if rank == 0:
         model = job.model_fn()
         optimizer = job.optimizer_fn(model.parameters())
@@ -1332,6 +1390,7 @@ def launch_local(
     deadline = time.monotonic() + timeout
     port = _free_port(host)
     env = _local_env(host, port, world_size=workers + 1)
+    env[SECRET_ENV] = secrets.token_hex(16)  # a fresh secret per job
     context = multiprocessing.get_context("spawn")
     processes, connections = [], []
     finished = False
