@@ -455,6 +455,8 @@ def test_a_hung_worker_is_killed_soon_after_the_server_ends_and_the_others_repor
     # Far below the 120 s timeout: start-up, serving, departures (at most worker_timeout)
     # and the launcher's grace (3 s) plus a little.
     assert took < result.wall_time + 30.0
+    # Once the server is done, every process is ended within 5 s (grace 3 s, then killed).
+    assert job_result.wind_down_s < 5.0
 
 
 def test_a_worker_that_loses_the_server_says_so() -> None:

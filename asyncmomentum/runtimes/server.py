@@ -1348,12 +1348,15 @@ class LocalJobResult:
         workers: each worker's outcome, by rank.
         pids: process ids of server and workers (all ended by the time this is returned).
         port: the ``MASTER_PORT`` the job used.
+        wind_down_s: seconds from the server's result to every process ended (workers that
+            outlive the server get a short grace, then are killed).
     """
 
     server: ServerResult
     workers: dict[int, WorkerOutcome] = field(default_factory=dict)
     pids: tuple[int, ...] = ()
     port: int = 0
+    wind_down_s: float = 0.0
 
 
 def launch_local(
@@ -1421,9 +1424,17 @@ def launch_local(
             # The workers may say more (e.g. that they lost the server): add what they report.
             outcomes = _collect_workers(processes[1:], connections[1:], deadline)
             raise RuntimeError(f"{error}{_worker_errors(outcomes)}") from None
+        server_done = time.monotonic()
         outcomes = _collect_workers(processes[1:], connections[1:], deadline)
+        _end_processes(processes, min(deadline, time.monotonic() + _WORKER_GRACE_S))
         finished = True
-        return LocalJobResult(server, outcomes, tuple(p.pid for p in processes), port)
+        return LocalJobResult(
+            server,
+            outcomes,
+            tuple(p.pid for p in processes),
+            port,
+            wind_down_s=time.monotonic() - server_done,
+        )
     finally:
         if quiet:
             os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
