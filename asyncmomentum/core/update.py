@@ -70,22 +70,41 @@ def choose_update(group: dict[str, Any], params: list[Tensor], grads: list[Tenso
     if group["foreach"] is False:
         return single_tensor_update
     on_cpu = all(p.device.type == "cpu" for p in params)
-    if group["fused"] is None and on_cpu and _fused_kernel_is_exact(params, grads):
+    if group["fused"] is None and on_cpu and _fused_kernel_is_faster_and_exact(params, grads):
         return fused_update
     if group["foreach"] or not on_cpu:
         return multi_tensor_update
     return single_tensor_update
 
 
-def _fused_kernel_is_exact(params: list[Tensor], grads: list[Tensor]) -> bool:
-    # torch 2.13's CPU fused kernel reads and writes its tensors as contiguous memory: strided or
-    # transposed parameters, or gradients laid out differently, get wrong values. It is also
-    # wrong for float16/bfloat16 (see _FUSED_FASTER_DTYPES). Momentum buffers are created with
-    # the gradient's layout, so contiguous parameters and gradients suffice.
+def _fused_kernel_is_faster_and_exact(params: list[Tensor], grads: list[Tensor]) -> bool:
     return all(
-        p.dtype in _FUSED_FASTER_DTYPES and p.is_contiguous() and g.is_contiguous()
+        p.dtype in _FUSED_FASTER_DTYPES and _cpu_fused_kernel_error(p, g) is None
         for p, g in zip(params, grads, strict=True)
     )
+
+
+def _cpu_fused_kernel_error(param: Tensor, grad: Tensor) -> str | None:
+    """Why torch 2.13's CPU fused kernel would compute wrong values here, or ``None``.
+
+    The one statement of the kernel's hazards: :func:`choose_update` never substitutes it there,
+    :func:`check_fused_support` refuses an explicit ``fused=True`` there.
+    """
+    if param.dtype not in _FUSED_FASTER_DTYPES and param.numel() >= _FUSED_LOW_PRECISION_SAFE:
+        return (
+            f"fused=True on the CPU computes wrong updates for {param.dtype} tensors of "
+            f"{_FUSED_LOW_PRECISION_SAFE} or more elements in torch 2.13 "
+            "(pytorch/pytorch#191763); use foreach=True or leave fused unset"
+        )
+    # It walks its tensors as contiguous memory; momentum buffers take the gradient's layout,
+    # so contiguous parameters and gradients suffice.
+    if not (param.is_contiguous() and grad.is_contiguous()):
+        return (
+            "fused=True on the CPU needs contiguous parameters and gradients: torch 2.13's "
+            "kernel walks them as contiguous memory and would write wrong values (and "
+            "outside a strided view); use foreach=True or leave fused unset"
+        )
+    return None
 
 
 def check_fused_support(params: list[Tensor], grads: list[Tensor]) -> None:
@@ -105,20 +124,9 @@ def check_fused_support(params: list[Tensor], grads: list[Tensor]) -> None:
                 "`fused=True` requires all the params to be floating point Tensors of supported "
                 f"devices: {sorted(FUSED_DEVICES)} but {p.dtype} and {p.device.type}"
             )
-        if p.device.type != "cpu":
-            continue
-        if p.dtype not in _FUSED_FASTER_DTYPES and p.numel() >= _FUSED_LOW_PRECISION_SAFE:
-            raise RuntimeError(
-                f"fused=True on the CPU computes wrong updates for {p.dtype} tensors of "
-                f"{_FUSED_LOW_PRECISION_SAFE} or more elements in torch 2.13 "
-                "(pytorch/pytorch#191763); use foreach=True or leave fused unset"
-            )
-        if not (p.is_contiguous() and g.is_contiguous()):
-            raise RuntimeError(
-                "fused=True on the CPU needs contiguous parameters and gradients: torch 2.13's "
-                "kernel walks them as contiguous memory and would write wrong values (and "
-                "outside a strided view); use foreach=True or leave fused unset"
-            )
+        error = _cpu_fused_kernel_error(p, g) if p.device.type == "cpu" else None
+        if error is not None:
+            raise RuntimeError(error)
 
 
 # Below this many elements per device and dtype, the gradients are checked with torch's fused
