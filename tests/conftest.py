@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from asyncmomentum.applications.digits import SmallCNN
+from asyncmomentum.core.measuring.meter import MomentumReading
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -31,3 +33,26 @@ def cnn_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 def make_cnn(seed: int = 0) -> SmallCNN:
     torch.manual_seed(seed)
     return SmallCNN()
+
+
+def make_reading(total: float, algorithmic: float, serial: int) -> MomentumReading:
+    """A momentum meter reading whose additive total is ``total``.
+
+    Args:
+        total: algorithmic + implicit momentum the reading reports.
+        algorithmic: the algorithmic momentum it was taken at.
+        serial: the reading's id (the closed loop integrates each once).
+    """
+    implicit = total - algorithmic
+    share = (1.0 - implicit) * (1.0 - algorithmic)
+    return MomentumReading(
+        total=1.0 - share,
+        immediate_share=share,
+        algorithmic=algorithmic,
+        implicit=implicit,
+        standard_error=0.01,
+        rows=400,
+        coordinates=512,
+        kernel=np.array([share, 1.0 - share]),
+        serial=serial,
+    )

@@ -6,13 +6,12 @@ import math
 import pickle
 import warnings
 
-import numpy as np
 import pytest
 import torch
+from conftest import make_reading
 
 from asyncmomentum import AsyncMomentumSGD
 from asyncmomentum.applications.problems import get_problem
-from asyncmomentum.core.measuring.meter import MomentumReading
 from asyncmomentum.core.tuning import formulas, rules
 from asyncmomentum.core.tuning.stability import largest_stable_momentum
 from asyncmomentum.core.tuning.tuner import MomentumTuner
@@ -36,23 +35,6 @@ def test_feedback_rules_are_rules_but_not_formulas():
 # -- the tuner -------------------------------------------------------------------------------------
 
 
-def _reading(total: float, algorithmic: float, serial: int) -> MomentumReading:
-    # A reading whose additive total is `total`: implicit = total - algorithmic.
-    implicit = total - algorithmic
-    share = (1.0 - implicit) * (1.0 - algorithmic)
-    return MomentumReading(
-        total=1.0 - share,
-        immediate_share=share,
-        algorithmic=algorithmic,
-        implicit=implicit,
-        standard_error=0.01,
-        rows=400,
-        coordinates=512,
-        kernel=np.array([share, 1.0 - share]),
-        serial=serial,
-    )
-
-
 def test_closed_loop_integrates_each_reading_once_bounded_and_rate_limited():
     tuner = MomentumTuner(
         0.9, rule="closed_loop", workers=4, rule_options={"gain": 0.5, "max_change_per_step": 0.05}
@@ -60,16 +42,16 @@ def test_closed_loop_integrates_each_reading_once_bounded_and_rate_limited():
     additive = rules.algorithmic_momentum(0.9, 0.75)
     assert tuner.algorithmic_momentum() == pytest.approx(additive)  # no reading yet
     # Measured total 0.7 with the momentum applied: error 0.2, gain 0.5 -> 0.1, capped at 0.05.
-    tuner.observe_reading(_reading(0.7, additive, serial=1))
+    tuner.observe_reading(make_reading(0.7, additive, serial=1))
     first = tuner.algorithmic_momentum()
     assert first == pytest.approx(additive + 0.05)
     assert tuner.algorithmic_momentum() == pytest.approx(first)  # the same reading: no change
     # A new reading, still measured under the old momentum: rebased to the current one, the
     # error is 0.15 (not 0.2) and the step is capped again.
-    tuner.observe_reading(_reading(0.7, additive, serial=2))
+    tuner.observe_reading(make_reading(0.7, additive, serial=2))
     assert tuner.algorithmic_momentum() == pytest.approx(additive + 0.10)
     # Small error: gain 0.5 of it.
-    tuner.observe_reading(_reading(0.88, additive + 0.10, serial=3))
+    tuner.observe_reading(make_reading(0.88, additive + 0.10, serial=3))
     assert tuner.algorithmic_momentum() == pytest.approx(additive + 0.11)
 
 
@@ -78,7 +60,7 @@ def test_closed_loop_keeps_its_correction_when_the_estimate_of_m_moves():
     for _ in range(200):
         tuner.observe(3)  # M = 4
     base = tuner.algorithmic_momentum()
-    tuner.observe_reading(_reading(0.8, base, serial=1))
+    tuner.observe_reading(make_reading(0.8, base, serial=1))
     corrected = tuner.algorithmic_momentum()
     assert corrected > base
     for _ in range(200):
@@ -89,7 +71,7 @@ def test_closed_loop_keeps_its_correction_when_the_estimate_of_m_moves():
 
 def test_closed_loop_has_one_integrator_per_target():
     tuner = MomentumTuner(0.9, rule="closed_loop", workers=2)
-    tuner.observe_reading(_reading(0.6, 0.4, serial=1))
+    tuner.observe_reading(make_reading(0.6, 0.4, serial=1))
     high = tuner.algorithmic_momentum(0.9)
     low = tuner.algorithmic_momentum(0.5)
     # The measured implicit momentum is 0.2, not the 0.5 of M = 2: both groups' totals are 0.3
@@ -132,7 +114,7 @@ def test_tuner_options_are_checked():
 
 def test_tuner_state_round_trips_and_a_corrupt_one_changes_nothing():
     tuner = MomentumTuner(0.9, rule="closed_loop", workers=4)
-    tuner.observe_reading(_reading(0.7, 0.15, serial=1))
+    tuner.observe_reading(make_reading(0.7, 0.15, serial=1))
     momentum = tuner.algorithmic_momentum()
     state = tuner.state_dict()
     resumed = MomentumTuner(0.9, rule="closed_loop", workers=4)

@@ -9,9 +9,10 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
+from conftest import make_reading
 
 from asyncmomentum import AsyncMomentumSGD
-from asyncmomentum.core.measuring.meter import MomentumMeter, MomentumReading
+from asyncmomentum.core.measuring.meter import MomentumMeter
 from asyncmomentum.core.tuning import formulas, rules
 from asyncmomentum.core.tuning.rules import (
     AdditiveRule,
@@ -67,22 +68,6 @@ class LongestDelayRule(TuningRule):
 
     def reset(self) -> None:
         self.longest = 0
-
-
-def _reading(total: float, algorithmic: float, serial: int) -> MomentumReading:
-    implicit = total - algorithmic
-    share = (1.0 - implicit) * (1.0 - algorithmic)
-    return MomentumReading(
-        total=1.0 - share,
-        immediate_share=share,
-        algorithmic=algorithmic,
-        implicit=implicit,
-        standard_error=0.01,
-        rows=400,
-        coordinates=512,
-        kernel=np.array([share, 1.0 - share]),
-        serial=serial,
-    )
 
 
 # -- the registry ---------------------------------------------------------------------------------
@@ -220,7 +205,7 @@ def _drive(tuner: MomentumTuner, steps: range, seed: int) -> list[float]:
     for step in steps:
         tuner.observe(int(rng.geometric(0.3)) - 1)
         if tuner.uses_meter and step % 20 == 0:
-            tuner.observe_reading(_reading(rng.uniform(0.5, 0.95), 0.1, serial=step + 1))
+            tuner.observe_reading(make_reading(rng.uniform(0.5, 0.95), 0.1, serial=step + 1))
         if tuner.uses_curvature and step % 30 == 0:
             tuner.observe_curvature(rng.uniform(0.5, 2.0))
         lr = 0.2 if tuner.needs_lr else None
@@ -276,13 +261,13 @@ def test_a_corrupt_rule_state_changes_nothing(name):
 def test_format_1_checkpoints_of_the_closed_loop_load():
     # Before the rules were objects, a tuner stored its closed loops as a bare list.
     tuner = MomentumTuner(0.9, rule="closed_loop", workers=4)
-    tuner.observe_reading(_reading(0.7, 0.15, serial=1))
+    tuner.observe_reading(make_reading(0.7, 0.15, serial=1))
     momentum = tuner.algorithmic_momentum()
     state = tuner.state_dict()
     legacy = {"estimator": state["estimator"], "closed_loop": state["closed_loop"]["loops"]}
     resumed = MomentumTuner(0.9, rule="closed_loop", workers=4)
     resumed.load_state_dict(legacy)
-    resumed.observe_reading(_reading(0.7, 0.15, serial=1))  # the same reading: no new step
+    resumed.observe_reading(make_reading(0.7, 0.15, serial=1))  # the same reading: no new step
     assert resumed.algorithmic_momentum() == momentum
     assert resumed.state_dict()["closed_loop"] == state["closed_loop"]
 
@@ -292,7 +277,7 @@ def test_format_1_checkpoints_of_the_closed_loop_load():
 
 def test_inputs_a_rule_does_not_use():
     additive = MomentumTuner(rule="additive")
-    additive.observe_reading(_reading(0.7, 0.1, serial=1))  # ignored
+    additive.observe_reading(make_reading(0.7, 0.1, serial=1))  # ignored
     assert additive.algorithmic_momentum() == 0.9
     with pytest.raises(ValueError, match="uses a curvature"):
         additive.observe_curvature(1.0)
@@ -312,7 +297,7 @@ def test_inputs_a_rule_does_not_use():
 
 
 def test_the_meter_and_its_readings_compose_under_a_rule_object():
-    reading = _reading(0.7, 0.2, serial=1)
+    reading = make_reading(0.7, 0.2, serial=1)
     assert reading.total_momentum() == pytest.approx(0.7)  # additive by default
     assert reading.total_momentum(ClosedLoopRule()) == pytest.approx(0.7)
     assert reading.total_momentum(CompositionalRule()) == pytest.approx(reading.total)
