@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -439,3 +440,37 @@ def test_rule_beats_the_additive_rule_on_the_simulated_quadratic():
     additive = _steps_to_target(None)
     assert with_rule < 0.7 * additive, (with_rule, additive)
     assert 0.4 < rule.algorithmic_momentum(0.9, 0.875, lr=0.125) < 0.8
+
+
+def _diagonal_quadratic(n: int = 2000) -> tuple[torch.nn.Parameter, Callable[[], torch.Tensor]]:
+    """``1/2 sum h_i x_i^2`` with eigenvalues from 0.01 to 2.5, and one of 5."""
+    x = torch.nn.Parameter(torch.ones(n))
+    h = torch.cat([torch.linspace(0.01, 2.5, n - 1), torch.tensor([5.0])])
+    return x, lambda: 0.5 * (h * x * x).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, None])
+def test_curvature_memory_between_estimates_is_bounded(dtype) -> None:
+    x, loss = _diagonal_quadratic()
+    estimator = CurvatureEstimator([x], iterations=200, warm_iterations=3, warm_start_dtype=dtype)
+    first = estimator.estimate(loss)
+    products = estimator.products
+    second = estimator.estimate(loss)
+    assert abs(first - 5.0) < 0.05
+    assert abs(second - 5.0) < 0.05
+    if dtype is None:
+        assert estimator._vector is None
+        assert estimator.products - products > 3  # cold again: more than the warm budget
+    else:
+        kept = estimator._vector
+        assert [v.dtype for v in kept] == [dtype]
+        assert sum(v.numel() * v.element_size() for v in kept) == 2 * x.numel()
+        assert estimator.products - products <= 3  # warm: the kept vector was good enough
+
+
+def test_curvature_warm_start_dtype_must_be_a_floating_dtype() -> None:
+    x, _ = _diagonal_quadratic(4)
+    with pytest.raises(ValueError, match="warm_start_dtype"):
+        CurvatureEstimator([x], warm_start_dtype=torch.int8)
+    with pytest.raises(ValueError, match="warm_start_dtype"):
+        CurvatureEstimator([x], warm_start_dtype="bfloat16")

@@ -5,6 +5,7 @@ Both stay usable when a process sharing them is killed inside their critical sec
 
 from __future__ import annotations
 
+import copy
 import gc
 import os
 import pickle
@@ -14,10 +15,16 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import torch.multiprocessing as mp
 
+from asyncmomentum import AsyncMomentumSGD
 from asyncmomentum.core.measuring import process_lock, staleness
-from asyncmomentum.core.measuring.staleness import StalenessEstimator, VersionClock
+from asyncmomentum.core.measuring.staleness import (
+    StalenessEstimator,
+    VersionClock,
+    tick_and_observe,
+)
 from asyncmomentum.core.tuning.tuner import MomentumTuner
 from asyncmomentum.core.validation import check_staleness
 
@@ -288,3 +295,45 @@ def test_the_lock_file_lives_as_long_as_the_shared_object():
     del clock
     gc.collect()
     assert not os.path.exists(path)
+
+
+class _CountingLock:
+    """A thread lock that counts its acquisitions."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.acquired = 0
+
+    def acquire(self, timeout: float = -1) -> bool:
+        self.acquired += 1
+        return self._lock.acquire(timeout=timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+def test_a_step_takes_one_lock_for_the_clock_and_the_estimator():
+    param = torch.nn.Parameter(torch.zeros(3))
+    opt = AsyncMomentumSGD([param], lr=0.1, momentum=0.9)
+    assert opt.estimator._lock is opt.clock._lock
+    counting = _CountingLock()
+    opt.clock._lock = counting
+    opt.estimator.use_lock_of(opt.clock)
+    param.grad = torch.ones(3)
+    opt.step(staleness=3)
+    assert counting.acquired == 1
+    assert opt.clock.value == 1
+    assert opt.estimator.count == 1
+    copied = copy.deepcopy(opt)  # a copy gets fresh locks, linked again
+    assert copied.estimator._lock is copied.clock._lock
+    assert copied.clock._lock is not counting
+    opt.share_memory()
+    assert opt.estimator._lock is opt.clock._lock
+
+
+def test_tick_and_observe_without_a_shared_lock_still_counts_and_records():
+    clock, estimator = VersionClock(start=5), StalenessEstimator(warmup=0)
+    assert tick_and_observe(clock, estimator, version_read=2, staleness=None) == (5, 3)
+    assert tick_and_observe(clock, estimator, version_read=0, staleness=1) == (6, 1)
+    assert clock.value == 7
+    assert estimator.count == 2

@@ -13,12 +13,14 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from asyncmomentum.core import update as updates
 from asyncmomentum.core.components import CurvatureSchedule, MeterComponent, StepComponent
+from asyncmomentum.core.finite_gradients import GradientWatch, first_nonfinite
 from asyncmomentum.core.measuring.meter import MomentumMeter
 from asyncmomentum.core.measuring.staleness import (
     DEFAULT_HORIZON,
     DEFAULT_WARMUP,
     StalenessEstimator,
     VersionClock,
+    tick_and_observe,
 )
 from asyncmomentum.core.tuning import formulas, rules
 from asyncmomentum.core.tuning.rules import TuningRule
@@ -69,6 +71,8 @@ class _AsyncState:
     clock: VersionClock
     tuner: MomentumTuner
     components: dict[str, StepComponent] = field(default_factory=dict)
+    #: Checks gradients for NaN/inf during backward (an empty watch after copy or unpickling).
+    watch: GradientWatch = field(default_factory=GradientWatch)
     version_read: int = 0
     last_staleness: int = 0
     skipped_steps: int = 0
@@ -211,6 +215,7 @@ class AsyncMomentumSGD(Optimizer):
             clock=VersionClock(),
             tuner=MomentumTuner(**tuner_options),
         )
+        self._async.tuner.estimator.use_lock_of(self._async.clock)
         super().__init__(params, defaults)
         self._register_state_hook()
         if any(group["fused"] for group in self.param_groups):
@@ -252,6 +257,10 @@ class AsyncMomentumSGD(Optimizer):
         super().__setstate__(state)
         if "_async" in state:  # an unpickled optimizer: torch's hooks were not pickled
             self._register_state_hook()
+            for group in self.param_groups:  # nor the gradient hooks (tensors drop them)
+                self._async.watch.watch(group["params"])
+            if not self._async.clock.is_shared:  # a plain copy: fresh, separate locks
+                self._async.tuner.estimator.use_lock_of(self._async.clock)
         # State dicts and pickles of older versions lack some keys: torch's defaults apply.
         for group in self.param_groups:
             for key, value in _GROUP_DEFAULTS.items():
@@ -279,6 +288,7 @@ class AsyncMomentumSGD(Optimizer):
         _check_group(merged)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        self._async.watch.watch(group["params"])
         for key in ("momentum", "dampening", "weight_decay"):
             group[key] = float(group[key])
 
@@ -507,7 +517,7 @@ class AsyncMomentumSGD(Optimizer):
         if not any(grads for _, grads, _ in gathered):
             return loss  # no gradient at all: nothing to apply, no update to count
         self._check_before_update(gathered)
-        bad = updates.first_nonfinite(gathered)
+        bad = first_nonfinite(gathered, run.watch)
         if bad is not None:
             if run.nonfinite == "skip":
                 run.skipped_steps += 1
@@ -523,9 +533,8 @@ class AsyncMomentumSGD(Optimizer):
             component.before_update(self)
 
         # Claim this update's version atomically: the staleness is exact under concurrency.
-        version = run.clock.tick()
-        tau = staleness if staleness is not None else max(version - run.version_read, 0)
-        run.tuner.observe(tau)
+        version, tau = tick_and_observe(run.clock, run.tuner.estimator, run.version_read, staleness)
+        run.tuner.rule.observe(tau)
         run.last_staleness = tau
         for index, (group, (params, grads, buffers)) in enumerate(
             zip(self.param_groups, gathered, strict=True)
@@ -557,15 +566,11 @@ class AsyncMomentumSGD(Optimizer):
         return momentum != 0 or (group["tune"] and group["momentum"] != 0)
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Any]]:
-        params, grads, buffers = [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            params.append(p)
-            grads.append(p.grad)
-            # Not self.state[p]: the defaultdict would leave an empty entry, which torch does not.
-            state = self.state.get(p)
-            buffers.append(None if state is None else state.get("momentum_buffer"))
+        params = [p for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        # Not self.state[p]: the defaultdict would leave an empty entry, which torch does not.
+        states = list(map(self.state.get, params))
+        buffers = [None if s is None else s.get("momentum_buffer") for s in states]
         return params, grads, buffers
 
     def _update_group(
@@ -595,13 +600,13 @@ class AsyncMomentumSGD(Optimizer):
             else:
                 hyper["grad_scale"] = grad_scale
         if not with_buffer:
-            buffers = [None] * len(params)
+            update(params, grads, [None] * len(params), **hyper)
+            return
+        # Only buffers created by this update go into the state: the others are updated in place.
+        fresh = [i for i, buf in enumerate(buffers) if buf is None]
         update(params, grads, buffers, **hyper)
-        if with_buffer:
-            for p, buf in zip(params, buffers, strict=True):
-                state = self.state[p]
-                if state.get("momentum_buffer") is not buf:
-                    state["momentum_buffer"] = buf
+        for i in fresh:
+            self.state[params[i]]["momentum_buffer"] = buffers[i]
 
     # -- sharing and state --------------------------------------------------------------------
 
@@ -629,6 +634,7 @@ class AsyncMomentumSGD(Optimizer):
                     state["momentum_buffer"].share_memory_()
         self._async.clock.share_memory()
         self._async.tuner.share_memory()
+        self._async.tuner.estimator.use_lock_of(self._async.clock)
         return self
 
     def _async_state_dict(self) -> dict[str, Any]:

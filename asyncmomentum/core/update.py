@@ -1,4 +1,4 @@
-"""The SGD update, three ways, and the non-finite gradient check that runs before it.
+"""The SGD update, three ways.
 
 The functional half of :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD`, as
 ``torch.optim.sgd`` has one: :func:`choose_update` picks a path for a parameter group as torch
@@ -10,7 +10,8 @@ paths are in ``docs/performance.md``.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -20,7 +21,6 @@ __all__ = [
     "FUSED_DEVICES",
     "UpdateFn",
     "choose_update",
-    "first_nonfinite",
     "fused_update",
     "multi_tensor_update",
     "single_tensor_update",
@@ -63,13 +63,13 @@ def choose_update(group: dict[str, Any], params: list[Tensor], grads: list[Tenso
         params: the group's parameters that have a gradient.
         grads: their gradients.
     """
-    if any(g.is_sparse for g in grads):
+    if any(map(_IS_SPARSE, grads)):
         return single_tensor_update
     if group["fused"]:
         return fused_update
     if group["foreach"] is False:
         return single_tensor_update
-    on_cpu = all(p.device.type == "cpu" for p in params)
+    on_cpu = all(map(_IS_CPU, params))
     if group["fused"] is None and on_cpu and _fused_kernel_is_faster_and_exact(params, grads):
         return fused_update
     if group["foreach"] or not on_cpu:
@@ -77,11 +77,22 @@ def choose_update(group: dict[str, Any], params: list[Tensor], grads: list[Tenso
     return single_tensor_update
 
 
+# Attribute readers for scans over every tensor of a group: map() over them runs in C, which
+# matters on models of hundreds of small tensors (docs/performance.md).
+_IS_SPARSE = attrgetter("is_sparse")
+_IS_CPU = attrgetter("is_cpu")  # cheaper than .device, which builds an object
+_DTYPE = attrgetter("dtype")
+_DEVICE_AND_DTYPE = attrgetter("device", "dtype")
+
+
+def _all_contiguous(params: list[Tensor], grads: list[Tensor]) -> bool:
+    return all(map(Tensor.is_contiguous, params)) and all(map(Tensor.is_contiguous, grads))
+
+
 def _fused_kernel_is_faster_and_exact(params: list[Tensor], grads: list[Tensor]) -> bool:
-    return all(
-        p.dtype in _FUSED_FASTER_DTYPES and _cpu_fused_kernel_error(p, g) is None
-        for p, g in zip(params, grads, strict=True)
-    )
+    # The same conditions as _cpu_fused_kernel_error, scanned in C: float32/float64 only (no
+    # low-precision hazard), contiguous parameters and gradients.
+    return set(map(_DTYPE, params)) <= _FUSED_FASTER_DTYPES and _all_contiguous(params, grads)
 
 
 def _cpu_fused_kernel_error(param: Tensor, grad: Tensor) -> str | None:
@@ -118,6 +129,12 @@ def check_fused_support(params: list[Tensor], grads: list[Tensor]) -> None:
         params: the parameters of a group with ``fused=True`` that have a gradient.
         grads: their gradients.
     """
+    if (
+        all(map(_IS_CPU, params))
+        and set(map(_DTYPE, params)) <= _FUSED_FASTER_DTYPES
+        and _all_contiguous(params, grads)
+    ):
+        return  # the common case, scanned in C; the loop below finds and names a problem
     for p, g in zip(params, grads, strict=True):
         if not (p.is_floating_point() and p.device.type in FUSED_DEVICES):
             raise RuntimeError(
@@ -127,51 +144,6 @@ def check_fused_support(params: list[Tensor], grads: list[Tensor]) -> None:
         error = _cpu_fused_kernel_error(p, g) if p.device.type == "cpu" else None
         if error is not None:
             raise RuntimeError(error)
-
-
-# Below this many elements per device and dtype, the gradients are checked with torch's fused
-# AMP check (one kernel); above it, a sum per tensor only reads the data and wins. The crossover
-# was measured (docs/performance.md).
-_FUSED_CHECK_MAX_ELEMENTS = 1 << 20
-
-
-def _all_finite(grads: list[Tensor]) -> bool:
-    """Whether no gradient holds NaN or inf (cheap; a ``False`` is confirmed by the caller)."""
-    kinds: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-    for g in grads:
-        kinds[(g.device, g.dtype)].append(g._values() if g.is_sparse else g)
-    for (device, _), same in kinds.items():
-        if sum(g.numel() for g in same) <= _FUSED_CHECK_MAX_ELEMENTS:
-            found = torch.zeros(1, device=device)
-            try:
-                # Multiplies by exactly 1 (a no-op on every value) and flags any non-finite one.
-                torch._amp_foreach_non_finite_check_and_unscale_(
-                    same, found, torch.ones(1, device=device)
-                )
-            except (RuntimeError, NotImplementedError):  # a dtype or layout it lacks
-                pass
-            else:
-                if found.item() != 0:
-                    return False
-                continue
-        if not bool(torch.isfinite(torch.stack([g.sum() for g in same])).all()):
-            return False
-    return True
-
-
-def first_nonfinite(
-    gathered: Sequence[tuple[list[Tensor], list[Tensor], list[Any]]],
-) -> tuple[int, int, torch.Size] | None:
-    """Where the first NaN/inf gradient is, or ``None``: one cheap pass, then an exact one."""
-    if _all_finite([g for _, grads, _ in gathered for g in grads]):
-        return None
-    # A non-finite sum may come from finite values that overflow: confirm value by value.
-    for group_index, (params, grads, _) in enumerate(gathered):
-        for index, g in enumerate(grads):
-            values = g._values() if g.is_sparse else g
-            if not bool(torch.isfinite(values).all()):
-                return group_index, index, params[index].shape
-    return None
 
 
 def single_tensor_update(
@@ -232,9 +204,12 @@ def _buckets(tensors: list[Tensor], indices: list[int]) -> Iterable[list[int]]:
 
 
 def _by_device_and_dtype(params: list[Tensor]) -> list[list[int]]:
+    if len(set(map(_DTYPE, params))) == 1 and all(map(_IS_CPU, params)):
+        return [list(range(len(params)))]  # one device and dtype: the common case, in C
+    kinds = list(map(_DEVICE_AND_DTYPE, params))
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
-        groups[(p.device, p.dtype)].append(i)
+    for i, kind in enumerate(kinds):
+        groups[kind].append(i)
     return list(groups.values())
 
 

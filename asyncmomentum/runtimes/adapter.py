@@ -26,12 +26,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from asyncmomentum.core.finite_gradients import first_nonfinite
 from asyncmomentum.core.measuring.meter import MomentumMeter
 from asyncmomentum.core.measuring.staleness import StalenessEstimator, VersionClock
 from asyncmomentum.core.optimizer import AsyncMomentumSGD, NonFiniteGradientError
 from asyncmomentum.core.tuning import formulas
 from asyncmomentum.core.tuning.tuner import MomentumTuner
-from asyncmomentum.core.update import first_nonfinite
 
 __all__ = ["MomentumKey", "MomentumSummary", "OptimizerView", "all_finite"]
 
@@ -44,7 +44,8 @@ def all_finite(grads: Iterable[Tensor | None]) -> bool:
     """Whether no gradient holds NaN or inf (``None`` entries are skipped).
 
     The check :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD` runs before each update
-    (:func:`asyncmomentum.core.update.first_nonfinite`): one cheap pass, exact on a suspect.
+    (:func:`asyncmomentum.core.finite_gradients.first_nonfinite`): one cheap pass, exact on a
+    suspect.
 
     Args:
         grads: gradients (dense or sparse), or ``None`` for a parameter without one.

@@ -1,12 +1,19 @@
 """Step time of AsyncMomentumSGD against torch.optim.SGD, measured side by side in one run.
 
-A ResNet-18-shaped parameter list (62 tensors, 11.7M parameters) with fixed random gradients;
-both optimizers use momentum 0.9 (ours: target 0.9 with tuning on, fed geometric staleness of
-M = 4 workers). Steps alternate between the two optimizers so that both see the same machine
-state; the figure is the ratio of median step times (below 1: ours is faster).
+A parameter list shaped like ResNet-18 (62 tensors, 11.7M parameters; ``--shapes`` also has
+500 tensors of 100 and the digits CNN); both optimizers use momentum 0.9 (ours: target 0.9 with
+tuning on, fed geometric staleness of M = 4 workers). Before every step each optimizer's
+gradients come out of a backward pass (``loss = sum(c * p)`` with fixed random ``c``), as in
+training, so that our backward-time NaN/inf check runs where it would (``--grads manual`` sets
+them by hand instead, and the check runs at the step). Steps alternate between the two
+optimizers so that both see the same machine state. The figure is the ratio of median step
+times (below 1: ours is faster), taken over ``--repeats`` runs: the median run's, with the
+fastest and slowest beside it; the backward ratio shows what the check costs there. The load
+of the machine is printed with the figures.
 
     python benchmarks/step_overhead.py            # every path: foreach (the headline), ...
     python benchmarks/step_overhead.py --steps 200 --paths foreach
+    python benchmarks/step_overhead.py --shapes small-many --paths fused single
     python benchmarks/step_overhead.py --meter --rule stability   # issue 6's overhead check
 
 The same runs as ``python -m asyncmomentum.applications.benchmarks.step_overhead`` (what
@@ -22,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,14 +64,43 @@ def resnet18_shapes() -> list[tuple[int, ...]]:
     return [*shapes, (1000, 512), (1000,)]
 
 
-def _parameters(seed: int) -> list[torch.nn.Parameter]:
+def digits_cnn_shapes() -> list[tuple[int, ...]]:
+    """Parameter shapes of the bundled digits CNN (6 tensors, 6.2K parameters)."""
+    from asyncmomentum.applications.digits import SmallCNN
+
+    return [tuple(p.shape) for p in SmallCNN().parameters()]
+
+
+SHAPES: dict[str, Callable[[], list[tuple[int, ...]]]] = {
+    "resnet18": resnet18_shapes,
+    "small-many": lambda: [(100,)] * 500,
+    "digits-cnn": digits_cnn_shapes,
+}
+
+
+def _parameters(shapes: list[tuple[int, ...]], seed: int) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
-    params = []
-    for shape in resnet18_shapes():
-        p = torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.01)
-        p.grad = torch.randn(shape, generator=gen) * 1e-3
-        params.append(p)
-    return params
+    return [torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.01) for shape in shapes]
+
+
+def _gradient_source(
+    params: list[torch.nn.Parameter], coefficients: list[torch.Tensor], grads: str
+) -> Callable[[], None]:
+    """Gives every parameter a fresh gradient, the same at every call: ``coefficients``."""
+    if grads == "manual":
+
+        def set_by_hand() -> None:
+            for p, c in zip(params, coefficients, strict=True):
+                p.grad = c.clone()
+
+        return set_by_hand
+
+    def backward() -> None:
+        for p in params:
+            p.grad = None
+        sum((p * c).sum() for p, c in zip(params, coefficients, strict=True)).backward()
+
+    return backward
 
 
 def _quadratic_probe(params: list[torch.nn.Parameter], seed: int) -> Callable[[], torch.Tensor]:
@@ -84,6 +122,8 @@ def measure(
     meter: bool = False,
     rule: str = "additive",
     curvature_every: int = 100,
+    shapes: str = "resnet18",
+    grads: str = "backward",
 ) -> dict[str, float]:
     """Median step times (ms) of both optimizers on one path, interleaved step by step.
 
@@ -96,8 +136,15 @@ def measure(
         meter: also run the momentum meter (``measure_momentum=True``).
         rule: our tuning rule.
         curvature_every: updates between curvature estimates (``rule="stability"``).
+        shapes: a key of :data:`SHAPES`.
+        grads: ``"backward"`` (gradients from a backward pass before each step) or
+            ``"manual"`` (set by hand).
     """
-    params = _parameters(seed)
+    param_shapes = SHAPES[shapes]()
+    params = _parameters(param_shapes, seed)
+    torch_params = _parameters(param_shapes, seed)
+    gen = torch.Generator().manual_seed(seed + 2)
+    coefficients = [torch.randn(shape, generator=gen) * 1e-3 for shape in param_shapes]
     ours = AsyncMomentumSGD(
         params,
         lr=1e-3,
@@ -110,27 +157,36 @@ def measure(
         curvature_every=curvature_every,
         **PATHS[path],
     )
-    torch_sgd = torch.optim.SGD(_parameters(seed), lr=1e-3, momentum=0.9, **PATHS[path])
+    torch_sgd = torch.optim.SGD(torch_params, lr=1e-3, momentum=0.9, **PATHS[path])
     staleness = iter(np.random.default_rng(seed).geometric(0.25, size=steps + warmup) - 1)
 
     def ours_step() -> None:
         ours.step(staleness=int(next(staleness)))
 
     timings: dict[str, list[float]] = {"ours": [], "torch": []}
-    runners: list[tuple[str, Callable[[], None]]] = [("ours", ours_step), ("torch", torch_sgd.step)]
+    backward: dict[str, list[float]] = {"ours": [], "torch": []}
+    runners = [
+        ("ours", _gradient_source(params, coefficients, grads), ours_step),
+        ("torch", _gradient_source(torch_params, coefficients, grads), torch_sgd.step),
+    ]
     for i in range(warmup + steps):
         # Alternate who goes first, so neither always runs on a cache the other just warmed.
-        for name, run in runners if i % 2 == 0 else runners[::-1]:
+        for name, make_grads, step in runners if i % 2 == 0 else runners[::-1]:
             start = time.perf_counter()
-            run()
+            make_grads()
+            middle = time.perf_counter()
+            step()
             if i >= warmup:
-                timings[name].append(time.perf_counter() - start)
+                backward[name].append(middle - start)
+                timings[name].append(time.perf_counter() - middle)
     ours_ms = statistics.median(timings["ours"]) * 1e3
     torch_ms = statistics.median(timings["torch"]) * 1e3
     ours_mean_ms = statistics.fmean(timings["ours"]) * 1e3
     torch_mean_ms = statistics.fmean(timings["torch"]) * 1e3
     return {
         "path": path,
+        "shapes": shapes,
+        "grads": grads,
         "rule": rule,
         "meter": meter,
         "ours_ms": ours_ms,
@@ -139,6 +195,8 @@ def measure(
         "ours_mean_ms": ours_mean_ms,
         "torch_mean_ms": torch_mean_ms,
         "mean_ratio": ours_mean_ms / torch_mean_ms,
+        "backward_ratio": statistics.median(backward["ours"])
+        / statistics.median(backward["torch"]),
         "estimated_workers": ours.estimated_workers,
         "algorithmic_momentum": ours.algorithmic_momentum,
         "curvature": ours.curvature,
@@ -164,45 +222,81 @@ def build_parser() -> argparse.ArgumentParser:
         default=100,
         help="updates between curvature estimates (--rule stability)",
     )
+    parser.add_argument(
+        "--shapes", choices=list(SHAPES), default="resnet18", help="the parameter list"
+    )
+    parser.add_argument(
+        "--grads",
+        choices=["backward", "manual"],
+        default="backward",
+        help="gradients from a backward pass before each step (as in training), or set by hand",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per path; the median run is reported"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
-def run(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median ratio, with the fastest and slowest ratios of all runs beside it."""
+    ordered = sorted(runs, key=lambda r: r["ratio"])
+    chosen = dict(ordered[len(ordered) // 2])
+    chosen["ratio_min"], chosen["ratio_max"] = ordered[0]["ratio"], ordered[-1]["ratio"]
+    chosen["runs"] = len(runs)
+    return chosen
+
+
+def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Run the benchmark and print one line per path; returns the measurements.
 
     Args:
         argv: command-line arguments (``None`` reads ``sys.argv``).
     """
     args = build_parser().parse_args(argv)
-    params = resnet18_shapes()
-    numel = sum(int(np.prod(s)) for s in params)
+    shapes = SHAPES[args.shapes]()
+    numel = sum(int(np.prod(s)) for s in shapes)
+    load_before = os.getloadavg()[0]
     results = [
-        measure(
-            path,
-            args.steps,
-            meter=args.meter,
-            rule=args.rule,
-            curvature_every=args.curvature_every,
+        _median_run(
+            [
+                measure(
+                    path,
+                    args.steps,
+                    seed=repeat,
+                    meter=args.meter,
+                    rule=args.rule,
+                    curvature_every=args.curvature_every,
+                    shapes=args.shapes,
+                    grads=args.grads,
+                )
+                for repeat in range(max(args.repeats, 1))
+            ]
         )
         for path in args.paths
     ]
+    load = max(load_before, os.getloadavg()[0])
+    for r in results:
+        r["load"] = load
     if args.json:
         print(json.dumps(results, indent=2))
         return results
     print(
-        f"ResNet-18-shaped parameters: {len(params)} tensors, {numel / 1e6:.2f}M elements; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps; "
-        f"ours: rule {args.rule!r}{', meter on' if args.meter else ''}"
+        f"{args.shapes} parameters: {len(shapes)} tensors, {numel / 1e6:.2f}M elements; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps, "
+        f"median of {max(args.repeats, 1)} runs; gradients: {args.grads}; ours: rule "
+        f"{args.rule!r}{', meter on' if args.meter else ''}; load average {load:.2f} on "
+        f"{os.cpu_count()} cores"
     )
     print(
         f"{'path':<8} {'AsyncMomentumSGD ms':>20} {'torch.optim.SGD ms':>19} {'ratio':>7} "
-        f"{'mean ratio':>11}"
+        f"{'min..max':>12} {'mean ratio':>11} {'backward ratio':>15}"
     )
     for r in results:
         print(
-            f"{r['path']:<8} {r['ours_ms']:>20.2f} {r['torch_ms']:>19.2f} {r['ratio']:>7.3f} "
-            f"{r['mean_ratio']:>11.3f}"
+            f"{r['path']:<8} {r['ours_ms']:>20.3f} {r['torch_ms']:>19.3f} {r['ratio']:>7.3f} "
+            f"{r['ratio_min']:>5.2f}..{r['ratio_max']:<5.2f} {r['mean_ratio']:>11.3f} "
+            f"{r['backward_ratio']:>15.3f}"
         )
     return results
 

@@ -41,8 +41,13 @@ class CurvatureEstimator:
     a shifted iteration finds the largest positive one, which is what limits stability.
 
     Cost: one forward, one backward with graph, and ``k`` Hessian-vector products (about two
-    backwards each), every time it is called; memory: one copy of the parameters. Call it every
-    few hundred steps (``StabilityRule`` takes the maximum of the last ``history`` values).
+    backwards each), every time it is called. Memory between calls: the warm-start vector in
+    ``warm_start_dtype``, 2 bytes per parameter by default (bfloat16: a starting direction
+    needs no more; a float32 copy would add half again to SGD's momentum buffers), or nothing
+    with ``warm_start_dtype=None`` (every call then starts cold, ``iterations`` products).
+    During a call, full-precision vectors and the graph of the loss exist as long as it runs.
+    Call it every few hundred steps (``StabilityRule`` takes the maximum of the last
+    ``history`` values).
 
     Args:
         params: the parameters the Hessian is taken with respect to.
@@ -51,6 +56,8 @@ class CurvatureEstimator:
         tolerance: relative change of the eigenvalue at which an iteration stops early.
         history: number of recent estimates :attr:`value` takes the maximum of (>= 1).
         seed: seed of the first vector.
+        warm_start_dtype: dtype in which the vector is kept between calls, or ``None`` to keep
+            none.
     """
 
     def __init__(
@@ -62,6 +69,7 @@ class CurvatureEstimator:
         tolerance: float = 1e-3,
         history: int = 4,
         seed: int = 0,
+        warm_start_dtype: torch.dtype | None = torch.bfloat16,
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
@@ -71,6 +79,13 @@ class CurvatureEstimator:
         self.tolerance = check_real(tolerance, "tolerance", minimum=0.0)
         self.history = check_int(history, "history", 1)
         self._generator = torch.Generator().manual_seed(check_int(seed, "seed", 0))
+        if warm_start_dtype is not None and not (
+            isinstance(warm_start_dtype, torch.dtype) and warm_start_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"warm_start_dtype must be a floating torch.dtype or None, got {warm_start_dtype!r}"
+            )
+        self.warm_start_dtype = warm_start_dtype
         self._vector: list[Tensor] | None = None
         self._estimates: list[float] = []
         self.products = 0
@@ -132,7 +147,7 @@ class CurvatureEstimator:
 
     def _power_iteration(self, grads: Sequence[Tensor]) -> float:
         steps = self.iterations if self._vector is None else self.warm_iterations
-        vector = self._vector or self._random_vector()
+        vector = self._warm_vector() or self._random_vector()
         eigenvalue, vector = self._iterate(grads, vector, steps, shift=0.0)
         if eigenvalue < 0:
             # The dominant eigenvalue is negative: iterate on H - eigenvalue * I, whose dominant
@@ -141,8 +156,15 @@ class CurvatureEstimator:
                 grads, self._random_vector(), self.iterations, eigenvalue
             )
             eigenvalue = max(shifted + eigenvalue, 0.0)
-        self._vector = vector
+        if self.warm_start_dtype is not None:
+            self._vector = [v.detach().to(self.warm_start_dtype) for v in vector]
         return eigenvalue
+
+    def _warm_vector(self) -> list[Tensor] | None:
+        """The kept vector at the parameters' precision, normalized again; ``None`` if none."""
+        if self._vector is None:
+            return None
+        return _normalized([v.to(p.dtype) for v, p in zip(self._vector, self.params, strict=True)])
 
     def _iterate(
         self, grads: Sequence[Tensor], vector: list[Tensor], steps: int, shift: float

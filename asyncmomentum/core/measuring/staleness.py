@@ -28,7 +28,13 @@ from asyncmomentum.core.validation import (
     check_state,
 )
 
-__all__ = ["DEFAULT_HORIZON", "DEFAULT_WARMUP", "StalenessEstimator", "VersionClock"]
+__all__ = [
+    "DEFAULT_HORIZON",
+    "DEFAULT_WARMUP",
+    "StalenessEstimator",
+    "VersionClock",
+    "tick_and_observe",
+]
 
 #: Seconds to wait for the clock's or estimator's lock before concluding its holder is stuck
 #: (or, with the fallback lock of platforms without ``flock``, died while holding it).
@@ -180,14 +186,17 @@ class VersionClock(_SharableState):
 
     def tick(self) -> int:
         """Atomically advance the clock by one; return the version before the increment."""
-        # A plain `tensor += 1` from several processes loses increments: read-modify-write races.
-        count = self._np("_count")
         lock = self._acquire()  # not the _locked() context manager: it doubles the cost
         try:
-            version = int(count[0])
-            count[0] = version + 1
+            return self._tick_locked()
         finally:
             lock.release()
+
+    def _tick_locked(self) -> int:
+        # A plain `tensor += 1` from several processes loses increments: read-modify-write races.
+        count = self._np("_count")
+        version = int(count[0])
+        count[0] = version + 1
         return version
 
     def share_memory(self) -> VersionClock:
@@ -285,6 +294,17 @@ class StalenessEstimator(_SharableState):
             self._observe_locked(tau)
         finally:
             lock.release()
+
+    def use_lock_of(self, clock: VersionClock) -> None:
+        """Guard this estimator with ``clock``'s lock, so one critical section serves both.
+
+        See :func:`tick_and_observe`. Call it again after either moves to shared memory (each
+        then gets a process lock of its own).
+
+        Args:
+            clock: the clock whose versions this estimator's staleness is measured against.
+        """
+        self._lock = clock._lock
 
     def _observe_locked(self, tau: int) -> None:
         stats, counts, window = self._np("_stats"), self._np("_counts"), self._np("_window")
@@ -400,3 +420,37 @@ class StalenessEstimator(_SharableState):
             f"estimated_workers={self.estimated_workers:.3g}, horizon={self.horizon}, "
             f"warmup={self.warmup}, workers={self.workers}, shared={self.is_shared})"
         )
+
+
+def tick_and_observe(
+    clock: VersionClock, estimator: StalenessEstimator, version_read: int, staleness: int | None
+) -> tuple[int, int]:
+    """Claim the next version and record the staleness of the update that takes it.
+
+    With a shared lock (:meth:`StalenessEstimator.use_lock_of`) both happen in one critical
+    section: one lock taken per update instead of two (each a system call once the lock is a
+    process lock), and no other update can come between the count and its record.
+
+    Args:
+        clock: the clock of applied updates.
+        estimator: the estimator of ``M``.
+        version_read: the version the gradient's parameters were read at.
+        staleness: the staleness if the caller knows it (a parameter server does), else
+            ``None``: measured as the version claimed minus ``version_read``.
+
+    Returns:
+        The version the update is applied at, and its staleness.
+    """
+    if estimator._lock is not clock._lock:
+        version = clock.tick()
+        tau = staleness if staleness is not None else max(version - version_read, 0)
+        estimator.observe(tau)
+        return version, tau
+    lock = clock._acquire()
+    try:
+        version = clock._tick_locked()
+        tau = staleness if staleness is not None else max(version - version_read, 0)
+        estimator._observe_locked(tau)
+    finally:
+        lock.release()
+    return version, tau

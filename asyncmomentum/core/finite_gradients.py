@@ -1,0 +1,216 @@
+"""Whether gradients hold NaN or inf, checked where it costs least.
+
+A step must change nothing when a gradient is not finite, so every gradient is checked before
+the update. Read at ``step()``, the check streams every gradient from memory a second time (the
+update is the first): on ResNet-18 shapes that was 1.5 to 5 ms, a fifth of a fused step. So the
+check runs earlier, where the gradient is still in the cache: :class:`GradientWatch` hooks each
+parameter (``register_post_accumulate_grad_hook``) and takes the sum of its gradient the moment
+backward has accumulated it. At ``step()`` one small reduction over those sums answers for every
+gradient that is still the one summed; any other (set by hand, changed in place afterwards by
+clipping or unscaling, sparse) is checked then, the old way. A sum is non-finite whenever a
+value is, and may overflow on finite values: a suspect answer is always confirmed value by
+value, so the verdict is exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from itertools import repeat
+from operator import attrgetter
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["WATCH_MIN_ELEMENTS", "GradientWatch", "first_nonfinite"]
+
+# Below this many elements per device and dtype, unchecked gradients are checked with torch's
+# fused AMP check (one kernel); above it, a sum per tensor only reads the data and wins. The
+# crossover was measured (docs/performance.md).
+_FUSED_CHECK_MAX_ELEMENTS = 1 << 20
+_LOW = (torch.float16, torch.bfloat16)
+_VERSION = attrgetter("_version")
+
+#: Parameters with fewer elements get no hook (see :class:`GradientWatch`).
+WATCH_MIN_ELEMENTS = 1 << 16
+# The attribute in which a hooked gradient keeps the version counter its sum was taken at.
+_MARK = "_asyncmomentum_checked_version"
+_TOKENS = itertools.count()
+# Pending sums per device beyond which they are folded into one.
+_MAX_PENDING = 4096
+_DTYPE = attrgetter("dtype")
+_IS_CPU = attrgetter("is_cpu")
+_IS_SPARSE = attrgetter("is_sparse")
+
+
+class GradientWatch:
+    """Sums each large gradient as backward produces it, so that ``step()`` need not read it.
+
+    Only parameters of at least ``min_elements`` are hooked: a hook costs autograd a few
+    microseconds per parameter and call, more than reading a small gradient again at the step
+    (the crossover was measured: docs/performance.md). The hook marks the gradient with its
+    version counter (torch bumps it on every in-place change); the mark answers for the
+    gradient only while it still matches, so a gradient changed afterwards (clipped, set by
+    hand, replaced) is checked at the step as before. Pending sums are kept per device and
+    folded into one when they pile up (backward without steps), which keeps any NaN or inf.
+
+    Limits (docs/performance.md): writes through ``grad.data`` and torch's AMP unscale kernel
+    do not bump the version counter, so the watch cannot see them (``GradScaler`` checks the
+    gradients itself before it lets the step run).
+
+    Args:
+        min_elements: the smallest parameter that gets a hook.
+    """
+
+    def __init__(self, min_elements: int = WATCH_MIN_ELEMENTS) -> None:
+        self.min_elements = min_elements
+        self._pending: dict[torch.device, list[Tensor]] = {}
+        self._watched: set[int] = set()
+        # Marks name their watch: a gradient copied with its mark (deepcopy keeps a tensor's
+        # attributes) must not pass for checked by another watch, whose sums never saw it.
+        self._token = next(_TOKENS)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Hooks do not travel with tensors: a copy starts with nothing watched.
+        return {"min_elements": self.min_elements}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state.get("min_elements", WATCH_MIN_ELEMENTS))
+
+    def watch(self, params: Iterable[Tensor]) -> None:
+        """Hook every large parameter that autograd can give a gradient (idempotent).
+
+        Args:
+            params: the parameters; the others are checked at the step.
+        """
+        for param in params:
+            if (
+                param.requires_grad
+                and param.is_leaf
+                and param.numel() >= self.min_elements
+                and id(param) not in self._watched
+            ):
+                param.register_post_accumulate_grad_hook(self._record)
+                self._watched.add(id(param))
+
+    def _record(self, param: Tensor) -> None:
+        grad = param.grad
+        if grad is None or grad.is_sparse:
+            return
+        with torch.no_grad():
+            # float16 sums overflow at 65504 (a scaled gradient reaches that): sum in float32.
+            total = grad.sum(dtype=torch.float32) if grad.dtype in _LOW else grad.sum()
+        pending = self._pending.setdefault(total.device, [])
+        pending.append(total)
+        if len(pending) > _MAX_PENDING:
+            pending[:] = [torch.stack(pending).sum()]  # a NaN or inf stays one
+        setattr(grad, _MARK, (self._token, grad._version))
+
+    def unverified(self, grads: list[Tensor]) -> list[Tensor]:
+        """The gradients whose values the pending sums do not answer for.
+
+        Args:
+            grads: gradients about to be applied.
+        """
+        if not self._watched:
+            return grads
+        marks = list(map(getattr, grads, repeat(_MARK), repeat(None)))
+        expected = list(zip(repeat(self._token), map(_VERSION, grads)))
+        if marks == expected:
+            return []
+        return [g for g, mark, exp in zip(grads, marks, expected, strict=True) if mark != exp]
+
+    def pending_finite(self) -> bool:
+        """Whether every sum taken since the last :meth:`settle` is finite."""
+        return all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in self._pending.values())
+
+    def settle(self) -> None:
+        """Forget the pending sums: the gradients they answer for were just found finite."""
+        self._pending.clear()
+
+    @staticmethod
+    def forget(grads: Iterable[Tensor]) -> None:
+        """Drop the marks of these gradients: they are checked value by value from now on.
+
+        Args:
+            grads: gradients of a refused step (a non-finite one among them).
+        """
+        for grad in grads:
+            grad.__dict__.pop(_MARK, None)
+
+
+def _sums_finite(sums: list[Tensor]) -> bool:
+    by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+    for total in sums:
+        by_device[total.device].append(total)
+    return all(bool(torch.isfinite(torch.stack(same)).all()) for same in by_device.values())
+
+
+def _all_finite(grads: list[Tensor]) -> bool:
+    """Whether no gradient holds NaN or inf (cheap; a ``False`` is confirmed by the caller)."""
+    if (
+        len(set(map(_DTYPE, grads))) == 1
+        and all(map(_IS_CPU, grads))
+        and not any(map(_IS_SPARSE, grads))
+    ):
+        groups = [(grads[0].device, grads)]  # one device and dtype, all dense: the common case
+    else:
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+        for g in grads:
+            by_kind[(g.device, g.dtype)].append(g._values() if g.is_sparse else g)
+        groups = [(kind[0], same) for kind, same in by_kind.items()]
+    for device, same in groups:
+        if sum(map(Tensor.numel, same)) <= _FUSED_CHECK_MAX_ELEMENTS:
+            found = torch.zeros(1, device=device)
+            try:
+                # Multiplies by exactly 1 (a no-op on every value) and flags any non-finite one.
+                torch._amp_foreach_non_finite_check_and_unscale_(
+                    same, found, torch.ones(1, device=device)
+                )
+            except (RuntimeError, NotImplementedError):  # a dtype or layout it lacks
+                pass
+            else:
+                if found.item() != 0:
+                    return False
+                continue
+        if not bool(torch.isfinite(torch.stack([g.sum() for g in same])).all()):
+            return False
+    return True
+
+
+def first_nonfinite(
+    gathered: Sequence[tuple[list[Tensor], list[Tensor], list[Any]]],
+    watch: GradientWatch | None = None,
+) -> tuple[int, int, torch.Size] | None:
+    """Where the first NaN/inf gradient is, or ``None``: one cheap pass, then an exact one.
+
+    Args:
+        gathered: ``(params, grads, buffers)`` per parameter group, every param with its grad.
+        watch: sums taken during backward, which answer for the gradients still as summed;
+            settled when every gradient is found finite.
+
+    Returns:
+        ``(group index, index in the group's list, the parameter's shape)`` of the first
+        non-finite gradient, or ``None`` when every gradient is finite.
+    """
+    grads = [g for _, group_grads, _ in gathered for g in group_grads]
+    rest = grads if watch is None else watch.unverified(grads)
+    watched = watch is not None and len(rest) < len(grads)
+    if (not watched or watch.pending_finite()) and (not rest or _all_finite(rest)):
+        if watch is not None:
+            watch.settle()
+        return None
+    # A non-finite sum may come from finite values that overflow, or from a gradient since
+    # discarded: confirm value by value.
+    for group_index, (params, group_grads, _) in enumerate(gathered):
+        for index, g in enumerate(group_grads):
+            values = g._values() if g.is_sparse else g
+            if not bool(torch.isfinite(values).all()):
+                if watch is not None:
+                    watch.forget(grads)
+                return group_index, index, params[index].shape
+    if watch is not None:
+        watch.settle()
+    return None

@@ -1,0 +1,210 @@
+"""The non-finite gradient guarantee when the check runs during backward (GradientWatch)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from asyncmomentum import AsyncMomentumSGD
+from asyncmomentum.core import finite_gradients
+from asyncmomentum.core.finite_gradients import WATCH_MIN_ELEMENTS, GradientWatch
+from asyncmomentum.core.optimizer import NonFiniteGradientError
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    # 256 x 512 = 131072 weights: hooked; the bias (512) is checked at the step.
+    return nn.Sequential(nn.Linear(256, 512), nn.Tanh(), nn.Linear(512, 3))
+
+
+def _backward(model: nn.Module, scale: float = 1.0, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(8, 256, generator=gen) * scale
+    model(inputs).square().mean().backward()
+
+
+def _snapshot(model: nn.Module, optimizer: AsyncMomentumSGD) -> list[torch.Tensor]:
+    tensors = [p.detach().clone() for p in model.parameters()]
+    for state in optimizer.state.values():
+        tensors.append(state["momentum_buffer"].clone())
+    return tensors
+
+
+def _unchanged(before: list[torch.Tensor], model: nn.Module, opt: AsyncMomentumSGD) -> bool:
+    after = _snapshot(model, opt)
+    return len(before) == len(after) and all(
+        torch.equal(a, b) for a, b in zip(before, after, strict=True)
+    )
+
+
+def _trained_pair() -> tuple[nn.Module, AsyncMomentumSGD]:
+    model = _model()
+    opt = AsyncMomentumSGD(model.parameters(), lr=0.1, momentum=0.9)
+    _backward(model)
+    opt.step()  # momentum buffers exist from here on
+    opt.zero_grad()
+    return model, opt
+
+
+def test_only_large_parameters_are_hooked() -> None:
+    model = _model()
+    AsyncMomentumSGD(model.parameters(), lr=0.1, momentum=0.9)
+    hooked = [bool(p._post_accumulate_grad_hooks) for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    assert hooked == [n >= WATCH_MIN_ELEMENTS for n in sizes]
+    assert hooked[0]
+    assert not hooked[1]
+
+
+def test_backward_gradients_are_not_read_again_at_the_step(monkeypatch) -> None:
+    model, opt = _trained_pair()
+    seen: list[int] = []
+    real = finite_gradients._all_finite
+
+    def spy(grads):
+        seen.extend(g.numel() for g in grads)
+        return real(grads)
+
+    monkeypatch.setattr(finite_gradients, "_all_finite", spy)
+    _backward(model)
+    opt.step()
+    # The hooked weight (131072 elements) was summed during backward; only small ones remain.
+    assert seen
+    assert max(seen) < WATCH_MIN_ELEMENTS
+    assert sum(seen) == sum(p.numel() for p in model.parameters() if p.numel() < WATCH_MIN_ELEMENTS)
+
+
+def test_nan_from_backward_changes_nothing() -> None:
+    model, opt = _trained_pair()
+    version = opt.clock.value
+    _backward(model, scale=math.nan)
+    before = _snapshot(model, opt)
+    with pytest.raises(NonFiniteGradientError):
+        opt.step()
+    assert _unchanged(before, model, opt)
+    assert opt.clock.value == version
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(lambda g: g.mul_(math.inf), id="in-place-after-backward"),
+        pytest.param(lambda g: g.view(-1)[7].fill_(math.nan), id="one-value-through-a-view"),
+        pytest.param(
+            lambda g: (
+                torch.nn.utils.clip_grad_norm_([g.new_zeros(1, requires_grad=True)], 1.0)
+                or g.copy_(torch.full_like(g, math.nan))
+            ),
+            id="copied-over",
+        ),
+    ],
+)
+def test_gradient_changed_after_backward_is_checked_again(spoil) -> None:
+    model, opt = _trained_pair()
+    _backward(model)
+    weight = next(model.parameters())
+    spoil(weight.grad)
+    before = _snapshot(model, opt)
+    with pytest.raises(NonFiniteGradientError, match="parameter 0"):
+        opt.step()
+    assert _unchanged(before, model, opt)
+
+
+def test_gradient_replaced_by_hand_after_backward_is_checked() -> None:
+    model, opt = _trained_pair()
+    _backward(model)
+    weight = next(model.parameters())
+    weight.grad = torch.full_like(weight, math.nan)
+    before = _snapshot(model, opt)
+    with pytest.raises(NonFiniteGradientError):
+        opt.step()
+    assert _unchanged(before, model, opt)
+
+
+def test_accumulated_nan_is_caught() -> None:
+    model, opt = _trained_pair()
+    _backward(model, scale=math.nan)
+    _backward(model)  # accumulates onto the NaN gradient
+    before = _snapshot(model, opt)
+    with pytest.raises(NonFiniteGradientError):
+        opt.step()
+    assert _unchanged(before, model, opt)
+
+
+def test_discarded_nan_gradient_does_not_refuse_a_good_step() -> None:
+    model = _model()
+    opt = AsyncMomentumSGD(model.parameters(), lr=0.1, momentum=0.9, tune=False, foreach=False)
+    _backward(model)
+    opt.step()
+    opt.zero_grad()
+    reference = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    ref_opt.load_state_dict(
+        {
+            "state": {
+                i: {"momentum_buffer": opt.state[p]["momentum_buffer"].clone()}
+                for i, p in enumerate(model.parameters())
+            },
+            "param_groups": [{**ref_opt.param_groups[0], "params": list(range(4))}],
+        }
+    )
+    _backward(model, scale=math.nan)
+    model.zero_grad()  # the NaN gradients are dropped, their sums are still pending
+    _backward(model)
+    _backward(reference)
+    opt.step()
+    ref_opt.step()
+    for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_skipped_step_stays_skipped_when_repeated() -> None:
+    model = _model()
+    opt = AsyncMomentumSGD(model.parameters(), lr=0.1, momentum=0.9, nonfinite="skip")
+    _backward(model, scale=math.nan)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    opt.step()  # the same NaN gradients again, with no backward in between
+    assert opt.skipped_steps == 2
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_does_not_trust_the_original_watch(how: str) -> None:
+    model, opt = _trained_pair()
+    _backward(model, scale=math.nan)  # marked and summed by the original's watch, not checked
+    pair = {"model": model, "opt": opt}
+    copied = copy.deepcopy(pair) if how == "deepcopy" else pickle.loads(pickle.dumps(pair))
+    for ours, theirs in zip(model.parameters(), copied["model"].parameters(), strict=True):
+        theirs.grad = ours.grad  # the very tensors, marks included
+    with pytest.raises(NonFiniteGradientError):
+        copied["opt"].step()
+    # The copy watches its own parameters from then on.
+    copied["opt"].zero_grad()
+    _backward(copied["model"], scale=math.nan)
+    with pytest.raises(NonFiniteGradientError):
+        copied["opt"].step()
+
+
+def test_many_backward_passes_without_a_step_keep_a_nan() -> None:
+    watch = GradientWatch(min_elements=1)
+    param = nn.Parameter(torch.zeros(4))
+    watch.watch([param])
+    param.sum().mul(math.nan).backward()
+    for _ in range(finite_gradients._MAX_PENDING + 10):
+        param.sum().backward()
+    assert not watch.pending_finite()
+
+
+def test_float16_gradients_whose_sum_overflows_are_applied() -> None:
+    param = nn.Parameter(torch.zeros(WATCH_MIN_ELEMENTS, dtype=torch.float16))
+    opt = AsyncMomentumSGD([param], lr=1e-6, momentum=0.0, tune=False, foreach=True)
+    (param.float() * 1000.0).sum().backward()  # every gradient 1000: the sum is 6.5e7 > 65504
+    opt.step()
+    assert bool(torch.isfinite(param).all())
+    assert float(param.detach()[0]) != 0.0
