@@ -189,7 +189,8 @@ def test_bench_runs_from_an_installed_wheel(installed_wheel):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     lines = done.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("path "))
-    columns = ["path", "AsyncMomentumSGD", "ms", "torch.optim.SGD", "ms", "ratio", "mean", "ratio"]
+    columns = ["path", "AsyncMomentumSGD", "ms", "torch.optim.SGD", "ms", "ratio", "min..max"]
+    columns += ["mean", "ratio", "backward", "ratio"]
     assert lines[header].split() == columns
     paths = [line.split()[0] for line in lines[header + 1 : header + 5]]
     assert paths == ["foreach", "fused", "single", "default"]

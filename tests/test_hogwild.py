@@ -151,6 +151,16 @@ def test_four_workers_measure_asynchrony_and_train():
     assert updates[-1] <= 600
     assert result.train_time > 0
     assert result.updates_per_second > 0
+    # The timeline has one point per report, in time order, within the training time; the
+    # steady rate leaves the warm-up out and needs reports after it.
+    assert len(result.timeline) == len(progress)
+    times = [t for t, _ in result.timeline]
+    assert times == sorted(times)
+    assert 0 < times[-1] <= result.train_time + 1e-9
+    assert [u for _, u in result.timeline] == [m.update for m in progress]
+    assert result.steady_updates_per_second(warmup_updates=200) > 0
+    with pytest.raises(ValueError, match="fewer than two progress reports"):
+        result.steady_updates_per_second(warmup_updates=601)
 
 
 @pytest.mark.timeout(120)

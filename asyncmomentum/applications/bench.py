@@ -19,7 +19,7 @@ __all__ = ["BENCHMARKS", "bench_command", "register", "run_bench_command"]
 #: :mod:`asyncmomentum.applications.benchmarks` (a test checks that they match).
 BENCHMARKS: dict[str, list[str]] = {
     "step_overhead": ["--steps", "20"],
-    "async_throughput": ["--quick"],
+    "hogwild_throughput": ["--quick"],
     "convergence": [],
 }
 

@@ -48,7 +48,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, NamedTuple
 
@@ -683,6 +683,9 @@ class HogwildResult:
         train_time: seconds from the start signal to the last worker's last report.
         timed_out: whether the global timeout stopped the run.
         trace: every progress report as a :class:`TracePoint`, ordered by ``update``.
+        timeline: ``(seconds since the start signal, updates applied)`` at every progress
+            report, in the order received: the rate of any part of the run (see
+            :meth:`steady_updates_per_second`).
     """
 
     workers: int
@@ -700,6 +703,7 @@ class HogwildResult:
     train_time: float
     timed_out: bool
     trace: list[TracePoint]
+    timeline: list[tuple[float, int]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -715,6 +719,28 @@ class HogwildResult:
     def updates_per_second(self) -> float:
         """Applied updates per second of training (start signal to last report)."""
         return self.total_updates / self.train_time if self.train_time > 0 else 0.0
+
+    def steady_updates_per_second(self, warmup_updates: int) -> float:
+        """Updates per second after the first ``warmup_updates``: start-up costs left out.
+
+        Measured between the first progress report at or past ``warmup_updates`` and the last
+        one (the first steps of a fresh process allocate and warm caches).
+
+        Args:
+            warmup_updates: updates (of all workers) left out at the start.
+
+        Raises:
+            ValueError: fewer than two reports after the warm-up (run longer, or report more
+                often with ``report_every``).
+        """
+        after = [(t, u) for t, u in self.timeline if u >= warmup_updates]
+        if len(after) < 2 or after[-1][0] <= after[0][0]:
+            raise ValueError(
+                f"fewer than two progress reports after {warmup_updates} updates; run longer or "
+                "lower report_every"
+            )
+        (t0, u0), (t1, u1) = after[0], max(after, key=lambda point: point[0])
+        return (u1 - u0) / (t1 - t0)
 
     def raise_if_failed(self) -> None:
         """Raise :class:`HogwildError` describing the failures, if any."""
@@ -944,6 +970,7 @@ def train_hogwild(
         reports=reports,
         wall_time=supervisor.wall_time,
         train_time=supervisor.train_time,
+        timeline=supervisor.timeline,
         timed_out=supervisor.timed_out,
         trace=sorted(supervisor.trace, key=lambda point: point.update),
         **_final_momenta(optimizer, estimator),
@@ -978,6 +1005,7 @@ class _Supervisor:
         self.deadline = None if timeout is None else self.started + timeout
         self.states: list[_WorkerState] = []
         self.trace: list[TracePoint] = []
+        self.timeline: list[tuple[float, int]] = []
         self.timed_out = False
         self.train_started: float | None = None
         self.train_ended = self.started
@@ -1031,6 +1059,10 @@ class _Supervisor:
                 if isinstance(message, WorkerProgress):
                     self.trace.append(_trace_point(message))
                     self.train_ended = time.perf_counter()
+                    if self.train_started is not None:
+                        self.timeline.append(
+                            (self.train_ended - self.train_started, message.update)
+                        )
                     if self.on_progress is not None:
                         self.on_progress(message)
             if self.train_started is None and all(s.ready or not s.open for s in self.states):

@@ -6,8 +6,9 @@ wheel; the scripts in ``benchmarks/`` of the source tree only call these.
 
 - :mod:`~asyncmomentum.applications.benchmarks.step_overhead`: step time against
   ``torch.optim.SGD``, side by side.
-- :mod:`~asyncmomentum.applications.benchmarks.async_throughput`: updates per second of Hogwild
-  and the parameter server, and the tuning's share of a step.
+- :mod:`~asyncmomentum.applications.benchmarks.hogwild_throughput`: updates per second of
+  Hogwild with 1, 2 and 4 processes (warm-up left out, 3 runs, the load beside), and the
+  tuning's share of a step.
 - :mod:`~asyncmomentum.applications.benchmarks.convergence`: steps to a target loss of each
   tuning rule, relative to the oracle.
 """
