@@ -148,6 +148,17 @@ def _sums_finite(sums: list[Tensor]) -> bool:
     return all(bool(torch.isfinite(torch.stack(same)).all()) for same in by_device.values())
 
 
+_ONES: dict[torch.device, Tensor] = {}
+
+
+def _one(device: torch.device) -> Tensor:
+    """A cached ``tensor([1.0])`` on ``device`` (read only: the check's unscale factor)."""
+    one = _ONES.get(device)
+    if one is None:
+        one = _ONES[device] = torch.ones(1, device=device)
+    return one
+
+
 def _all_finite(grads: list[Tensor]) -> bool:
     """Whether no gradient holds NaN or inf (cheap; a ``False`` is confirmed by the caller)."""
     if (
@@ -166,9 +177,7 @@ def _all_finite(grads: list[Tensor]) -> bool:
             found = torch.zeros(1, device=device)
             try:
                 # Multiplies by exactly 1 (a no-op on every value) and flags any non-finite one.
-                torch._amp_foreach_non_finite_check_and_unscale_(
-                    same, found, torch.ones(1, device=device)
-                )
+                torch._amp_foreach_non_finite_check_and_unscale_(same, found, _one(device))
             except (RuntimeError, NotImplementedError):  # a dtype or layout it lacks
                 pass
             else:
