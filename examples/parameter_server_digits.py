@@ -227,7 +227,9 @@ def report(result: ServerResult, args: argparse.Namespace, seconds: float) -> No
         f"mean staleness {result.mean_staleness:.2f} -> M_hat {result.estimated_workers:.2f}, "
         f"implicit momentum {result.implicit_momentum:+.3f}, "
         f"algorithmic momentum {result.algorithmic_momentum:+.3f}\n"
-        f"optimizer.step: {100 * result.optimizer_share:.0f}% of the server's update time\n"
+        f"optimizer.step: {100 * result.optimizer_share:.0f}% of the locked section, "
+        f"{100 * result.wall_shares()['step']:.0f}% of the server's wall time; server CPU "
+        f"{1e3 * result.cpu_seconds_per_update:.2f} ms per update\n"
         f"held-out accuracy {accuracy(model, split.x_test, split.y_test):.3f}\n"
         f"checkpoint: {result.checkpoint_path}"
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from asyncmomentum.applications import bench, benchmarks
-from asyncmomentum.applications.benchmarks import step_overhead
+from asyncmomentum.applications.benchmarks import server_throughput, step_overhead
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -46,6 +46,22 @@ def test_step_overhead_offers_every_path_and_runs_them_all_by_default(capsys):
     assert table[1].split()[:2] == ["path", "AsyncMomentumSGD"]
     assert "ratio" in table[1]
     assert [line.split()[0] for line in table[2:]] == list(step_overhead.PATHS)
+
+
+def test_server_throughput_times_both_formats_after_the_warm_up(capsys):
+    args = ["--updates", "6", "--runs", "1", "--workers", "1", "--json"]
+    summaries = server_throughput.run(args)
+    assert [(s["workers"], s["format"]) for s in summaries] == [(1, "flat"), (1, "per_tensor")]
+    for summary in summaries:
+        rate = summary["updates_per_second"]
+        assert 0 < rate["min"] <= rate["median"] <= rate["max"]
+        assert summary["measured_updates"] == 6  # the warm-up's updates are not timed
+        assert summary["cpu_ms_per_update"] > 0
+        assert sum(summary["shares"].values()) == pytest.approx(1.0)
+        assert len(summary["load"]) == 2
+    out = capsys.readouterr().out
+    assert "flat / per_tensor median updates/s" in out
+    assert "load average now" in out
 
 
 def test_bench_runs_exactly_the_benchmark_modules_of_the_package():

@@ -35,6 +35,7 @@ from asyncmomentum.runtimes.server import (
     run_server,
     run_worker,
 )
+from asyncmomentum.runtimes.transport import flatten
 
 # -- helpers (top-level: spawned processes unpickle them by name) -------------------------------
 
@@ -81,13 +82,18 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
-def gradients(model: torch.nn.Module, seed: int = 0) -> list[torch.Tensor]:
+def gradient_list(model: torch.nn.Module, seed: int = 0) -> list[torch.Tensor]:
     x, y = next(teacher_batches(0, 1, seed=seed))
     return list(
         torch.autograd.grad(
             torch.nn.functional.cross_entropy(model(x), y), list(model.parameters())
         )
     )
+
+
+def gradients(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
+    """The flat gradient a worker pushes."""
+    return flatten(gradient_list(model, seed))
 
 
 def snapshot(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -149,10 +155,86 @@ def test_staleness_is_the_number_of_updates_between_read_and_apply() -> None:
 
 def test_reply_is_a_copy_of_the_parameters_right_after_the_update() -> None:
     server = make_server()
-    reply = server.push(1, gradients(server.model), server.join(1).version)
-    assert same(reply.params, snapshot(server.model))
-    reply.params[0].add_(1.0)  # the worker owns its copy
-    assert not torch.equal(reply.params[0], next(server.model.parameters()))
+    joined = server.join(1)
+    assert torch.equal(joined.params, flatten(list(server.model.parameters())))
+    reply = server.push(1, gradients(server.model), joined.version)
+    assert reply.params.dim() == 1
+    assert torch.equal(reply.params, flatten(list(server.model.parameters())))
+    assert not torch.equal(reply.params, joined.params)  # the update moved them
+    reply.params.add_(1.0)  # the worker owns its copy
+    assert not torch.equal(reply.params, flatten(list(server.model.parameters())))
+
+
+def test_the_parameters_live_in_one_buffer_and_stay_the_models() -> None:
+    model = make_cnn(0)
+    before = list(model.parameters())
+    values = snapshot(model)
+    optimizer = AsyncMomentumSGD(model.parameters(), lr=0.05, momentum=0.9, warmup=0)
+    server = ParameterServer(model, optimizer, 1, ServerConfig(total_updates=10))
+    after = list(model.parameters())
+    assert all(a is b for a, b in zip(before, after, strict=True))  # the same Parameter objects
+    assert same(snapshot(model), values)
+    storages = {p.untyped_storage().data_ptr() for p in after}
+    assert len(storages) == 1
+    server.push(1, gradients(model), server.join(1).version)
+    assert not same(snapshot(model), values)  # the optimizer stepped the model's parameters
+
+
+def test_a_model_of_mixed_dtypes_is_refused_clearly() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).double())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    values = snapshot(model)
+    with pytest.raises(ValueError, match="one flat buffer, so they must share one dtype"):
+        ParameterServer(model, optimizer, 1)
+    assert same(snapshot(model), values)
+
+
+def test_the_per_tensor_format_applies_the_same_update_as_the_flat_one() -> None:
+    flat, listed = make_server(), make_server()
+    grads = gradient_list(flat.model)
+    flat_reply = flat.push(1, flatten(grads), flat.join(1).version, loss=1.0)
+    list_reply = listed.push_tensors(1, grads, listed.join(1).version, loss=1.0)
+    assert isinstance(list_reply.params, list)
+    assert len(list_reply.params) == len(grads)
+    assert torch.equal(flat_reply.params, flatten(list_reply.params))
+    assert same(snapshot(flat.model), snapshot(listed.model))
+
+
+def test_the_time_figures_start_after_the_warm_up_and_add_up() -> None:
+    server = make_server(measure_after=2)
+    server.start()
+    version = server.join(1).version
+    for _ in range(5):
+        version = server.push(1, gradients(server.model), version).version
+    result = server.result()
+    assert (result.updates, result.measured_updates) == (5, 3)
+    assert 0.0 < result.measured_seconds < result.wall_time
+    assert 0.0 < result.optimizer_seconds < result.update_seconds <= result.measured_seconds
+    assert 0.0 < result.copy_seconds < result.update_seconds
+    assert result.cpu_seconds > 0.0
+    assert result.cpu_seconds_per_update == pytest.approx(result.cpu_seconds / 3)
+    shares = result.wall_shares()
+    assert set(shares) == {"step", "copy_out", "other_locked", "outside_lock"}
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert shares["step"] == pytest.approx(result.optimizer_seconds / result.measured_seconds)
+    # optimizer_share is of the locked section only: larger than the step's share of wall time.
+    assert result.optimizer_share > shares["step"]
+    untimed = make_server().result()
+    assert (untimed.measured_updates, untimed.wall_shares()["step"]) == (0, 0.0)
+
+
+def test_a_parameter_not_present_gets_no_gradient() -> None:
+    server = make_server()
+    params = list(server.model.parameters())
+    values = snapshot(server.model)
+    grad = gradients(server.model)
+    grad[: params[0].numel()] = math.nan  # the absent parameter's slice is ignored
+    reply = server.push(1, grad, server.join(1).version, present=tuple(range(1, len(params))))
+    assert reply.applied
+    after = snapshot(server.model)
+    assert torch.equal(after[0], values[0])
+    assert not torch.equal(after[1], values[1])
+    assert 0 not in {i for i, p in enumerate(params) if p in server.optimizer.state}
 
 
 def test_bad_pushes_raise_and_change_nothing() -> None:
@@ -161,19 +243,36 @@ def test_bad_pushes_raise_and_change_nothing() -> None:
     params = snapshot(server.model)
     buffers = [s["momentum_buffer"].clone() for s in server.optimizer.state.values()]
     grads = gradients(server.model)
+    every = tuple(range(len(params)))
     bad_pushes = {  # what: (push arguments, the error's message)
-        "too few gradients": ((1, grads[:-1], 0), "entries but the model has"),
-        "a wrong shape": ((1, [*grads[:-1], torch.zeros(3)], 0), "has shape"),
-        "a wrong dtype": ((1, [*grads[:-1], grads[-1].double()], 0), "is torch.float64"),
-        "not a list": ((1, grads[0], 0), "grads must be a list"),
+        "too few elements": ((1, grads[:-1], 0), "elements but the"),
+        "not flat": ((1, grads.reshape(2, -1), 0), "must be one 1-D tensor"),
+        "a wrong dtype": ((1, grads.double(), 0), "is torch.float64"),
+        "a list": ((1, list(grads.split(10)), 0), "call push_tensors"),
         "a version from the future": ((1, grads, 5), "pushed a gradient of version 5"),
         "a negative version": ((1, grads, -1), "version must be an integer"),
         "an unknown rank": ((3, grads, 0), "worker rank must be an integer"),
         "rank 0, the server": ((0, grads, 0), "worker rank must be an integer"),
+        "present out of range": ((1, grads, 0, 1.0, (0, len(params))), "index in present"),
+        "present unordered": ((1, grads, 0, 1.0, (1, 0)), "increasing order"),
+        "present repeated": ((1, grads, 0, 1.0, (*every, every[-1])), "increasing order"),
+        "present not a tuple": ((1, grads, 0, 1.0, 3), "tuple of parameter indices"),
+    }
+    listed = gradient_list(server.model)
+    bad_tensor_pushes = {
+        "too few gradients": ((1, listed[:-1], 0), "entries but the model has"),
+        "a wrong shape": ((1, [*listed[:-1], torch.zeros(3)], 0), "has shape"),
+        "a wrong dtype": ((1, [*listed[:-1], listed[-1].double()], 0), "is torch.float64"),
+        "not a list": ((1, listed[0], 0), "grads must be a list"),
+        "a version from the future": ((1, listed, 5), "pushed a gradient of version 5"),
     }
     for what, (args, match) in bad_pushes.items():
         with pytest.raises(ValueError, match=match):
             server.push(*args)
+        assert same(snapshot(server.model), params), what
+    for what, (args, match) in bad_tensor_pushes.items():
+        with pytest.raises(ValueError, match=match):
+            server.push_tensors(*args)
         assert same(snapshot(server.model), params), what
     assert server.version == 1
     after = [s["momentum_buffer"] for s in server.optimizer.state.values()]
@@ -187,7 +286,7 @@ def test_a_nonfinite_gradient_is_refused_for_plain_sgd() -> None:
     server = ParameterServer(model, optimizer, 1, ServerConfig(total_updates=10))
     params = snapshot(model)
     grads = gradients(model)
-    grads[0] = torch.full_like(grads[0], math.nan)
+    grads[0] = math.nan
     with pytest.raises(NonFiniteGradientError):
         server.push(1, grads, server.join(1).version)
     assert same(snapshot(model), params)
@@ -204,7 +303,7 @@ def test_the_end_refuses_late_gradients_and_keeps_what_was_applied() -> None:
     last = server.push(2, grads, server.join(2).version)
     assert last.applied
     assert last.stop
-    assert last.params == []
+    assert last.params.numel() == 0
     params = snapshot(server.model)
     late = server.push(1, grads, first.version)
     assert not late.applied
@@ -285,6 +384,7 @@ def test_bad_arguments_raise(monkeypatch) -> None:
         ({"progress_every": 0}, "progress_every must be"),
         ({"on_progress": "print"}, "on_progress must be"),
         ({"horizon": 0}, "horizon must be"),
+        ({"message_format": "json"}, "message_format must be one of"),
     ):
         with pytest.raises(ValueError, match=match):
             ServerConfig(**kwargs)
@@ -305,6 +405,8 @@ def test_bad_arguments_raise(monkeypatch) -> None:
         run_server(model, torch.optim.SGD(model.parameters(), lr=0.1), world_size=1)
     with pytest.raises(ValueError, match="rank"):
         run_worker(model, [], rank=0, world_size=3)
+    with pytest.raises(ValueError, match="message_format must be one of"):
+        run_worker(model, [], rank=1, world_size=3, message_format="json")
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(RuntimeError, match="torchrun"):
@@ -644,23 +746,28 @@ def test_a_requested_checkpoint_stays_in_the_jobs_folder(tmp_path) -> None:
 
 
 def test_a_remote_call_without_the_jobs_secret_is_refused(monkeypatch) -> None:
-    import asyncmomentum.runtimes.server as server_module
+    import asyncmomentum.runtimes.transport as transport
 
     server = make_server(num_workers=1)
     server.start()
-    monkeypatch.setattr(server_module, "_SERVING", server)
-    monkeypatch.setenv(server_module.SECRET_ENV, "the-job-secret")
+    monkeypatch.setenv(transport.SECRET_ENV, "the-job-secret")
+    grad = torch.ones(sum(p.numel() for p in server.model.parameters()))
     grads = [torch.ones_like(p) for p in server.model.parameters()]
     before = [p.detach().clone() for p in server.model.parameters()]
-    for wrong in ("", "another-secret", None, b"the-job-secret"):
-        with pytest.raises(PermissionError, match="secret"):
-            server_module._remote_push(1, grads, 0, 1.0, wrong)
-        with pytest.raises(PermissionError, match="secret"):
-            server_module._remote_checkpoint(None, wrong)
-    assert server.version == 0
-    assert all(torch.equal(a, b) for a, b in zip(before, server.model.parameters(), strict=True))
-    reply = server_module._remote_push(1, grads, 0, 1.0, "the-job-secret")
-    assert reply.version == server.version == 1
+    with transport.serving(server):
+        for wrong in ("", "another-secret", None, b"the-job-secret"):
+            with pytest.raises(PermissionError, match="secret"):
+                transport._remote_push(1, grad, 0, 1.0, None, wrong)
+            with pytest.raises(PermissionError, match="secret"):
+                transport._remote_push_tensors(1, grads, 0, 1.0, wrong)
+            with pytest.raises(PermissionError, match="secret"):
+                transport._remote_checkpoint(None, wrong)
+        assert server.version == 0
+        assert all(
+            torch.equal(a, b) for a, b in zip(before, server.model.parameters(), strict=True)
+        )
+        reply = transport._remote_push(1, grad, 0, 1.0, None, "the-job-secret")
+        assert reply.version == server.version == 1
 
 
 def cnn_that_rank_2_never_builds():

@@ -20,6 +20,7 @@ __all__ = ["BENCHMARKS", "bench_command", "register", "run_bench_command"]
 BENCHMARKS: dict[str, list[str]] = {
     "step_overhead": ["--steps", "20"],
     "hogwild_throughput": ["--quick"],
+    "server_throughput": ["--quick"],
     "convergence": [],
 }
 

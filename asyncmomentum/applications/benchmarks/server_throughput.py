@@ -1,0 +1,216 @@
+"""Updates per second of the parameter server, flat messages against per-tensor ones.
+
+Trains the digits CNN with AsyncMomentumSGD(momentum=0.9) on 1 server + 1, 2, 4 worker
+processes on loopback, each worker count with both message formats (``flat``: one gradient
+tensor per push, one parameter tensor per reply; ``per_tensor``: one tensor per parameter each
+way, the former format), interleaved in the same run so that both see the same machine. Every
+job first applies a warm-up (start-up, first connections) outside the server's timers, then at
+least ``--updates`` updates per worker inside them. Over ``--runs`` repetitions it prints:
+
+* updates/s, min / median / max;
+* the server's CPU time per update (its whole process: RPC threads, (de)serialization, updates);
+* where the server's wall time went: ``optimizer.step``, copying parameters out for replies, the
+  rest of the locked section, and outside the lock (RPC transfer and (de)serialization, the
+  handlers' checks, waiting for gradients);
+* the machine's load average (``os.getloadavg``, as ``uptime`` prints it) before and after,
+  and the flat / per-tensor ratio of median updates/s.
+
+    python benchmarks/server_throughput.py           # full run: 600 updates per worker, 3 runs
+    python benchmarks/server_throughput.py --quick   # 60 updates per worker, 3 runs
+
+The same runs as ``python -m asyncmomentum.applications.benchmarks.server_throughput`` (what
+``asyncmomentum bench server_throughput`` does), from an installed wheel too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from asyncmomentum import AsyncMomentumSGD
+from asyncmomentum.applications.digits import SmallCNN, iterate_batches, load_digits_split
+from asyncmomentum.runtimes.hogwild import shard
+from asyncmomentum.runtimes.server import (
+    ParameterServerJob,
+    ServerConfig,
+    ServerResult,
+    launch_local,
+)
+from asyncmomentum.runtimes.transport import MESSAGE_FORMATS
+
+WORKER_COUNTS = (1, 2, 4)
+SHARES = ("step", "copy_out", "other_locked", "outside_lock")
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return SmallCNN()
+
+
+def _optimizer(params: Iterable[nn.Parameter]) -> AsyncMomentumSGD:
+    return AsyncMomentumSGD(params, lr=0.05, momentum=0.9)
+
+
+def _worker_batches(worker_index: int, num_workers: int) -> Iterable[Any]:
+    data = load_digits_split()
+    x, y = shard((data.x_train, data.y_train), worker_index, num_workers)
+    return iterate_batches(x, y, batch_size=32, seed=worker_index)
+
+
+def load() -> float:
+    """The 1-minute load average of the machine, as ``uptime`` prints it."""
+    return os.getloadavg()[0]
+
+
+def one_job(workers: int, message_format: str, updates: int, warmup: int) -> dict[str, Any]:
+    """Run one job and return its figures.
+
+    Args:
+        workers: worker processes (plus one server process).
+        message_format: ``"flat"`` or ``"per_tensor"``.
+        updates: updates per worker inside the server's timers.
+        warmup: updates per worker before the timers start.
+    """
+    job = ParameterServerJob(model_fn=_model, optimizer_fn=_optimizer, batches_fn=_worker_batches)
+    config = ServerConfig(
+        total_updates=(warmup + updates) * workers,
+        measure_after=warmup * workers,
+        message_format=message_format,  # type: ignore[arg-type]
+    )
+    before = load()
+    result: ServerResult = launch_local(job, workers=workers, config=config, timeout=600).server
+    return {
+        "workers": workers,
+        "format": message_format,
+        "updates_per_second": result.measured_updates_per_second,
+        "measured_updates": result.measured_updates,
+        "cpu_ms_per_update": result.cpu_seconds_per_update * 1e3,
+        "lock_wait_us_per_update": result.lock_wait_seconds / max(result.measured_updates, 1) * 1e6,
+        "shares": result.wall_shares(),
+        "load_before": before,
+        "load_after": load(),
+    }
+
+
+def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Run the benchmark, print its table, and return one summary per (workers, format).
+
+    Args:
+        argv: command-line arguments (``None`` reads ``sys.argv``).
+    """
+    args = build_parser().parse_args(argv)
+    updates = args.updates if args.updates is not None else (60 if args.quick else 600)
+    warmup = max(updates // 10, 5)
+    torch.set_num_threads(1)
+    print(
+        f"digits CNN, AsyncMomentumSGD, 1 server + N workers on loopback; {warmup} warm-up + "
+        f"{updates} timed updates per worker; {args.runs} runs; load average now {load():.2f}"
+    )
+    jobs: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for _ in range(args.runs):
+        for workers in args.workers:
+            for message_format in MESSAGE_FORMATS:  # interleaved: both see the same load
+                figures = one_job(workers, message_format, updates, warmup)
+                jobs.setdefault((workers, message_format), []).append(figures)
+    summaries = [_summary(runs) for runs in jobs.values()]
+    _print_table(summaries)
+    if args.json:
+        print(json.dumps(summaries))
+    return summaries
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    rates = [r["updates_per_second"] for r in runs]
+    return {
+        "workers": runs[0]["workers"],
+        "format": runs[0]["format"],
+        "runs": len(runs),
+        "updates_per_second": {
+            "min": min(rates),
+            "median": statistics.median(rates),
+            "max": max(rates),
+        },
+        "measured_updates": min(r["measured_updates"] for r in runs),
+        "cpu_ms_per_update": statistics.median(r["cpu_ms_per_update"] for r in runs),
+        "lock_wait_us_per_update": statistics.median(r["lock_wait_us_per_update"] for r in runs),
+        "shares": {k: statistics.median(r["shares"][k] for r in runs) for k in SHARES},
+        "load": [min(r["load_before"] for r in runs), max(r["load_after"] for r in runs)],
+    }
+
+
+def _print_table(summaries: list[dict[str, Any]]) -> None:
+    print(
+        f"{'workers':>7} {'format':>10} {'upd/s min/median/max':>22} {'CPU ms/upd':>10} "
+        f"{'step':>5} {'copy':>5} {'locked':>6} {'outside':>7} {'wait us':>7} {'load':>10}"
+    )
+    medians = {}
+    for s in summaries:
+        rate, shares = s["updates_per_second"], s["shares"]
+        medians[s["workers"], s["format"]] = rate["median"]
+        rates = f"{rate['min']:.0f}/{rate['median']:.0f}/{rate['max']:.0f}"
+        print(
+            f"{s['workers']:>7} {s['format']:>10} {rates:>22} {s['cpu_ms_per_update']:>10.3f} "
+            f"{shares['step']:>5.1%} {shares['copy_out']:>5.1%} {shares['other_locked']:>6.1%} "
+            f"{shares['outside_lock']:>7.1%} {s['lock_wait_us_per_update']:>7.0f} "
+            f"{s['load'][0]:>4.2f}-{s['load'][1]:<4.2f}"
+        )
+    for workers in sorted({w for w, _ in medians}):
+        if (workers, "flat") in medians and (workers, "per_tensor") in medians:
+            ratio = medians[workers, "flat"] / medians[workers, "per_tensor"]
+            print(f"{workers} worker(s): flat / per_tensor median updates/s = {ratio:.2f}x")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _worker_counts(text: str) -> tuple[int, ...]:
+    counts = tuple(int(part) for part in text.split(","))
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"worker counts must be positive integers, got {text!r}")
+    return counts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's argument parser."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="60 updates per worker, not 600")
+    parser.add_argument(
+        "--updates",
+        type=_positive,
+        default=None,
+        help="timed updates per worker (overrides --quick)",
+    )
+    parser.add_argument("--runs", type=_positive, default=3, help="repetitions of every job")
+    parser.add_argument(
+        "--workers",
+        type=_worker_counts,
+        default=WORKER_COUNTS,
+        help="comma-separated worker counts (default 1,2,4)",
+    )
+    parser.add_argument("--json", action="store_true", help="also print the summaries as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print its figures; returns the exit code.
+
+    Args:
+        argv: command-line arguments (``None`` reads ``sys.argv``).
+    """
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

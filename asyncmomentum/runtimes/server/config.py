@@ -1,0 +1,274 @@
+"""What a parameter-server job trains, how its server runs, and what they report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from asyncmomentum.core.measuring.staleness import (
+    DEFAULT_HORIZON,
+    DEFAULT_WARMUP,
+    StalenessEstimator,
+)
+from asyncmomentum.core.validation import (
+    MAX_COUNT,
+    check_int,
+    check_positive,
+)
+from asyncmomentum.runtimes.transport import (
+    MESSAGE_FORMATS,
+    MessageFormat,
+)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the server runs, stops, checkpoints and reports.
+
+    Args:
+        total_updates: stop once this many gradients have been applied (``None``: no limit).
+        max_seconds: stop once this many seconds have passed since serving began (``None``:
+            no limit). At least one of ``total_updates`` and ``max_seconds`` must be given, so
+            that the job ends even when workers die.
+        worker_timeout: a worker not heard from for this many seconds is dropped: its later
+            gradients are refused and the server no longer waits for it at the end.
+        rpc_timeout: timeout of every RPC and of the store workers sign off in, in seconds.
+        join_timeout: seconds every process may take to join the job at start-up (outside
+            ``torchrun``); the server then fails with a message naming the missing ranks.
+        checkpoint_path: where the server saves model and optimizer at the end and on request
+            (``None``: only explicit requests with a path save).
+        checkpoint_every: also save every this many applied updates (needs ``checkpoint_path``).
+        trace_every: record one :class:`TracePoint` every this many applied updates.
+        progress_every: call ``on_progress`` every this many applied updates (``None``: never).
+        on_progress: called with the latest :class:`TracePoint` (in the server process, from an
+            RPC thread; under :func:`launch_local` it must be picklable: a top-level function).
+        horizon: horizon of the estimator that reports ``M`` for optimizers that do
+            not estimate it themselves (e.g. ``torch.optim.SGD``); AsyncMomentumSGD uses its own.
+        warmup: warm-up of that estimator, in observations.
+        message_format: how workers push: ``"flat"``, one gradient tensor per push and one
+            parameter tensor per reply (the default), or ``"per_tensor"``, one tensor per
+            parameter each way (the former format, kept to measure the difference).
+        measure_after: the server's timers (time shares, CPU time, the measured rate) start
+            once this many updates have been applied, so that start-up and warm-up (first
+            connections, first allocations) stay outside them; 0: from the start of serving.
+    """
+
+    total_updates: int | None = 1000
+    max_seconds: float | None = None
+    worker_timeout: float = 60.0
+    rpc_timeout: float = 120.0
+    join_timeout: float = 60.0
+    checkpoint_path: str | None = None
+    checkpoint_every: int | None = None
+    trace_every: int = 1
+    progress_every: int | None = None
+    on_progress: Callable[[TracePoint], None] | None = None
+    # The same names and defaults as AsyncMomentumSGD's.
+    horizon: int = DEFAULT_HORIZON
+    warmup: int = DEFAULT_WARMUP
+    message_format: MessageFormat = "flat"
+    measure_after: int = 0
+
+    def __post_init__(self) -> None:
+        check_positive(self.total_updates, "total_updates", integer=True, optional=True)
+        check_positive(self.max_seconds, "max_seconds", optional=True)
+        if self.total_updates is None and self.max_seconds is None:
+            raise ValueError(
+                "give total_updates or max_seconds (or both): without either the server would "
+                "wait forever for workers that may have died"
+            )
+        check_positive(self.worker_timeout, "worker_timeout")
+        check_positive(self.rpc_timeout, "rpc_timeout")
+        check_positive(self.join_timeout, "join_timeout")
+        check_positive(self.checkpoint_every, "checkpoint_every", integer=True, optional=True)
+        if self.checkpoint_every is not None and self.checkpoint_path is None:
+            raise ValueError("checkpoint_every needs a checkpoint_path to save to")
+        check_positive(self.trace_every, "trace_every", integer=True)
+        check_positive(self.progress_every, "progress_every", integer=True, optional=True)
+        if self.on_progress is not None and not callable(self.on_progress):
+            raise ValueError(f"on_progress must be callable or None, got {self.on_progress!r}")
+        # Validates horizon and warmup with the estimator's own messages.
+        StalenessEstimator(horizon=self.horizon, warmup=self.warmup)
+        check_int(self.measure_after, "measure_after", 0, maximum=MAX_COUNT)
+        if self.message_format not in MESSAGE_FORMATS:
+            raise ValueError(
+                f"message_format must be one of {MESSAGE_FORMATS}, got {self.message_format!r}"
+            )
+
+
+class TracePoint(NamedTuple):
+    """The state of training right after one applied update, for logs and plots."""
+
+    #: Number of updates applied so far, this one included.
+    update: int
+    #: Rank of the worker whose gradient this was.
+    worker: int
+    #: The worker's loss on the batch it computed the gradient from (at stale parameters).
+    loss: float
+    #: Updates applied between the worker's read and this update.
+    staleness: int
+    #: Momentum the optimizer applies (first parameter group).
+    algorithmic_momentum: float
+    #: Implicit momentum ``1 - 1/M_hat`` of the measured asynchrony.
+    implicit_momentum: float
+    #: ``M_hat``, the estimated number of asynchronous workers.
+    estimated_workers: float
+    #: Seconds since serving began.
+    time: float
+
+
+@dataclass(frozen=True)
+class ServerResult:
+    """What the server did.
+
+    Attributes:
+        updates: gradients applied.
+        updates_per_worker: applied gradients by worker rank.
+        refused: gradients answered with "stop" (they arrived after the end, or from a dropped
+            worker), not applied.
+        dropped_workers: ranks dropped for silence (dead or stalled).
+        left_workers: ranks that left by themselves.
+        stop_reason: ``"total_updates"``, ``"max_seconds"`` or ``"no_workers"``.
+        estimated_workers: final ``M_hat``.
+        implicit_momentum: final implicit momentum.
+        algorithmic_momentum: final momentum of the optimizer's first parameter group.
+        mean_staleness: final moving average of the staleness.
+        trace: one :class:`TracePoint` every ``trace_every`` updates.
+        checkpoint_path: the final checkpoint, or ``None``.
+        wall_time: seconds from the start of serving to the stop.
+        measured_updates: updates applied while the timers ran (after
+            ``ServerConfig.measure_after``); the time figures below cover these only.
+        measured_seconds: wall time from the start of the timers to the stop.
+        update_seconds: time spent in the locked section of pushes (the gradient installed,
+            ``optimizer.step``, the parameters copied out for the reply, the bookkeeping).
+        optimizer_seconds: the part of ``update_seconds`` spent in ``optimizer.step``.
+        copy_seconds: the part of ``update_seconds`` spent copying parameters into replies.
+        lock_wait_seconds: time pushes spent waiting for the lock, summed over pushes (they
+            wait concurrently, so this can exceed ``wall_time``).
+        cpu_seconds: CPU time of the server's whole process (every thread: RPC, serialization,
+            updates) from the start of serving to the stop. Under :func:`launch_local` the
+            process does nothing else; a worker sharing the process is counted too.
+    """
+
+    updates: int
+    updates_per_worker: dict[int, int]
+    refused: int
+    dropped_workers: tuple[int, ...]
+    left_workers: tuple[int, ...]
+    stop_reason: str
+    estimated_workers: float
+    implicit_momentum: float
+    algorithmic_momentum: float
+    mean_staleness: float
+    trace: list[TracePoint]
+    checkpoint_path: str | None
+    wall_time: float
+    update_seconds: float
+    optimizer_seconds: float
+    measured_updates: int = 0
+    measured_seconds: float = 0.0
+    copy_seconds: float = 0.0
+    lock_wait_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+    @property
+    def updates_per_second(self) -> float:
+        """Applied updates per second of wall time."""
+        return _ratio(self.updates, self.wall_time)
+
+    @property
+    def measured_updates_per_second(self) -> float:
+        """Applied updates per second while the timers ran (warm-up excluded)."""
+        return _ratio(self.measured_updates, self.measured_seconds)
+
+    @property
+    def optimizer_share(self) -> float:
+        """Share of the *locked section* (``update_seconds``) spent in ``optimizer.step``.
+
+        Not a share of the server's wall time: see :meth:`wall_shares` for that.
+        """
+        return _ratio(self.optimizer_seconds, self.update_seconds)
+
+    @property
+    def cpu_seconds_per_update(self) -> float:
+        """CPU time of the server's process per measured update (RPC threads included)."""
+        return _ratio(self.cpu_seconds, self.measured_updates)
+
+    def wall_shares(self) -> dict[str, float]:
+        """Where the server's wall time went while the timers ran, as shares that add up to 1.
+
+        ``step``: ``optimizer.step``; ``copy_out``: copying parameters into replies;
+        ``other_locked``: the rest of the locked section (installing the gradient,
+        bookkeeping); ``outside_lock``: everything else: RPC transfer and (de)serialization,
+        the handlers' checks, and waiting for gradients to arrive. The server applies one
+        update at a time, so the locked section never exceeds the wall time.
+        """
+        step = _ratio(self.optimizer_seconds, self.measured_seconds)
+        copy_out = _ratio(self.copy_seconds, self.measured_seconds)
+        locked = min(_ratio(self.update_seconds, self.measured_seconds), 1.0)
+        other = max(locked - step - copy_out, 0.0)
+        return {
+            "step": step,
+            "copy_out": copy_out,
+            "other_locked": other,
+            "outside_lock": max(1.0 - step - copy_out - other, 0.0),
+        }
+
+
+def _ratio(part: float, whole: float) -> float:
+    return part / whole if whole > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    """What one worker did.
+
+    Attributes:
+        rank: the worker's global rank.
+        steps: gradients of this worker the server applied.
+        refused: gradients the server refused (sent after the end).
+        stop_reason: ``"server"`` (told to stop), ``"max_steps"`` or ``"batches_exhausted"``.
+        wall_time: seconds from joining to leaving.
+    """
+
+    rank: int
+    steps: int
+    refused: int
+    stop_reason: str
+    wall_time: float
+
+
+@dataclass(frozen=True)
+class ParameterServerJob:
+    """What a job trains, as factories every process can call (picklable for spawned processes).
+
+    Args:
+        model_fn: builds the model (seed inside it: the server's copy is the one that counts).
+        optimizer_fn: builds the server's optimizer from the model's parameters.
+        batches_fn: ``batches_fn(worker_index, num_workers)`` gives the batches of one worker
+            (index ``0 .. num_workers - 1``, i.e. rank - 1): its shard of the data.
+        loss_fn: ``loss_fn(model(inputs), targets)`` is the scalar loss.
+        seed: workers seed torch with ``seed + rank`` (dropout and the like).
+        probe_fn: for an ``AsyncMomentumSGD(rule="stability")``: ``probe_fn(model)`` returns
+            the curvature probe on the server's model (a loss on a batch the server holds; see
+            ``AsyncMomentumSGD(curvature_probe=...)``). The server has no data of its own.
+    """
+
+    model_fn: Callable[[], nn.Module]
+    optimizer_fn: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+    batches_fn: Callable[[int, int], Iterable[tuple[Any, Tensor]]]
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
+    seed: int = 0
+    probe_fn: Callable[[nn.Module], Callable[[], Tensor]] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("model_fn", "optimizer_fn", "batches_fn", "loss_fn"):
+            if not callable(getattr(self, name)):
+                raise ValueError(f"{name} must be callable, got {getattr(self, name)!r}")
+        if self.probe_fn is not None and not callable(self.probe_fn):
+            raise ValueError(f"probe_fn must be callable or None, got {self.probe_fn!r}")

@@ -1,0 +1,587 @@
+"""The link between workers and a :class:`~asyncmomentum.runtimes.server.ParameterServer`.
+
+Everything that knows how a worker reaches the server lives here, behind one small interface,
+so that another engine (``torch.distributed`` point-to-point, Ray actors) can replace
+``torch.distributed.rpc`` without touching the server's rules or the code that drives workers
+(PyTorch keeps ``torch.distributed.rpc`` and TensorPipe in maintenance mode).
+
+* :class:`Transport` is the worker's side: ``join``, ``push``, ``leave``, ``checkpoint``.
+  :class:`LocalTransport` calls a server of this process directly; :class:`RpcTransport` calls
+  the process named :data:`SERVER_NAME` over ``torch.distributed.rpc``.
+* The host side puts a server behind RPC in the current process: :func:`init_rpc` joins the
+  RPC group, :func:`serving` makes a server reachable while its block runs, :func:`shutdown_rpc`
+  leaves the group locally (a dead peer never blocks it).
+* Messages are flat: a push carries one gradient tensor and a reply one parameter tensor, all
+  parameters concatenated in ``model.parameters()`` order (:func:`flatten`, :func:`load_flat`).
+  Per-message overhead, not bytes, bounds the server's rate on small models, so one tensor per
+  message instead of one per parameter is what makes it fast; over RPC a small flat tensor
+  (up to :data:`INLINE_MAX_BYTES`) even travels as bytes inside the message, which costs less
+  than a tensor attachment (measured in ``docs/performance.md``). The per-tensor format is kept
+  (:meth:`RpcTransport.push_tensors`) to measure the difference.
+
+Failures of the link itself (the server process ended, a timeout) raise :class:`ConnectionError`;
+errors the server raised (a bad gradient, a refused secret) pass through with their type (built-in
+types always; other types where torch's RPC keeps them, else a ``RuntimeError`` that names them).
+"""
+
+from __future__ import annotations
+
+import builtins
+import hmac
+import os
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+
+import torch
+import torch.distributed.rpc as rpc
+from torch import Tensor
+
+__all__ = [
+    "INLINE_MAX_BYTES",
+    "MESSAGE_FORMATS",
+    "SECRET_ENV",
+    "SERVER_NAME",
+    "LocalTransport",
+    "MessageFormat",
+    "PerTensorReply",
+    "Reply",
+    "RpcTransport",
+    "Servable",
+    "Transport",
+    "check_flat",
+    "flatten",
+    "init_rpc",
+    "load_flat",
+    "serving",
+    "shutdown_rpc",
+    "worker_name",
+]
+
+#: RPC name of the process that serves (rank 0 of a parameter-server job).
+SERVER_NAME = "server"
+
+#: Environment variable with the job's secret: when the serving process has one, every remote
+#: call must carry the same (``launch_local`` sets a fresh one; with ``torchrun`` or plain
+#: variables, export the same value to every process). It stops mistakes (a worker of another
+#: job, a stray client), not attackers: the RPC transport itself unpickles what it receives.
+SECRET_ENV = "ASYNCMOMENTUM_JOB_SECRET"
+
+#: How a worker's gradient travels: ``"flat"``, one tensor per message (the default), or
+#: ``"per_tensor"``, one tensor per parameter (the former format, kept for comparison).
+MessageFormat = Literal["flat", "per_tensor"]
+MESSAGE_FORMATS: tuple[str, ...] = ("flat", "per_tensor")
+
+# What torch's RPC puts in the message of an exception the remote side raised.
+_REMOTE_ERROR_MARK = "On WorkerInfo("
+
+# A leaving worker's last call; bounded, as the server may be gone already.
+_LEAVE_TIMEOUT_S = 5.0
+
+#: Over RPC, a flat CPU tensor of at most this many bytes travels as bytes inside the message
+#: instead of as a tensor attachment: one round trip of the digits CNN's 7.6 KB took 180 us
+#: that way against 270 us as a tensor; from about 128 KB on the attachment is cheaper.
+INLINE_MAX_BYTES = 64 * 1024
+
+
+def worker_name(rank: int) -> str:
+    """RPC name of the worker of global rank ``rank`` (>= 1)."""
+    return f"worker{rank}"
+
+
+class Reply(NamedTuple):
+    """The server's answer to a join or a push."""
+
+    #: All parameters, flat, in ``model.parameters()`` order: a fresh tensor the receiver may
+    #: keep (empty when ``stop``).
+    params: Tensor
+    #: Number of updates applied when ``params`` were read: the version to push with.
+    version: int
+    #: The worker should leave (the job ended, or this worker was dropped or has left).
+    stop: bool
+    #: Whether the pushed gradient was applied (``False`` for a join).
+    applied: bool
+    #: Port of the store on which leaving workers sign off (0: none).
+    control_port: int
+
+
+class PerTensorReply(NamedTuple):
+    """A reply in the per-tensor message format: one tensor per parameter."""
+
+    params: list[Tensor]
+    version: int
+    stop: bool
+    applied: bool
+    control_port: int
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """The worker's side of the link to one parameter server."""
+
+    def join(self, rank: int) -> Reply:
+        """A worker's first read: the current parameters and their version.
+
+        Args:
+            rank: the worker's rank, in ``1 .. num_workers``.
+        """
+        ...
+
+    def push(
+        self,
+        rank: int,
+        grad: Tensor,
+        version: int,
+        loss: float,
+        present: tuple[int, ...] | None = None,
+    ) -> Reply:
+        """Push one gradient; the reply holds the parameters right after it was applied.
+
+        Args:
+            rank: the worker's rank.
+            grad: one flat 1-D tensor in the layout of :attr:`Reply.params`.
+            version: the version of the parameters the gradient was computed from.
+            loss: the worker's loss on its batch, for the server's trace.
+            present: indices (in ``model.parameters()`` order) of the parameters that have a
+                gradient; the others get none (``None`` on the server, as torch skips them).
+                ``None``: all of them.
+        """
+        ...
+
+    def leave(self, rank: int) -> None:
+        """Tell the server this worker leaves; it stops expecting the worker's gradients.
+
+        Args:
+            rank: the worker's rank.
+        """
+        ...
+
+    def checkpoint(self, path: str | None) -> str:
+        """Ask the server to save a checkpoint now; returns the path written (server's disk).
+
+        Args:
+            path: where to save, inside the folder of the server's ``checkpoint_path``;
+                ``None``: that path.
+        """
+        ...
+
+
+class Servable(Protocol):
+    """What a server offers to transports; :class:`~.server.ParameterServer` is one.
+
+    ``join``, ``push`` and ``leave`` are :class:`Transport`'s; ``push_tensors`` takes the
+    per-tensor message format; ``checkpoint`` saves (its owner's call) and
+    ``requested_checkpoint_path`` says where a remote request may write.
+    """
+
+    def join(self, rank: int) -> Reply:
+        """See :meth:`Transport.join`."""
+        ...
+
+    def push(
+        self,
+        rank: int,
+        grad: Tensor,
+        version: int,
+        loss: float,
+        present: tuple[int, ...] | None = None,
+    ) -> Reply:
+        """See :meth:`Transport.push`."""
+        ...
+
+    def push_tensors(
+        self, rank: int, grads: Sequence[Tensor | None], version: int, loss: float
+    ) -> PerTensorReply:
+        """:meth:`Transport.push` in the per-tensor message format."""
+        ...
+
+    def leave(self, rank: int) -> None:
+        """See :meth:`Transport.leave`."""
+        ...
+
+    def checkpoint(self, path: str | None = None) -> str:
+        """Save now (the owner's call, any path); returns the path written."""
+        ...
+
+    def requested_checkpoint_path(self, path: str | None) -> str | None:
+        """Where a remote checkpoint request for ``path`` may write; raises if nowhere."""
+        ...
+
+
+# -- flat buffers --------------------------------------------------------------------------------
+
+
+def flatten(tensors: Sequence[Tensor]) -> Tensor:
+    """One new 1-D tensor with ``tensors`` concatenated (detached), in order.
+
+    Args:
+        tensors: at least one tensor, all of one dtype and on one device.
+
+    Raises:
+        ValueError: no tensors, or mixed dtypes or devices.
+    """
+    if isinstance(tensors, Tensor) or not tensors:
+        raise ValueError("flatten needs a non-empty sequence of tensors")
+    first = tensors[0]
+    for index, tensor in enumerate(tensors):
+        if not isinstance(tensor, Tensor):
+            raise ValueError(f"entry {index} is a {type(tensor).__name__}, not a tensor")
+        if tensor.dtype != first.dtype or tensor.device != first.device:
+            raise ValueError(
+                f"one flat buffer holds one dtype on one device: entry {index} is "
+                f"{tensor.dtype} on {tensor.device}, entry 0 is {first.dtype} on {first.device}"
+            )
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def check_flat(flat: Any, params: Sequence[Tensor], what: str = "the flat tensor") -> Tensor:
+    """Return ``flat`` if it is a 1-D tensor that fits ``params``, else raise ValueError.
+
+    Args:
+        flat: the tensor to check.
+        params: the parameters it must cover, in order.
+        what: how messages name ``flat``.
+    """
+    expected = sum(p.numel() for p in params)
+    if not isinstance(flat, Tensor) or flat.dim() != 1:
+        found = f"shape {tuple(flat.shape)}" if isinstance(flat, Tensor) else type(flat).__name__
+        raise ValueError(f"{what} must be one 1-D tensor, got {found}")
+    if flat.numel() != expected:
+        raise ValueError(
+            f"{what} has {flat.numel()} elements but the {len(params)} parameters hold "
+            f"{expected}; do worker and server build the same model?"
+        )
+    if params and (flat.dtype != params[0].dtype or flat.device != params[0].device):
+        raise ValueError(
+            f"{what} is {flat.dtype} on {flat.device} but the parameters are "
+            f"{params[0].dtype} on {params[0].device}"
+        )
+    return flat
+
+
+@torch.no_grad()
+def load_flat(params: Sequence[Tensor], flat: Tensor) -> None:
+    """Copy a flat tensor (as :func:`flatten` makes) into ``params``, in order.
+
+    Everything is checked before anything is copied.
+
+    Args:
+        params: the parameters to overwrite.
+        flat: a 1-D tensor with exactly as many elements as ``params`` together.
+
+    Raises:
+        ValueError: ``flat`` is not 1-D, or its size, dtype or device does not fit.
+    """
+    check_flat(flat, params)
+    offset = 0
+    for param in params:
+        count = param.numel()
+        param.copy_(flat[offset : offset + count].view_as(param))
+        offset += count
+
+
+# -- the worker's side ---------------------------------------------------------------------------
+
+
+class LocalTransport:
+    """Calls a server of this process directly (a worker in the server's process, and tests).
+
+    It follows the rules of :class:`RpcTransport`: a requested checkpoint path must lie in the
+    server's checkpoint folder.
+
+    Args:
+        server: the server to call.
+    """
+
+    def __init__(self, server: Servable) -> None:
+        self.server = server
+
+    def join(self, rank: int) -> Reply:
+        """See :meth:`Transport.join`."""
+        return self.server.join(rank)
+
+    def push(
+        self,
+        rank: int,
+        grad: Tensor,
+        version: int,
+        loss: float,
+        present: tuple[int, ...] | None = None,
+    ) -> Reply:
+        """See :meth:`Transport.push`."""
+        return self.server.push(rank, grad, version, loss, present)
+
+    def leave(self, rank: int) -> None:
+        """See :meth:`Transport.leave`."""
+        self.server.leave(rank)
+
+    def checkpoint(self, path: str | None) -> str:
+        """See :meth:`Transport.checkpoint`."""
+        return self.server.checkpoint(self.server.requested_checkpoint_path(path))
+
+
+class RpcTransport:
+    """Calls the server over ``torch.distributed.rpc``; this process must have joined the group.
+
+    Every call carries the job's secret (:data:`SECRET_ENV`).
+
+    Args:
+        server_name: RPC name of the serving process.
+        timeout: seconds each call may take (``None``: the RPC group's timeout).
+        secret: the job's secret (``None``: read :data:`SECRET_ENV` now).
+    """
+
+    def __init__(
+        self,
+        server_name: str = SERVER_NAME,
+        *,
+        timeout: float | None = None,
+        secret: str | None = None,
+    ) -> None:
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be positive or None, got {timeout!r}")
+        self.server_name = server_name
+        self.timeout = timeout
+        self._secret = os.environ.get(SECRET_ENV, "") if secret is None else secret
+
+    def join(self, rank: int) -> Reply:
+        """See :meth:`Transport.join`."""
+        return _unpack_reply(self._call(_remote_join, rank, self._secret))
+
+    def push(
+        self,
+        rank: int,
+        grad: Tensor,
+        version: int,
+        loss: float,
+        present: tuple[int, ...] | None = None,
+    ) -> Reply:
+        """See :meth:`Transport.push`."""
+        packed = _pack(grad)
+        reply = self._call(_remote_push, rank, packed, version, loss, present, self._secret)
+        return _unpack_reply(reply)
+
+    def push_tensors(
+        self, rank: int, grads: Sequence[Tensor | None], version: int, loss: float
+    ) -> Reply:
+        """Push in the per-tensor format: one tensor per parameter each way.
+
+        Kept to measure what the flat format saves; the reply is flattened here.
+
+        Args:
+            rank: the worker's rank.
+            grads: one gradient per parameter (``None`` for none).
+            version: the version of the parameters the gradient was computed from.
+            loss: the worker's loss on its batch.
+        """
+        reply: PerTensorReply = self._call(
+            _remote_push_tensors, rank, list(grads), version, loss, self._secret
+        )
+        params = flatten(reply.params) if reply.params else torch.empty(0)
+        return Reply(params, reply.version, reply.stop, reply.applied, reply.control_port)
+
+    def leave(self, rank: int) -> None:
+        """See :meth:`Transport.leave` (bounded: the server may be gone already)."""
+        self._call(_remote_leave, rank, self._secret, timeout=_LEAVE_TIMEOUT_S)
+
+    def checkpoint(self, path: str | None) -> str:
+        """See :meth:`Transport.checkpoint`."""
+        return self._call(_remote_checkpoint, path, self._secret)
+
+    def _call(self, function: Any, *args: Any, timeout: float | None = None) -> Any:
+        """``function(*args)`` on the server; transport failures become ConnectionError."""
+        limit = timeout if timeout is not None else self.timeout
+        kwargs = {} if limit is None else {"timeout": limit}
+        try:
+            return rpc.rpc_sync(self.server_name, function, args=args, **kwargs)
+        except RuntimeError as error:
+            if _REMOTE_ERROR_MARK in str(error):  # the server raised it: pass it on
+                raise _original_error(error) from None
+            raise ConnectionError(
+                f"lost the parameter server {self.server_name!r}: its call "
+                f"{function.__name__.removeprefix('_remote_')} failed ({error!s:.200}); the "
+                "server process ended or cannot be reached"
+            ) from error
+
+
+class _Packed(NamedTuple):
+    """A small flat tensor as it travels inside an RPC message: its dtype's name and bytes."""
+
+    dtype: str
+    data: bytes
+
+
+def _pack(tensor: Tensor) -> Tensor | _Packed:
+    """``tensor`` for the wire: bytes if it is a small flat CPU tensor, else itself."""
+    if (
+        not isinstance(tensor, Tensor)
+        or tensor.device.type != "cpu"
+        or tensor.dim() != 1
+        or tensor.numel() * tensor.element_size() > INLINE_MAX_BYTES
+    ):
+        return tensor  # the receiver's checks say what is wrong with it, if anything
+    raw = tensor.detach().contiguous().view(torch.uint8)
+    return _Packed(str(tensor.dtype).removeprefix("torch."), raw.numpy().tobytes())
+
+
+def _unpack(value: Any) -> Any:
+    """The tensor :func:`_pack` packed (a fresh, writable one); anything else as it is."""
+    if not isinstance(value, _Packed):
+        return value
+    dtype = getattr(torch, str(value.dtype), None)
+    if not isinstance(dtype, torch.dtype) or not isinstance(value.data, bytes):
+        raise ValueError(f"a packed tensor names no torch dtype: {value.dtype!r}")
+    size = torch.empty(0, dtype=dtype).element_size()
+    if len(value.data) % size:
+        raise ValueError(f"{len(value.data)} bytes are no whole number of {dtype} elements")
+    if not value.data:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(bytearray(value.data), dtype=torch.uint8).view(dtype)
+
+
+def _pack_reply(reply: Reply) -> Reply:
+    return reply._replace(params=_pack(reply.params))
+
+
+def _unpack_reply(reply: Reply) -> Reply:
+    return reply._replace(params=_unpack(reply.params))
+
+
+def _original_error(error: RuntimeError) -> Exception:
+    """The server's own exception, where torch's RPC turned it into a RuntimeError.
+
+    torch re-raises a remote exception with its type, but its C++ layer turns some types (e.g.
+    ``PermissionError``) into a ``RuntimeError`` whose message starts ``"Type: "``; a built-in
+    type is restored from that name, any other stays the RuntimeError (its message names it).
+    """
+    if type(error) is not RuntimeError:
+        return error
+    name, _, message = str(error).partition(": ")
+    kind = getattr(builtins, name, None)
+    if (
+        isinstance(kind, type)
+        and issubclass(kind, Exception)
+        and message.startswith(_REMOTE_ERROR_MARK)
+    ):
+        return kind(message)
+    return error
+
+
+# -- the host's side -----------------------------------------------------------------------------
+
+# The server this process serves, reached by the remote functions below (RPC calls module
+# functions by name, so they find their server here).
+_SERVING: Servable | None = None
+_SERVING_LOCK = threading.Lock()
+
+
+@contextmanager
+def serving(server: Servable) -> Iterator[Servable]:
+    """Make ``server`` reachable over RPC from this process while the block runs.
+
+    The process must join the RPC group (:func:`init_rpc`) under :data:`SERVER_NAME` for
+    :class:`RpcTransport` to find it; joining before or inside the block both work (calls that
+    arrive outside it are refused with a clear error).
+
+    Args:
+        server: the server to expose.
+
+    Raises:
+        RuntimeError: this process already serves a server.
+    """
+    global _SERVING
+    with _SERVING_LOCK:
+        if _SERVING is not None:
+            raise RuntimeError("a parameter server already runs in this process")
+        _SERVING = server
+    try:
+        yield server
+    finally:
+        with _SERVING_LOCK:
+            _SERVING = None
+
+
+def init_rpc(
+    name: str,
+    rank: int,
+    world_size: int,
+    *,
+    init_method: str = "env://",
+    timeout: float = 120.0,
+) -> None:
+    """Join the RPC group (TensorPipe) as ``name``; every process of the job calls it once.
+
+    Args:
+        name: this process's RPC name (:data:`SERVER_NAME` for the server,
+            :func:`worker_name` for workers).
+        rank: this process's rank in the group.
+        world_size: number of processes in the group.
+        init_method: rendezvous URL; ``"env://"`` reads ``MASTER_ADDR`` and ``MASTER_PORT``.
+        timeout: default timeout of every call, in seconds.
+    """
+    options = rpc.TensorPipeRpcBackendOptions(rpc_timeout=timeout, init_method=init_method)
+    with warnings.catch_warnings():
+        # torch's own init_rpc trips its own deprecation warning; nothing a user can act on.
+        warnings.filterwarnings("ignore", message="You are using a Backend", category=UserWarning)
+        rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=options)
+
+
+def shutdown_rpc() -> None:
+    """Leave the RPC group locally, without the barrier over every rank.
+
+    ``rpc.shutdown(graceful=True)`` waits for every rank and never returns once one has died;
+    a job agrees on its end by other means (the server's stop, the workers' sign-off).
+    """
+    rpc.shutdown(graceful=False)
+
+
+def _job_secret() -> str:
+    return os.environ.get(SECRET_ENV, "")
+
+
+def _authorized(secret: Any) -> Servable:
+    """The served server, if ``secret`` is the job's; refused before anything is read."""
+    expected = _job_secret()
+    if expected and not (
+        isinstance(secret, str) and hmac.compare_digest(secret.encode(), expected.encode())
+    ):
+        raise PermissionError(
+            f"this call does not carry the job's secret ({SECRET_ENV}); refused, nothing changed"
+        )
+    server = _SERVING
+    if server is None:
+        raise RuntimeError(f"no parameter server runs in this process; is this {SERVER_NAME!r}?")
+    return server
+
+
+def _remote_join(rank: int, secret: str = "") -> Reply:
+    return _pack_reply(_authorized(secret).join(rank))
+
+
+def _remote_push(
+    rank: int,
+    grad: Tensor | _Packed,
+    version: int,
+    loss: float,
+    present: tuple[int, ...] | None,
+    secret: str = "",
+) -> Reply:
+    server = _authorized(secret)  # before anything of the message is read
+    return _pack_reply(server.push(rank, _unpack(grad), version, loss, present))
+
+
+def _remote_push_tensors(
+    rank: int, grads: list[Tensor | None], version: int, loss: float, secret: str = ""
+) -> PerTensorReply:
+    return _authorized(secret).push_tensors(rank, grads, version, loss)
+
+
+def _remote_leave(rank: int, secret: str = "") -> None:
+    _authorized(secret).leave(rank)
+
+
+def _remote_checkpoint(path: str | None, secret: str = "") -> str:
+    server = _authorized(secret)
+    return server.checkpoint(server.requested_checkpoint_path(path))
