@@ -8,6 +8,7 @@ optimizer step, the *algorithmic* momentum that the core's
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from asyncmomentum.core.validation import (
     check_state,
 )
 from asyncmomentum.runtimes.adapter import OptimizerView
-from lightning_callbacks.roles import StalenessSource
+from lightning_callbacks.roles import ServedUpdates, StalenessSource
 
 __all__ = ["AsyncMomentumCallback"]
 
@@ -51,6 +52,7 @@ class _Tracked:
     """
 
     optimizer: Optimizer
+    index: int
     view: OptimizerView
     own: bool
     tuner: MomentumTuner
@@ -91,6 +93,13 @@ class AsyncMomentumCallback(Callback):
 
     Optimizers with neither ``momentum`` nor ``betas`` are skipped with a warning; if no
     optimizer of the run has a momentum to tune, training stops with a ``ValueError``.
+
+    Under :class:`~lightning_callbacks.AsyncParameterServerStrategy` (a
+    :class:`~lightning_callbacks.roles.ServedUpdates` strategy) the updates are applied by the
+    server's copy of the optimizer, in rank 0: the callback tunes and logs that one (a torch
+    optimizer gets the momentum for its next update after each update the server reports, with
+    its exact staleness), shows ``updates/s`` and ``M_hat`` in the progress bar, and does
+    nothing in the other processes.
 
     At the trainer's logging interval (``Trainer(log_every_n_steps=...)``), it logs to every
     logger of the trainer:
@@ -185,6 +194,27 @@ class AsyncMomentumCallback(Callback):
         self._tuners: dict[int, MomentumTuner] = {}
         self._tracked: list[_Tracked] = []
         self._warned_no_logger = False
+        # Under a ServedUpdates strategy the server's threads step the optimizers: what they
+        # touch (metrics, counters) is guarded by this lock.
+        self._lock = threading.Lock()
+        self._served = False
+        self._listening_to: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The callback without its lock (spawned processes get a fresh one)."""
+        state = dict(self.__dict__)
+        state.pop("_lock")
+        state["_listening_to"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a pickled callback, with a fresh lock.
+
+        Args:
+            state: what :meth:`__getstate__` returned.
+        """
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @property
     def tuners(self) -> dict[int, MomentumTuner]:
@@ -244,13 +274,18 @@ class AsyncMomentumCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Find the optimizers to tune and hook their steps (after checkpoint restore)."""
         self._release()
-        views = [(i, OptimizerView(opt)) for i, opt in enumerate(trainer.optimizers)]
+        strategy = trainer.strategy
+        self._served = isinstance(strategy, ServedUpdates)
+        optimizers = strategy.served_optimizers if self._served else trainer.optimizers
+        if self._served and not optimizers:
+            return  # the server runs in another process (rank 0), which tunes and logs
+        views = [(i, OptimizerView(opt)) for i, opt in enumerate(optimizers)]
         skipped = [view.name for _, view in views if not _is_tracked(view)]
         tunable = [(i, view) for i, view in views if _is_tracked(view)]
         if not tunable:
             raise ValueError(
                 "AsyncMomentumCallback found no optimizer with a momentum to tune among "
-                f"{[type(opt).__name__ for opt in trainer.optimizers]}: it needs param groups "
+                f"{[type(opt).__name__ for opt in optimizers]}: it needs param groups "
                 "with 'momentum' (SGD-like) or 'betas' (Adam-like), or an AsyncMomentumSGD. "
                 "Change the optimizer in configure_optimizers, or remove the callback."
             )
@@ -262,6 +297,9 @@ class AsyncMomentumCallback(Callback):
         suffixes = _optimizer_suffixes([view.optimizer for _, view in tunable])
         for (index, view), suffix in zip(tunable, suffixes, strict=True):
             self._tracked.append(self._track(index, view, suffix, pl_module.device))
+        if self._served and self._listening_to is not strategy:
+            strategy.add_update_listener(self._after_served_update)
+            self._listening_to = strategy
         self._warn_about_settings(trainer)
 
     def _track(
@@ -276,11 +314,18 @@ class AsyncMomentumCallback(Callback):
             tuner = self._tuners.setdefault(index, MomentumTuner(**self._tuner_options))
         tracked = _Tracked(
             optimizer=optimizer,
+            index=index,
             view=view,
             own=own,
             tuner=tuner,
-            # On the module's device, so that its cross-rank reduction works under NCCL too.
-            metric=StalenessMetric().to(device),
+            # On the module's device, so that its cross-rank reduction works under NCCL too. A
+            # served optimizer sees every update of the job: nothing to reduce, and the other
+            # processes must not wait for this one.
+            metric=(
+                StalenessMetric(sync_on_compute=False)
+                if self._served
+                else StalenessMetric().to(device)
+            ),
             suffix=suffix,
             group_suffixes=_group_suffixes(optimizer.param_groups),
         )
@@ -304,7 +349,9 @@ class AsyncMomentumCallback(Callback):
             if tracked.own:
                 self._warn_if_optimizer_differs(tracked.view)
         drives_any = any(not t.own for t in self._tracked)
-        has_source = any(isinstance(cb, StalenessSource) for cb in trainer.callbacks)
+        has_source = self._served or any(
+            isinstance(cb, StalenessSource) for cb in trainer.callbacks
+        )
         if drives_any and self.workers is None and not has_source:
             rank_zero_warn(
                 "AsyncMomentumCallback tunes a torch optimizer but nothing reports staleness "
@@ -337,16 +384,31 @@ class AsyncMomentumCallback(Callback):
 
     def _make_post_hook(self, tracked: _Tracked) -> Any:
         def after_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-            tracked.steps_since_log += 1
             view = tracked.view
-            if tracked.own and view.clock is not None:
-                clock = view.clock.value
-                # A step refused for a non-finite gradient does not tick the clock: nothing new.
-                if clock != tracked.last_clock:
-                    tracked.metric.update(view.last_staleness)
-                tracked.last_clock = clock
+            with self._lock:
+                tracked.steps_since_log += 1
+                if tracked.own and view.clock is not None:
+                    clock = view.clock.value
+                    # A step refused for a non-finite gradient does not tick the clock.
+                    if clock != tracked.last_clock:
+                        tracked.metric.update(view.last_staleness)
+                    tracked.last_clock = clock
 
         return after_step
+
+    def _after_served_update(self, index: int, staleness: int) -> None:
+        """A server applied an update of the served optimizer ``index`` (in a server thread).
+
+        An optimizer this callback tunes takes the staleness into its tuner and gets the
+        momentum for the next update (one update late: the server reports after it applies).
+        """
+        tracked = next((t for t in self._tracked if t.index == index), None)
+        if tracked is None or tracked.own:
+            return
+        with self._lock:
+            tracked.tuner.observe(staleness)
+            tracked.metric.update(staleness)
+            self._apply_momentum(tracked)
 
     def _find(self, optimizer: Optimizer | LightningOptimizer) -> _Tracked | None:
         if isinstance(optimizer, LightningOptimizer):  # what self.optimizers() returns
@@ -430,8 +492,19 @@ class AsyncMomentumCallback(Callback):
         stepped = any(t.steps_since_log for t in self._tracked)
         if not (self.enable_logging and stepped and _should_log(trainer)):
             return
-        metrics = self._collect_metrics()
+        with self._lock:
+            metrics = self._collect_metrics()
         step = _logging_step(trainer)
+        if self._served:
+            # The progress bar shows the server's pace and the asynchrony it measures.
+            pl_module.log(
+                "updates/s", trainer.strategy.updates_per_second, prog_bar=True, logger=False
+            )
+            estimated = next(
+                (v for k, v in metrics.items() if k.startswith("workers/estimated")), None
+            )
+            if estimated is not None:
+                pl_module.log("M_hat", estimated, prog_bar=True, logger=False)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         device = pl_module.device

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["StalenessObserver", "StalenessSource"]
+__all__ = ["ServedUpdates", "StalenessObserver", "StalenessSource"]
 
 
 @runtime_checkable
@@ -32,3 +32,32 @@ class StalenessSource:
 
     It reports to the trainer's :class:`StalenessObserver` callbacks.
     """
+
+
+@runtime_checkable
+class ServedUpdates(Protocol):
+    """A strategy whose updates a parameter server applies (e.g. the asynchronous strategy).
+
+    The optimizers Lightning steps in each process then apply nothing; the server's own copies
+    do, in the process that hosts the server (rank 0), from its threads.
+    """
+
+    @property
+    def served_optimizers(self) -> list[Any]:
+        """The optimizers that apply the updates in this process (empty where no server runs)."""
+        ...
+
+    @property
+    def updates_per_second(self) -> float:
+        """Updates the server applied per second so far (0 where no server runs)."""
+        ...
+
+    def add_update_listener(self, listener: Any) -> None:
+        """Call ``listener(optimizer_index, staleness)`` after every applied update.
+
+        It runs in the server's thread, right after the update.
+
+        Args:
+            listener: the function to call.
+        """
+        ...

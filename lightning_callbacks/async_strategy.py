@@ -1,0 +1,649 @@
+"""AsyncParameterServerStrategy: asynchronous training of any LightningModule over a server.
+
+Every training process is a worker: it computes a gradient on its own batches, and its compute
+group (:mod:`lightning_callbacks.compute_groups`) averages it and pushes it, tagged with the
+parameter version it was computed from, to one
+:class:`~asyncmomentum.runtimes.server.ParameterServer`; the reply carries the parameters right
+after the update and their version. The server lives in rank 0, in threads of that process
+(its wait loop, and the RPC threads that answer the other groups); it applies each update with
+the optimizer of ``configure_optimizers`` and measures the exact staleness, so an
+:class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD` (or any torch optimizer driven by
+:class:`~lightning_callbacks.AsyncMomentumCallback`) tunes its momentum to the asynchrony.
+
+Processes start as Lightning's DDP starts them (its launcher for ``devices=N`` on one machine,
+``torchrun``, SLURM or the usual environment variables across machines): this strategy is a
+:class:`~pytorch_lightning.strategies.DDPStrategy` that does not wrap the model and replaces the
+optimizer step. The link to the server is a :class:`~asyncmomentum.runtimes.transport.Transport`
+(RPC to rank 0 for the leaders of groups 1..G-1, a direct call for group 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import secrets
+import tempfile
+import threading
+from collections.abc import Callable
+from contextlib import ExitStack
+from datetime import timedelta
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.core.optimizer import LightningOptimizer
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.trainer.states import RunningStage, TrainerFn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from asyncmomentum.core.validation import check_int, check_positive
+from asyncmomentum.runtimes.server import ParameterServer, ServerConfig, ServerResult, TracePoint
+from asyncmomentum.runtimes.transport import (
+    SECRET_ENV,
+    SERVER_NAME,
+    LocalTransport,
+    RpcTransport,
+    Transport,
+    flatten,
+    init_rpc,
+    load_flat,
+    serving,
+    shutdown_rpc,
+    worker_name,
+)
+from lightning_callbacks.compute_groups import ComputeGroups, GroupReply
+from lightning_callbacks.rpc_link import RpcLink, keep_transport_on_loopback
+
+__all__ = ["AsyncParameterServerStrategy"]
+
+# Without max_steps the workers end by epochs and the server stops once every group has left;
+# the server still needs a time limit (it must end even if every worker dies): a year.
+_NO_TIME_LIMIT_S = 365 * 24 * 3600.0
+
+# Applied updates between two points of the server's trace (kept for the run's result).
+_TRACE_EVERY = 50
+
+
+class AsyncParameterServerStrategy(DDPStrategy):
+    """Asynchronous data-parallel training through a parameter server in rank 0.
+
+    ``groups=G`` splits the ``N`` processes (``devices x num_nodes``) into ``G`` compute groups of
+    consecutive ranks: synchronous inside a group (a gradient all-reduce over a
+    ``torch.distributed`` subgroup, gloo on CPU, nccl on GPU), asynchronous across groups. The
+    server sees ``G`` workers: ``groups=1`` is synchronous data-parallel training through the
+    server, ``groups=N`` (the default) is fully asynchronous.
+
+    What Lightning does as usual: ``max_steps`` counts the updates the server applied
+    (``trainer.global_step`` is the server's version a process last read); validation during
+    ``fit`` runs in rank 0 on the server's current parameters over the whole validation set
+    (the other processes skip it, so no process waits for another); checkpoints hold the
+    server's model and optimizer (tuner included) and ``ckpt_path=`` resumes them;
+    ``trainer.validate``/``trainer.test`` after ``fit`` run on the final server parameters
+    (rank 0's, shared with every process at their start).
+
+    Differences from DDP, because groups do not wait for each other during ``fit``:
+    ``self.log(..., sync_dist=True)``, ``barrier`` and ``broadcast`` act on the calling process
+    only (a collective over all processes would make every group wait for the slowest, and
+    hang on a dead one); only rank 0 logs and checkpoints. Learning-rate schedulers step the
+    optimizer Lightning holds, not the server's: they are refused.
+
+    Faults: a group not heard from for ``worker_timeout`` seconds is dropped by the server and
+    the others finish. A process that dies takes its group with it (the group's collectives
+    fail after ``worker_timeout``). Lightning's own launcher, and ``torchrun``, end every process
+    when one dies: resume from the last checkpoint with ``ckpt_path=``; processes started by
+    hand or by a scheduler (``LOCAL_RANK``, ``NODE_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT`` set) keep going.
+
+    Args:
+        groups: number of compute groups ``G``, in ``1 .. N``; ``None``: ``N`` (every process
+            its own group).
+        worker_timeout: seconds after which the server drops a silent group (and a group's
+            collectives give up on a silent member).
+        rpc_timeout: seconds each call to the server may take.
+        start_method: how Lightning starts the processes on one machine, as for
+            :class:`~pytorch_lightning.strategies.DDPStrategy` (``"popen"`` re-runs the script;
+            ``"spawn"``/``"fork"`` start them from this process).
+        **kwargs: passed to :class:`~pytorch_lightning.strategies.DDPStrategy` (``accelerator``,
+            ``cluster_environment``, ``process_group_backend``, ``timeout``, ...).
+
+    Raises:
+        ValueError: for a bad argument; at the start of ``fit``, for a module with manual
+            optimization, several optimizers or learning-rate schedulers, or ``groups`` above
+            the number of processes.
+    """
+
+    strategy_name = "async_parameter_server"
+
+    def __init__(
+        self,
+        groups: int | None = None,
+        *,
+        worker_timeout: float = 60.0,
+        rpc_timeout: float = 120.0,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **kwargs: Any,
+    ) -> None:
+        if groups is not None:
+            check_int(groups, "groups (number of compute groups)", 1)
+        check_positive(worker_timeout, "worker_timeout")
+        check_positive(rpc_timeout, "rpc_timeout")
+        super().__init__(start_method=start_method, **kwargs)
+        self.groups = groups
+        self.worker_timeout = float(worker_timeout)
+        self.rpc_timeout = float(rpc_timeout)
+        self._layout: ComputeGroups | None = None
+        self._served_model: torch.nn.Module | None = None
+        self._served_optimizers: list[Optimizer] = []
+        self._server: ParameterServer | None = None
+        self._serve_thread: threading.Thread | None = None
+        self._stack = ExitStack()
+        self._link: RpcLink | None = None
+        self._rpc_joined = False
+        self._transport: Transport | None = None
+        self._secret = ""
+        self._version = 0
+        self._offset = 0
+        self._stopped = False
+        self._asynchronous = False
+        self._listeners: list[Callable[[int, int], None]] = []
+        self._snapshot: dict[str, Any] | None = None
+        self._worker_params: Tensor | None = None
+        self._numel = 0
+        #: What the server did, in rank 0 once ``fit`` has ended.
+        self.server_result: ServerResult | None = None
+        self._allowed_empty: bool | None = None
+
+    # -- what the callback reads (lightning_callbacks.roles.ServedUpdates) --------------------
+
+    @property
+    def served_optimizers(self) -> list[Optimizer]:
+        """The server's optimizers, in rank 0 (empty elsewhere)."""
+        return list(self._served_optimizers)
+
+    @property
+    def updates_per_second(self) -> float:
+        """Updates the server applied per second so far (rank 0; 0 elsewhere)."""
+        server = self._server
+        if server is None:
+            return 0.0
+        result = server.result()
+        return result.updates_per_second
+
+    @property
+    def server(self) -> ParameterServer | None:
+        """The parameter server, in rank 0 while ``fit`` trains (else ``None``)."""
+        return self._server
+
+    @property
+    def compute_groups(self) -> ComputeGroups | None:
+        """This process's compute group, once ``fit`` has set it up."""
+        return self._layout
+
+    def add_update_listener(self, listener: Callable[[int, int], None]) -> None:
+        """Call ``listener(optimizer_index, staleness)`` after every update the server applies.
+
+        Args:
+            listener: runs in a server thread, right after the update.
+        """
+        self._listeners.append(listener)
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def configure_ddp(self) -> None:
+        """No DDP wrapper: gradients are averaged inside a compute group, not over every rank."""
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        """Set up as DDP does; for ``fit``, also the groups and the server's copies.
+
+        Args:
+            trainer: the trainer.
+        """
+        # Collectives over every process work again until the groups start (fit) or for good
+        # (validate, test: every process runs them together).
+        self._asynchronous = False
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._setup_fit(trainer)
+
+    def _setup_fit(self, trainer: pl.Trainer) -> None:
+        module = self.lightning_module
+        assert module is not None
+        if not module.automatic_optimization:
+            raise ValueError(
+                "AsyncParameterServerStrategy trains with automatic optimization only: the "
+                "server applies one gradient per step of the one optimizer"
+            )
+        if self._layer_sync is not None:
+            raise ValueError(
+                "AsyncParameterServerStrategy cannot synchronize batch norm over every process "
+                "(Trainer(sync_batchnorm=True)): groups do not wait for each other"
+            )
+        if len(self.optimizers) != 1 or self.lr_scheduler_configs:
+            raise ValueError(
+                "AsyncParameterServerStrategy needs configure_optimizers to return exactly one "
+                f"optimizer and no learning-rate scheduler (found {len(self.optimizers)} "
+                f"optimizer(s), {len(self.lr_scheduler_configs)} scheduler(s)): the server "
+                "steps its own copy of the optimizer, which Lightning's schedulers never see"
+            )
+        groups = self.world_size if self.groups is None else self.groups
+        if groups > self.world_size:
+            raise ValueError(
+                f"groups={groups} but the job has {self.world_size} processes "
+                "(devices x num_nodes); use at most one group per process"
+            )
+        self._layout = ComputeGroups(
+            self.global_rank,
+            self.world_size,
+            groups,
+            backend=self._get_process_group_backend(),
+            timeout=timedelta(seconds=self.worker_timeout),
+        )
+        self._numel = sum(p.numel() for p in module.parameters())
+        if not self.is_global_zero:
+            # Only rank 0 validates during fit: the others' validation loaders are empty.
+            self._allowed_empty = module.allow_zero_length_dataloader_with_multiple_devices
+            module.allow_zero_length_dataloader_with_multiple_devices = True
+        if self.is_global_zero:
+            # The server's model and optimizer: copies over their own parameters, taken after
+            # Lightning restored the module (ckpt_path); the optimizer's state comes later.
+            memo: dict[int, Any] = {}
+            self._served_model = copy.deepcopy(module, memo).cpu()
+            self._served_optimizers = [copy.deepcopy(self.optimizers[0], memo)]
+        self._setup_rpc(groups)
+
+    def _setup_rpc(self, groups: int) -> None:
+        """Open the RPC group between rank 0 and the other groups' leaders (if ``G > 1``)."""
+        assert self._layout is not None
+        assert self.cluster_environment is not None
+        if groups == 1:
+            return
+        host = self.cluster_environment.main_address
+        keep_transport_on_loopback(host)
+        timeout = timedelta(seconds=self.rpc_timeout)
+        message: list[Any] = [0, ""]
+        if self.is_global_zero:
+            self._link = RpcLink(host, 0, host_it=True, timeout=timeout)
+            # A user's secret (exported to every process) wins; else one per job.
+            secret = os.environ.setdefault(SECRET_ENV, secrets.token_hex(16))
+            message = [self._link.port, secret]
+        dist.broadcast_object_list(message, src=0)
+        port, self._secret = int(message[0]), str(message[1])
+        layout = self._layout
+        if self.is_global_zero:
+            name, rank = SERVER_NAME, 0
+        elif layout.is_leader:
+            self._link = RpcLink(host, port, host_it=False, timeout=timeout)
+            name, rank = worker_name(layout.index), layout.index
+        else:
+            return
+        assert self._link is not None
+        init_rpc(
+            name,
+            rank,
+            layout.count,
+            init_method=self._link.init_method,
+            timeout=self.rpc_timeout,
+        )
+        self._rpc_joined = True
+
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        """Load the checkpoint's optimizer state into the server's optimizer (rank 0).
+
+        Args:
+            checkpoint: the Lightning checkpoint.
+        """
+        targets = self._served_optimizers or self.optimizers
+        for optimizer, state in zip(targets, checkpoint["optimizer_states"], strict=True):
+            optimizer.load_state_dict(state)
+
+    # -- the start and the end of training -----------------------------------------------------
+
+    def on_train_start(self) -> None:
+        """Start the server (rank 0); every group then reads the parameters it starts from."""
+        super().on_train_start()
+        trainer = self.lightning_module.trainer
+        layout = self._layout
+        assert layout is not None
+        self._offset = trainer.global_step
+        if self.is_global_zero:
+            self._start_server(trainer)
+        # The last collective over every process: the server is up before any group joins.
+        super().barrier("async_parameter_server.start")
+        self._asynchronous = True
+        if layout.is_leader:
+            self._transport = (
+                LocalTransport(self._server)
+                if self.is_global_zero
+                else RpcTransport(timeout=self.rpc_timeout, secret=self._secret)
+            )
+        reply = self._ask(lambda transport: transport.join(layout.server_rank))
+        self._install(reply)
+
+    def _start_server(self, trainer: pl.Trainer) -> None:
+        assert self._layout is not None
+        assert self._served_model is not None
+        remaining = None if trainer.max_steps < 0 else max(trainer.max_steps - self._offset, 1)
+        config = ServerConfig(
+            total_updates=remaining,
+            max_seconds=_NO_TIME_LIMIT_S if remaining is None else None,
+            worker_timeout=self.worker_timeout,
+            rpc_timeout=self.rpc_timeout,
+            trace_every=_TRACE_EVERY,
+            progress_every=1,
+            on_progress=self._after_update,
+        )
+        server = ParameterServer(
+            self._served_model, self._served_optimizers[0], self._layout.count, config
+        )
+        if self._rpc_joined:
+            self._stack.enter_context(serving(server))
+        self._server = server
+        server.start()
+        self._serve_thread = threading.Thread(
+            target=server.serve, name="asyncmomentum-server", daemon=True
+        )
+        self._serve_thread.start()
+
+    def _after_update(self, point: TracePoint) -> None:
+        for listener in self._listeners:
+            listener(0, point.staleness)
+
+    def on_train_end(self) -> None:
+        """Leave the server; rank 0 waits for the server to stop and takes its parameters."""
+        super().on_train_end()
+        self._finish()
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Leave the server and the RPC group when training fails, so the process can end.
+
+        Args:
+            exception: what ended training.
+        """
+        super().on_exception(exception)
+        self._finish(failed=True)
+
+    def _finish(self, failed: bool = False) -> None:
+        layout = self._layout
+        if layout is None:
+            return
+        self._layout = None
+        try:
+            if layout.is_leader and self._transport is not None and not self._stopped:
+                # A server that is gone already needs no goodbye.
+                with contextlib.suppress(ConnectionError):
+                    self._transport.leave(layout.server_rank)
+            if self.is_global_zero:
+                self._stop_server(layout, failed)
+            elif self._rpc_joined:
+                shutdown_rpc()
+                self._rpc_joined = False
+                if self._link is not None:
+                    self._link.sign_off(layout.index)
+        finally:
+            self._transport = None
+            if self._link is not None:
+                self._link.close()
+
+    def _stop_server(self, layout: ComputeGroups, failed: bool) -> None:
+        server, thread = self._server, self._serve_thread
+        if server is None or thread is None:
+            self._stack.close()
+            return
+        if not failed:
+            thread.join()  # until max_steps, every group left, or the silent ones were dropped
+            link = self._link
+
+            def signed_off(rank: int, timeout_s: float) -> bool:
+                # Server rank g + 1 is group g; group 0 is this process.
+                return rank == 1 or link is None or link.signed_off(rank - 1, timeout_s)
+
+            server.await_departures(signed_off)
+        if self._rpc_joined:
+            shutdown_rpc()
+            self._rpc_joined = False
+        self._stack.close()
+        self.server_result = server.result()
+        self._server = None
+        self._serve_thread = None
+        # The module leaves fit with the server's final parameters (test/validate share them).
+        module = self.lightning_module
+        assert module is not None
+        assert self._served_model is not None
+        with torch.no_grad():
+            for mine, served in zip(
+                module.parameters(), self._served_model.parameters(), strict=True
+            ):
+                mine.copy_(served)
+
+    def teardown(self) -> None:
+        """Release what ``fit`` opened, then tear down as DDP does."""
+        self._finish(failed=True)
+        module = self.lightning_module
+        if module is not None and self._allowed_empty is not None:
+            module.allow_zero_length_dataloader_with_multiple_devices = self._allowed_empty
+            self._allowed_empty = None
+        super().teardown()
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def optimizer_step(
+        self,
+        optimizer: Optimizer | LightningOptimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the closure (forward, backward, hooks, clipping), then push instead of stepping.
+
+        Lightning's precision plugin runs the closure inside ``optimizer.step(closure)``; here
+        the optimizer Lightning holds never applies anything: its ``step`` is replaced, for
+        this call, by the exchange with the server.
+
+        Args:
+            optimizer: the optimizer Lightning steps.
+            closure: computes the loss and the gradients.
+            model: the module.
+            **kwargs: passed on to the precision plugin.
+        """
+        if self._layout is None or self._stopped:
+            return closure()
+        target = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+
+        def exchange(closure: Callable[[], Any] | None = None, **_: Any) -> Any:
+            loss = closure() if closure is not None else None
+            self._exchange(loss)
+            return loss
+
+        target.step = exchange  # type: ignore[method-assign]
+        try:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        finally:
+            del target.step
+
+    def _exchange(self, loss: Any) -> None:
+        layout = self._layout
+        module = self.lightning_module
+        assert layout is not None
+        assert module is not None
+        params = list(module.parameters())
+        flat = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+        present = tuple(i for i, p in enumerate(params) if p.grad is not None)
+        flat = layout.average(flat)
+        value = float(loss.detach()) if isinstance(loss, Tensor) else float("nan")
+        reply = self._ask(
+            lambda transport: transport.push(
+                layout.server_rank,
+                flat.cpu(),
+                self._version,
+                value,
+                None if len(present) == len(params) else present,
+            )
+        )
+        self._install(reply)
+        # Lightning adds this step after it returns: keep global_step = the server's version.
+        self._set_global_step(self._offset + self._version - 1)
+
+    def _ask(self, call: Callable[[Transport], Any]) -> GroupReply:
+        """The leader asks the server; every member of the group gets the reply."""
+        layout = self._layout
+        assert layout is not None
+        reply = None
+        if layout.is_leader:
+            assert self._transport is not None
+            answer = call(self._transport)
+            reply = GroupReply(answer.params, answer.version, answer.stop)
+        like = next(self.lightning_module.parameters())
+        return layout.share(reply, self._numel, like.detach())
+
+    def _install(self, reply: GroupReply) -> None:
+        if reply.stop:
+            # The server's final count of updates: global_step ends at max_steps.
+            self._version = max(self._version, reply.version)
+            self._stopped = True
+            self.lightning_module.trainer.should_stop = True
+            return
+        params = list(self.lightning_module.parameters())
+        load_flat(params, reply.params.to(device=params[0].device, dtype=params[0].dtype))
+        self._version = reply.version
+
+    def _set_global_step(self, value: int) -> None:
+        progress = self.lightning_module.trainer.fit_loop.epoch_loop.automatic_optimization
+        step = progress.optim_progress.optimizer.step
+        step.total.completed = value
+        step.current.completed = value
+
+    # -- validation and checkpoints on the server's parameters ---------------------------------
+
+    def on_validation_start(self) -> None:
+        """In ``fit``, rank 0 validates the server's current parameters."""
+        super().on_validation_start()
+        server = self._server
+        if server is None or not self._asynchronous:
+            return
+        params = list(self.lightning_module.parameters())
+        self._worker_params = flatten([p.detach() for p in params])
+        served = self._server_state()["model"]
+        # Parameters only: the server's buffers are its initial ones (only parameters travel).
+        with torch.no_grad():
+            for name, param in self.lightning_module.named_parameters():
+                param.copy_(served[name])
+
+    def on_validation_end(self) -> None:
+        """Rank 0 goes back to the parameters its group computes from."""
+        super().on_validation_end()
+        if self._worker_params is not None:
+            load_flat(list(self.lightning_module.parameters()), self._worker_params)
+            self._worker_params = None
+
+    def _server_state(self) -> dict[str, Any]:
+        """A consistent copy of the server's model and optimizer (its own checkpoint, read back)."""
+        server = self._server
+        assert server is not None
+        with tempfile.TemporaryDirectory(prefix="asyncmomentum-") as folder:
+            path = server.checkpoint(os.path.join(folder, "snapshot.pt"))
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The server's model, in rank 0 (a consistent copy while training)."""
+        if self._server is not None:
+            self._snapshot = self._server_state()
+            return self._snapshot["model"]
+        if self._served_model is not None:
+            return self._served_model.state_dict()
+        return super().lightning_module_state_dict()
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """The server's optimizer state (tuner included), in rank 0.
+
+        Args:
+            optimizer: an optimizer Lightning holds.
+        """
+        if not self._served_optimizers:
+            return super().optimizer_state(optimizer)
+        snapshot, self._snapshot = self._snapshot, None
+        if snapshot is not None:
+            return snapshot["optimizer"]
+        return self._served_optimizers[0].state_dict()
+
+    def process_dataloader(self, dataloader: object) -> object:
+        """During ``fit``, only rank 0 validates (the others get no validation batches).
+
+        Args:
+            dataloader: the dataloader Lightning prepared.
+        """
+        if self._evaluating_in_fit() and not self.is_global_zero:
+            return []
+        return dataloader
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """Shards of the training data; during ``fit``, rank 0 validates on the whole set."""
+        if self._evaluating_in_fit():
+            return {"num_replicas": 1, "rank": 0}
+        return super().distributed_sampler_kwargs
+
+    def _evaluating_in_fit(self) -> bool:
+        module = self.lightning_module
+        trainer = module._trainer if module is not None else None
+        if trainer is None:
+            return False
+        return trainer.state.fn == TrainerFn.FITTING and trainer.state.stage in (
+            RunningStage.VALIDATING,
+            RunningStage.SANITY_CHECKING,
+        )
+
+    # -- collectives while the groups run asynchronously ---------------------------------------
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes; 1 while groups train asynchronously.
+
+        Lightning broadcasts a SIGTERM flag from rank 0 before every training batch when the
+        world size is above 1: that collective would put every group in lock-step with rank 0
+        and hang on a dead process. Each process handles its own signals instead.
+        """
+        if self._asynchronous:
+            return 1
+        return super().world_size
+
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        """A barrier over every process, except while groups train asynchronously (none)."""
+        if not self._asynchronous:
+            super().barrier(*args, **kwargs)
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """A broadcast, except while groups train asynchronously (each process keeps its own).
+
+        Args:
+            obj: the object.
+            src: the rank that sends.
+        """
+        if self._asynchronous:
+            return obj
+        return super().broadcast(obj, src)
+
+    def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        """A reduction, except while groups train asynchronously (the process's own value).
+
+        Args:
+            tensor: the value.
+            group: the process group.
+            reduce_op: the reduction.
+        """
+        if self._asynchronous:
+            return tensor
+        return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        """A decision over every process, except while groups train asynchronously (its own).
+
+        Args:
+            decision: this process's decision.
+            all: whether every process must agree (else any).
+        """
+        if self._asynchronous:
+            return decision
+        return super().reduce_boolean_decision(decision, all=all)
