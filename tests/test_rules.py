@@ -16,6 +16,7 @@ from asyncmomentum.core.measuring.meter import MomentumMeter
 from asyncmomentum.core.tuning import formulas, rules
 from asyncmomentum.core.tuning.rules import (
     AdditiveRule,
+    AutoRule,
     ClosedLoopRule,
     CompositionalRule,
     StabilityRule,
@@ -23,7 +24,7 @@ from asyncmomentum.core.tuning.rules import (
 )
 from asyncmomentum.core.tuning.tuner import MomentumTuner
 
-FOUR = ("additive", "compositional", "closed_loop", "stability")
+ALL = ("additive", "compositional", "closed_loop", "stability", "auto")
 
 
 @pytest.fixture
@@ -73,13 +74,14 @@ class LongestDelayRule(TuningRule):
 # -- the registry ---------------------------------------------------------------------------------
 
 
-def test_the_registry_lists_the_four_rules_in_order():
-    assert rules.rule_names() == FOUR
-    assert [rules.rule_class(name) for name in FOUR] == [
+def test_the_registry_lists_the_rules_in_order():
+    assert rules.rule_names() == ALL
+    assert [rules.rule_class(name) for name in ALL] == [
         AdditiveRule,
         CompositionalRule,
         ClosedLoopRule,
         StabilityRule,
+        AutoRule,
     ]
     for name, cls in rules.RULES.items():
         assert cls.name == name
@@ -98,8 +100,9 @@ def test_capability_flags():
         "compositional": (False, False, False, False),
         "closed_loop": (True, False, False, True),
         "stability": (False, True, True, True),
+        "auto": (False, False, False, True),
     }
-    for name in FOUR:
+    for name in ALL:
         tuner = MomentumTuner(rule=name)
         cls = rules.rule_class(name)
         assert (tuner.uses_meter, tuner.uses_curvature, tuner.needs_lr) == (
@@ -157,7 +160,7 @@ def test_register_rule_checks_what_it_registers(registry):
 
 def test_a_rule_defined_here_works_through_the_tuner_and_the_optimizer(registry):
     rules.register_rule(LongestDelayRule)
-    assert rules.rule_names() == (*FOUR, "longest_delay")
+    assert rules.rule_names() == (*ALL, "longest_delay")
     tuner = MomentumTuner(0.9, rule="longest_delay", rule_options={"cap": 7}, warmup=0)
     assert isinstance(tuner.rule, LongestDelayRule)
     assert tuner.rule.cap == 7
@@ -214,7 +217,7 @@ def _drive(tuner: MomentumTuner, steps: range, seed: int) -> list[float]:
     return momenta
 
 
-@pytest.mark.parametrize("name", FOUR)
+@pytest.mark.parametrize("name", ALL)
 def test_each_rule_state_round_trips_and_the_run_continues_exactly(name):
     options = {"warmup": 0, "horizon": 40, "momentum_bounds": (-0.5, 0.95)}
     tuner = MomentumTuner(0.9, rule=name, **options)
@@ -224,7 +227,7 @@ def test_each_rule_state_round_trips_and_the_run_continues_exactly(name):
     resumed = MomentumTuner(0.9, rule=name, **options)
     resumed.load_state_dict(state)
     continued, original = _drive(resumed, range(100, 200), 2), _drive(tuner, range(100, 200), 2)
-    if name == "stability":
+    if name in ("stability", "auto"):
         # Resumed, it re-reads its histogram at once, where the original waits for its next
         # check: the two agree to the change of pmf the rule tolerates (pmf_tolerance).
         assert continued == pytest.approx(original, abs=0.05)
@@ -236,7 +239,7 @@ def test_each_rule_state_round_trips_and_the_run_continues_exactly(name):
     assert fresh.state_dict().keys() == tuner.rule.state_dict().keys()
 
 
-@pytest.mark.parametrize("name", ["closed_loop", "stability"])
+@pytest.mark.parametrize("name", ["closed_loop", "stability", "auto"])
 def test_a_corrupt_rule_state_changes_nothing(name):
     tuner = MomentumTuner(0.9, rule=name, warmup=0)
     _drive(tuner, range(60), seed=0)

@@ -23,13 +23,19 @@ from asyncmomentum.applications.sweep import (
     SweepError,
     SweepOutputError,
     choose_learning_rate,
+    format_summary,
     kendall_tau,
     register,
     run_one,
     run_sweep,
 )
 from asyncmomentum.applications.sweep import report as report_module
-from asyncmomentum.applications.sweep.analysis import build_cells, summarize
+from asyncmomentum.applications.sweep.analysis import (
+    build_cells,
+    is_design_cell,
+    summarize,
+    worst_ratio,
+)
 from asyncmomentum.applications.sweep.cache import CACHE_NAME
 from asyncmomentum.applications.sweep.report import (
     CSV_NAME,
@@ -570,3 +576,44 @@ def test_a_failing_disk_while_writing_is_a_clear_error(monkeypatch, tiny_sweep, 
     with pytest.raises(SweepOutputError, match=r"could not write .* No space left on device"):
         run_sweep(TINY, out, jobs=1)
     assert {path.name for path in out.iterdir()} == {CACHE_NAME}
+
+
+@pytest.mark.parametrize("name", ["resnet", "charlm"])
+def test_the_deeper_problems_learn_and_are_budgeted_like_the_cnn(name):
+    problem = get_problem(name)
+    spec = RunSpec(
+        problem=name,
+        staleness="geometric",
+        workers=1,
+        method="fixed",
+        momentum=0.9,
+        lr=problem.lr,
+        seed=0,
+        target_loss=problem.target_loss,
+        max_steps=problem.max_steps,
+        eval_every=problem.eval_every,
+    )
+    result = run_one(spec)
+    # Calibrated to reach the target in tens of updates at M = 1 (problems.py's docstring).
+    assert result.status == "converged"
+    assert 10 <= result.steps <= 200
+    assert result.initial_loss > problem.target_loss
+    assert QUICK.cells(name) == [("geometric", 1), ("geometric", 4), ("geometric", 16)]
+    assert {model for model, _ in FULL.cells(name)} == {"geometric", "round_robin"}
+
+
+def test_the_summary_reports_the_design_half_and_the_held_back_half_apart(tiny_sweep):
+    _, result = tiny_sweep
+    design = [cell for cell in result.cells if is_design_cell(cell)]
+    held_back = [cell for cell in result.cells if not is_design_cell(cell)]
+    # The quadratic at M = 8 is in the design half, M = 1 is held back.
+    assert {cell.workers for cell in design} == {8}
+    assert {cell.workers for cell in held_back} == {1}
+    text = format_summary(result)
+    section = text[text.index("### Design half and held-back half") :]
+    for rule in rules.rule_names():
+        row = next(line for line in section.splitlines() if line.startswith(f"| {rule} |"))
+        assert row.count("|") == 6
+    # The worst cell is the largest ratio to the oracle over the half.
+    ratios = [cell.ratio(cell.rules["additive"]) for cell in design]
+    assert worst_ratio(design, "additive") == max(r for r in ratios if r is not None)

@@ -1,6 +1,7 @@
 """Parts that ride along the updates of an AsyncMomentumSGD.
 
-The momentum meter and the curvature schedule of the stability rule.
+The momentum meter, the curvature schedule of the stability rule, and the gradient-norm feed
+of the auto rule.
 
 The optimizer's ``step`` knows one small interface, :class:`StepComponent`, and calls every
 attached component before and after an update; it holds no branch for any of them. Each
@@ -16,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from asyncmomentum.core.measuring.curvature import CurvatureEstimator
+from asyncmomentum.core.measuring.instability import squared_norm
 from asyncmomentum.core.measuring.meter import MomentumMeter
 from asyncmomentum.core.validation import check_int
 
 if TYPE_CHECKING:
     from asyncmomentum.core.optimizer import AsyncMomentumSGD
 
-__all__ = ["CurvatureSchedule", "MeterComponent", "StepComponent"]
+__all__ = ["CurvatureSchedule", "GradientNormFeed", "MeterComponent", "StepComponent"]
 
 
 class StepComponent:
@@ -239,3 +241,43 @@ class CurvatureSchedule(StepComponent):
         """
         version = state_dict["version"]
         self.version = None if version is None else int(version)
+
+
+class GradientNormFeed(StepComponent):
+    """Hands the tuner's rule the squared norm of the gradients about to be applied.
+
+    For a rule with ``uses_gradient_norm`` (``rule="auto"``): one fused reduction over the
+    first ``per_tensor`` entries of each gradient, before the update, every ``every`` updates.
+    It keeps no state of its own (the rule keeps what it makes of the norms).
+
+    Args:
+        every: updates between two feeds (>= 1).
+        per_tensor: entries of each gradient counted (>= 1): the norm of a fixed sample, so that
+            its cost stays small on a large model (4096 covers every tensor of the sweep's
+            problems; on a ResNet-18 it reads 2 % of the gradients).
+    """
+
+    name = "gradient_norm"
+
+    def __init__(self, every: int = 1, per_tensor: int = 4096) -> None:
+        self.every = check_int(every, "gradient_norm_every", 1)
+        self.per_tensor = check_int(per_tensor, "per_tensor", 1)
+        self._calls = 0
+
+    def before_update(self, optimizer: AsyncMomentumSGD) -> None:
+        """Feed the norm if it is due.
+
+        Args:
+            optimizer: the optimizer about to update.
+        """
+        self._calls += 1
+        if self._calls < self.every:
+            return
+        self._calls = 0
+        grads = [
+            p.grad
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        optimizer.tuner.rule.observe_gradient_norm(squared_norm(grads, self.per_tensor))

@@ -12,7 +12,12 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from asyncmomentum.core import update as updates
-from asyncmomentum.core.components import CurvatureSchedule, MeterComponent, StepComponent
+from asyncmomentum.core.components import (
+    CurvatureSchedule,
+    GradientNormFeed,
+    MeterComponent,
+    StepComponent,
+)
 from asyncmomentum.core.finite_gradients import GradientWatch, first_nonfinite
 from asyncmomentum.core.measuring.meter import MomentumMeter
 from asyncmomentum.core.measuring.staleness import (
@@ -247,6 +252,8 @@ class AsyncMomentumSGD(Optimizer):
                 raise ValueError(f"meter_options: {error}") from None
         elif meter_options:
             raise ValueError("meter_options need measure_momentum=True (or rule='closed_loop')")
+        if getattr(tuner.rule, "uses_gradient_norm", False):  # rule="auto"
+            components["gradient_norm"] = GradientNormFeed()
 
     def _register_state_hook(self) -> None:
         # torch's state_dict() gets the "async_momentum" entry from the first post hook, so that

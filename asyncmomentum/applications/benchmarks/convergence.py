@@ -2,13 +2,11 @@
 
 Runs ``asyncmomentum sweep --quick`` (cached: a second run only reads the cache), prints its
 steps-to-target table, and prints last, for the fixed 0.9 baseline and each rule of
-``asyncmomentum.core.tuning.rules.rule_names()`` (additive, compositional, closed_loop,
-stability), the
-geometric mean of its steps over the oracle's (the best fixed momentum of the grid, per cell),
-how many of its runs diverged (and how many of those where the oracle converges), and in how
-many cells it needed more than 1.1 times the steps of the default additive rule. Below 1 a
-method beats the grid; a method that does not reach the target counts at the step cap, a lower
-bound.
+``asyncmomentum.core.tuning.rules.rule_names()`` (additive, compositional, closed_loop, stability,
+auto), the geometric mean of its steps over the oracle's (the best fixed momentum of the grid, per
+cell), how many of its runs diverged (and how many of those where the oracle converges), and in how
+many cells it needed more than 1.1 times the steps of the default additive rule. Below 1 a method
+beats the grid; a method that does not reach the target counts at the step cap, a lower bound.
 
     python benchmarks/convergence.py                      # --quick size, all cores
     python benchmarks/convergence.py --jobs 2 --out DIR   # choose the workers and the cache

@@ -43,9 +43,10 @@ versions: bump ``CACHE_VERSION`` in :mod:`asyncmomentum.applications.sweep.cache
 behaviour
 changes, or its old runs are reused).
 
-Cost: ``--quick`` is 1,338 runs (four rules and the meter check), the full sweep (11 momenta,
-5 seeds, every cell) 3,730 runs; the CNN's runs are most of it. Timings in
-``docs/performance.md``.
+Cost: ``--quick`` on the three original problems is 1,338 runs (four rules and the meter check),
+the full sweep (11 momenta, 5 seeds, every cell) 3,730 runs; the CNN's runs are most of it. The
+two deeper problems (resnet, charlm) add about 260 CPU-seconds to ``--quick`` (additive and
+auto). Timings in ``docs/performance.md``.
 """
 
 from asyncmomentum.applications.sweep.analysis import Cell, MethodStats, MethodSummary, kendall_tau

@@ -233,6 +233,34 @@ def _summary(label: str, pairs: list[tuple[Cell, MethodStats]]) -> MethodSummary
     )
 
 
+#: The design half of the cells: the ``auto`` rule's constants were chosen on the cells of
+#: these problems at these worker counts only (see ``docs/auto-rule.md``); every other cell
+#: (``M`` in {1, 4, 16}, and every cell of the cnn and of the deeper problems) is held back.
+DESIGN_PROBLEMS: tuple[str, ...] = ("quadratic", "softmax")
+DESIGN_WORKERS: tuple[int, ...] = (2, 8, 32)
+
+
+def is_design_cell(cell: Cell) -> bool:
+    """Whether ``cell`` is in the design half (:data:`DESIGN_PROBLEMS` x :data:`DESIGN_WORKERS`).
+
+    Args:
+        cell: a cell from :func:`build_cells`.
+    """
+    return cell.problem in DESIGN_PROBLEMS and cell.workers in DESIGN_WORKERS
+
+
+def worst_ratio(cells: Sequence[Cell], rule: str) -> float:
+    """The largest ratio to the oracle of ``rule`` over ``cells`` (NaN if none has one).
+
+    Args:
+        cells: cells from :func:`build_cells`.
+        rule: a rule's name.
+    """
+    ratios = [cell.ratio(cell.rules[rule]) for cell in cells if rule in cell.rules]
+    scored = [r for r in ratios if r is not None]
+    return max(scored) if scored else math.nan
+
+
 def summarize(cells: Sequence[Cell], baseline: float) -> list[MethodSummary]:
     """The fixed baseline and every rule, summarized over ``cells``.
 

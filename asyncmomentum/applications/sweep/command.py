@@ -33,7 +33,7 @@ DEFAULT_OUT = "asyncmomentum-sweep"
 #: The subcommand's description (``--help``).
 DESCRIPTION = (
     "Grid-search the algorithmic momentum (negative included) for M asynchronous "
-    "workers under several staleness models on three problems, at one learning rate "
+    "workers under several staleness models on five problems, at one learning rate "
     "tuned at M = 1; run the fixed 0.9 baseline and every tuning rule the same way; "
     "write a CSV of every run, a steps-to-target table and a figure. Cached: a re-run "
     "only computes what is missing."

@@ -19,11 +19,15 @@ import numpy as np
 
 from asyncmomentum.applications.problems import get_problem
 from asyncmomentum.applications.sweep.analysis import (
+    DESIGN_PROBLEMS,
+    DESIGN_WORKERS,
     Cell,
     MethodStats,
     MethodSummary,
+    is_design_cell,
     kendall_tau,
     summarize,
+    worst_ratio,
 )
 from asyncmomentum.applications.sweep.engine import SweepResult
 from asyncmomentum.applications.sweep.meter_check import METER_FIGURE_NAME, format_meter, plot_meter
@@ -318,12 +322,42 @@ def format_summary(result: SweepResult) -> str:
             f"{summary.diverged_runs} of {summary.runs} ({summary.diverged_with_oracle}) | "
             f"{summary.worse_than_additive} of {summary.cells} |"
         )
+    lines += _format_halves(result)
     lines += [
         "",
         f"{result.computed} runs computed, {result.cached} from the cache, "
         f"in {result.seconds:.0f} s.",
     ]
     return "\n".join(lines)
+
+
+def _format_halves(result: SweepResult) -> list[str]:
+    """Each rule on the design half of the cells and on the held-back half, apart."""
+    halves = {
+        "design": [c for c in result.cells if is_design_cell(c)],
+        "held back": [c for c in result.cells if not is_design_cell(c)],
+    }
+    baseline = float(result.config.target_momentum)
+    lines = [
+        "",
+        "### Design half and held-back half (geometric mean; worst cell)",
+        "",
+        f"Design half: {', '.join(DESIGN_PROBLEMS)} at M in "
+        f"{{{', '.join(map(str, DESIGN_WORKERS))}}}; held back: every other cell.",
+        "",
+        "| method | design half | worst design cell | held-back half | worst held-back cell |",
+        "|---|---|---|---|---|",
+    ]
+    summaries = {name: summarize(cells, baseline) for name, cells in halves.items()}
+    for rule in result.config.rule_names:
+        parts = []
+        for name, cells in halves.items():
+            match = next((s for s in summaries[name] if s.label == rule), None)
+            worst = worst_ratio(cells, rule)
+            parts.append("-" if match is None else _geomean_text(match.geomean_ratio, match.cells))
+            parts.append("-" if math.isnan(worst) else f"{worst:.2f}")
+        lines.append(f"| {rule} | " + " | ".join(parts) + " |")
+    return lines
 
 
 def _geomean_text(value: float, cells: int) -> str:

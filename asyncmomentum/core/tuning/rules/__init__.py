@@ -14,6 +14,7 @@ from typing import Any
 
 from asyncmomentum.core.tuning import formulas
 from asyncmomentum.core.tuning.rules.additive import AdditiveRule
+from asyncmomentum.core.tuning.rules.auto import AutoRule
 from asyncmomentum.core.tuning.rules.base import TuningRule
 from asyncmomentum.core.tuning.rules.closed_loop import ClosedLoopController, ClosedLoopRule
 from asyncmomentum.core.tuning.rules.compositional import CompositionalRule
@@ -24,6 +25,7 @@ __all__ = [
     "DEFAULT_RULE",
     "RULES",
     "AdditiveRule",
+    "AutoRule",
     "ClosedLoopController",
     "ClosedLoopRule",
     "CompositionalRule",
@@ -43,6 +45,7 @@ RULES: dict[str, type[TuningRule]] = {
     CompositionalRule.name: CompositionalRule,
     ClosedLoopRule.name: ClosedLoopRule,
     StabilityRule.name: StabilityRule,
+    AutoRule.name: AutoRule,
 }
 
 #: The rule a tuner uses unless told otherwise.

@@ -1,0 +1,278 @@
+"""The auto rule: the stability bound of the delayed heavy ball, without a probe.
+
+The stability rule (:mod:`asyncmomentum.core.tuning.rules.stability`) returns the largest
+momentum at which the linearized delayed heavy ball is stable for ``a = lr * lambda_max`` and
+the observed staleness distribution; it needs a probe loss and Hessian-vector products for
+``lambda_max``, and the largest curvature is too pessimistic on cross-entropy. This rule keeps
+the staleness half of that analysis (the histogram, the mean-square stability test) and replaces
+the probed curvature by an *effective* ``a``: it starts optimistic and is raised by a factor
+each time the applied gradients' norm shows a growing instability
+(:class:`~asyncmomentum.core.measuring.instability.GrowthDetector`). See ``docs/auto-rule.md``
+for the derivation, the constants, and the limits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from asyncmomentum.core.measuring.instability import GrowthDetector
+from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.tuning.rules.base import TuningRule
+from asyncmomentum.core.tuning.rules.stability import StabilityRule
+from asyncmomentum.core.validation import check_int, check_real, check_state
+
+__all__ = ["DEFAULT_EFFECTIVE_CURVATURE", "AutoRule"]
+
+#: Layout version of the state dicts of this module.
+STATE_FORMAT = 1
+
+#: The effective ``lr * lambda`` :class:`AutoRule` starts from (see ``docs/auto-rule.md``).
+DEFAULT_EFFECTIVE_CURVATURE = 0.3
+
+
+class AutoRule(TuningRule):
+    """Staleness and gradient norms in, the momentum the delayed heavy ball tolerates, out.
+
+    Keeps the staleness histogram of a
+    :class:`~asyncmomentum.core.tuning.rules.stability.StabilityRule` (same caching, same
+    refresh) and asks it for the largest stable momentum, capped by the target, at an effective
+    ``a = lr * lambda_eff``: a dimensionless number that stands for the curvature of the
+    directions that set the pace of training, not the sharpest one. ``a`` walks a ladder of
+    rungs ``effective_curvature * step_ratio**level``: one rung down (more momentum) after
+    ``patience`` quiet updates, ``backoff`` rungs up each time the squared norm of the applied
+    gradients (handed over by :meth:`observe_gradient_norm`; the optimizer does it when the rule
+    is on) grows ``threshold`` times past its running minimum, the signature of an unstable mode.
+    Each such growth doubles the wait before the next step down, at most ``max_doublings``
+    times. No probe, no Hessian-vector product, no grid. Without delays in the window (and
+    before the first observation) it is the additive rule, i.e. the target; totals compose
+    additively. See ``docs/auto-rule.md``.
+
+    Args:
+        effective_curvature: the ``a`` the rule starts from (> 0). Larger is more conservative
+            (a lower momentum at a given staleness).
+        min_curvature: the lowest rung, in (0, ``effective_curvature``].
+        max_curvature: the highest rung (>= ``effective_curvature``).
+        step_ratio: ratio of two neighbouring rungs (> 1).
+        patience: quiet updates before a step down (>= 1).
+        backoff: rungs up per detected instability (>= 1).
+        max_doublings: how often an instability may double the patience (>= 0).
+        threshold: growth of the averaged squared gradient norm over its running minimum that
+            counts as an instability (> 1); see
+            :class:`~asyncmomentum.core.measuring.instability.GrowthDetector`.
+        smoothing: weight of the past in that average, in [0, 1).
+        forgetting: relative rise of the detector's reference per update (>= 0).
+        window: staleness observations kept.
+        max_staleness: the histogram's cap.
+    """
+
+    name: ClassVar[str] = "auto"
+    stateful: ClassVar[bool] = True
+    #: The optimizer hands this rule the applied gradients' squared norm before each update.
+    uses_gradient_norm: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        effective_curvature: float = DEFAULT_EFFECTIVE_CURVATURE,
+        min_curvature: float = 0.06,
+        max_curvature: float = 4.0,
+        step_ratio: float = math.sqrt(2.0),
+        patience: int = 12,
+        backoff: int = 2,
+        max_doublings: int = 2,
+        threshold: float = 4.0,
+        smoothing: float = 0.7,
+        forgetting: float = 0.0,
+        window: int = 1024,
+        max_staleness: int = 1024,
+    ) -> None:
+        self.effective_curvature = check_real(
+            effective_curvature, "effective_curvature", minimum=0.0, min_inclusive=False
+        )
+        self.min_curvature = check_real(
+            min_curvature,
+            "min_curvature",
+            minimum=0.0,
+            maximum=self.effective_curvature,
+            min_inclusive=False,
+        )
+        self.max_curvature = check_real(
+            max_curvature, "max_curvature", minimum=self.effective_curvature
+        )
+        self.step_ratio = check_real(step_ratio, "step_ratio", minimum=1.0, min_inclusive=False)
+        self.patience = check_int(patience, "patience", 1)
+        self.backoff = check_int(backoff, "backoff", 1)
+        self.max_doublings = check_int(max_doublings, "max_doublings", 0)
+        self.detector = GrowthDetector(threshold, smoothing, forgetting)
+        # The ladder of `a`: level 0 is `effective_curvature`, each level down divides by
+        # `step_ratio`; discrete, so that the bound is computed once per level and cached.
+        self._lowest = -math.floor(
+            math.log(self.effective_curvature / self.min_curvature) / math.log(self.step_ratio)
+            + 1e-9
+        )
+        self._highest = math.floor(
+            math.log(self.max_curvature / self.effective_curvature) / math.log(self.step_ratio)
+            + 1e-9
+        )
+        self._ladder = torch.zeros(2, dtype=torch.float64)  # (level, quiet observations)
+        self._last_delay: int | None = None  # the histogram's count at the last tau > 0
+        # The bound itself (its histogram, cache and checks): one source of truth. It is fed a
+        # "curvature" of `a` and a learning rate of 1, so that its `lr * lambda_max` is `a`.
+        self._bound = StabilityRule(
+            curvature_margin=0.0, window=window, max_staleness=max_staleness
+        )
+
+    @property
+    def histogram(self) -> Any:
+        """The staleness histogram the bound is computed from."""
+        return self._bound.histogram
+
+    @property
+    def synchronous(self) -> bool:
+        """Whether no gradient of the histogram's window was stale (or none was observed)."""
+        last = self._last_delay
+        return last is None or self.histogram.count - last >= self.histogram.window
+
+    @property
+    def level(self) -> int:
+        """The rung of the ladder of ``a``: 0 at the start, negative below (more momentum)."""
+        return int(self._ladder[0])
+
+    @property
+    def effective_a(self) -> float:
+        """The ``a = lr * lambda_eff`` the bound is computed at now."""
+        return self.effective_curvature * self.step_ratio**self.level
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def observe(self, tau: int) -> None:
+        """Record the staleness of one applied gradient.
+
+        Args:
+            tau: updates applied between the gradient's read and its application (>= 0).
+        """
+        self._bound.observe(tau)
+        if tau > 0:
+            self._last_delay = self.histogram.count
+
+    def observe_gradient_norm(self, squared_norm: float) -> None:
+        """Take the squared norm of the gradients about to be applied.
+
+        Args:
+            squared_norm: ``sum ||g||^2`` over the parameters (>= 0; non-finite is ignored).
+        """
+        level, quiet = self._ladder.tolist()
+        if self.detector.observe(squared_norm):
+            level, quiet = min(level + self.backoff, self._highest), 0.0
+        else:
+            quiet += 1
+            # Each instability doubles the wait before the next probe (up to max_doublings
+            # times): a run that sits at its stable edge re-probes it less and less often.
+            wait = self.patience * 2 ** min(self.detector.detections, self.max_doublings)
+            if quiet >= wait and level > self._lowest:
+                level, quiet = level - 1, 0.0
+        self._ladder[0], self._ladder[1] = level, quiet
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def algorithmic_momentum(
+        self,
+        target: float,
+        implicit: float,
+        *,
+        lr: float | None = None,
+        bounds: tuple[float, float] = formulas.DEFAULT_MOMENTUM_BOUNDS,
+    ) -> float:
+        """The largest stable momentum at the effective ``a``, capped by ``target``.
+
+        Args:
+            target: the total momentum the user wants: the cap of the result.
+            implicit: the implicit momentum of the asynchrony (for the additive fallback).
+            lr: unused (the effective ``a`` is already ``lr * lambda``).
+            bounds: ``(low, high)``: the floor of the result, and a ceiling under the target.
+        """
+        if self.synchronous:
+            # No delay in the window: the momentum the user tuned, as torch would run it (the
+            # additive rule with no implicit momentum), and no bound to compute.
+            return formulas.clip_momentum(formulas.additive_momentum(target, implicit), bounds)
+        self._bound.observe_curvature(self.effective_a)
+        return self._bound.algorithmic_momentum(target, implicit, lr=1.0, bounds=bounds)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The staleness histogram and the detector (the constants are configuration)."""
+        return {
+            "format": STATE_FORMAT,
+            "histogram": self.histogram.state_dict(),
+            "detector": self.detector.state_dict(),
+            "ladder": self._ladder.tolist(),
+        }
+
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError`` unless :meth:`load_state_dict` can take ``state_dict``.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+        """
+        check_state(
+            state_dict,
+            "AutoRule",
+            expected_format=STATE_FORMAT,
+            keys=("histogram", "detector", "ladder"),
+        )
+        ladder = state_dict["ladder"]
+        if not (
+            isinstance(ladder, list | tuple)
+            and len(ladder) == 2
+            and all(isinstance(v, int | float) and math.isfinite(v) for v in ladder)
+            and self._lowest <= ladder[0] <= self._highest
+            and ladder[1] >= 0
+        ):
+            raise ValueError(f"AutoRule state is corrupt: ladder {ladder!r}")
+        self._bound.check_state_dict(_bound_state(state_dict))
+        self.detector.check_state_dict(state_dict["detector"])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; a bad state raises and changes nothing.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+        """
+        self.check_state_dict(state_dict)
+        self._bound.load_state_dict(_bound_state(state_dict))
+        # Where in the window the last delay was is not kept: any delay in it counts as now.
+        delayed = self.histogram.mean > 0
+        self._last_delay = self.histogram.count if delayed else None
+        self.detector.load_state_dict(state_dict["detector"])
+        self._ladder.copy_(torch.tensor(state_dict["ladder"], dtype=torch.float64))
+
+    def reset(self) -> None:
+        """Forget the observed staleness and gradient norms (the configuration stays)."""
+        self._bound.reset()
+        self._last_delay = None
+        self.detector.reset()
+        self._ladder.zero_()
+
+    def share_memory(self) -> AutoRule:
+        """Put the detector in shared memory, so Hogwild processes raise one ``a``; returns self.
+
+        The staleness histogram stays per process: every process observes the same clock.
+        """
+        self.detector.share_memory()
+        self._ladder.share_memory_()
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"AutoRule(effective_curvature={self.effective_curvature}, level={self.level}, "
+            f"effective_a={self.effective_a:.4g}, detector={self.detector!r})"
+        )
+
+
+def _bound_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The inner stability rule's state for the histogram of an AutoRule state."""
+    return {"format": 1, "histogram": state_dict["histogram"], "curvature": None}

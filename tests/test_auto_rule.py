@@ -1,0 +1,276 @@
+"""The auto rule: the stability bound at an effective curvature raised by detected instabilities."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_cnn
+
+from asyncmomentum.applications.sweep.runs import RunSpec, run_one
+from asyncmomentum.core.components import GradientNormFeed
+from asyncmomentum.core.measuring.instability import GrowthDetector, squared_norm
+from asyncmomentum.core.optimizer import AsyncMomentumSGD
+from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.tuning.rules import AutoRule, make_rule
+from asyncmomentum.core.tuning.stability import largest_stable_momentum
+from asyncmomentum.runtimes.hogwild import classification_loss, train_hogwild
+
+# -- the detector ---------------------------------------------------------------------------------
+
+
+def test_a_flat_or_falling_signal_is_never_an_instability():
+    detector = GrowthDetector(threshold=4.0)
+    rng = np.random.default_rng(0)
+    for step in range(2000):
+        # Falling, then noisy around a floor (a chi-square-like spread of a squared norm).
+        level = max(100.0 * 0.99**step, 1.0)
+        assert not detector.observe(level * float(rng.uniform(0.7, 1.3)))
+    assert detector.detections == 0
+    assert detector.count == 2000
+
+
+def test_a_geometric_growth_is_reported_once_per_factor_of_threshold():
+    detector = GrowthDetector(threshold=4.0, smoothing=0.0, forgetting=0.0)
+    reports = [detector.observe(1.1**step) for step in range(80)]
+    # 1.1^k passes 4x the last reference every ~14.5 steps: 80 steps give 5 reports.
+    assert sum(reports) == 5 == detector.detections
+    assert reports.index(True) == math.ceil(math.log(4.0) / math.log(1.1)) + 0
+
+
+def test_the_reference_forgets_so_a_drift_slower_than_forgetting_is_no_instability():
+    # A signal that creeps up by 0.5 % per observation: 100x over 1000 observations.
+    drifting = GrowthDetector(threshold=4.0, smoothing=0.0, forgetting=0.01)
+    assert not any(drifting.observe(1.005**step) for step in range(1000))
+    # Without forgetting, the same drift is reported every factor of 4.
+    strict = GrowthDetector(threshold=4.0, smoothing=0.0, forgetting=0.0)
+    assert sum(strict.observe(1.005**step) for step in range(1000)) == 3
+
+
+def test_non_finite_or_negative_observations_are_ignored():
+    detector = GrowthDetector()
+    detector.observe(1.0)
+    for bad in (math.nan, math.inf, -1.0):
+        assert not detector.observe(bad)
+    assert detector.count == 1
+
+
+def test_squared_norm_is_the_sum_of_squares_of_all_tensors():
+    tensors = [torch.tensor([3.0, 4.0]), torch.ones(2, 2)]
+    assert squared_norm(tensors) == pytest.approx(25.0 + 4.0)
+    assert squared_norm([]) == 0.0
+    # A fixed sample: the first entries of each tensor.
+    assert squared_norm([torch.full((10,), 2.0), torch.ones(3, 3)], per_tensor=4) == 16.0 + 4.0
+
+
+def test_detector_state_round_trips_and_a_corrupt_one_changes_nothing():
+    detector = GrowthDetector()
+    for value in (5.0, 1.0, 30.0):
+        detector.observe(value)
+    state = detector.state_dict()
+    copy = GrowthDetector()
+    copy.load_state_dict(state)
+    assert copy.state_dict() == state
+    for broken in ({**state, "format": 9}, {**state, "state": [1.0, 2.0]}, {"format": 1}):
+        with pytest.raises(ValueError, match="GrowthDetector"):
+            copy.load_state_dict(broken)
+    assert copy.state_dict() == state
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"threshold": 1.0}, "threshold"),
+        ({"smoothing": 1.0}, "smoothing"),
+        ({"forgetting": -0.1}, "forgetting"),
+    ],
+)
+def test_bad_detector_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        GrowthDetector(**options)
+
+
+# -- the rule -------------------------------------------------------------------------------------
+
+
+def test_before_any_staleness_the_rule_is_the_additive_rule():
+    rule = AutoRule()
+    assert rule.algorithmic_momentum(0.9, 0.5) == formulas.clip_momentum(
+        formulas.additive_momentum(0.9, 0.5), formulas.DEFAULT_MOMENTUM_BOUNDS
+    )
+
+
+def test_without_delays_it_is_the_target_whatever_the_ladder_says():
+    rule = AutoRule(max_curvature=8.0)
+    value = 1.0
+    for _ in range(100):
+        rule.observe(0)
+        value *= 1.5
+        rule.observe_gradient_norm(value)
+    assert rule.effective_a > 2 * (1 + 0.9)  # the bound would refuse 0.9 here
+    assert rule.synchronous
+    assert rule.algorithmic_momentum(0.9, 0.0) == 0.9
+    fresh = AutoRule()
+    fresh.observe(0)
+    assert fresh.algorithmic_momentum(0.9, 0.0) == 0.9
+    fresh.observe(7)  # one delay in the window: the bound speaks
+    assert not fresh.synchronous
+    assert fresh.algorithmic_momentum(0.9, 0.0) < 0.9
+
+
+def test_the_momentum_is_the_stability_bound_at_the_effective_curvature():
+    rule = AutoRule(effective_curvature=0.3)
+    for _ in range(50):
+        rule.observe(3)  # a constant delay of 3: round robin over 4 workers
+    expected = largest_stable_momentum(0.3, [0, 0, 0, 1.0], cap=0.9)
+    assert rule.algorithmic_momentum(0.9, 0.75) == pytest.approx(expected, abs=2e-3)
+    # Asynchrony the additive rule does not see: a constant delay costs more than its mean.
+    assert expected < 0.9 - 0.75 + 0.2
+
+
+def test_quiet_observations_walk_down_the_ladder_and_growth_backs_off():
+    rule = AutoRule(effective_curvature=0.3, min_curvature=0.1, patience=5, backoff=2)
+    for _ in range(20):
+        rule.observe(7)
+    start = rule.algorithmic_momentum(0.9, 0.875)
+    for _ in range(5):
+        rule.observe_gradient_norm(1.0)
+    assert rule.level == -1
+    assert rule.effective_a == pytest.approx(0.3 / math.sqrt(2))
+    assert rule.algorithmic_momentum(0.9, 0.875) > start  # less curvature: more momentum
+    for _ in range(100):
+        rule.observe_gradient_norm(1.0)
+    lowest = rule.level
+    assert rule.effective_a >= 0.1 > rule.effective_a / math.sqrt(2)  # stops at min_curvature
+    value = 1.0
+    while rule.detector.detections == 0:  # an instability: the norm grows
+        value *= 1.5
+        rule.observe_gradient_norm(value)
+    assert rule.level == lowest + 2
+    # After an instability the rule waits twice as long before it probes again.
+    for _ in range(5):
+        rule.observe_gradient_norm(value)
+    assert rule.level == lowest + 2
+    for _ in range(5):
+        rule.observe_gradient_norm(value)
+    assert rule.level == lowest + 1
+
+
+def test_the_ladder_stops_at_max_curvature():
+    rule = AutoRule(effective_curvature=0.3, max_curvature=0.5, backoff=2)
+    value = 1.0
+    for _ in range(200):
+        value *= 1.5
+        rule.observe_gradient_norm(value)
+    assert rule.detector.detections > 2
+    assert rule.effective_a <= 0.5
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"effective_curvature": 0.0}, "effective_curvature"),
+        ({"min_curvature": 0.5}, "min_curvature"),
+        ({"max_curvature": 0.1}, "max_curvature"),
+        ({"step_ratio": 1.0}, "step_ratio"),
+        ({"patience": 0}, "patience"),
+        ({"backoff": 0}, "backoff"),
+        ({"threshold": 0.5}, "threshold"),
+    ],
+)
+def test_bad_rule_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        make_rule("auto", **options)
+
+
+def test_rule_state_round_trips_and_a_bad_ladder_changes_nothing():
+    rule = AutoRule(patience=3)
+    for tau in (0, 1, 2, 3, 3, 3):
+        rule.observe(tau)
+    for value in (1.0, 1.0, 1.0, 1.0, 50.0, 400.0):
+        rule.observe_gradient_norm(value)
+    state = rule.state_dict()
+    copy = AutoRule(patience=3)
+    copy.load_state_dict(state)
+    assert repr(copy.state_dict()) == repr(state)
+    assert copy.effective_a == rule.effective_a
+    for ladder in ([99.0, 0.0], [0.0], [math.nan, 0.0]):
+        with pytest.raises(ValueError, match="ladder"):
+            copy.load_state_dict({**state, "ladder": ladder})
+    assert repr(copy.state_dict()) == repr(state)
+    copy.reset()
+    assert copy.level == 0
+    assert copy.histogram.count == 0
+
+
+def test_share_memory_shares_the_detector_and_the_ladder():
+    rule = AutoRule().share_memory()
+    assert rule.detector._state.is_shared()
+    assert rule._ladder.is_shared()
+
+
+# -- in the optimizer -----------------------------------------------------------------------------
+
+
+def test_the_optimizer_feeds_the_rule_one_gradient_norm_per_update():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = AsyncMomentumSGD(model.parameters(), lr=0.1, momentum=0.9, rule="auto")
+    assert isinstance(optimizer.components["gradient_norm"], GradientNormFeed)
+    for _ in range(7):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        optimizer.step(staleness=2)
+    assert optimizer.rule.detector.count == 7
+    assert optimizer.rule.histogram.count == 7
+    assert "gradient_norm" not in AsyncMomentumSGD(model.parameters(), lr=0.1).components
+
+
+def _spec(method: str) -> RunSpec:
+    return RunSpec(
+        problem="quadratic",
+        staleness="round_robin",
+        workers=8,
+        method=method,
+        momentum=0.9,
+        lr=0.25,
+        seed=0,
+        target_loss=0.1,
+        max_steps=1000,
+        eval_every=10,
+    )
+
+
+def test_it_converges_where_the_additive_rule_diverges():
+    # Eight workers in turn on the sweep's quadratic: the additive rule's momentum (~0.03) is
+    # unstable for a constant delay of 7; the oracle is -0.3..-0.5 (docs/sweep-full-table.md).
+    assert run_one(_spec("rule:additive")).status == "diverged"
+    result = run_one(_spec("rule:auto"))
+    assert result.status == "converged"
+    assert result.mean_algorithmic_momentum < 0.0
+
+
+@pytest.mark.timeout(120)
+def test_it_runs_in_hogwild_workers_with_one_shared_detector():
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.randn(128, 1, 8, 8, generator=gen), torch.randint(0, 10, (128,), generator=gen))
+    model = make_cnn(seed=0)
+    optimizer = AsyncMomentumSGD(model.parameters(), lr=0.05, momentum=0.9, rule="auto")
+    result = train_hogwild(
+        model,
+        optimizer,
+        classification_loss,
+        data,
+        workers=2,
+        steps_per_worker=20,
+        batch_size=16,
+        timeout=45.0,
+    )
+    assert result.ok, result.failures
+    rule = optimizer.rule
+    # The workers fed the parent's detector through shared memory (a racing update of the
+    # average may be lost, never more than the updates applied).
+    assert 0 < rule.detector.count <= 40
+    assert rule.detector._state.is_shared()
