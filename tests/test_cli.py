@@ -190,7 +190,7 @@ def test_bench_runs_from_an_installed_wheel(installed_wheel):
     lines = done.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("path "))
     columns = ["path", "AsyncMomentumSGD", "ms", "torch.optim.SGD", "ms", "ratio", "min..max"]
-    columns += ["mean", "ratio", "backward", "ratio"]
+    columns += ["mean", "ratio", "backward", "ms", "backward+step"]
     assert lines[header].split() == columns
     paths = [line.split()[0] for line in lines[header + 1 : header + 5]]
     assert paths == ["foreach", "fused", "single", "default"]

@@ -34,7 +34,7 @@ _LOW = (torch.float16, torch.bfloat16)
 _VERSION = attrgetter("_version")
 
 #: Parameters with fewer elements get no hook (see :class:`GradientWatch`).
-WATCH_MIN_ELEMENTS = 1 << 16
+WATCH_MIN_ELEMENTS = 1 << 14
 # The attribute in which a hooked gradient keeps the version counter its sum was taken at.
 _MARK = "_asyncmomentum_checked_version"
 _TOKENS = itertools.count()
