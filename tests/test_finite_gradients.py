@@ -53,12 +53,13 @@ def _trained_pair() -> tuple[nn.Module, AsyncMomentumSGD]:
 
 def test_only_large_parameters_are_hooked() -> None:
     model = _model()
-    AsyncMomentumSGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = AsyncMomentumSGD(model.parameters(), lr=0.1, momentum=0.9)
     hooked = [bool(p._post_accumulate_grad_hooks) for p in model.parameters()]
     sizes = [p.numel() for p in model.parameters()]
     assert hooked == [n >= WATCH_MIN_ELEMENTS for n in sizes]
     assert hooked[0]
     assert not hooked[1]
+    assert opt.param_groups[0]["params"][0] is next(model.parameters())
 
 
 def test_backward_gradients_are_not_read_again_at_the_step(monkeypatch) -> None:
@@ -208,3 +209,19 @@ def test_float16_gradients_whose_sum_overflows_are_applied() -> None:
     opt.step()
     assert bool(torch.isfinite(param).all())
     assert float(param.detach()[0]) != 0.0
+
+
+def test_an_optimizer_that_is_gone_leaves_no_hook() -> None:
+    import gc
+
+    model = _model()
+    weight = next(model.parameters())
+    for _ in range(3):  # a new optimizer per trial, as a learning-rate finder makes them
+        AsyncMomentumSGD(model.parameters(), lr=0.1, momentum=0.9)
+    gc.collect()
+    assert not weight._post_accumulate_grad_hooks
+    opt = AsyncMomentumSGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert len(weight._post_accumulate_grad_hooks) == 1
+    _backward(model, scale=math.nan)
+    with pytest.raises(NonFiniteGradientError):
+        opt.step()

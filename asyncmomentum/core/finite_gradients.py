@@ -15,8 +15,9 @@ value, so the verdict is exact.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from operator import attrgetter
 from typing import Any
@@ -68,6 +69,7 @@ class GradientWatch:
         self.min_elements = min_elements
         self._pending: dict[torch.device, list[Tensor]] = {}
         self._watched: set[int] = set()
+        self._handles: list[Any] = []
         # Marks name their watch: a gradient copied with its mark (deepcopy keeps a tensor's
         # attributes) must not pass for checked by another watch, whose sums never saw it.
         self._token = next(_TOKENS)
@@ -92,8 +94,14 @@ class GradientWatch:
                 and param.numel() >= self.min_elements
                 and id(param) not in self._watched
             ):
-                param.register_post_accumulate_grad_hook(self._record)
+                self._handles.append(param.register_post_accumulate_grad_hook(_hook(self)))
                 self._watched.add(id(param))
+
+    def __del__(self) -> None:
+        # An optimizer that is gone must not leave a hook summing every gradient: models
+        # outlive optimizers (a new one per trial or per phase), and hooks would pile up.
+        for handle in getattr(self, "_handles", ()):
+            handle.remove()
 
     def _record(self, param: Tensor) -> None:
         grad = param.grad
@@ -139,6 +147,18 @@ class GradientWatch:
         """
         for grad in grads:
             grad.__dict__.pop(_MARK, None)
+
+
+def _hook(watch: GradientWatch) -> Callable[[Tensor], None]:
+    """The hook a parameter holds: a weak reference, so that it keeps no watch alive."""
+    ref = weakref.ref(watch)
+
+    def record(param: Tensor) -> None:
+        alive = ref()
+        if alive is not None:
+            alive._record(param)
+
+    return record
 
 
 def _sums_finite(sums: list[Tensor]) -> bool:
