@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from operator import attrgetter
@@ -24,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from asyncmomentum.core.update import group_by_device_and_dtype
 
 __all__ = ["WATCH_MIN_ELEMENTS", "GradientWatch", "first_nonfinite"]
 
@@ -41,8 +42,6 @@ _MARK = "_asyncmomentum_checked_version"
 _TOKENS = itertools.count()
 # Pending sums per device beyond which they are folded into one.
 _MAX_PENDING = 4096
-_DTYPE = attrgetter("dtype")
-_IS_CPU = attrgetter("is_cpu")
 _IS_SPARSE = attrgetter("is_sparse")
 
 
@@ -161,13 +160,6 @@ def _hook(watch: GradientWatch) -> Callable[[Tensor], None]:
     return record
 
 
-def _sums_finite(sums: list[Tensor]) -> bool:
-    by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
-    for total in sums:
-        by_device[total.device].append(total)
-    return all(bool(torch.isfinite(torch.stack(same)).all()) for same in by_device.values())
-
-
 _ONES: dict[torch.device, Tensor] = {}
 
 
@@ -181,18 +173,12 @@ def _one(device: torch.device) -> Tensor:
 
 def _all_finite(grads: list[Tensor]) -> bool:
     """Whether no gradient holds NaN or inf (cheap; a ``False`` is confirmed by the caller)."""
-    if (
-        len(set(map(_DTYPE, grads))) == 1
-        and all(map(_IS_CPU, grads))
-        and not any(map(_IS_SPARSE, grads))
-    ):
-        groups = [(grads[0].device, grads)]  # one device and dtype, all dense: the common case
-    else:
-        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-        for g in grads:
-            by_kind[(g.device, g.dtype)].append(g._values() if g.is_sparse else g)
-        groups = [(kind[0], same) for kind, same in by_kind.items()]
-    for device, same in groups:
+    kinds = group_by_device_and_dtype(grads)
+    for indices in kinds:
+        same = grads if len(kinds) == 1 else [grads[i] for i in indices]
+        if any(map(_IS_SPARSE, same)):
+            same = [g._values() if g.is_sparse else g for g in same]
+        device = same[0].device
         if sum(map(Tensor.numel, same)) <= _FUSED_CHECK_MAX_ELEMENTS:
             found = torch.zeros(1, device=device)
             try:

@@ -25,7 +25,6 @@ from asyncmomentum.core.measuring.staleness import (
     DEFAULT_WARMUP,
     StalenessEstimator,
     VersionClock,
-    tick_and_observe,
 )
 from asyncmomentum.core.tuning import formulas, rules
 from asyncmomentum.core.tuning.rules import TuningRule
@@ -540,8 +539,7 @@ class AsyncMomentumSGD(Optimizer):
             component.before_update(self)
 
         # Claim this update's version atomically: the staleness is exact under concurrency.
-        version, tau = tick_and_observe(run.clock, run.tuner.estimator, run.version_read, staleness)
-        run.tuner.rule.observe(tau)
+        version, tau = run.tuner.record_update(run.clock, run.version_read, staleness)
         run.last_staleness = tau
         for index, (group, (params, grads, buffers)) in enumerate(
             zip(self.param_groups, gathered, strict=True)

@@ -21,6 +21,7 @@ __all__ = [
     "FUSED_DEVICES",
     "UpdateFn",
     "choose_update",
+    "group_by_device_and_dtype",
     "fused_update",
     "multi_tensor_update",
     "single_tensor_update",
@@ -203,10 +204,15 @@ def _buckets(tensors: list[Tensor], indices: list[int]) -> Iterable[list[int]]:
         yield bucket
 
 
-def _by_device_and_dtype(params: list[Tensor]) -> list[list[int]]:
-    if len(set(map(_DTYPE, params))) == 1 and all(map(_IS_CPU, params)):
-        return [list(range(len(params)))]  # one device and dtype: the common case, in C
-    kinds = list(map(_DEVICE_AND_DTYPE, params))
+def group_by_device_and_dtype(tensors: list[Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by device and dtype, in order of first appearance.
+
+    Args:
+        tensors: parameters or gradients.
+    """
+    if len(set(map(_DTYPE, tensors))) == 1 and all(map(_IS_CPU, tensors)):
+        return [list(range(len(tensors)))]  # one device and dtype: the common case, in C
+    kinds = list(map(_DEVICE_AND_DTYPE, tensors))
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i, kind in enumerate(kinds):
         groups[kind].append(i)
@@ -243,7 +249,7 @@ def multi_tensor_update(
         with_buffer: keep momentum buffers; without, the update is plain SGD and ``buffers``
             is left alone.
     """
-    for same_kind in _by_device_and_dtype(params):
+    for same_kind in group_by_device_and_dtype(params):
         for bucket in _buckets(params, same_kind):
             ps = [params[i] for i in bucket]
             gs = [grads[i] for i in bucket]
@@ -310,7 +316,7 @@ def fused_update(
         "maximize": maximize,
         "grad_scale": grad_scale,  # set by torch.amp.GradScaler: the kernel unscales
     }
-    for same_kind in _by_device_and_dtype(params):
+    for same_kind in group_by_device_and_dtype(params):
         if not with_buffer:
             torch._fused_sgd_(
                 [params[i] for i in same_kind],

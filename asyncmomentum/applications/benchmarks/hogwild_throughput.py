@@ -32,7 +32,6 @@ from torch import nn
 
 from asyncmomentum import AsyncMomentumSGD
 from asyncmomentum.applications.digits import SmallCNN, iterate_batches, load_digits_split
-from asyncmomentum.core.measuring.staleness import tick_and_observe
 from asyncmomentum.runtimes.hogwild import classification_loss, train_hogwild
 
 WORKER_COUNTS = (1, 2, 4)
@@ -90,8 +89,7 @@ def tuning_share(repeats: int) -> tuple[float, float, float]:
         whole.append(time.perf_counter() - start)
         # Exactly what step() adds for tuning: claim a version, observe, ask the rule.
         start = time.perf_counter()
-        tick_and_observe(opt.clock, opt.estimator, opt.clock.value - 3, None)
-        opt.tuner.rule.observe(3)
+        opt.tuner.record_update(opt.clock, opt.clock.value - 3, None)
         opt.tuner.algorithmic_momentum(0.9)
         tuning.append(time.perf_counter() - start)
     tuning_us = statistics.median(tuning) * 1e6

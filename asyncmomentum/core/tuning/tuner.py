@@ -15,6 +15,8 @@ from asyncmomentum.core.measuring.staleness import (
     DEFAULT_HORIZON,
     DEFAULT_WARMUP,
     StalenessEstimator,
+    VersionClock,
+    tick_and_observe,
 )
 from asyncmomentum.core.tuning import formulas
 from asyncmomentum.core.tuning.rules import DEFAULT_RULE, TuningRule, make_rule
@@ -92,6 +94,27 @@ class MomentumTuner:
         """
         self.estimator.observe(tau)
         self.rule.observe(tau)
+
+    def record_update(
+        self, clock: VersionClock, version_read: int, staleness: int | None
+    ) -> tuple[int, int]:
+        """Claim ``clock``'s next version for an update and record its staleness.
+
+        What :meth:`observe` does, plus the tick, with the tick and the estimator's record in
+        one critical section when the estimator shares the clock's lock
+        (:func:`~asyncmomentum.core.measuring.staleness.tick_and_observe`).
+
+        Args:
+            clock: the clock of applied updates.
+            version_read: the version the gradient's parameters were read at.
+            staleness: the staleness if the caller knows it, else ``None`` (measured).
+
+        Returns:
+            The version the update is applied at, and its staleness.
+        """
+        version, tau = tick_and_observe(clock, self.estimator, version_read, staleness)
+        self.rule.observe(tau)
+        return version, tau
 
     def observe_reading(self, reading: MomentumReading | None) -> None:
         """Hand the rule the momentum meter's latest reading (``None``: none yet).
