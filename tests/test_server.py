@@ -189,17 +189,6 @@ def test_a_model_of_mixed_dtypes_is_refused_clearly() -> None:
     assert same(snapshot(model), values)
 
 
-def test_the_per_tensor_format_applies_the_same_update_as_the_flat_one() -> None:
-    flat, listed = make_server(), make_server()
-    grads = gradient_list(flat.model)
-    flat_reply = flat.push(1, flatten(grads), flat.join(1).version, loss=1.0)
-    list_reply = listed.push_tensors(1, grads, listed.join(1).version, loss=1.0)
-    assert isinstance(list_reply.params, list)
-    assert len(list_reply.params) == len(grads)
-    assert torch.equal(flat_reply.params, flatten(list_reply.params))
-    assert same(snapshot(flat.model), snapshot(listed.model))
-
-
 def test_the_time_figures_start_after_the_warm_up_and_add_up() -> None:
     server = make_server(measure_after=2)
     server.start()
@@ -248,7 +237,7 @@ def test_bad_pushes_raise_and_change_nothing() -> None:
         "too few elements": ((1, grads[:-1], 0), "elements but the"),
         "not flat": ((1, grads.reshape(2, -1), 0), "must be one 1-D tensor"),
         "a wrong dtype": ((1, grads.double(), 0), "is torch.float64"),
-        "a list": ((1, list(grads.split(10)), 0), "call push_tensors"),
+        "a list": ((1, list(grads.split(10)), 0), "one flat gradient tensor"),
         "a version from the future": ((1, grads, 5), "pushed a gradient of version 5"),
         "a negative version": ((1, grads, -1), "version must be an integer"),
         "an unknown rank": ((3, grads, 0), "worker rank must be an integer"),
@@ -258,21 +247,9 @@ def test_bad_pushes_raise_and_change_nothing() -> None:
         "present repeated": ((1, grads, 0, 1.0, (*every, every[-1])), "increasing order"),
         "present not a tuple": ((1, grads, 0, 1.0, 3), "tuple of parameter indices"),
     }
-    listed = gradient_list(server.model)
-    bad_tensor_pushes = {
-        "too few gradients": ((1, listed[:-1], 0), "entries but the model has"),
-        "a wrong shape": ((1, [*listed[:-1], torch.zeros(3)], 0), "has shape"),
-        "a wrong dtype": ((1, [*listed[:-1], listed[-1].double()], 0), "is torch.float64"),
-        "not a list": ((1, listed[0], 0), "grads must be a list"),
-        "a version from the future": ((1, listed, 5), "pushed a gradient of version 5"),
-    }
     for what, (args, match) in bad_pushes.items():
         with pytest.raises(ValueError, match=match):
             server.push(*args)
-        assert same(snapshot(server.model), params), what
-    for what, (args, match) in bad_tensor_pushes.items():
-        with pytest.raises(ValueError, match=match):
-            server.push_tensors(*args)
         assert same(snapshot(server.model), params), what
     assert server.version == 1
     after = [s["momentum_buffer"] for s in server.optimizer.state.values()]
@@ -384,7 +361,6 @@ def test_bad_arguments_raise(monkeypatch) -> None:
         ({"progress_every": 0}, "progress_every must be"),
         ({"on_progress": "print"}, "on_progress must be"),
         ({"horizon": 0}, "horizon must be"),
-        ({"message_format": "json"}, "message_format must be one of"),
     ):
         with pytest.raises(ValueError, match=match):
             ServerConfig(**kwargs)
@@ -405,8 +381,6 @@ def test_bad_arguments_raise(monkeypatch) -> None:
         run_server(model, torch.optim.SGD(model.parameters(), lr=0.1), world_size=1)
     with pytest.raises(ValueError, match="rank"):
         run_worker(model, [], rank=0, world_size=3)
-    with pytest.raises(ValueError, match="message_format must be one of"):
-        run_worker(model, [], rank=1, world_size=3, message_format="json")
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(RuntimeError, match="torchrun"):
@@ -755,14 +729,11 @@ def test_a_remote_call_without_the_jobs_secret_is_refused(monkeypatch) -> None:
     server.start()
     monkeypatch.setenv(transport.SECRET_ENV, "the-job-secret")
     grad = torch.ones(sum(p.numel() for p in server.model.parameters()))
-    grads = [torch.ones_like(p) for p in server.model.parameters()]
     before = [p.detach().clone() for p in server.model.parameters()]
     with transport.serving(server):
         for wrong in ("", "another-secret", None, b"the-job-secret"):
             with pytest.raises(PermissionError, match="secret"):
                 transport._remote_push(1, grad, 0, 1.0, None, wrong)
-            with pytest.raises(PermissionError, match="secret"):
-                transport._remote_push_tensors(1, grads, 0, 1.0, wrong)
             with pytest.raises(PermissionError, match="secret"):
                 transport._remote_checkpoint(None, wrong)
         assert server.version == 0

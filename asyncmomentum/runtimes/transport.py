@@ -16,8 +16,7 @@ so that another engine (``torch.distributed`` point-to-point, Ray actors) can re
   Per-message overhead, not bytes, bounds the server's rate on small models, so one tensor per
   message instead of one per parameter is what makes it fast; over RPC a small flat tensor
   (up to :data:`INLINE_MAX_BYTES`) even travels as bytes inside the message, which costs less
-  than a tensor attachment (measured in ``docs/performance.md``). The per-tensor format is kept
-  (:meth:`RpcTransport.push_tensors`) to measure the difference.
+  than a tensor attachment (measured in ``docs/performance.md``).
 
 Failures of the link itself (the server process ended, a timeout) raise :class:`ConnectionError`;
 errors the server raised (a bad gradient, a refused secret) pass through with their type (built-in
@@ -33,7 +32,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.distributed.rpc as rpc
@@ -41,12 +40,9 @@ from torch import Tensor
 
 __all__ = [
     "INLINE_MAX_BYTES",
-    "MESSAGE_FORMATS",
     "SECRET_ENV",
     "SERVER_NAME",
     "LocalTransport",
-    "MessageFormat",
-    "PerTensorReply",
     "Reply",
     "RpcTransport",
     "Servable",
@@ -68,11 +64,6 @@ SERVER_NAME = "server"
 #: variables, export the same value to every process). It stops mistakes (a worker of another
 #: job, a stray client), not attackers: the RPC transport itself unpickles what it receives.
 SECRET_ENV = "ASYNCMOMENTUM_JOB_SECRET"
-
-#: How a worker's gradient travels: ``"flat"``, one tensor per message (the default), or
-#: ``"per_tensor"``, one tensor per parameter (the former format, kept for comparison).
-MessageFormat = Literal["flat", "per_tensor"]
-MESSAGE_FORMATS: tuple[str, ...] = ("flat", "per_tensor")
 
 # What torch's RPC puts in the message of an exception the remote side raised.
 _REMOTE_ERROR_MARK = "On WorkerInfo("
@@ -104,16 +95,6 @@ class Reply(NamedTuple):
     #: Whether the pushed gradient was applied (``False`` for a join).
     applied: bool
     #: Port of the store on which leaving workers sign off (0: none).
-    control_port: int
-
-
-class PerTensorReply(NamedTuple):
-    """A reply in the per-tensor message format: one tensor per parameter."""
-
-    params: list[Tensor]
-    version: int
-    stop: bool
-    applied: bool
     control_port: int
 
 
@@ -171,8 +152,8 @@ class Transport(Protocol):
 class Servable(Protocol):
     """What a server offers to transports; :class:`~.server.ParameterServer` is one.
 
-    ``join``, ``push`` and ``leave`` are :class:`Transport`'s; ``push_tensors`` takes the
-    per-tensor message format; ``checkpoint`` saves (its owner's call) and
+    ``join``, ``push`` and ``leave`` are :class:`Transport`'s; ``checkpoint`` saves (its
+    owner's call) and
     ``requested_checkpoint_path`` says where a remote request may write.
     """
 
@@ -189,12 +170,6 @@ class Servable(Protocol):
         present: tuple[int, ...] | None = None,
     ) -> Reply:
         """See :meth:`Transport.push`."""
-        ...
-
-    def push_tensors(
-        self, rank: int, grads: Sequence[Tensor | None], version: int, loss: float
-    ) -> PerTensorReply:
-        """:meth:`Transport.push` in the per-tensor message format."""
         ...
 
     def leave(self, rank: int) -> None:
@@ -362,25 +337,6 @@ class RpcTransport:
         packed = _pack(grad)
         reply = self._call(_remote_push, rank, packed, version, loss, present, self._secret)
         return _unpack_reply(reply)
-
-    def push_tensors(
-        self, rank: int, grads: Sequence[Tensor | None], version: int, loss: float
-    ) -> Reply:
-        """Push in the per-tensor format: one tensor per parameter each way.
-
-        Kept to measure what the flat format saves; the reply is flattened here.
-
-        Args:
-            rank: the worker's rank.
-            grads: one gradient per parameter (``None`` for none).
-            version: the version of the parameters the gradient was computed from.
-            loss: the worker's loss on its batch.
-        """
-        reply: PerTensorReply = self._call(
-            _remote_push_tensors, rank, list(grads), version, loss, self._secret
-        )
-        params = flatten(reply.params) if reply.params else torch.empty(0)
-        return Reply(params, reply.version, reply.stop, reply.applied, reply.control_port)
 
     def leave(self, rank: int) -> None:
         """See :meth:`Transport.leave` (bounded: the server may be gone already)."""
@@ -570,12 +526,6 @@ def _remote_push(
 ) -> Reply:
     server = _authorized(secret)  # before anything of the message is read
     return _pack_reply(server.push(rank, _unpack(grad), version, loss, present))
-
-
-def _remote_push_tensors(
-    rank: int, grads: list[Tensor | None], version: int, loss: float, secret: str = ""
-) -> PerTensorReply:
-    return _authorized(secret).push_tensors(rank, grads, version, loss)
 
 
 def _remote_leave(rank: int, secret: str = "") -> None:

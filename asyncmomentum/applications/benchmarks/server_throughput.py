@@ -1,19 +1,17 @@
-"""Updates per second of the parameter server, flat messages against per-tensor ones.
+"""Updates per second of the parameter server.
 
 Trains the digits CNN with AsyncMomentumSGD(momentum=0.9) on 1 server + 1, 2, 4 worker
-processes on loopback, each worker count with both message formats (``flat``: one gradient
-tensor per push, one parameter tensor per reply; ``per_tensor``: one tensor per parameter each
-way, the former format), interleaved in the same run so that both see the same machine. Every
-job first applies a warm-up (start-up, first connections) outside the server's timers, then at
-least ``--updates`` updates per worker inside them. Over ``--runs`` repetitions it prints:
+processes on loopback (one flat gradient tensor per push, one flat parameter tensor per
+reply). Every job first applies a warm-up (start-up, first connections) outside the server's
+timers, then at least ``--updates`` updates per worker inside them. Over ``--runs``
+repetitions it prints:
 
 * updates/s, min / median / max;
 * the server's CPU time per update (its whole process: RPC threads, (de)serialization, updates);
 * where the server's wall time went: ``optimizer.step``, copying parameters out for replies, the
   rest of the locked section, and outside the lock (RPC transfer and (de)serialization, the
   handlers' checks, waiting for gradients);
-* the machine's load average (``os.getloadavg``, as ``uptime`` prints it) before and after,
-  and the flat / per-tensor ratio of median updates/s.
+* the machine's load average (``os.getloadavg``, as ``uptime`` prints it) before and after.
 
     python benchmarks/server_throughput.py           # full run: 600 updates per worker, 3 runs
     python benchmarks/server_throughput.py --quick   # 60 updates per worker, 3 runs
@@ -43,7 +41,6 @@ from asyncmomentum.runtimes.server import (
     ServerResult,
     launch_local,
 )
-from asyncmomentum.runtimes.transport import MESSAGE_FORMATS
 
 WORKER_COUNTS = (1, 2, 4)
 SHARES = ("step", "copy_out", "other_locked", "outside_lock")
@@ -69,12 +66,11 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
-def one_job(workers: int, message_format: str, updates: int, warmup: int) -> dict[str, Any]:
+def one_job(workers: int, updates: int, warmup: int) -> dict[str, Any]:
     """Run one job and return its figures.
 
     Args:
         workers: worker processes (plus one server process).
-        message_format: ``"flat"`` or ``"per_tensor"``.
         updates: updates per worker inside the server's timers.
         warmup: updates per worker before the timers start.
     """
@@ -82,13 +78,11 @@ def one_job(workers: int, message_format: str, updates: int, warmup: int) -> dic
     config = ServerConfig(
         total_updates=(warmup + updates) * workers,
         measure_after=warmup * workers,
-        message_format=message_format,  # type: ignore[arg-type]
     )
     before = load()
     result: ServerResult = launch_local(job, workers=workers, config=config, timeout=600).server
     return {
         "workers": workers,
-        "format": message_format,
         "updates_per_second": result.measured_updates_per_second,
         "measured_updates": result.measured_updates,
         "cpu_ms_per_update": result.cpu_seconds_per_update * 1e3,
@@ -100,7 +94,7 @@ def one_job(workers: int, message_format: str, updates: int, warmup: int) -> dic
 
 
 def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Run the benchmark, print its table, and return one summary per (workers, format).
+    """Run the benchmark, print its table, and return one summary per worker count.
 
     Args:
         argv: command-line arguments (``None`` reads ``sys.argv``).
@@ -113,12 +107,10 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         f"digits CNN, AsyncMomentumSGD, 1 server + N workers on loopback; {warmup} warm-up + "
         f"{updates} timed updates per worker; {args.runs} runs; load average now {load():.2f}"
     )
-    jobs: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    jobs: dict[int, list[dict[str, Any]]] = {}
     for _ in range(args.runs):
-        for workers in args.workers:
-            for message_format in MESSAGE_FORMATS:  # interleaved: both see the same load
-                figures = one_job(workers, message_format, updates, warmup)
-                jobs.setdefault((workers, message_format), []).append(figures)
+        for workers in args.workers:  # interleaved: every count sees the same load
+            jobs.setdefault(workers, []).append(one_job(workers, updates, warmup))
     summaries = [_summary(runs) for runs in jobs.values()]
     _print_table(summaries)
     if args.json:
@@ -130,7 +122,6 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     rates = [r["updates_per_second"] for r in runs]
     return {
         "workers": runs[0]["workers"],
-        "format": runs[0]["format"],
         "runs": len(runs),
         "updates_per_second": {
             "min": min(rates),
@@ -147,24 +138,18 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _print_table(summaries: list[dict[str, Any]]) -> None:
     print(
-        f"{'workers':>7} {'format':>10} {'upd/s min/median/max':>22} {'CPU ms/upd':>10} "
+        f"{'workers':>7} {'upd/s min/median/max':>22} {'CPU ms/upd':>10} "
         f"{'step':>5} {'copy':>5} {'locked':>6} {'outside':>7} {'wait us':>7} {'load':>10}"
     )
-    medians = {}
     for s in summaries:
         rate, shares = s["updates_per_second"], s["shares"]
-        medians[s["workers"], s["format"]] = rate["median"]
         rates = f"{rate['min']:.0f}/{rate['median']:.0f}/{rate['max']:.0f}"
         print(
-            f"{s['workers']:>7} {s['format']:>10} {rates:>22} {s['cpu_ms_per_update']:>10.3f} "
+            f"{s['workers']:>7} {rates:>22} {s['cpu_ms_per_update']:>10.3f} "
             f"{shares['step']:>5.1%} {shares['copy_out']:>5.1%} {shares['other_locked']:>6.1%} "
             f"{shares['outside_lock']:>7.1%} {s['lock_wait_us_per_update']:>7.0f} "
             f"{s['load'][0]:>4.2f}-{s['load'][1]:<4.2f}"
         )
-    for workers in sorted({w for w, _ in medians}):
-        if (workers, "flat") in medians and (workers, "per_tensor") in medians:
-            ratio = medians[workers, "flat"] / medians[workers, "per_tensor"]
-            print(f"{workers} worker(s): flat / per_tensor median updates/s = {ratio:.2f}x")
 
 
 def _positive(text: str) -> int:

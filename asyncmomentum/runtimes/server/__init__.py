@@ -10,8 +10,7 @@ optimizer gets a plain ``step()``; staleness is measured and reported all the sa
 Workers reach the server through :mod:`asyncmomentum.runtimes.transport` (one small interface;
 ``torch.distributed.rpc`` behind it today). A push carries one flat gradient tensor and a reply
 one flat tensor of all parameters, which the server holds as views of one buffer: per-message
-overhead, not bytes, is what bounds a server of a small model (``ServerConfig.message_format``
-keeps the former one-tensor-per-parameter format for comparison).
+overhead, not bytes, is what bounds a server of a small model.
 
 Push and pull are one round trip, and the version a worker reads is the one right after its own
 update. In the long run the mean staleness is then exactly ``M - 1`` for ``M`` workers whatever
@@ -73,7 +72,6 @@ from asyncmomentum.runtimes.server.state import ParameterServer
 from asyncmomentum.runtimes.transport import (
     SECRET_ENV,
     SERVER_NAME,
-    MessageFormat,
     Reply,
     worker_name,
 )
@@ -84,7 +82,6 @@ __all__ = [
     "SERVER_NAME",
     "CheckpointInfo",
     "LocalJobResult",
-    "MessageFormat",
     "ParameterServer",
     "ParameterServerJob",
     "Reply",

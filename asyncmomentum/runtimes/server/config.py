@@ -20,10 +20,6 @@ from asyncmomentum.core.validation import (
     check_int,
     check_positive,
 )
-from asyncmomentum.runtimes.transport import (
-    MESSAGE_FORMATS,
-    MessageFormat,
-)
 
 
 @dataclass(frozen=True)
@@ -50,9 +46,6 @@ class ServerConfig:
         horizon: horizon of the estimator that reports ``M`` for optimizers that do
             not estimate it themselves (e.g. ``torch.optim.SGD``); AsyncMomentumSGD uses its own.
         warmup: warm-up of that estimator, in observations.
-        message_format: how workers push: ``"flat"``, one gradient tensor per push and one
-            parameter tensor per reply (the default), or ``"per_tensor"``, one tensor per
-            parameter each way (the former format, kept to measure the difference).
         measure_after: the server's timers (time shares, CPU time, the measured rate) start
             once this many updates have been applied, so that start-up and warm-up (first
             connections, first allocations) stay outside them; 0: from the start of serving.
@@ -71,7 +64,6 @@ class ServerConfig:
     # The same names and defaults as AsyncMomentumSGD's.
     horizon: int = DEFAULT_HORIZON
     warmup: int = DEFAULT_WARMUP
-    message_format: MessageFormat = "flat"
     measure_after: int = 0
 
     def __post_init__(self) -> None:
@@ -95,10 +87,6 @@ class ServerConfig:
         # Validates horizon and warmup with the estimator's own messages.
         StalenessEstimator(horizon=self.horizon, warmup=self.warmup)
         check_int(self.measure_after, "measure_after", 0, maximum=MAX_COUNT)
-        if self.message_format not in MESSAGE_FORMATS:
-            raise ValueError(
-                f"message_format must be one of {MESSAGE_FORMATS}, got {self.message_format!r}"
-            )
 
 
 class TracePoint(NamedTuple):

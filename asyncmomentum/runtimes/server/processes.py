@@ -29,9 +29,7 @@ from asyncmomentum.runtimes.server.config import (
 )
 from asyncmomentum.runtimes.server.state import ParameterServer
 from asyncmomentum.runtimes.transport import (
-    MESSAGE_FORMATS,
     SERVER_NAME,
-    MessageFormat,
     Reply,
     RpcTransport,
     init_rpc,
@@ -208,7 +206,6 @@ def run_worker(
     rpc_timeout: float = 120.0,
     init_method: str = "env://",
     num_threads: int | None = 1,
-    message_format: MessageFormat = "flat",
 ) -> WorkerResult:
     """Train as worker ``rank``: pull, compute a gradient on the next batch, push, repeat.
 
@@ -225,15 +222,11 @@ def run_worker(
         init_method: RPC rendezvous; ``"env://"`` reads ``MASTER_ADDR`` and ``MASTER_PORT``.
         num_threads: torch intra-op threads of this process (``None``: leave as is); 1 keeps
             several workers on one machine from fighting over cores.
-        message_format: ``"flat"`` (one tensor per push) or ``"per_tensor"`` (one per
-            parameter; see :class:`ServerConfig`).
     """
     world_size = check_int(world_size, _WORLD_SIZE, 2)
     check_int(rank, "a worker's rank", 1, maximum=world_size - 1)
     check_positive(max_steps, "max_steps", integer=True, optional=True)
     check_positive(rpc_timeout, "rpc_timeout")
-    if message_format not in MESSAGE_FORMATS:
-        raise ValueError(f"message_format must be one of {MESSAGE_FORMATS}, got {message_format!r}")
     if num_threads is not None:
         torch.set_num_threads(check_int(num_threads, "num_threads", 1))
     init_rpc(worker_name(rank), rank, world_size, init_method=init_method, timeout=rpc_timeout)
@@ -243,7 +236,7 @@ def run_worker(
         began = time.monotonic()
         reply = transport.join(rank)
         control = _connect_control(reply.control_port, rpc_timeout)
-        pusher = _Pusher(model, transport, rank, per_tensor=message_format == "per_tensor")
+        pusher = _Pusher(model, transport, rank)
         steps, refused, reason = _train_loop(
             model, iter(batches), loss_fn, pusher, reply, max_steps
         )
@@ -258,24 +251,19 @@ def run_worker(
 
 
 class _Pusher:
-    """Turns a worker's gradients into one push in the job's message format."""
+    """Turns a worker's gradients into one flat push."""
 
-    def __init__(
-        self, model: nn.Module, transport: RpcTransport, rank: int, *, per_tensor: bool
-    ) -> None:
+    def __init__(self, model: nn.Module, transport: RpcTransport, rank: int) -> None:
         self.params = list(model.parameters())
         self.trainable = [i for i, p in enumerate(self.params) if p.requires_grad]
         self.transport = transport
         self.rank = rank
-        self.per_tensor = per_tensor
 
     def push(self, computed: Sequence[Tensor | None], version: int, loss: float) -> Reply:
         """Push the gradients of the trainable parameters (``None``: unused by the loss)."""
         grads: list[Tensor | None] = [None] * len(self.params)
         for i, grad in zip(self.trainable, computed, strict=True):
             grads[i] = grad
-        if self.per_tensor:
-            return self.transport.push_tensors(self.rank, grads, version, loss)
         present = tuple(i for i, grad in enumerate(grads) if grad is not None)
         pieces = [
             p.new_zeros(p.numel()) if grad is None else grad.reshape(-1)
@@ -434,5 +422,4 @@ def run_from_env(
         max_steps=worker_max_steps,
         rpc_timeout=config.rpc_timeout,
         init_method=init_method,
-        message_format=config.message_format,
     )

@@ -27,7 +27,6 @@ from asyncmomentum.runtimes.adapter import OptimizerView
 from asyncmomentum.runtimes.server.checkpoints import CHECKPOINT_FORMAT
 from asyncmomentum.runtimes.server.config import ServerConfig, ServerResult, TracePoint
 from asyncmomentum.runtimes.transport import (
-    PerTensorReply,
     Reply,
     check_flat,
     flatten,
@@ -43,8 +42,7 @@ class ParameterServer:
     The model's parameters are moved into one flat buffer (each parameter becomes a view of
     it, the same ``nn.Parameter`` objects, so the optimizer and the caller keep theirs): a reply
     is one clone of that buffer, and a push one flat gradient (:meth:`push`). The model's
-    parameters must therefore share one dtype. :meth:`push_tensors` takes the former
-    per-tensor format.
+    parameters must therefore share one dtype.
 
     Args:
         model: the model whose parameters are served (on CPU).
@@ -155,30 +153,11 @@ class ParameterServer:
         if not isinstance(grad, Tensor):
             raise ValueError(
                 f"push takes one flat gradient tensor (transport.flatten), got "
-                f"{type(grad).__name__}; for one tensor per parameter call push_tensors"
+                f"{type(grad).__name__}"
             )
         grad = check_flat(grad, self._params, "the gradient")
         present = _check_present(present, len(self._params))
-        return self._push(rank, (grad, present), version, loss, per_tensor=False)
-
-    def push_tensors(
-        self, rank: int, grads: Sequence[Tensor | None], version: int, loss: float = math.nan
-    ) -> PerTensorReply:
-        """:meth:`push` in the per-tensor format: one tensor per parameter each way.
-
-        Args:
-            rank: the worker's rank.
-            grads: one gradient per parameter of the model, in ``model.parameters()`` order
-                (``None`` for a parameter without gradient).
-            version: the version of the parameters the gradient was computed from.
-            loss: the worker's loss on its batch, for the trace.
-
-        Returns:
-            As :meth:`push`, with one tensor per parameter.
-        """
-        rank = self._check_rank(rank)
-        checked = _check_gradients(grads, self._params)
-        return self._push(rank, checked, version, loss, per_tensor=True)
+        return self._push(rank, grad, present, version, loss)
 
     def leave(self, rank: int) -> None:
         """A worker says it is leaving; the server no longer expects its gradients.
@@ -336,20 +315,19 @@ class ParameterServer:
     def _push(
         self,
         rank: int,
-        grads: list[Tensor | None] | tuple[Tensor, tuple[int, ...] | None],
+        grad: Tensor,
+        present: tuple[int, ...] | None,
         version: int,
         loss: Any,
-        *,
-        per_tensor: bool,
-    ) -> Any:
-        """Apply checked gradients; a reply in the caller's format (Reply or PerTensorReply).
+    ) -> Reply:
+        """Apply a checked flat gradient; the reply.
 
         Args:
             rank: the worker's rank, checked.
-            grads: one gradient per parameter, or ``(flat gradient, present)``, checked.
+            grad: the flat gradient, checked.
+            present: indices of the parameters that have a gradient (``None``: all), checked.
             version: the version the gradient was computed from.
             loss: the worker's loss.
-            per_tensor: reply with one tensor per parameter.
         """
         version = check_int(version, "version", 0, maximum=MAX_COUNT)
         loss = float(loss)
@@ -361,22 +339,18 @@ class ParameterServer:
             self._last_seen[rank] = time.monotonic()
             if self._refuses_locked(rank):
                 self._refused += 1
-                return self._reply_locked(stop=True, applied=False, per_tensor=per_tensor)
+                return self._reply_locked(stop=True, applied=False)
             if version > self._version:
                 raise ValueError(
                     f"worker {rank} pushed a gradient of version {version}, but only "
                     f"{self._version} updates exist; versions come from this server's replies"
                 )
             staleness = self._version - version
-            if isinstance(grads, tuple):
-                grads = self._install_flat_locked(*grads)
-            applied = self._apply_locked(grads, staleness)
+            applied = self._apply_locked(self._install_flat_locked(grad, present), staleness)
             if applied:
                 point = self._record_locked(rank, loss, staleness)
             copying = time.perf_counter()
-            reply = self._reply_locked(
-                stop=self._stop_reason is not None, applied=applied, per_tensor=per_tensor
-            )
+            reply = self._reply_locked(stop=self._stop_reason is not None, applied=applied)
             ended = time.perf_counter()
             self._copy_seconds += ended - copying
             self._update_seconds += ended - began
@@ -469,13 +443,8 @@ class ParameterServer:
     def _mean_staleness_locked(self) -> float:
         return self._view.summary(self._monitor).mean_staleness
 
-    def _reply_locked(
-        self, *, stop: bool, applied: bool, per_tensor: bool = False
-    ) -> Reply | PerTensorReply:
+    def _reply_locked(self, *, stop: bool, applied: bool) -> Reply:
         # The copy is made under the lock: RPC serializes the reply after the lock is released.
-        if per_tensor:
-            tensors = [] if stop else [p.detach().clone() for p in self._params]
-            return PerTensorReply(tensors, self._version, stop, applied, self._control_port)
         flat = self._flat.new_empty(0) if stop else self._flat.clone()
         return Reply(flat, self._version, stop, applied, self._control_port)
 
@@ -578,34 +547,3 @@ def _views(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
         views.append(flat[offset : offset + count].view_as(param))
         offset += count
     return views
-
-
-def _check_gradients(grads: Any, params: list[Tensor]) -> list[Tensor | None]:
-    """Return ``grads`` as a list if it matches ``params`` one to one, else raise ValueError."""
-    if isinstance(grads, Tensor) or not isinstance(grads, (list, tuple)):
-        raise ValueError(
-            f"grads must be a list with one tensor (or None) per parameter, got {type(grads)!r}"
-        )
-    if len(grads) != len(params):
-        raise ValueError(
-            f"grads has {len(grads)} entries but the model has {len(params)} parameters; "
-            "do worker and server build the same model?"
-        )
-    checked: list[Tensor | None] = []
-    for index, (grad, param) in enumerate(zip(grads, params, strict=True)):
-        if grad is None:
-            checked.append(None)
-            continue
-        if not isinstance(grad, Tensor) or grad.shape != param.shape:
-            found = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
-            raise ValueError(
-                f"gradient {index} has shape {found} but its parameter has shape "
-                f"{tuple(param.shape)}; do worker and server build the same model?"
-            )
-        if grad.dtype != param.dtype or grad.device != param.device:
-            raise ValueError(
-                f"gradient {index} is {grad.dtype} on {grad.device} but its parameter is "
-                f"{param.dtype} on {param.device}"
-            )
-        checked.append(grad)
-    return checked
