@@ -3,8 +3,12 @@
 The functional half of :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD`, as
 ``torch.optim.sgd`` has one: :func:`choose_update` picks a path for a parameter group as torch
 would, and each path applies torch's heavy-ball update (optionally Nesterov, with dampening,
-weight decay and ``maximize``) with any momentum, negative included. Measured timings of the
-paths are in ``docs/performance.md``.
+weight decay and ``maximize``) with any momentum, negative included: :func:`single_tensor_update`
+(the per-tensor loop), :func:`multi_tensor_update` (``torch._foreach_*`` ops) and
+:func:`fused_update` (torch's fused kernel). Each rounds as torch's path of the same name does;
+in float16/bfloat16 the fused kernel computes in float32 and rounds once where the loops round
+after every op, so the paths differ there by the same amounts torch's do. Measured timings of
+the paths are in ``docs/performance.md``.
 """
 
 from __future__ import annotations
