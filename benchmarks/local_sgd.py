@@ -1,0 +1,544 @@
+"""Asynchronous local SGD in the simulator: tuned outer momentum vs fixed, Delayed Nesterov, DiLoCo.
+
+Part (a), on the transformer LM ``charlm`` (one layer, width 32, the standard library's source;
+trained on the first 90 % of the corpus, the held-out loss measured on windows of the last 10 %):
+``M`` = 4 and 8 workers, equal and heterogeneous (1:2:4, cycled, normalised to mean 1) speeds,
+``H`` inner AdamW steps per round, and these outer optimizers, each at the best outer learning
+rate of a small grid (and at the rate best for synchronous DiLoCo):
+
+- ``tuned-add`` / ``tuned-auto``: ``AsyncMomentumSGD(lr, momentum=0.9, nesterov=True)``, rule
+  additive / auto, fed the exact staleness of each push (``warmup=4`` outer updates);
+- ``fixed-0.9``: the same with ``tune=False`` (DiLoCo's outer recipe, asynchronous);
+- ``DN``: Delayed Nesterov (Liu et al. 2024), buffer ``N = M``, ``beta = 0.9``;
+- ``DN-tuned``: DN whose milestone momentum is tuned to the milestone-level staleness;
+- ``DN-N^``: DN whose buffer length is the estimated ``M`` (from the measured staleness);
+- ``sync``: synchronous DiLoCo (average of ``M`` pseudo-gradients, Nesterov 0.9, waits for the
+  slowest worker).
+
+Time is simulated (a round takes ``H / speed``), so every method gets the same wall-clock budget
+and the same workers; the loss is the median over seeds at the end of the budget (and at half).
+
+Part (b), the seed paper's figure one level up: for ``M`` in 1..32 round-robin workers, the
+final held-out loss of fixed outer Nesterov momentum over a grid (negative values included), at
+a fixed compute budget (the same number of pushes for every ``M``), beside what the additive
+tuner applies; Kendall's tau of the best momentum against ``M``.
+
+    python benchmarks/local_sgd.py --quick        # under a minute
+    python benchmarks/local_sgd.py --out DIR      # the default size, ~10 minutes on 2 idle cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from asyncmomentum import AsyncMomentumSGD
+from asyncmomentum.applications.deeper_problems import (
+    CHARLM_CONTEXT,
+    CharLM,
+    charlm_loss,
+    load_corpus,
+)
+from asyncmomentum.applications.digits import SmallCNN, iterate_batches, load_digits_split
+from asyncmomentum.runtimes.local_sgd import DelayedNesterov, LocalSGDProblem, simulate_local_sgd
+
+# -- problems -------------------------------------------------------------------------------------
+
+HELDOUT_FRACTION = 0.1
+LM_BATCH = 16
+LM_HELDOUT_SEQUENCES = 256
+
+
+@lru_cache(maxsize=1)
+def _lm_split() -> tuple[Tensor, Tensor]:
+    corpus = load_corpus()
+    cut = int(corpus.numel() * (1 - HELDOUT_FRACTION))
+    return corpus[:cut], corpus[cut:]
+
+
+def _lm_windows(data: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
+    index = starts[:, None] + torch.arange(CHARLM_CONTEXT + 1)[None, :]
+    seq = data[index]
+    return seq[:, :-1], seq[:, 1:]
+
+
+def _lm_batches(seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+    train, _ = _lm_split()
+    gen = torch.Generator().manual_seed(seed)
+    high = train.numel() - CHARLM_CONTEXT - 1
+    while True:
+        yield _lm_windows(train, torch.randint(0, high, (LM_BATCH,), generator=gen))
+
+
+@lru_cache(maxsize=1)
+def _lm_heldout_batch() -> tuple[Tensor, Tensor]:
+    _, held = _lm_split()
+    high = held.numel() - CHARLM_CONTEXT - 1
+    return _lm_windows(held, torch.linspace(0, high, LM_HELDOUT_SEQUENCES).long())
+
+
+def _lm_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return CharLM()
+
+
+def _lm_heldout(model: nn.Module) -> float:
+    return float(charlm_loss(model, _lm_heldout_batch()))
+
+
+def _classification_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def _cnn_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return SmallCNN()
+
+
+def _cnn_batches(seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+    split = load_digits_split()
+    return iterate_batches(split.x_train, split.y_train, batch_size=32, seed=seed)
+
+
+def _cnn_heldout(model: nn.Module) -> float:
+    split = load_digits_split()
+    return float(_classification_loss(model, (split.x_test, split.y_test)))
+
+
+PROBLEMS: dict[str, LocalSGDProblem] = {
+    "charlm": LocalSGDProblem("charlm", _lm_model, charlm_loss, _lm_batches, _lm_heldout),
+    "cnn": LocalSGDProblem("cnn", _cnn_model, _classification_loss, _cnn_batches, _cnn_heldout),
+}
+#: Inner optimizer of each problem (kept across rounds by every worker, as DiLoCo does).
+INNER: dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]] = {
+    "charlm": lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0),
+    "cnn": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+}
+
+# -- methods --------------------------------------------------------------------------------------
+
+TARGET = 0.9
+WARMUP = 4
+METHODS = ("tuned-add", "tuned-auto", "fixed-0.9", "DN", "DN-tuned", "DN-N^", "sync")
+
+
+class FixedNesterov(torch.optim.Optimizer):
+    """torch's Nesterov SGD (``buf = mu buf + g``, ``w -= lr (g + mu buf)``) for any fixed ``mu``.
+
+    The grid of part (b) goes below zero, which ``nesterov=True`` refuses in torch's SGD and in
+    ``AsyncMomentumSGD(tune=False)``; for ``mu > 0`` this is the same update.
+    """
+
+    def __init__(self, params: Any, lr: float, momentum: float) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # noqa: D102
+        for group in self.param_groups:
+            mu, lr = group["momentum"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "buf" not in state:
+                    state["buf"] = p.grad.clone()
+                else:
+                    state["buf"].mul_(mu).add_(p.grad)
+                p.add_(p.grad + mu * state["buf"], alpha=-lr)
+
+
+def make_outer(method: str, lr: float, workers: int) -> Callable[[list[Tensor]], Any]:
+    """The outer-optimizer factory of ``method`` at outer learning rate ``lr``."""
+    if method == "tuned-add":
+        return lambda p: AsyncMomentumSGD(
+            p, lr=lr, momentum=TARGET, nesterov=True, rule="additive", warmup=WARMUP
+        )
+    if method == "tuned-auto":
+        return lambda p: AsyncMomentumSGD(
+            p, lr=lr, momentum=TARGET, nesterov=True, rule="auto", warmup=WARMUP
+        )
+    if method in ("fixed-0.9", "sync"):
+        return lambda p: AsyncMomentumSGD(p, lr=lr, momentum=TARGET, nesterov=True, tune=False)
+    if method.startswith("fixed:"):
+        mu = float(method.split(":", 1)[1])
+        return lambda p: FixedNesterov(p, lr=lr, momentum=mu)
+    if method == "DN":
+        return lambda p: DelayedNesterov(p, lr=lr, momentum=TARGET, buffer=workers)
+    if method == "DN-tuned":
+        return lambda p: DelayedNesterov(p, lr=lr, momentum=TARGET, buffer=workers, tune=True)
+    if method == "DN-N^":
+        return lambda p: DelayedNesterov(p, lr=lr, momentum=TARGET, buffer="measured")
+    raise ValueError(f"unknown method {method!r}")
+
+
+def speeds_of(kind: str, workers: int) -> list[float]:
+    """Equal speeds, or 1:2:4 cycled over the workers and normalised to mean 1."""
+    if kind == "equal":
+        return [1.0] * workers
+    raw = [(1.0, 2.0, 4.0)[i % 3] for i in range(workers)]
+    mean = sum(raw) / workers
+    return [s / mean for s in raw]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One simulated run."""
+
+    part: str
+    problem: str
+    method: str
+    workers: int
+    speeds: str
+    lr: float
+    seed: int
+    sync_every: int
+    max_time: float | None = None
+    max_updates: int | None = None
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Run one job in this process (one thread) and return what the tables need."""
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    h = simulate_local_sgd(
+        PROBLEMS[job.problem],
+        workers=job.workers,
+        outer=make_outer(job.method, job.lr, job.workers),
+        inner=INNER[job.problem],
+        sync_every=job.sync_every,
+        speeds=speeds_of(job.speeds, job.workers),
+        synchronous=job.method == "sync",
+        max_time=job.max_time,
+        max_updates=job.max_updates,
+        eval_interval=(job.max_time / 20) if job.max_time else None,
+        seed=job.seed,
+    )
+    stale = h.staleness[job.workers :] or h.staleness
+    return {
+        "job": job.__dict__,
+        "updates": h.updates,
+        "times": h.times,
+        "losses": h.losses,
+        "momentum": h.momentum,
+        "mean_staleness": statistics.fmean(stale) if stale else 0.0,
+        "pushes": h.pushes_per_worker,
+        "diverged": h.diverged,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+# -- sizes ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Size:
+    """How big a run of the benchmark is."""
+
+    cells: tuple[tuple[int, str], ...]
+    seeds: dict[int, int]
+    lrs: tuple[float, ...]
+    sync_every: int
+    budget: float  # simulated time per run in part (a)
+    sweep_workers: tuple[int, ...]
+    sweep_momenta: tuple[float, ...]
+    sweep_pushes: int
+    sweep_sync_every: int
+    sweep_lr: float
+    sweep_seeds: int
+
+
+QUICK = Size(
+    cells=((4, "equal"), (4, "hetero")),
+    seeds={4: 1},
+    lrs=(0.4,),
+    sync_every=10,
+    budget=60.0,
+    sweep_workers=(1, 4, 16),
+    sweep_momenta=(-0.5, 0.0, 0.5),
+    sweep_pushes=30,
+    sweep_sync_every=5,
+    sweep_lr=0.4,
+    sweep_seeds=1,
+)
+DEFAULT = Size(
+    cells=((4, "equal"), (4, "hetero"), (8, "equal"), (8, "hetero")),
+    seeds={4: 3, 8: 1},
+    lrs=(0.2, 0.4),
+    sync_every=10,
+    budget=150.0,
+    sweep_workers=(1, 2, 4, 8, 16, 32),
+    sweep_momenta=(-0.5, -0.25, 0.0, 0.25, 0.5, 0.7, 0.8, 0.9),
+    sweep_pushes=100,
+    sweep_sync_every=5,
+    sweep_lr=0.4,
+    sweep_seeds=1,
+)
+
+
+def jobs_of(size: Size, problem: str) -> list[Job]:
+    """Every run of the benchmark at ``size``."""
+    jobs = [
+        Job("a", problem, method, m, kind, lr, seed, size.sync_every, max_time=size.budget)
+        for m, kind in size.cells
+        for method in METHODS
+        for lr in size.lrs
+        for seed in range(size.seeds[m])
+    ]
+    for m in size.sweep_workers:
+        methods = [f"fixed:{mu}" for mu in size.sweep_momenta] + ["tuned-add"]
+        for method in methods:
+            for seed in range(size.sweep_seeds):
+                jobs.append(
+                    Job(
+                        "b",
+                        problem,
+                        method,
+                        m,
+                        "equal",
+                        size.sweep_lr,
+                        seed,
+                        size.sweep_sync_every,
+                        max_updates=size.sweep_pushes,
+                    )
+                )
+    # Longest first, so two processes finish together.
+    return sorted(jobs, key=lambda j: -(j.workers * (j.max_time or 0) + (j.max_updates or 0)))
+
+
+# -- analysis -------------------------------------------------------------------------------------
+
+
+def kendall_tau(x: list[float], y: list[float]) -> float:
+    """Kendall's tau-b of two equally long sequences (ties counted as neither)."""
+    concordant = discordant = ties_x = ties_y = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                ties_x += 1
+            elif dy == 0:
+                ties_y += 1
+            elif dx * dy > 0:
+                concordant += 1
+            else:
+                discordant += 1
+    denom = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
+    return (concordant - discordant) / denom if denom else math.nan
+
+
+def _median(values: list[float]) -> float:
+    finite = [v if math.isfinite(v) else math.inf for v in values]
+    return statistics.median(finite) if finite else math.nan
+
+
+def _loss_at(result: dict[str, Any], time_: float) -> float:
+    best = math.nan
+    for t, loss in zip(result["times"], result["losses"], strict=True):
+        if t <= time_ + 1e-9:
+            best = loss
+    return best
+
+
+def _loss_at_update(result: dict[str, Any], update: int) -> float:
+    best = math.nan
+    for u, loss in zip(result["updates"], result["losses"], strict=True):
+        if u <= update:
+            best = loss
+    return best
+
+
+def _fmt(value: float) -> str:
+    return "div" if not math.isfinite(value) else f"{value:.3f}"
+
+
+def table_a(results: list[dict[str, Any]], size: Size) -> tuple[str, dict[str, Any]]:
+    """Part (a): per cell and method, the median held-out loss at the best lr and at sync's."""
+    lines, summary = [], {}
+    for m, kind in size.cells:
+        cell = [r for r in results if r["job"]["workers"] == m and r["job"]["speeds"] == kind]
+        by = {}
+        for r in cell:
+            by.setdefault((r["job"]["method"], r["job"]["lr"]), []).append(r)
+        budget = size.budget
+
+        def final(method: str, lr: float, budget: float = budget, by: dict = by) -> float:
+            return _median([_loss_at(r, budget) for r in by[(method, lr)]])
+
+        best_lr = {
+            meth: min(size.lrs, key=lambda lr, meth=meth: final(meth, lr)) for meth in METHODS
+        }
+        sync_lr = best_lr["sync"]
+        sync_updates = max(
+            r["updates"][-1] for r in by[("sync", sync_lr)]
+        )  # outer updates sync makes in the budget
+        seeds = size.seeds[m]
+        lines.append(
+            f"\nM={m}, {kind} speeds {[round(s, 2) for s in speeds_of(kind, m)]}, H="
+            f"{size.sync_every}, budget {budget:g} time units, median of {seeds} seed(s)"
+        )
+        lines.append(
+            "| method | best lr | loss @T/2 | loss @T | loss @T, lr of sync "
+            f"({sync_lr:g}) | loss @{sync_updates} outer upd. | outer upd. | momentum applied |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|")
+        summary[f"{m}-{kind}"] = {}
+        for meth in METHODS:
+            lr = best_lr[meth]
+            runs = by[(meth, lr)]
+            half = _median([_loss_at(r, budget / 2) for r in runs])
+            end = final(meth, lr)
+            at_sync = final(meth, sync_lr)
+            per_update = _median([_loss_at_update(r, sync_updates) for r in runs])
+            updates = statistics.median([r["updates"][-1] for r in runs])
+            mom = statistics.median([r["momentum"][-1] for r in runs])
+            lines.append(
+                f"| {meth} | {lr:g} | {_fmt(half)} | {_fmt(end)} | {_fmt(at_sync)} | "
+                f"{_fmt(per_update)} | {updates:g} | {mom:.2f} |"
+            )
+            summary[f"{m}-{kind}"][meth] = {
+                "lr": lr,
+                "half": half,
+                "end": end,
+                "at_sync_lr": at_sync,
+                "per_update": per_update,
+            }
+    return "\n".join(lines), summary
+
+
+def table_b(results: list[dict[str, Any]], size: Size) -> tuple[str, dict[str, Any]]:
+    """Part (b): best fixed outer momentum per M beside the tuner's, and Kendall's tau."""
+    lines = [
+        f"\nBest fixed outer momentum per M (round robin, H={size.sweep_sync_every}, "
+        f"{size.sweep_pushes} pushes, outer lr {size.sweep_lr:g}, mean of {size.sweep_seeds} "
+        "seed(s))",
+        "| M | "
+        + " | ".join(f"mu={mu:g}" for mu in size.sweep_momenta)
+        + " | best mu | tuned (applied) | tuned loss | 0.9-(1-1/M) |",
+        "|---" * (len(size.sweep_momenta) + 5) + "|",
+    ]
+    ms, bests, tuned_applied = [], [], []
+    for m in size.sweep_workers:
+        row = [r for r in results if r["job"]["workers"] == m]
+
+        def loss(method: str, row: list = row) -> float:
+            vals = [r["losses"][-1] for r in row if r["job"]["method"] == method]
+            vals = [v if math.isfinite(v) else math.inf for v in vals]
+            return statistics.fmean(vals) if vals else math.nan
+
+        grid = {mu: loss(f"fixed:{mu}") for mu in size.sweep_momenta}
+        best = min(grid, key=grid.get)
+        applied = statistics.fmean(
+            [r["momentum"][-1] for r in row if r["job"]["method"] == "tuned-add"]
+        )
+        ms.append(m)
+        bests.append(best)
+        tuned_applied.append(applied)
+        cells = " | ".join(
+            ("**" + _fmt(v) + "**") if mu == best else _fmt(v) for mu, v in grid.items()
+        )
+        lines.append(
+            f"| {m} | {cells} | {best:g} | {applied:.2f} | {_fmt(loss('tuned-add'))} | "
+            f"{TARGET - (1 - 1 / m):.2f} |"
+        )
+    tau = kendall_tau([float(m) for m in ms], bests)
+    lines.append(f"\nKendall tau (best fixed momentum vs M): {tau:.2f}")
+    return "\n".join(lines), {"M": ms, "best": bests, "tuned": tuned_applied, "kendall": tau}
+
+
+def save_figure(results: list[dict[str, Any]], summary: dict, size: Size, out: Path) -> None:
+    """Loss vs simulated time (M=4 cells) and best momentum vs M, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in size.cells if c[0] == size.cells[0][0]]
+    fig, axes = plt.subplots(1, len(cells) + 1, figsize=(5 * (len(cells) + 1), 4))
+    for ax, (m, kind) in zip(axes, cells, strict=False):
+        for meth in METHODS:
+            lr = summary["a"][f"{m}-{kind}"][meth]["lr"]
+            runs = [
+                r
+                for r in results
+                if r["job"]["part"] == "a"
+                and r["job"]["workers"] == m
+                and r["job"]["speeds"] == kind
+                and r["job"]["method"] == meth
+                and r["job"]["lr"] == lr
+            ]
+            times = runs[0]["times"]
+            curve = [_median([_loss_at(r, t) for r in runs]) for t in times]
+            ax.plot(times, [min(c, 6.0) for c in curve], label=f"{meth} (lr {lr:g})")
+        ax.set_title(f"charlm, M={m}, {kind} speeds")
+        ax.set_xlabel("simulated wall time")
+        ax.set_ylabel("held-out loss")
+        ax.legend(fontsize=7)
+    ax = axes[-1]
+    b = summary["b"]
+    ax.plot(b["M"], b["best"], "o-", label="best fixed outer momentum (grid)")
+    ax.plot(b["M"], b["tuned"], "s--", label="tuner applies (additive)")
+    ax.plot(b["M"], [TARGET - (1 - 1 / m) for m in b["M"]], ":", label="0.9 - (1 - 1/M)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("M (asynchronous workers)")
+    ax.set_ylabel("outer momentum")
+    ax.set_title(f"Kendall tau {b['kendall']:.2f}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "local_sgd.png", dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the tables and the load average."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a sub-minute version")
+    parser.add_argument("--problem", choices=sorted(PROBLEMS), default="charlm")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--out", type=Path, default=Path("local_sgd_out"))
+    args = parser.parse_args(argv)
+    size = QUICK if args.quick else DEFAULT
+    args.out.mkdir(parents=True, exist_ok=True)
+    jobs = jobs_of(size, args.problem)
+    print(f"{len(jobs)} simulated runs on {args.jobs} processes; load before {os.getloadavg()}")
+    start = time.perf_counter()
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(run_job, jobs))
+    else:
+        results = [run_job(j) for j in jobs]
+    wall = time.perf_counter() - start
+    text_a, summary_a = table_a([r for r in results if r["job"]["part"] == "a"], size)
+    text_b, summary_b = table_b([r for r in results if r["job"]["part"] == "b"], size)
+    load = os.getloadavg()
+    report = (
+        f"problem {args.problem}; command: {' '.join(sys.argv)}\n{text_a}\n{text_b}\n\n"
+        f"{len(jobs)} runs, {wall:.0f} s wall on {args.jobs} processes, "
+        f"{sum(r['seconds'] for r in results):.0f} s of run time; "
+        f"load average after (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in load)}"
+    )
+    print(report)
+    summary = {"a": summary_a, "b": summary_b}
+    (args.out / "local_sgd.md").write_text(report + "\n")
+    (args.out / "local_sgd.json").write_text(json.dumps({"summary": summary, "runs": results}))
+    save_figure(results, summary, size, args.out)
+    print(f"wrote {args.out / 'local_sgd.md'}, local_sgd.json and local_sgd.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
