@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import secrets
-import tempfile
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -37,19 +34,21 @@ from pytorch_lightning.core.optimizer import LightningOptimizer
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 from torch import Tensor
+from torch.nn.utils import vector_to_parameters
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from asyncmomentum.core.validation import check_int, check_positive
 from asyncmomentum.runtimes.server import ParameterServer, ServerConfig, ServerResult, TracePoint
 from asyncmomentum.runtimes.transport import (
-    SECRET_ENV,
     SERVER_NAME,
     LocalTransport,
     RpcTransport,
     Transport,
+    check_flat,
     flatten,
     init_rpc,
-    load_flat,
+    job_secret,
     serving,
     shutdown_rpc,
     worker_name,
@@ -150,6 +149,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
         self._asynchronous = False
         self._listeners: list[Callable[[int, int], None]] = []
         self._snapshot: dict[str, Any] | None = None
+        self._wrapped: Optimizer | None = None
         self._worker_params: Tensor | None = None
         self._numel = 0
         #: What the server did, in rank 0 once ``fit`` has ended.
@@ -192,9 +192,11 @@ class AsyncParameterServerStrategy(DDPStrategy):
 
     # -- set-up -------------------------------------------------------------------------------
 
+    @override
     def configure_ddp(self) -> None:
         """No DDP wrapper: gradients are averaged inside a compute group, not over every rank."""
 
+    @override
     def setup(self, trainer: pl.Trainer) -> None:
         """Set up as DDP does; for ``fit``, also the groups and the server's copies.
 
@@ -253,6 +255,33 @@ class AsyncParameterServerStrategy(DDPStrategy):
             self._served_model = copy.deepcopy(module, memo).cpu()
             self._served_optimizers = [copy.deepcopy(self.optimizers[0], memo)]
         self._setup_rpc(groups)
+        self._wrap_optimizer(self.optimizers[0])
+
+    def _wrap_optimizer(self, optimizer: Optimizer) -> None:
+        """Make ``optimizer.step`` the exchange with the server, once for the whole ``fit``.
+
+        Lightning's precision plugin runs the closure (forward, backward, hooks, clipping) inside
+        ``optimizer.step(closure)``; this step runs it, then pushes the gradient and installs the
+        server's reply: the optimizer Lightning holds never applies anything. ``teardown`` puts
+        the optimizer's own step back. (After the server's copy is taken: that one steps.)
+
+        Args:
+            optimizer: the optimizer Lightning steps.
+        """
+
+        def exchange(closure: Callable[[], Any] | None = None, **_: Any) -> Any:
+            loss = closure() if closure is not None else None
+            self._exchange(loss)
+            return loss
+
+        optimizer.step = exchange  # type: ignore[method-assign]
+        self._wrapped = optimizer
+
+    def _unwrap_optimizer(self) -> None:
+        optimizer, self._wrapped = self._wrapped, None
+        if optimizer is not None:
+            with contextlib.suppress(AttributeError):
+                del optimizer.step
 
     def _setup_rpc(self, groups: int) -> None:
         """Open the RPC group between rank 0 and the other groups' leaders (if ``G > 1``)."""
@@ -267,8 +296,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
         if self.is_global_zero:
             self._link = RpcLink(host, 0, host_it=True, timeout=timeout)
             # A user's secret (exported to every process) wins; else one per job.
-            secret = os.environ.setdefault(SECRET_ENV, secrets.token_hex(16))
-            message = [self._link.port, secret]
+            message = [self._link.port, job_secret(create=True)]
         dist.broadcast_object_list(message, src=0)
         port, self._secret = int(message[0]), str(message[1])
         layout = self._layout
@@ -289,6 +317,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
         )
         self._rpc_joined = True
 
+    @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         """Load the checkpoint's optimizer state into the server's optimizer (rank 0).
 
@@ -301,6 +330,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
 
     # -- the start and the end of training -----------------------------------------------------
 
+    @override
     def on_train_start(self) -> None:
         """Start the server (rank 0); every group then reads the parameters it starts from."""
         super().on_train_start()
@@ -351,11 +381,13 @@ class AsyncParameterServerStrategy(DDPStrategy):
         for listener in self._listeners:
             listener(0, point.staleness)
 
+    @override
     def on_train_end(self) -> None:
         """Leave the server; rank 0 waits for the server to stop and takes its parameters."""
         super().on_train_end()
         self._finish()
 
+    @override
     def on_exception(self, exception: BaseException) -> None:
         """Leave the server and the RPC group when training fails, so the process can end.
 
@@ -418,9 +450,11 @@ class AsyncParameterServerStrategy(DDPStrategy):
             ):
                 mine.copy_(served)
 
+    @override
     def teardown(self) -> None:
         """Release what ``fit`` opened, then tear down as DDP does."""
         self._finish(failed=True)
+        self._unwrap_optimizer()
         module = self.lightning_module
         if module is not None and self._allowed_empty is not None:
             module.allow_zero_length_dataloader_with_multiple_devices = self._allowed_empty
@@ -429,6 +463,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
 
     # -- the step -----------------------------------------------------------------------------
 
+    @override
     def optimizer_step(
         self,
         optimizer: Optimizer | LightningOptimizer,
@@ -438,9 +473,8 @@ class AsyncParameterServerStrategy(DDPStrategy):
     ) -> Any:
         """Run the closure (forward, backward, hooks, clipping), then push instead of stepping.
 
-        Lightning's precision plugin runs the closure inside ``optimizer.step(closure)``; here
-        the optimizer Lightning holds never applies anything: its ``step`` is replaced, for
-        this call, by the exchange with the server.
+        The optimizer's ``step`` is the exchange with the server (set once in ``setup``); once
+        the server has stopped, only the closure runs.
 
         Args:
             optimizer: the optimizer Lightning steps.
@@ -450,18 +484,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
         """
         if self._layout is None or self._stopped:
             return closure()
-        target = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-
-        def exchange(closure: Callable[[], Any] | None = None, **_: Any) -> Any:
-            loss = closure() if closure is not None else None
-            self._exchange(loss)
-            return loss
-
-        target.step = exchange  # type: ignore[method-assign]
-        try:
-            return super().optimizer_step(optimizer, closure, model, **kwargs)
-        finally:
-            del target.step
+        return super().optimizer_step(optimizer, closure, model, **kwargs)
 
     def _exchange(self, loss: Any) -> None:
         layout = self._layout
@@ -506,7 +529,9 @@ class AsyncParameterServerStrategy(DDPStrategy):
             self.lightning_module.trainer.should_stop = True
             return
         params = list(self.lightning_module.parameters())
-        load_flat(params, reply.params.to(device=params[0].device, dtype=params[0].dtype))
+        flat = reply.params.to(device=params[0].device, dtype=params[0].dtype)
+        # Each reply is a fresh tensor: the parameters become views of it (no copy).
+        vector_to_parameters(check_flat(flat, params, "the server's parameters"), params)
         self._version = reply.version
 
     def _set_global_step(self, value: int) -> None:
@@ -517,6 +542,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
 
     # -- validation and checkpoints on the server's parameters ---------------------------------
 
+    @override
     def on_validation_start(self) -> None:
         """In ``fit``, rank 0 validates the server's current parameters."""
         super().on_validation_start()
@@ -525,36 +551,31 @@ class AsyncParameterServerStrategy(DDPStrategy):
             return
         params = list(self.lightning_module.parameters())
         self._worker_params = flatten([p.detach() for p in params])
-        served = self._server_state()["model"]
+        served = server.snapshot()["model"]
         # Parameters only: the server's buffers are its initial ones (only parameters travel).
         with torch.no_grad():
             for name, param in self.lightning_module.named_parameters():
                 param.copy_(served[name])
 
+    @override
     def on_validation_end(self) -> None:
         """Rank 0 goes back to the parameters its group computes from."""
         super().on_validation_end()
         if self._worker_params is not None:
-            load_flat(list(self.lightning_module.parameters()), self._worker_params)
+            vector_to_parameters(self._worker_params, list(self.lightning_module.parameters()))
             self._worker_params = None
 
-    def _server_state(self) -> dict[str, Any]:
-        """A consistent copy of the server's model and optimizer (its own checkpoint, read back)."""
-        server = self._server
-        assert server is not None
-        with tempfile.TemporaryDirectory(prefix="asyncmomentum-") as folder:
-            path = server.checkpoint(os.path.join(folder, "snapshot.pt"))
-            return torch.load(path, map_location="cpu", weights_only=True)
-
+    @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The server's model, in rank 0 (a consistent copy while training)."""
         if self._server is not None:
-            self._snapshot = self._server_state()
+            self._snapshot = self._server.snapshot()
             return self._snapshot["model"]
         if self._served_model is not None:
             return self._served_model.state_dict()
         return super().lightning_module_state_dict()
 
+    @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """The server's optimizer state (tuner included), in rank 0.
 
@@ -568,6 +589,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
             return snapshot["optimizer"]
         return self._served_optimizers[0].state_dict()
 
+    @override
     def process_dataloader(self, dataloader: object) -> object:
         """During ``fit``, only rank 0 validates (the others get no validation batches).
 
@@ -579,6 +601,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
         return dataloader
 
     @property
+    @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         """Shards of the training data; during ``fit``, rank 0 validates on the whole set."""
         if self._evaluating_in_fit():
@@ -598,6 +621,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
     # -- collectives while the groups run asynchronously ---------------------------------------
 
     @property
+    @override
     def world_size(self) -> int:
         """The number of processes; 1 while groups train asynchronously.
 
@@ -609,11 +633,13 @@ class AsyncParameterServerStrategy(DDPStrategy):
             return 1
         return super().world_size
 
+    @override
     def barrier(self, *args: Any, **kwargs: Any) -> None:
         """A barrier over every process, except while groups train asynchronously (none)."""
         if not self._asynchronous:
             super().barrier(*args, **kwargs)
 
+    @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         """A broadcast, except while groups train asynchronously (each process keeps its own).
 
@@ -625,6 +651,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
             return obj
         return super().broadcast(obj, src)
 
+    @override
     def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
         """A reduction, except while groups train asynchronously (the process's own value).
 
@@ -637,6 +664,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
             return tensor
         return super().reduce(tensor, group=group, reduce_op=reduce_op)
 
+    @override
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         """A decision over every process, except while groups train asynchronously (its own).
 

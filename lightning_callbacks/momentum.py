@@ -22,6 +22,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
 from asyncmomentum.core.measuring.metrics import StalenessMetric
 from asyncmomentum.core.measuring.staleness import DEFAULT_HORIZON, DEFAULT_WARMUP
@@ -271,6 +272,7 @@ class AsyncMomentumCallback(Callback):
 
     # -- binding to the run -------------------------------------------------------------------
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Find the optimizers to tune and hook their steps (after checkpoint restore)."""
         self._release()
@@ -421,10 +423,12 @@ class AsyncMomentumCallback(Callback):
                 handle.remove()
         self._tracked = []
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Unhook the optimizers."""
         self._release()
 
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
@@ -433,6 +437,7 @@ class AsyncMomentumCallback(Callback):
 
     # -- tuning -------------------------------------------------------------------------------
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
@@ -480,6 +485,7 @@ class AsyncMomentumCallback(Callback):
 
     # -- logging ------------------------------------------------------------------------------
 
+    @override
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -542,6 +548,7 @@ class AsyncMomentumCallback(Callback):
 
     # -- checkpointing ------------------------------------------------------------------------
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The estimates of the tuners this callback drives (AsyncMomentumSGD saves its own)."""
         return {
@@ -549,6 +556,7 @@ class AsyncMomentumCallback(Callback):
             "tuners": {index: tuner.state_dict() for index, tuner in self._tuners.items()},
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the estimates from :meth:`state_dict`; a bad state raises and changes nothing.
 

@@ -19,6 +19,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
 from asyncmomentum.core.validation import check_choice, check_int, check_state
 from asyncmomentum.runtimes.adapter import OptimizerView
@@ -136,6 +137,7 @@ class StaleGradients(StalenessSource, Callback):
 
     # -- binding to the run -------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Refuse manual optimization, where a training step may step any optimizer any time."""
         if stage == "fit" and not pl_module.automatic_optimization:
@@ -144,6 +146,7 @@ class StaleGradients(StalenessSource, Callback):
                 "batch); this LightningModule sets automatic_optimization = False"
             )
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Collect the trained parameters, start an empty ring, hook AsyncMomentumSGD steps."""
         self._release()
@@ -171,6 +174,7 @@ class StaleGradients(StalenessSource, Callback):
 
     # -- each step ----------------------------------------------------------------------------
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -182,6 +186,7 @@ class StaleGradients(StalenessSource, Callback):
         if self._staleness > 0:
             self._load_snapshot(self._staleness)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
@@ -195,6 +200,7 @@ class StaleGradients(StalenessSource, Callback):
         # still has to pass the staleness on.
         self._stepped = True
 
+    @override
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -209,6 +215,7 @@ class StaleGradients(StalenessSource, Callback):
             self._staleness = None
             self._stepped = False
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Restore the current parameters if a batch was cut short.
 
@@ -216,10 +223,12 @@ class StaleGradients(StalenessSource, Callback):
         """
         self._restore()
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Restore the parameters, unhook and free the snapshots."""
         self._finish()
 
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
@@ -268,6 +277,7 @@ class StaleGradients(StalenessSource, Callback):
 
     # -- checkpointing ------------------------------------------------------------------------
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The position in the staleness stream (snapshots are not saved: see the class doc)."""
         return {
@@ -278,6 +288,7 @@ class StaleGradients(StalenessSource, Callback):
             "draws": self._draws,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the staleness stream where the checkpoint left it.
 

@@ -329,6 +329,39 @@ def test_checkpoint_loads_into_a_fresh_model_and_optimizer(tmp_path) -> None:
     assert optimizer.algorithmic_momentum == server.optimizer.algorithmic_momentum
 
 
+def test_hogwild_and_the_server_trace_the_same_points() -> None:
+    from asyncmomentum.runtimes import hogwild, server
+
+    assert hogwild.TracePoint is server.TracePoint
+    server_ = make_server()
+    server_.push(2, gradients(server_.model), server_.join(2).version, loss=0.5)
+    point = server_.result().trace[-1]
+    assert (point.update, point.worker, point.loss, point.staleness) == (1, 2, 0.5, 0)
+    assert point[:5] == (1, 0.5, 0, point.algorithmic_momentum, point.implicit_momentum)
+    assert point.time >= 0.0
+    assert point.estimated_workers >= 1.0
+
+
+def test_snapshot_is_the_checkpoint_in_memory_and_a_copy(tmp_path) -> None:
+    server = make_server()
+    version = server.join(1).version
+    for _ in range(3):
+        version = server.push(1, gradients(server.model), version).version
+    state = server.snapshot()
+    written = torch.load(server.checkpoint(tmp_path / "ps.pt"), weights_only=True)
+    assert state.keys() == written.keys()
+    assert (state["format"], state["updates"], state["optimizer_class"]) == (
+        written["format"],
+        3,
+        "AsyncMomentumSGD",
+    )
+    assert same(list(state["model"].values()), list(written["model"].values()))
+    assert str(state["optimizer"]) == str(written["optimizer"])
+    before = [t.clone() for t in state["model"].values()]
+    server.push(1, gradients(server.model), version)  # later updates leave the snapshot alone
+    assert same(list(state["model"].values()), before)
+
+
 def test_a_mismatched_checkpoint_raises_and_changes_nothing(tmp_path) -> None:
     server = make_server()
     server.push(1, gradients(server.model), server.join(1).version)

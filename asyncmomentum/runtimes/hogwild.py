@@ -50,7 +50,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ from torch.optim import Optimizer
 from asyncmomentum.core.measuring.staleness import StalenessEstimator, VersionClock
 from asyncmomentum.core.validation import check_int, check_positive
 from asyncmomentum.runtimes.adapter import OptimizerView
+from asyncmomentum.runtimes.trace import TracePoint
 
 __all__ = [
     "HogwildError",
@@ -253,24 +254,6 @@ class WorkerFailure:
     updates: int
     error: str
     traceback: str
-
-
-class TracePoint(NamedTuple):
-    """One point of a training trace, from one :class:`WorkerProgress` (``zip(*trace)`` to plot).
-
-    Args:
-        update: updates applied by all workers when it was reported.
-        loss: the reporting worker's mean loss since its previous report.
-        staleness: its mean staleness since its previous report.
-        algorithmic_momentum: momentum its optimizer applied.
-        implicit_momentum: ``1 - 1/M_hat`` of the measured asynchrony.
-    """
-
-    update: int
-    loss: float
-    staleness: float
-    algorithmic_momentum: float
-    implicit_momentum: float
 
 
 # -- how staleness is measured ------------------------------------------------------------------
@@ -1057,12 +1040,12 @@ class _Supervisor:
             for state in ready:
                 message = state.receive()
                 if isinstance(message, WorkerProgress):
-                    self.trace.append(_trace_point(message))
                     self.train_ended = time.perf_counter()
+                    since = 0.0
                     if self.train_started is not None:
-                        self.timeline.append(
-                            (self.train_ended - self.train_started, message.update)
-                        )
+                        since = self.train_ended - self.train_started
+                        self.timeline.append((since, message.update))
+                    self.trace.append(_trace_point(message, since))
                     if self.on_progress is not None:
                         self.on_progress(message)
             if self.train_started is None and all(s.ready or not s.open for s in self.states):
@@ -1100,13 +1083,16 @@ class _Supervisor:
         self.wall_time = time.perf_counter() - self.started
 
 
-def _trace_point(message: WorkerProgress) -> TracePoint:
+def _trace_point(message: WorkerProgress, since: float) -> TracePoint:
     return TracePoint(
         update=message.update,
         loss=message.loss,
         staleness=message.staleness,
         algorithmic_momentum=message.algorithmic_momentum,
         implicit_momentum=message.implicit_momentum,
+        worker=message.rank,
+        estimated_workers=message.estimated_workers,
+        time=since,
     )
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import builtins
 import hmac
 import os
+import secrets
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -37,6 +38,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 import torch.distributed.rpc as rpc
 from torch import Tensor
+from torch.nn.utils import parameters_to_vector
 
 __all__ = [
     "INLINE_MAX_BYTES",
@@ -50,7 +52,9 @@ __all__ = [
     "check_flat",
     "flatten",
     "init_rpc",
+    "job_secret",
     "load_flat",
+    "new_secret",
     "serving",
     "shutdown_rpc",
     "worker_name",
@@ -191,6 +195,9 @@ class Servable(Protocol):
 def flatten(tensors: Sequence[Tensor]) -> Tensor:
     """One new 1-D tensor with ``tensors`` concatenated (detached), in order.
 
+    torch's ``parameters_to_vector`` without autograd (as fast as a plain ``torch.cat``), after
+    checks that name what does not fit.
+
     Args:
         tensors: at least one tensor, all of one dtype and on one device.
 
@@ -208,7 +215,8 @@ def flatten(tensors: Sequence[Tensor]) -> Tensor:
                 f"one flat buffer holds one dtype on one device: entry {index} is "
                 f"{tensor.dtype} on {tensor.device}, entry 0 is {first.dtype} on {first.device}"
             )
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
+    with torch.no_grad():
+        return parameters_to_vector(tensors)
 
 
 def check_flat(flat: Any, params: Sequence[Tensor], what: str = "the flat tensor") -> Tensor:
@@ -319,7 +327,7 @@ class RpcTransport:
             raise ValueError(f"timeout must be positive or None, got {timeout!r}")
         self.server_name = server_name
         self.timeout = timeout
-        self._secret = os.environ.get(SECRET_ENV, "") if secret is None else secret
+        self._secret = job_secret() if secret is None else secret
 
     def join(self, rank: int) -> Reply:
         """See :meth:`Transport.join`."""
@@ -493,13 +501,26 @@ def shutdown_rpc() -> None:
     rpc.shutdown(graceful=False)
 
 
-def _job_secret() -> str:
+def job_secret(*, create: bool = False) -> str:
+    """The job's secret: the value of :data:`SECRET_ENV` in this process (``""``: none).
+
+    Args:
+        create: when there is none, set a fresh random one first (for the processes this one
+            starts, and to hand to the others).
+    """
+    if create:
+        return os.environ.setdefault(SECRET_ENV, new_secret())
     return os.environ.get(SECRET_ENV, "")
+
+
+def new_secret() -> str:
+    """A fresh random job secret (32 hex digits)."""
+    return secrets.token_hex(16)
 
 
 def _authorized(secret: Any) -> Servable:
     """The served server, if ``secret`` is the job's; refused before anything is read."""
-    expected = _job_secret()
+    expected = job_secret()
     if expected and not (
         isinstance(secret, str) and hmac.compare_digest(secret.encode(), expected.encode())
     ):

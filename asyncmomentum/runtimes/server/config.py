@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from asyncmomentum.core.validation import (
     check_int,
     check_positive,
 )
+from asyncmomentum.runtimes.trace import TracePoint
 
 
 @dataclass(frozen=True)
@@ -87,27 +88,6 @@ class ServerConfig:
         # Validates horizon and warmup with the estimator's own messages.
         StalenessEstimator(horizon=self.horizon, warmup=self.warmup)
         check_int(self.measure_after, "measure_after", 0, maximum=MAX_COUNT)
-
-
-class TracePoint(NamedTuple):
-    """The state of training right after one applied update, for logs and plots."""
-
-    #: Number of updates applied so far, this one included.
-    update: int
-    #: Rank of the worker whose gradient this was.
-    worker: int
-    #: The worker's loss on the batch it computed the gradient from (at stale parameters).
-    loss: float
-    #: Updates applied between the worker's read and this update.
-    staleness: int
-    #: Momentum the optimizer applies (first parameter group).
-    algorithmic_momentum: float
-    #: Implicit momentum ``1 - 1/M_hat`` of the measured asynchrony.
-    implicit_momentum: float
-    #: ``M_hat``, the estimated number of asynchronous workers.
-    estimated_workers: float
-    #: Seconds since serving began.
-    time: float
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import multiprocessing
 import os
-import secrets
 import socket
 import sys
 import time
@@ -29,6 +28,7 @@ from asyncmomentum.runtimes.server.processes import run_from_env
 from asyncmomentum.runtimes.transport import (
     SECRET_ENV,
     SERVER_NAME,
+    new_secret,
     worker_name,
 )
 
@@ -112,7 +112,7 @@ def launch_local(
     deadline = time.monotonic() + timeout
     port = _free_port(host)
     env = _local_env(host, port, world_size=workers + 1)
-    env[SECRET_ENV] = secrets.token_hex(16)  # a fresh secret per job
+    env[SECRET_ENV] = new_secret()  # a fresh secret per job
     context = multiprocessing.get_context("spawn")
     processes, connections = [], []
     finished = False

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import vector_to_parameters
 
 from asyncmomentum.core.validation import (
     check_int,
@@ -32,8 +33,8 @@ from asyncmomentum.runtimes.transport import (
     SERVER_NAME,
     Reply,
     RpcTransport,
+    check_flat,
     init_rpc,
-    load_flat,
     serving,
     shutdown_rpc,
     worker_name,
@@ -291,7 +292,8 @@ def _train_loop(
         if max_steps is not None and steps >= max_steps:
             return steps, refused, "max_steps"
         try:
-            load_flat(params, reply.params)
+            # Each reply is a fresh tensor: the parameters become views of it (no copy).
+            vector_to_parameters(check_flat(reply.params, params), params)
         except ValueError as error:
             raise RuntimeError(
                 f"the server's parameters do not fit this worker's model ({error}); build the "

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import vector_to_parameters
 
 from asyncmomentum.core.measuring.staleness import (
     StalenessEstimator,
@@ -210,20 +211,29 @@ class ParameterServer:
         target = path if path is not None else self.config.checkpoint_path
         if target is None:
             raise ValueError("no checkpoint path: pass one or set ServerConfig.checkpoint_path")
+        state = self.snapshot()  # the file is written outside the lock
+        target = os.fspath(target)
+        partial = f"{target}.partial-{os.getpid()}-{threading.get_ident()}"
+        torch.save(state, partial)
+        os.replace(partial, target)  # a reader never sees a half-written checkpoint
+        return target
+
+    def snapshot(self) -> dict[str, Any]:
+        """The server's checkpoint state, in memory: what :meth:`checkpoint` writes.
+
+        A consistent copy, taken under the lock between two updates: ``"format"``
+        (:data:`~.checkpoints.CHECKPOINT_FORMAT`), ``"model"`` (a state dict of copies),
+        ``"optimizer"`` (the optimizer's state dict, tuner included, deep-copied),
+        ``"optimizer_class"`` and ``"updates"`` (updates applied).
+        """
         with self._cond:
-            # Copies, so that the file is written outside the lock from a consistent snapshot.
-            state = {
+            return {
                 "format": CHECKPOINT_FORMAT,
                 "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
                 "optimizer": copy.deepcopy(self.optimizer.state_dict()),
                 "optimizer_class": type(self.optimizer).__name__,
                 "updates": self._version,
             }
-        target = os.fspath(target)
-        partial = f"{target}.partial-{os.getpid()}-{threading.get_ident()}"
-        torch.save(state, partial)
-        os.replace(partial, target)  # a reader never sees a half-written checkpoint
-        return target
 
     def requested_checkpoint_path(self, path: str | os.PathLike[str] | None) -> str | None:
         """Where a remote :func:`request_checkpoint` may write: inside the job's folder only.
@@ -520,8 +530,7 @@ def _into_one_buffer(params: list[Tensor]) -> Tensor:
             f"this model has {found}: convert it (e.g. model.float()) before serving it"
         )
     flat = flatten(params)
-    for param, view in zip(params, _views(flat, params), strict=True):
-        param.data = view
+    vector_to_parameters(flat, params)
     return flat
 
 
