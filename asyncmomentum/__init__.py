@@ -5,15 +5,18 @@ Asynchronous SGD with ``M`` workers carries an implicit momentum ``1 - 1/M``
 applies, estimates ``M`` and applies ``target - implicit`` so the total stays what you tuned.
 """
 
+from asyncmomentum.core.formulas import implicit_momentum, workers_from_staleness
 from asyncmomentum.core.measuring.staleness import StalenessEstimator, VersionClock
 from asyncmomentum.core.optimizer import AsyncMomentumSGD, NonFiniteGradientError
-from asyncmomentum.core.tuning.formulas import implicit_momentum, workers_from_staleness
+from asyncmomentum.core.tracker import AsynchronyTracker, MomentumSummary
 from asyncmomentum.core.tuning.rules import algorithmic_momentum, total_momentum
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncMomentumSGD",
+    "AsynchronyTracker",
+    "MomentumSummary",
     "NonFiniteGradientError",
     "StalenessEstimator",
     "VersionClock",

@@ -3,7 +3,7 @@
 Asynchronous SGD with ``M`` workers carries an implicit momentum ``1 - 1/M`` (Mitliagkas et al.,
 2016). This callback keeps the *total* momentum of a run at a target by setting, before every
 optimizer step, the *algorithmic* momentum that the core's
-:class:`~asyncmomentum.core.tuning.tuner.MomentumTuner` asks for, and logs what it did.
+:class:`~asyncmomentum.core.tracker.AsynchronyTracker` asks for, and logs what it did.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from asyncmomentum.core import formulas
 from asyncmomentum.core.measuring.metrics import StalenessMetric
 from asyncmomentum.core.measuring.staleness import DEFAULT_HORIZON, DEFAULT_WARMUP
-from asyncmomentum.core.tuning import formulas
-from asyncmomentum.core.tuning.tuner import MomentumTuner
+from asyncmomentum.core.tracker import AsynchronyTracker
 from asyncmomentum.core.validation import (
     check_bool,
     check_momentum,
@@ -48,15 +48,14 @@ class _Tracked:
     """One optimizer of the run whose momentum is tuned (or, for AsyncMomentumSGD, watched).
 
     ``own``: the optimizer measures staleness and sets its momentum itself (AsyncMomentumSGD);
-    this callback only reads it. Otherwise this callback's tuner sets the groups' momentum (or
-    first beta) through the view.
+    this callback only reads its tracker. Otherwise this callback's tracker (the view's) sets
+    the groups' momentum (or first beta) through the view.
     """
 
     optimizer: Optimizer
     index: int
     view: OptimizerView
     own: bool
-    tuner: MomentumTuner
     metric: StalenessMetric
     suffix: str
     group_suffixes: list[str]
@@ -79,13 +78,13 @@ class AsyncMomentumCallback(Callback):
     - with an :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD`: does nothing to it. The
     optimizer
       measures staleness and tunes itself, after the closure; a second tuner would fight it.
-      The callback reads the optimizer's own tuner and logs it. This callback's
+      The callback reads the optimizer's own tracker and logs it. This callback's
       ``target_momentum``, ``workers``, ``rule``, ... do not apply to it (a warning says so
       when they differ from the optimizer's).
     - with any other optimizer whose param groups carry ``momentum`` (SGD-like) or ``betas``
       (Adam-like: the first beta plays the role of momentum): feeds the staleness reported for
       this step (by :class:`~lightning_callbacks.StaleGradients` or
-      :meth:`observe_staleness`) to a :class:`~asyncmomentum.core.tuning.tuner.MomentumTuner` and
+      :meth:`observe_staleness`) to an :class:`~asyncmomentum.core.tracker.AsynchronyTracker` and
       writes
       the momentum it asks for into every group. A group may carry its own
       ``target_momentum``. These optimizers cannot take negative momentum
@@ -116,7 +115,7 @@ class AsyncMomentumCallback(Callback):
       line, reduced exactly over all ranks
       (:class:`~asyncmomentum.core.measuring.metrics.StalenessMetric`);
       absent when no staleness was observed in that window.
-    - ``workers/estimated``: ``M_hat``, the tuner's smoothed estimate (a moving average over
+    - ``workers/estimated``: ``M_hat``, the tracker's smoothed estimate (a moving average over
       ``horizon`` updates, after ``warmup`` observations), which sets the momentum.
 
     With several tuned optimizers, names get a ``/<OptimizerClass>`` suffix (``-1``, ``-2``
@@ -124,11 +123,11 @@ class AsyncMomentumCallback(Callback):
     get a ``/<group name or pgN>`` suffix. The values are also put in
     ``trainer.callback_metrics``.
 
-    Resuming from a Lightning checkpoint continues the estimate: the tuners of non-AsyncMomentumSGD
-    optimizers are saved in this callback's state, AsyncMomentumSGD saves its own in the
-    optimizer's state. The state key is the class name, whatever the settings: the estimate of
-    ``M`` does not depend on the target, and one trainer takes one such callback (Lightning
-    refuses two, which would both set the momentum).
+    Resuming from a Lightning checkpoint continues the estimate: the trackers of
+    non-AsyncMomentumSGD optimizers are saved in this callback's state, AsyncMomentumSGD saves
+    its own in the optimizer's state. The state key is the class name, whatever the settings:
+    the estimate of ``M`` does not depend on the target, and one trainer takes one such callback
+    (Lightning refuses two, which would both set the momentum).
 
     Args:
         target_momentum: total momentum to keep, in (-1, 1).
@@ -166,23 +165,22 @@ class AsyncMomentumCallback(Callback):
         warmup: int = DEFAULT_WARMUP,
     ) -> None:
         check_bool(log, "log")
-        self._tuner_options: dict[str, Any] = {
-            "target_momentum": target_momentum,
+        self.target_momentum = check_momentum(target_momentum)
+        self._tracker_options: dict[str, Any] = {
             "rule": rule,
             "momentum_bounds": momentum_bounds,
             "workers": workers,
             "horizon": horizon,
             "warmup": warmup,
         }
-        # A throwaway tuner validates every option with the core's own checks and messages.
-        checked = MomentumTuner(**self._tuner_options)
+        # A throwaway tracker validates every option with the core's own checks and messages.
+        checked = AsynchronyTracker(**self._tracker_options)
         if checked.uses_meter or checked.uses_curvature:
             raise ValueError(
                 f"rule {rule!r} needs what only the optimizer sees (the momentum meter's "
                 "trajectory, a curvature probe): use AsyncMomentumSGD(rule="
                 f"{rule!r}, ...) in configure_optimizers; this callback then logs what it does"
             )
-        self.target_momentum = checked.target_momentum
         self.rule = checked.rule_name
         self.momentum_bounds = checked.momentum_bounds
         self.workers = checked.estimator.workers
@@ -190,9 +188,9 @@ class AsyncMomentumCallback(Callback):
         self.warmup = checked.estimator.warmup
         # Not `self.log`: Lightning overwrites that attribute of callbacks with `pl_module.log`.
         self.enable_logging = log
-        # Tuners of the optimizers this callback drives, by position in trainer.optimizers. They
-        # outlive a fit so that fitting again with the same callback continues the estimate.
-        self._tuners: dict[int, MomentumTuner] = {}
+        # Trackers of the optimizers this callback drives, by position in trainer.optimizers.
+        # They outlive a fit so that fitting again with the same callback continues the estimate.
+        self._trackers: dict[int, AsynchronyTracker] = {}
         self._tracked: list[_Tracked] = []
         self._warned_no_logger = False
         # Under a ServedUpdates strategy the server's threads step the optimizers: what they
@@ -218,13 +216,13 @@ class AsyncMomentumCallback(Callback):
         self._lock = threading.Lock()
 
     @property
-    def tuners(self) -> dict[int, MomentumTuner]:
-        """The tuners this callback drives, by position in ``trainer.optimizers``.
+    def trackers(self) -> dict[int, AsynchronyTracker]:
+        """The trackers of the optimizers this callback tunes, by position in the trainer's list.
 
         An :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD` has none here: it uses its own
-        ``optimizer.tuner``.
+        ``optimizer.tracker``.
         """
-        return dict(self._tuners)
+        return dict(self._trackers)
 
     # -- what the callback is told ------------------------------------------------------------
 
@@ -308,18 +306,15 @@ class AsyncMomentumCallback(Callback):
         self, index: int, view: OptimizerView, suffix: str, device: torch.device
     ) -> _Tracked:
         optimizer = view.optimizer
-        own = view.measures_staleness
-        if own:
-            assert view.tuner is not None
-            tuner = view.tuner
-        else:
-            tuner = self._tuners.setdefault(index, MomentumTuner(**self._tuner_options))
+        own = view.is_async_momentum
+        if not own:
+            tracker = self._trackers.setdefault(index, AsynchronyTracker(**self._tracker_options))
+            view = OptimizerView(optimizer, tracker)
         tracked = _Tracked(
             optimizer=optimizer,
             index=index,
             view=view,
             own=own,
-            tuner=tuner,
             # On the module's device, so that its cross-rank reduction works under NCCL too. A
             # served optimizer sees every update of the job: nothing to reduce, and the other
             # processes must not wait for this one.
@@ -332,8 +327,7 @@ class AsyncMomentumCallback(Callback):
             group_suffixes=_group_suffixes(optimizer.param_groups),
         )
         if own:
-            assert view.clock is not None
-            tracked.last_clock = view.clock.value
+            tracked.last_clock = view.tracker.clock.value
         else:
             # Before the first step too: the momentum is right from the start (known workers).
             self._apply_momentum(tracked)
@@ -362,8 +356,7 @@ class AsyncMomentumCallback(Callback):
             )
 
     def _warn_if_optimizer_differs(self, view: OptimizerView) -> None:
-        tuner = view.tuner
-        assert tuner is not None
+        tracker = view.tracker
         groups = view.optimizer.param_groups
         targets = {view.target_momentum(g) for g in groups} - {None}
         differences = []
@@ -371,12 +364,12 @@ class AsyncMomentumCallback(Callback):
             differences.append(
                 f"momentum {sorted(targets)} vs target_momentum {self.target_momentum}"
             )
-        if self.workers is not None and tuner.estimator.workers != self.workers:
-            differences.append(f"workers {tuner.estimator.workers} vs {self.workers}")
+        if self.workers is not None and tracker.estimator.workers != self.workers:
+            differences.append(f"workers {tracker.estimator.workers} vs {self.workers}")
         # The feedback rules live only in the optimizer: the callback cannot be set to them.
-        feedback = tuner.uses_meter or tuner.uses_curvature
-        if tuner.rule_name != self.rule and not feedback:
-            differences.append(f"rule {tuner.rule_name!r} vs {self.rule!r}")
+        feedback = tracker.uses_meter or tracker.uses_curvature
+        if tracker.rule_name != self.rule and not feedback:
+            differences.append(f"rule {tracker.rule_name!r} vs {self.rule!r}")
         if differences:
             rank_zero_warn(
                 f"{view.name} tunes its own momentum with its own settings, which differ "
@@ -389,11 +382,11 @@ class AsyncMomentumCallback(Callback):
             view = tracked.view
             with self._lock:
                 tracked.steps_since_log += 1
-                if tracked.own and view.clock is not None:
-                    clock = view.clock.value
+                if tracked.own:
+                    clock = view.tracker.clock.value
                     # A step refused for a non-finite gradient does not tick the clock.
                     if clock != tracked.last_clock:
-                        tracked.metric.update(view.last_staleness)
+                        tracked.metric.update(view.tracker.last_staleness)
                     tracked.last_clock = clock
 
         return after_step
@@ -401,14 +394,14 @@ class AsyncMomentumCallback(Callback):
     def _after_served_update(self, index: int, staleness: int) -> None:
         """A server applied an update of the served optimizer ``index`` (in a server thread).
 
-        An optimizer this callback tunes takes the staleness into its tuner and gets the
+        An optimizer this callback tunes takes the staleness into its tracker and gets the
         momentum for the next update (one update late: the server reports after it applies).
         """
         tracked = next((t for t in self._tracked if t.index == index), None)
         if tracked is None or tracked.own:
             return
         with self._lock:
-            tracked.tuner.observe(staleness)
+            tracked.view.tracker.observe(staleness)
             tracked.metric.update(staleness)
             self._apply_momentum(tracked)
 
@@ -441,13 +434,13 @@ class AsyncMomentumCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        """Feed this step's staleness to the tuner and set the momentum it asks for."""
+        """Feed this step's staleness to the tracker and set the momentum it asks for."""
         tracked = self._find(optimizer)
         if tracked is None or tracked.own:
             return
         tau, tracked.pending_staleness = tracked.pending_staleness, None
         if tau is not None:
-            tracked.tuner.observe(tau)
+            tracked.view.tracker.observe(tau)
             tracked.metric.update(tau)
         self._apply_momentum(tracked)
 
@@ -455,9 +448,11 @@ class AsyncMomentumCallback(Callback):
         view = tracked.view
         for group in tracked.optimizer.param_groups:
             target = view.target_momentum(group)
-            if target is not None:
+            if target is None:
+                target = self.target_momentum
+            else:
                 target = check_momentum(target, "a param group's target_momentum")
-            value = tracked.tuner.algorithmic_momentum(target)
+            value = view.tracker.algorithmic_momentum(target)
             if value < 0.0:
                 # torch.optim.SGD rejects momentum < 0 at construction and Adam needs beta1 >= 0:
                 # their updates are not meant for it. AsyncMomentumSGD is.
@@ -477,7 +472,7 @@ class AsyncMomentumCallback(Callback):
             else ("momentum must be >= 0 (torch optimizers reject negative momentum)")
         )
         rank_zero_warn(
-            f"the asynchrony (M_hat = {tracked.tuner.estimated_workers:.3g}) asks for a negative "
+            f"the asynchrony (M_hat = {view.tracker.estimated_workers:.3g}) asks for a negative "
             f"algorithmic momentum ({value:.3g}), but for {name} {what}; clipping it at 0, so "
             "the total momentum exceeds the target. Use asyncmomentum.AsyncMomentumSGD, which "
             "applies negative momentum. (Warned once.)"
@@ -524,12 +519,13 @@ class AsyncMomentumCallback(Callback):
             suffix = tracked.suffix
             summary = _compute_and_reset(tracked.metric)
             tracked.steps_since_log = 0
-            metrics[f"momentum/implicit{suffix}"] = tracked.tuner.implicit_momentum
-            metrics[f"workers/estimated{suffix}"] = tracked.tuner.estimated_workers
+            tracker = tracked.view.tracker
+            metrics[f"momentum/implicit{suffix}"] = tracker.implicit_momentum
+            metrics[f"workers/estimated{suffix}"] = tracker.estimated_workers
             measured = tracked.view.measured_total_momentum
             if measured is not None:
                 metrics[f"momentum/measured{suffix}"] = measured
-            curvature = tracked.view.curvature
+            curvature = tracker.curvature
             if curvature is not None:
                 metrics[f"curvature/lambda_max{suffix}"] = curvature
             if int(summary["count"]) > 0:
@@ -541,7 +537,7 @@ class AsyncMomentumCallback(Callback):
             for group, group_suffix in zip(groups, tracked.group_suffixes, strict=False):
                 algorithmic = tracked.view.applied_momentum(group)
                 metrics[f"momentum/algorithmic{suffix}{group_suffix}"] = algorithmic
-                metrics[f"momentum/total{suffix}{group_suffix}"] = tracked.tuner.total_momentum(
+                metrics[f"momentum/total{suffix}{group_suffix}"] = tracker.total_momentum(
                     algorithmic
                 )
         return metrics
@@ -550,10 +546,10 @@ class AsyncMomentumCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """The estimates of the tuners this callback drives (AsyncMomentumSGD saves its own)."""
+        """The trackers this callback drives (AsyncMomentumSGD saves its own)."""
         return {
             "format": STATE_FORMAT,
-            "tuners": {index: tuner.state_dict() for index, tuner in self._tuners.items()},
+            "tuners": {index: tracker.state_dict() for index, tracker in self._trackers.items()},
         }
 
     @override
@@ -572,11 +568,11 @@ class AsyncMomentumCallback(Callback):
                 "AsyncMomentumCallback state has a corrupt 'tuners' entry (not a dict)"
             )
         restored = {}
-        for index, tuner_state in tuners.items():
-            tuner = MomentumTuner(**self._tuner_options)
-            tuner.load_state_dict(tuner_state)  # raises on a corrupt state, before any change
-            restored[int(index)] = tuner
-        self._tuners = restored
+        for index, tracker_state in tuners.items():
+            tracker = AsynchronyTracker(**self._tracker_options)
+            tracker.load_state_dict(tracker_state)  # raises on a corrupt state, before any change
+            restored[int(index)] = tracker
+        self._trackers = restored
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -584,7 +580,7 @@ class AsyncMomentumCallback(Callback):
 
 def _is_tracked(view: OptimizerView) -> bool:
     """Whether this callback watches the optimizer (it tunes itself) or tunes it."""
-    return view.measures_staleness or view.tunable_from_outside
+    return view.is_async_momentum or view.tunable_from_outside
 
 
 def _optimizer_suffixes(optimizers: list[Optimizer]) -> list[str]:

@@ -161,7 +161,7 @@ class StaleGradients(StalenessSource, Callback):
         self._stepped = False
         self._observers = [cb for cb in trainer.callbacks if isinstance(cb, StalenessObserver)]
         for optimizer in trainer.optimizers:
-            if OptimizerView(optimizer).measures_staleness:
+            if OptimizerView(optimizer).is_async_momentum:
                 self._hooks.append(optimizer.register_step_pre_hook(self._pass_staleness))
 
     def _pass_staleness(

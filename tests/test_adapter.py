@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from asyncmomentum.core.measuring.staleness import StalenessEstimator
 from asyncmomentum.core.optimizer import AsyncMomentumSGD, NonFiniteGradientError
+from asyncmomentum.core.tracker import AsynchronyTracker
 from asyncmomentum.runtimes.adapter import MomentumSummary, OptimizerView, all_finite
 
 Factory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -62,10 +62,10 @@ def snapshot(model: nn.Module) -> list[torch.Tensor]:
 def test_what_an_optimizer_is(name: str) -> None:
     _, view = build(name)
     ours = name in OURS
-    assert view.is_async_momentum == view.measures_staleness == ours
+    assert view.is_async_momentum == ours
     assert view.tunes_itself == (name == "async")
-    assert (view.tuner is not None) == (view.clock is not None) == ours
-    assert (view.estimator is not None) == ours
+    # Every view counts into a tracker: the optimizer's own, or the view's.
+    assert (view.tracker is getattr(view.optimizer, "tracker", None)) == ours
     assert view.has_momentum == (name != "adagrad")
     assert view.tunable_from_outside == (not ours and name != "adagrad")
     assert view.momentum_key(view.optimizer.param_groups[0]) == KEYS[name]
@@ -73,7 +73,7 @@ def test_what_an_optimizer_is(name: str) -> None:
     assert not view.needs_every_update
     assert not view.uses_curvature
     assert view.meter is None
-    assert view.curvature is None
+    assert view.tracker.curvature is None
     assert view.measured_total_momentum is None
 
 
@@ -127,12 +127,10 @@ def test_async_momentum_sgd_reports_its_applied_momentum_and_keeps_the_users(nam
     group = opt.param_groups[0]
     for _ in range(30):
         backward(model, 1e-3)
-        assert view.step(staleness=3)
-    assert view.last_staleness == 3
-    assert view.clock is not None
-    assert view.clock.value == 30
-    assert view.estimator is not None
-    assert view.estimator.count == 30
+        assert view.step(staleness=3) == (True, 3, view.tracker.clock.value - 1)
+    assert view.tracker.last_staleness == 3
+    assert view.tracker.clock.value == 30
+    assert view.tracker.estimator.count == 30
     assert group["momentum"] == 0.9  # the momentum the user tuned, never overwritten
     assert view.applied_momentum(group) == opt.applied_momentum(group)
     if name == "async":
@@ -152,20 +150,30 @@ def test_async_momentum_sgd_reports_its_applied_momentum_and_keeps_the_users(nam
 def test_staleness_reaches_async_momentum_sgd_or_is_measured_from_its_clock() -> None:
     model, view = build("async")
     backward(model)
-    view.step(staleness=7)
-    assert view.last_staleness == 7
-    assert view.clock is not None
+    assert view.step(staleness=7).staleness == 7
     view.zero_grad()  # marks the parameters as read
-    view.clock.tick()  # another process applies an update meanwhile
+    view.tracker.clock.tick()  # another process applies an update meanwhile
     backward(model)
-    view.step()
-    assert view.last_staleness == 1
+    assert view.step().staleness == 1
     view.mark_read()
     for _ in range(3):
-        view.clock.tick()
+        view.tracker.clock.tick()
     backward(model)
-    view.step()
-    assert view.last_staleness == 3
+    assert view.step().staleness == 3
+    assert view.tracker.last_staleness == 3
+
+
+def test_any_optimizer_counts_its_updates_in_the_views_tracker() -> None:
+    model, view = build("sgd")
+    view.zero_grad()
+    view.tracker.clock.tick()  # another worker's update lands after this read
+    backward(model)
+    assert view.step() == (True, 1, 1)
+    backward(model)
+    assert view.step(staleness=5) == (True, 5, 2)
+    assert view.tracker.estimator.count == 2
+    with pytest.raises(ValueError, match="own tracker"):
+        OptimizerView(AsyncMomentumSGD(model.parameters(), lr=0.1), AsynchronyTracker())
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -173,7 +181,7 @@ def test_every_optimizer_steps_and_zero_grad_drops_the_gradients(name: str) -> N
     model, view = build(name)
     before = snapshot(model)
     backward(model)
-    assert view.step(staleness=2)
+    assert view.step(staleness=2).applied
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     view.zero_grad()
     assert all(p.grad is None for p in model.parameters())
@@ -194,10 +202,9 @@ def test_a_non_finite_gradient_is_refused_by_request_or_as_configured() -> None:
     skip = OptimizerView(AsyncMomentumSGD(model.parameters(), lr=0.1, nonfinite="skip"))
     before = snapshot(model)
     backward(model, math.inf)
-    assert not skip.step(staleness=1)  # skipped, and said so
+    assert skip.step(staleness=1) == (False, None, None)  # skipped, and said so
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
-    assert skip.clock is not None
-    assert skip.clock.value == 0
+    assert skip.tracker.clock.value == 0
 
     raising = OptimizerView(AsyncMomentumSGD(model.parameters(), lr=0.1))
     with pytest.raises(NonFiniteGradientError):
@@ -233,13 +240,13 @@ def test_summary_from_the_optimizers_estimate_or_the_callers() -> None:
         estimated_workers=opt.estimated_workers,
         mean_staleness=opt.mean_staleness,
     )
-    _, sgd = build("sgd")
-    with pytest.raises(ValueError, match="estimator"):
-        sgd.summary()
-    estimator = StalenessEstimator(warmup=0)
+    sgd = OptimizerView(
+        torch.optim.SGD(nn.Linear(3, 2).parameters(), lr=0.1, momentum=0.9),
+        AsynchronyTracker(warmup=0),
+    )
     for _ in range(10):
-        estimator.observe(1)
-    summary = sgd.summary(estimator)
+        sgd.tracker.observe(1)
+    summary = sgd.summary()
     assert summary.algorithmic_momentum == pytest.approx(0.9)
     assert summary.estimated_workers == pytest.approx(2.0)
     assert summary.implicit_momentum == pytest.approx(0.5)
@@ -252,9 +259,8 @@ def test_share_memory(name: str) -> None:
     model, view = build(name)
     assert view.share_memory() is view
     assert all(p.is_shared() for p in model.parameters())
+    assert view.tracker.is_shared
     if name == "async":
-        assert view.clock is not None
-        assert view.clock.is_shared
         opt = view.optimizer
         assert all(opt.state[p]["momentum_buffer"].is_shared() for p in model.parameters())
 

@@ -10,12 +10,11 @@ import torch
 from conftest import make_cnn
 
 from asyncmomentum.applications.sweep.runs import RunSpec, run_one
-from asyncmomentum.core.components import GradientNormFeed
+from asyncmomentum.core import formulas
 from asyncmomentum.core.measuring.instability import GrowthDetector, squared_norm
 from asyncmomentum.core.optimizer import AsyncMomentumSGD
-from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core.tuning.delayed_heavy_ball import largest_stable_momentum
 from asyncmomentum.core.tuning.rules import AutoRule, make_rule
-from asyncmomentum.core.tuning.stability import largest_stable_momentum
 from asyncmomentum.runtimes.hogwild import classification_loss, train_hogwild
 
 # -- the detector ---------------------------------------------------------------------------------
@@ -218,14 +217,14 @@ def test_the_optimizer_feeds_the_rule_one_gradient_norm_per_update():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     optimizer = AsyncMomentumSGD(model.parameters(), lr=0.1, momentum=0.9, rule="auto")
-    assert isinstance(optimizer.components["gradient_norm"], GradientNormFeed)
+    assert optimizer.tracker.uses_gradient_norm
     for _ in range(7):
         optimizer.zero_grad()
         model(torch.randn(8, 4)).pow(2).mean().backward()
         optimizer.step(staleness=2)
     assert optimizer.rule.detector.count == 7
     assert optimizer.rule.histogram.count == 7
-    assert "gradient_norm" not in AsyncMomentumSGD(model.parameters(), lr=0.1).components
+    assert not AsyncMomentumSGD(model.parameters(), lr=0.1).tracker.uses_gradient_norm
 
 
 def _spec(method: str) -> RunSpec:

@@ -81,9 +81,9 @@ def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
         "params": [[id(p) for p in g["params"]] for g in opt.param_groups],
     }
     if isinstance(opt, AsyncMomentumSGD):
-        shot["clock"] = opt.clock.value
-        shot["estimator"] = copy.deepcopy(opt.estimator.state_dict())
-        shot["counters"] = (opt.last_staleness, opt.skipped_steps, opt._async.version_read)
+        shot["clock"] = opt.tracker.clock.value
+        shot["estimator"] = copy.deepcopy(opt.tracker.estimator.state_dict())
+        shot["counters"] = (opt.last_staleness, opt.skipped_steps, opt.tracker.version_read)
     return shot
 
 
@@ -115,14 +115,21 @@ def _buffer(change: Callable[[torch.Tensor], Any]) -> Fault:
     return fault
 
 
-def _extra(key: str, value: Any = None, *, drop: bool = False) -> Fault:
+def _extra(key: str, value: Any = None, *, drop: bool = False, within: str = "") -> Fault:
     def fault(state: dict[str, Any]) -> None:
+        entry = state["async_momentum"]
+        if within:
+            entry = entry[within]
         if drop:
-            del state["async_momentum"][key]
+            del entry[key]
         else:
-            state["async_momentum"][key] = value
+            entry[key] = value
 
     return fault
+
+
+def _tracker(key: str, value: Any = None, *, drop: bool = False) -> Fault:
+    return _extra(key, value, drop=drop, within="tracker")
 
 
 def _set(keys: tuple[Any, ...], value: Any) -> Fault:
@@ -180,22 +187,23 @@ OPTIMIZER_FAULTS: dict[str, Fault] = {
     "state of param 99": _set(("state", 99), {"momentum_buffer": torch.zeros(3)}),
     "state entry a tensor": _set(("state", 0), torch.zeros(8, 4)),
     "state not a dict": _set(("state",), [1]),
-    "version_read missing": _extra("version_read", drop=True),
-    "version_read=-1": _extra("version_read", -1),
-    "version_read=float": _extra("version_read", 2.5),
-    "last_staleness missing": _extra("last_staleness", drop=True),
-    "last_staleness=string": _extra("last_staleness", "3"),
+    "version_read missing": _tracker("version_read", drop=True),
+    "version_read=-1": _tracker("version_read", -1),
+    "version_read=float": _tracker("version_read", 2.5),
+    "last_staleness missing": _tracker("last_staleness", drop=True),
+    "last_staleness=string": _tracker("last_staleness", "3"),
     "skipped_steps missing": _extra("skipped_steps", drop=True),
     "skipped_steps=bool": _extra("skipped_steps", True),
     "components missing": _extra("components", drop=True),
     "components a list": _extra("components", []),
-    "clock missing": _extra("clock", drop=True),
-    "clock=-5": _set(("async_momentum", "clock", "value"), -5),
-    "clock a list": _extra("clock", [3]),
-    "tuner missing": _extra("tuner", drop=True),
-    "tuner a string": _extra("tuner", "tuner"),
+    "clock missing": _tracker("clock", drop=True),
+    "clock=-5": _set(("async_momentum", "tracker", "clock", "value"), -5),
+    "clock a list": _tracker("clock", [3]),
+    "estimator missing": _tracker("estimator", drop=True),
+    "tracker missing": _extra("tracker", drop=True),
+    "tracker a string": _extra("tracker", "tracker"),
     "estimator ema nan": _set(
-        ("async_momentum", "tuner", "estimator", "ema"), torch.tensor([math.nan, 1.0])
+        ("async_momentum", "tracker", "estimator", "ema"), torch.tensor([math.nan, 1.0])
     ),
     "format 99": _set(("async_momentum", "format"), 99),
     "async entry missing": lambda state: state.pop("async_momentum"),
@@ -322,7 +330,7 @@ CHECKPOINT_FAULTS: dict[str, Fault] = {
     "optimizer group short": lambda state: state["optimizer"]["param_groups"][0]["params"].pop(),
     "format 2": _set(("format",), 2),
 }
-ASYNC_ONLY = {"async clock missing": _drop("optimizer", "async_momentum", "clock")}
+ASYNC_ONLY = {"async tracker missing": _drop("optimizer", "async_momentum", "tracker")}
 
 
 def _sgd(model: nn.Module) -> torch.optim.SGD:

@@ -12,9 +12,10 @@ from conftest import make_reading
 
 from asyncmomentum import AsyncMomentumSGD
 from asyncmomentum.applications.problems import get_problem
-from asyncmomentum.core.tuning import formulas, rules
-from asyncmomentum.core.tuning.stability import largest_stable_momentum
-from asyncmomentum.core.tuning.tuner import MomentumTuner
+from asyncmomentum.core import formulas
+from asyncmomentum.core.tracker import AsynchronyTracker
+from asyncmomentum.core.tuning import rules
+from asyncmomentum.core.tuning.delayed_heavy_ball import largest_stable_momentum
 from asyncmomentum.runtimes import simulate as sim
 
 # -- tuning: the names -----------------------------------------------------------------------------
@@ -36,41 +37,41 @@ def test_feedback_rules_are_rules_but_not_formulas():
 
 
 def test_closed_loop_integrates_each_reading_once_bounded_and_rate_limited():
-    tuner = MomentumTuner(
-        0.9, rule="closed_loop", workers=4, rule_options={"gain": 0.5, "max_change_per_step": 0.05}
+    tuner = AsynchronyTracker(
+        rule="closed_loop", workers=4, rule_options={"gain": 0.5, "max_change_per_step": 0.05}
     )
     additive = rules.algorithmic_momentum(0.9, 0.75)
-    assert tuner.algorithmic_momentum() == pytest.approx(additive)  # no reading yet
+    assert tuner.algorithmic_momentum(0.9) == pytest.approx(additive)  # no reading yet
     # Measured total 0.7 with the momentum applied: error 0.2, gain 0.5 -> 0.1, capped at 0.05.
     tuner.observe_reading(make_reading(0.7, additive, serial=1))
-    first = tuner.algorithmic_momentum()
+    first = tuner.algorithmic_momentum(0.9)
     assert first == pytest.approx(additive + 0.05)
-    assert tuner.algorithmic_momentum() == pytest.approx(first)  # the same reading: no change
+    assert tuner.algorithmic_momentum(0.9) == pytest.approx(first)  # the same reading: no change
     # A new reading, still measured under the old momentum: rebased to the current one, the
     # error is 0.15 (not 0.2) and the step is capped again.
     tuner.observe_reading(make_reading(0.7, additive, serial=2))
-    assert tuner.algorithmic_momentum() == pytest.approx(additive + 0.10)
+    assert tuner.algorithmic_momentum(0.9) == pytest.approx(additive + 0.10)
     # Small error: gain 0.5 of it.
     tuner.observe_reading(make_reading(0.88, additive + 0.10, serial=3))
-    assert tuner.algorithmic_momentum() == pytest.approx(additive + 0.11)
+    assert tuner.algorithmic_momentum(0.9) == pytest.approx(additive + 0.11)
 
 
 def test_closed_loop_keeps_its_correction_when_the_estimate_of_m_moves():
-    tuner = MomentumTuner(0.9, rule="closed_loop", warmup=0, horizon=10)
+    tuner = AsynchronyTracker(rule="closed_loop", warmup=0, horizon=10)
     for _ in range(200):
         tuner.observe(3)  # M = 4
-    base = tuner.algorithmic_momentum()
+    base = tuner.algorithmic_momentum(0.9)
     tuner.observe_reading(make_reading(0.8, base, serial=1))
-    corrected = tuner.algorithmic_momentum()
+    corrected = tuner.algorithmic_momentum(0.9)
     assert corrected > base
     for _ in range(200):
         tuner.observe(1)  # M = 2: the additive part moves at once, the correction stays
     moved = rules.algorithmic_momentum(0.9, tuner.implicit_momentum)
-    assert tuner.algorithmic_momentum() == pytest.approx(moved + (corrected - base), abs=1e-9)
+    assert tuner.algorithmic_momentum(0.9) == pytest.approx(moved + (corrected - base), abs=1e-9)
 
 
 def test_closed_loop_has_one_integrator_per_target():
-    tuner = MomentumTuner(0.9, rule="closed_loop", workers=2)
+    tuner = AsynchronyTracker(rule="closed_loop", workers=2)
     tuner.observe_reading(make_reading(0.6, 0.4, serial=1))
     high = tuner.algorithmic_momentum(0.9)
     low = tuner.algorithmic_momentum(0.5)
@@ -82,59 +83,59 @@ def test_closed_loop_has_one_integrator_per_target():
 
 
 def test_stability_rule_falls_back_to_additive_until_it_has_a_curvature():
-    tuner = MomentumTuner(0.9, rule="stability", warmup=0)
+    tuner = AsynchronyTracker(rule="stability", warmup=0)
     for _ in range(100):
         tuner.observe(7)
     assert tuner.curvature is None
-    assert tuner.algorithmic_momentum(lr=0.25) == pytest.approx(
+    assert tuner.algorithmic_momentum(0.9, lr=0.25) == pytest.approx(
         rules.algorithmic_momentum(0.9, tuner.implicit_momentum)
     )
     with pytest.raises(ValueError, match="needs the learning rate"):
-        tuner.algorithmic_momentum()
+        tuner.algorithmic_momentum(0.9)
     tuner.observe_curvature(1.0)
     expected = largest_stable_momentum(0.25, [0] * 7 + [1], cap=0.9, curvature_margin=0.25)
-    assert tuner.algorithmic_momentum(lr=0.25) == pytest.approx(expected, abs=1e-9)
+    assert tuner.algorithmic_momentum(0.9, lr=0.25) == pytest.approx(expected, abs=1e-9)
     assert not math.isclose(expected, tuner.algorithmic_momentum(0.9, lr=0.25) - 1.0)
 
 
 def test_tuner_options_are_checked():
     with pytest.raises(ValueError, match="takes none"):
-        MomentumTuner(rule="additive", rule_options={"gain": 0.5})
+        AsynchronyTracker(rule="additive", rule_options={"gain": 0.5})
     with pytest.raises(ValueError, match="rule_options for 'stability'"):
-        MomentumTuner(rule="stability", rule_options={"gain": 0.5})
+        AsynchronyTracker(rule="stability", rule_options={"gain": 0.5})
     with pytest.raises(ValueError, match="rule_options for 'closed_loop'"):
-        MomentumTuner(rule="closed_loop", rule_options={"curvature_margin": 0.5})
+        AsynchronyTracker(rule="closed_loop", rule_options={"curvature_margin": 0.5})
     with pytest.raises(ValueError, match=r"gain must be a number in \(0, 1\]"):
-        MomentumTuner(rule="closed_loop", rule_options={"gain": 2.0})
+        AsynchronyTracker(rule="closed_loop", rule_options={"gain": 2.0})
     with pytest.raises(ValueError, match="momentum_bounds apply"):
-        MomentumTuner(rule="stability", rule_options={"momentum_bounds": (0.0, 0.5)})
+        AsynchronyTracker(rule="stability", rule_options={"momentum_bounds": (0.0, 0.5)})
     with pytest.raises(ValueError, match="uses a curvature"):
-        MomentumTuner(rule="additive").observe_curvature(1.0)
+        AsynchronyTracker(rule="additive").observe_curvature(1.0)
 
 
 def test_tuner_state_round_trips_and_a_corrupt_one_changes_nothing():
-    tuner = MomentumTuner(0.9, rule="closed_loop", workers=4)
+    tuner = AsynchronyTracker(rule="closed_loop", workers=4)
     tuner.observe_reading(make_reading(0.7, 0.15, serial=1))
-    momentum = tuner.algorithmic_momentum()
+    momentum = tuner.algorithmic_momentum(0.9)
     state = tuner.state_dict()
-    resumed = MomentumTuner(0.9, rule="closed_loop", workers=4)
+    resumed = AsynchronyTracker(rule="closed_loop", workers=4)
     resumed.load_state_dict(state)
-    assert resumed.algorithmic_momentum() == pytest.approx(momentum)
+    assert resumed.algorithmic_momentum(0.9) == pytest.approx(momentum)
     corrupt = {**state, "closed_loop": [{"target": 0.9, "offset": math.nan, "controller": {}}]}
     with pytest.raises(ValueError, match="corrupt"):
         resumed.load_state_dict(corrupt)
-    assert resumed.algorithmic_momentum() == pytest.approx(momentum)
+    assert resumed.algorithmic_momentum(0.9) == pytest.approx(momentum)
 
-    stable = MomentumTuner(0.9, rule="stability", warmup=0)
+    stable = AsynchronyTracker(rule="stability", warmup=0)
     for _ in range(50):
         stable.observe(3)
     stable.observe_curvature(2.0)
-    again = MomentumTuner(0.9, rule="stability", warmup=0)
+    again = AsynchronyTracker(rule="stability", warmup=0)
     again.load_state_dict(stable.state_dict())
     assert again.curvature == 2.0
-    assert again.algorithmic_momentum(lr=0.1) == stable.algorithmic_momentum(lr=0.1)
+    assert again.algorithmic_momentum(0.9, lr=0.1) == stable.algorithmic_momentum(0.9, lr=0.1)
     # A state written under another rule restarts the feedback rule from scratch.
-    again.load_state_dict(MomentumTuner(0.9).state_dict())
+    again.load_state_dict(AsynchronyTracker().state_dict())
     assert again.curvature is None
 
 
@@ -182,7 +183,6 @@ def test_stability_probes_every_curvature_every_updates_and_applies_the_stable_m
     )
     # To the rule's resolution: its cache holds lr * lambda_max to 1 %, the bisection to 1e-3.
     assert opt.algorithmic_momentum == pytest.approx(expected, abs=3e-3)
-    assert opt.last_applied_momentum == opt.algorithmic_momentum
     additive = rules.algorithmic_momentum(0.9, opt.implicit_momentum)
     assert abs(expected - additive) > 0.05  # a constant delay is harsher than its mean says
 
@@ -195,7 +195,7 @@ def test_the_curvature_probe_leaves_parameters_and_gradients_alone():
     assert value == pytest.approx(1.0, rel=5e-3)
     assert torch.equal(model.w, params)
     assert torch.equal(model.w.grad, grads)
-    assert opt.clock.value == 0
+    assert opt.tracker.clock.value == 0
 
 
 def test_a_failing_probe_refuses_the_step_and_changes_nothing():
@@ -205,7 +205,7 @@ def test_a_failing_probe_refuses_the_step_and_changes_nothing():
     with pytest.raises(ValueError, match="depends on the parameters"):
         opt.step()
     assert torch.equal(model.w, before)
-    assert opt.clock.value == 0
+    assert opt.tracker.clock.value == 0
     assert opt.state[model.w] == {}
 
 
@@ -317,4 +317,4 @@ def test_checkpoints_load_with_torch_load_weights_only(tmp_path, options):
     if options["rule"] == "closed_loop":
         assert resumed.measured_total_momentum is not None
     else:
-        assert resumed.tuner.rule.histogram.count == 300
+        assert resumed.tracker.rule.histogram.count == 300

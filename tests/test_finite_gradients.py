@@ -82,13 +82,13 @@ def test_backward_gradients_are_not_read_again_at_the_step(monkeypatch) -> None:
 
 def test_nan_from_backward_changes_nothing() -> None:
     model, opt = _trained_pair()
-    version = opt.clock.value
+    version = opt.tracker.clock.value
     _backward(model, scale=math.nan)
     before = _snapshot(model, opt)
     with pytest.raises(NonFiniteGradientError):
         opt.step()
     assert _unchanged(before, model, opt)
-    assert opt.clock.value == version
+    assert opt.tracker.clock.value == version
 
 
 @pytest.mark.parametrize(

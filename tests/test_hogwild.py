@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import make_cnn
 
-from asyncmomentum import AsyncMomentumSGD, VersionClock
+from asyncmomentum import AsynchronyTracker, AsyncMomentumSGD, VersionClock
 from asyncmomentum.runtimes.hogwild import (
     HogwildError,
     WorkerFailure,
@@ -123,7 +123,7 @@ def test_four_workers_measure_asynchrony_and_train():
     assert [r.steps for r in result.reports] == [150] * 4
     assert result.total_updates == 600
     assert result.clock_value - result.clock_start == 600
-    assert opt.clock.value == 600
+    assert opt.tracker.clock.value == 600
     # Four processes on fewer cores: the optimizer saw stale gradients and estimated M from them.
     assert max(r.max_staleness for r in result.reports) > 0
     assert result.mean_staleness > 0
@@ -202,7 +202,7 @@ def test_failing_workers_are_reported_while_the_others_finish():
     assert sum(r.steps for r in result.reports) == 60 + 5 + 5
     assert result.clock_value - result.clock_start == result.total_updates == 60 + 7 + 5
     # The killed worker held the clock's lock: the kernel released it, the parent can tick.
-    assert opt.clock.tick() == result.clock_value
+    assert opt.tracker.clock.tick() == result.clock_value
     with pytest.raises(HogwildError, match="worker 2: RuntimeError: injected failure"):
         result.raise_if_failed()
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -271,7 +271,7 @@ def test_global_timeout_terminates_a_hung_worker():
     assert "timeout of 6.0 s" in hung.error
     assert result.wall_time < timeout + 15.0  # the timeout, then a bounded shutdown
     # The shared clock's process lock is free: the parent can go on training.
-    assert opt.clock.tick() == result.clock_value
+    assert opt.tracker.clock.tick() == result.clock_value
 
 
 @pytest.mark.timeout(90)
@@ -351,8 +351,8 @@ def test_bad_arguments_raise_before_anything_starts(match, overrides):
     assert multiprocessing.active_children() == []
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert not any(p.is_shared() for p in model.parameters())
-    assert opt.clock.value == 0
-    assert not opt.clock.is_shared
+    assert opt.tracker.clock.value == 0
+    assert not opt.tracker.clock.is_shared
 
 
 # -- the parts, by hand ----------------------------------------------------------------------------
@@ -406,7 +406,7 @@ def test_worker_loop_by_hand_reports_progress_and_counts_updates():
     assert last.done
     assert not messages[0].done
     assert last.updates == 25
-    assert opt.clock.value == 25
+    assert opt.tracker.clock.value == 25
     assert last.update == 25
     # One worker alone: every gradient is fresh, no implicit momentum.
     assert last.max_staleness == 0
@@ -418,9 +418,10 @@ def test_worker_loop_with_torch_sgd_needs_a_clock_and_uses_it():
     data = _dataset(rows=32)
     model = make_cnn(seed=6)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
-    with pytest.raises(ValueError, match="shared clock"):
+    with pytest.raises(ValueError, match="shared tracker"):
         worker_loop(0, model, opt, classification_loss, data, steps=3, num_threads=None)
-    clock = VersionClock(start=7)
+    tracker = AsynchronyTracker()
+    tracker.clock.load_state_dict({"format": 1, "value": 7})
     last = worker_loop(
         1,
         model,
@@ -429,15 +430,15 @@ def test_worker_loop_with_torch_sgd_needs_a_clock_and_uses_it():
         data,
         steps=12,
         batch_size=4,
-        clock=clock,
+        tracker=tracker,
         num_threads=None,
     )
-    assert clock.value == 19
+    assert tracker.clock.value == 19
     assert last.updates == 12
     assert last.update == 19
     assert last.max_staleness == 0
     assert last.algorithmic_momentum == 0.5
-    with pytest.raises(ValueError, match="own clock"):
+    with pytest.raises(ValueError, match="own tracker"):
         worker_loop(
             0,
             model,
@@ -445,7 +446,7 @@ def test_worker_loop_with_torch_sgd_needs_a_clock_and_uses_it():
             classification_loss,
             data,
             steps=1,
-            clock=clock,
+            tracker=tracker,
             num_threads=None,
         )
 
@@ -466,7 +467,7 @@ def test_worker_loop_counts_only_applied_updates_when_steps_are_skipped():
     assert opt.skipped_steps == 4
     assert last.step == 12
     assert last.updates == 8
-    assert opt.clock.value == 8
+    assert opt.tracker.clock.value == 8
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -486,7 +487,7 @@ def test_worker_loop_reports_a_failure_then_raises_it():
     assert failure.error.startswith("TypeError: loss_fn must return a scalar tensor")
     assert failure.traceback.startswith("Traceback")
     assert failure.traceback.rstrip().endswith(failure.error)
-    assert opt.clock.value == 0  # nothing was applied
+    assert opt.tracker.clock.value == 0  # nothing was applied
 
 
 def test_worker_rank_is_none_outside_a_worker():

@@ -123,3 +123,123 @@ def _is_stdlib(name: str) -> bool:
     import sys
 
     return name in sys.stdlib_module_names or name == "__future__"
+
+
+# -- no cycles, between files or between folders ---------------------------------------------------
+
+
+def _resolve(module: str) -> str | None:
+    """The first-party module or package an imported name lives in (``None``: third party)."""
+    if not _within(module, FIRST_PARTY):
+        return None
+    while module:
+        path = ROOT / module.replace(".", "/")
+        if path.with_suffix(".py").exists() or (path / "__init__.py").exists():
+            return module
+        module = module.rpartition(".")[0]  # ``from package import name``: a name, not a module
+    return None
+
+
+def _is_module(module: str) -> bool:
+    path = ROOT / module.replace(".", "/")
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """The first-party modules ``path`` imports: ``from package import module`` names the module."""
+    by_line: dict[int, list[str]] = {}
+    for line, module in _imports(path):
+        by_line.setdefault(line, []).append(module)
+    found = set()
+    for modules in by_line.values():
+        # _imports lists ``from X import a, b`` as X, X.a, X.b: the submodules where they are.
+        named = [m for m in modules[1:] if _is_module(m)]
+        for module in named or modules[:1]:
+            resolved = _resolve(module)
+            if resolved is not None:
+                found.add(resolved)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every first-party module (a package's ``__init__`` as its own node) and what it imports.
+
+    Every import counts, inside functions and under ``TYPE_CHECKING`` included.
+    """
+    graph: dict[str, set[str]] = {}
+    for top in FIRST_PARTY:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            name = _module_name(path)
+            graph[name] = _imported_modules(path) - {name}
+    return graph
+
+
+def folder_graphs(graph: dict[str, set[str]]) -> dict[str, dict[str, set[str]]]:
+    """For every package, the graph of its children (files and sub-folders) that imports induce.
+
+    An import from ``a`` to ``b`` is an edge between the two children of their closest common
+    package that hold them; a package's ``__init__`` is a child of its own (``__init__``).
+    """
+    levels: dict[str, dict[str, set[str]]] = {}
+
+    def path_of(module: str) -> list[str]:
+        parts = module.split(".")
+        is_package = (ROOT / module.replace(".", "/")).is_dir()
+        return parts + ["__init__"] if is_package else parts
+
+    for source, targets in graph.items():
+        for target in targets:
+            a, b = path_of(source), path_of(target)
+            common = 0
+            while common < min(len(a), len(b)) and a[common] == b[common]:
+                common += 1
+            if common == len(a) or common == len(b):
+                continue  # one contains the other: no edge between siblings
+            level = ".".join(a[:common]) or "<root>"
+            levels.setdefault(level, {}).setdefault(a[common], set()).add(b[common])
+    return levels
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of ``graph`` as a list of nodes (first == last), or ``None``."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)) is not None:
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)) is not None:
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    edges = {"pkg.x.one": {"pkg.y.two"}, "pkg.y.two": {"pkg.x.three"}, "pkg.x.three": set()}
+    folders = folder_graphs(edges)
+    assert folders["pkg"] == {"x": {"y"}, "y": {"x"}}
+    assert find_cycle(folders["pkg"]) == ["x", "y", "x"]
+
+
+def test_no_import_cycle_between_files() -> None:
+    graph = import_graph()
+    assert graph["asyncmomentum.core.optimizer"] >= {"asyncmomentum.core.tracker"}
+    cycle = find_cycle(graph)
+    assert cycle is None, f"files import each other in a cycle: {' -> '.join(cycle or [])}"
+
+
+def test_no_import_cycle_between_folders() -> None:
+    for level, children in folder_graphs(import_graph()).items():
+        cycle = find_cycle(children)
+        assert cycle is None, f"inside {level}, these import each other: {' -> '.join(cycle)}"

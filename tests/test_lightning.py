@@ -18,8 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from asyncmomentum.applications.digits import SmallCNN, load_digits_split
+from asyncmomentum.core import formulas
 from asyncmomentum.core.optimizer import AsyncMomentumSGD
-from asyncmomentum.core.tuning import formulas, rules
+from asyncmomentum.core.tuning import rules
 from asyncmomentum.runtimes.adapter import OptimizerView
 from asyncmomentum.runtimes.simulate import staleness_model
 from lightning_callbacks import AsyncMomentumCallback, StaleGradients
@@ -77,17 +78,17 @@ class Recorder(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         view = OptimizerView(trainer.optimizers[0])
-        if view.tuner is not None:
-            self.start_estimates.append(view.tuner.estimated_workers)
+        if view.is_async_momentum:
+            self.start_estimates.append(view.tracker.estimated_workers)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         self.taus.append(self.stale.last_staleness)
         view = OptimizerView(trainer.optimizers[0])
-        if view.tuner is not None:
-            self.applied.append(view.last_staleness)
+        if view.is_async_momentum:
+            self.applied.append(view.tracker.last_staleness)
             # The momentum it applied; its group["momentum"] stays the 0.9 it was given.
             self.momenta.append(view.applied_momentum())
-            self.expected_momenta.append(view.tuner.algorithmic_momentum(0.9))
+            self.expected_momenta.append(view.tracker.algorithmic_momentum(0.9))
             assert view.optimizer.param_groups[0]["momentum"] == 0.9
 
 
@@ -243,7 +244,7 @@ def test_staleness_reaches_the_optimizer_with_a_gradient_scaler(digits_loader: D
         enable_checkpointing=False,
     )
     trainer.fit(DigitsModule(OPTIMIZERS["async"]), digits_loader)
-    assert trainer.optimizers[0].clock.value == 20  # the scaler skipped no step
+    assert trainer.optimizers[0].tracker.clock.value == 20  # the scaler skipped no step
     assert recorder.applied == recorder.taus
     assert max(recorder.taus) > 0
 
@@ -268,7 +269,7 @@ def test_resume_continues_the_estimate(
 
     def estimate(trainer: pl.Trainer, momentum: AsyncMomentumCallback) -> tuple[float, int]:
         opt = trainer.optimizers[0]
-        tuner = OptimizerView(opt).tuner or momentum.tuners[0]
+        tuner = getattr(opt, "tracker", None) or momentum.trackers[0]
         return tuner.estimated_workers, tuner.estimator.count
 
     first, first_momentum, first_recorder = run(half, None, tmp_path / "first")
@@ -414,9 +415,9 @@ def test_log_false_tunes_but_logs_nothing(tmp_path: Path, digits_loader: DataLoa
     trainer = make_trainer(tmp_path, [stale, callback], max_steps=30)
     trainer.fit(DigitsModule(OPTIMIZERS["sgd"]), digits_loader)
     assert not (tmp_path / "logs" / "version_0" / "metrics.csv").exists() or not read_rows(tmp_path)
-    tuner = callback.tuners[0]
+    tuner = callback.trackers[0]
     assert tuner.estimator.count == 30
-    assert trainer.optimizers[0].param_groups[0]["momentum"] == tuner.algorithmic_momentum()
+    assert trainer.optimizers[0].param_groups[0]["momentum"] == tuner.algorithmic_momentum(0.9)
 
 
 def test_no_optimizer_with_momentum_is_an_error(tmp_path: Path, digits_loader: DataLoader) -> None:
@@ -485,7 +486,7 @@ def test_corrupt_callback_state_is_refused_and_changes_nothing() -> None:
         callback.load_state_dict({"format": 99, "tuners": {}})
     with pytest.raises(ValueError, match="StalenessEstimator state is missing"):
         callback.load_state_dict({"format": 1, "tuners": {0: {"estimator": {"format": 1}}}})
-    assert callback.tuners == {}
+    assert callback.trackers == {}
     assert math.isclose(callback.target_momentum, 0.9)
 
 

@@ -83,7 +83,7 @@ class Record(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         served = trainer.strategy.served_optimizers
         if served and isinstance(served[0], AsyncMomentumSGD):
-            tuner = served[0].tuner
+            tuner = served[0].tracker
             self.start = {
                 "global_step": trainer.global_step,
                 "estimated_workers": tuner.estimated_workers,
@@ -349,7 +349,7 @@ def test_checkpoints_hold_the_server_state_and_resume_it(tmp_path: Path) -> None
     # applies only the 80 updates left to max_steps.
     assert record["start"]["global_step"] == 120
     assert record["start"]["estimated_workers"] == pytest.approx(optimizer.estimated_workers)
-    assert record["start"]["observations"] == optimizer.tuner.estimator.count
+    assert record["start"]["observations"] == optimizer.tracker.estimator.count
     assert record["server"]["updates"] == 80
     assert record["global_step"] == 200
 

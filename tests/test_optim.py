@@ -12,7 +12,8 @@ from conftest import make_cnn
 from torch import nn
 
 from asyncmomentum import AsyncMomentumSGD, NonFiniteGradientError
-from asyncmomentum.core.tuning import formulas, rules
+from asyncmomentum.core import formulas
+from asyncmomentum.core.tuning import rules
 
 
 def _loss(model, batch):
@@ -22,8 +23,8 @@ def _loss(model, batch):
 
 def _tuner_snapshot(opt):
     extra = opt.state_dict()["async_momentum"]
-    est = extra["tuner"]["estimator"]
-    return extra["clock"]["value"], est["count"], est["ema"], est["window"].tolist()
+    est = extra["tracker"]["estimator"]
+    return extra["tracker"]["clock"]["value"], est["count"], est["ema"], est["window"].tolist()
 
 
 def _steps(model, opt, batches, staleness, start=0):
@@ -55,10 +56,10 @@ def test_staleness_is_measured_from_the_clock_between_zero_grad_and_step(cnn_bat
     opt.zero_grad()  # this "worker" reads version 0
     _loss(model, cnn_batches[0]).backward()
     for _ in range(3):  # three other updates land meanwhile
-        opt.clock.tick()
+        opt.tracker.clock.tick()
     opt.step()
     assert opt.last_staleness == 3
-    assert opt.clock.value == 4
+    assert opt.tracker.clock.value == 4
     # Without zero_grad, staleness counts from this optimizer's own previous step.
     _loss(model, cnn_batches[1]).backward()
     opt.step()
@@ -108,13 +109,13 @@ def test_closure_runs_before_the_momentum_is_read(cnn_batches):
         opt.zero_grad()
         loss = _loss(model, cnn_batches[0])
         loss.backward()
-        seen.append(opt.clock.value)
+        seen.append(opt.tracker.clock.value)
         return loss
 
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor)
     assert seen == [0]
-    assert opt.clock.value == 1
+    assert opt.tracker.clock.value == 1
 
 
 @pytest.mark.parametrize("path", [{"foreach": False}, {"foreach": True}, {"fused": True}])
@@ -141,10 +142,10 @@ def test_resume_is_bit_for_bit(path, cnn_batches):
     for p, q in zip(whole_model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(p, q)
     assert (
-        resumed.state_dict()["async_momentum"]["tuner"]["estimator"]["ema"]
-        == (whole.state_dict()["async_momentum"]["tuner"]["estimator"]["ema"])
+        resumed.state_dict()["async_momentum"]["tracker"]["estimator"]["ema"]
+        == (whole.state_dict()["async_momentum"]["tracker"]["estimator"]["ema"])
     )
-    assert resumed.clock.value == whole.clock.value == 200
+    assert resumed.tracker.clock.value == whole.tracker.clock.value == 200
     assert resumed.estimated_workers == whole.estimated_workers > 2
 
 
@@ -223,8 +224,8 @@ def test_bad_staleness_raises_and_changes_nothing(bad, cnn_batches):
     with pytest.raises(ValueError, match="staleness must be a non-negative integer"):
         opt.step(staleness=bad)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
-    assert opt.clock.value == 0
-    assert opt.estimator.count == 0
+    assert opt.tracker.clock.value == 0
+    assert opt.tracker.estimator.count == 0
 
 
 @pytest.mark.parametrize("path", [{"foreach": False}, {"foreach": True}, {"fused": True}])
@@ -256,7 +257,7 @@ def test_nonfinite_skip_mode_counts_and_skips(cnn_batches):
     before = [p.detach().clone() for p in model.parameters()]
     opt.step()
     assert opt.skipped_steps == 1
-    assert opt.clock.value == 0
+    assert opt.tracker.clock.value == 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
@@ -266,7 +267,7 @@ def test_huge_but_finite_gradients_are_not_mistaken_for_nan():
     param.grad = torch.full((4,), 3e38)  # the sum overflows, the values do not
     opt.step()
     assert torch.isfinite(param).all()
-    assert opt.clock.value == 1
+    assert opt.tracker.clock.value == 1
 
 
 def test_checkpoints_from_elsewhere_are_refused_without_damage(cnn_batches):
@@ -283,7 +284,7 @@ def test_checkpoints_from_elsewhere_are_refused_without_damage(cnn_batches):
     with pytest.raises(ValueError, match="format 99"):
         opt.load_state_dict(future)
     broken = copy.deepcopy(before)
-    broken["async_momentum"]["tuner"]["estimator"]["format"] = 7
+    broken["async_momentum"]["tracker"]["estimator"]["format"] = 7
     with pytest.raises(ValueError, match="format"):
         opt.load_state_dict(broken)
     assert _tuner_snapshot(opt) == tuner_before
@@ -299,7 +300,7 @@ def test_works_with_lr_schedulers_and_is_picklable(cnn_batches):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
     clone = pickle.loads(pickle.dumps(opt))
     assert clone.estimated_workers == opt.estimated_workers == pytest.approx(2)
-    assert clone.clock.value == 10
+    assert clone.tracker.clock.value == 10
     assert clone.algorithmic_momentum == opt.algorithmic_momentum
 
 

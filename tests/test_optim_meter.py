@@ -55,4 +55,4 @@ def test_staleness_older_than_the_clock_is_dated_to_its_start():
     opt = AsyncMomentumSGD(model.parameters(), lr=0.1, measure_momentum=True)
     problem.loss_fn(model, next(problem.batches(0))).backward()
     opt.step(staleness=5)  # at version 0: the meter must not refuse it after the update
-    assert opt.clock.value == 1
+    assert opt.tracker.clock.value == 1

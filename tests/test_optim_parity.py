@@ -74,7 +74,7 @@ def test_matches_torch_sgd_for_200_steps(case, path, cnn_batches):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
     assert ours.estimated_workers == 1.0
     assert ours.mean_staleness == 0.0
-    assert ours.clock.value == STEPS
+    assert ours.tracker.clock.value == STEPS
 
 
 @pytest.mark.parametrize("path", ["single", "foreach", "foreach_ops"])

@@ -12,8 +12,10 @@ import torch
 from conftest import make_reading
 
 from asyncmomentum import AsyncMomentumSGD
+from asyncmomentum.core import formulas
 from asyncmomentum.core.measuring.meter import MomentumMeter
-from asyncmomentum.core.tuning import formulas, rules
+from asyncmomentum.core.tracker import AsynchronyTracker
+from asyncmomentum.core.tuning import rules
 from asyncmomentum.core.tuning.rules import (
     AdditiveRule,
     AutoRule,
@@ -22,7 +24,6 @@ from asyncmomentum.core.tuning.rules import (
     StabilityRule,
     TuningRule,
 )
-from asyncmomentum.core.tuning.tuner import MomentumTuner
 
 ALL = ("additive", "compositional", "closed_loop", "stability", "auto")
 
@@ -87,7 +88,7 @@ def test_the_registry_lists_the_rules_in_order():
         assert cls.name == name
         assert rules.make_rule(name).name == name
     assert rules.DEFAULT_RULE == "additive"
-    assert MomentumTuner().rule_name == rules.DEFAULT_RULE
+    assert AsynchronyTracker().rule_name == rules.DEFAULT_RULE
 
 
 def test_capability_flags():
@@ -103,7 +104,7 @@ def test_capability_flags():
         "auto": (False, False, False, True),
     }
     for name in ALL:
-        tuner = MomentumTuner(rule=name)
+        tuner = AsynchronyTracker(rule=name)
         cls = rules.rule_class(name)
         assert (tuner.uses_meter, tuner.uses_curvature, tuner.needs_lr) == (
             cls.uses_meter,
@@ -119,7 +120,7 @@ def test_unknown_names_and_bad_options_raise_with_what_is_known():
         ):
             rules.make_rule(bad)
     with pytest.raises(ValueError, match="rule must be one of"):
-        MomentumTuner(rule="stabilty")
+        AsynchronyTracker(rule="stabilty")
     with pytest.raises(ValueError, match=r"rule_options for 'closed_loop'.*\['gain', 'max_change"):
         rules.make_rule("closed_loop", curvature_margin=0.5)
     with pytest.raises(ValueError, match=r"rule_options for 'additive'.*takes none"):
@@ -129,7 +130,7 @@ def test_unknown_names_and_bad_options_raise_with_what_is_known():
     with pytest.raises(ValueError, match="object already"):
         rules.make_rule(ClosedLoopRule(), gain=0.2)
     with pytest.raises(ValueError, match="object already"):
-        MomentumTuner(rule=StabilityRule(), rule_options={"margin": 0.1})
+        AsynchronyTracker(rule=StabilityRule(), rule_options={"margin": 0.1})
 
 
 def test_register_rule_checks_what_it_registers(registry):
@@ -161,20 +162,20 @@ def test_register_rule_checks_what_it_registers(registry):
 def test_a_rule_defined_here_works_through_the_tuner_and_the_optimizer(registry):
     rules.register_rule(LongestDelayRule)
     assert rules.rule_names() == (*ALL, "longest_delay")
-    tuner = MomentumTuner(0.9, rule="longest_delay", rule_options={"cap": 7}, warmup=0)
+    tuner = AsynchronyTracker(rule="longest_delay", rule_options={"cap": 7}, warmup=0)
     assert isinstance(tuner.rule, LongestDelayRule)
     assert tuner.rule.cap == 7
     assert tuner.rule_name == "longest_delay"
     for tau in (1, 3, 2, 30):
         tuner.observe(tau)
-    assert tuner.algorithmic_momentum() == pytest.approx(0.9 - (1 - 1 / 8))  # capped at 7
+    assert tuner.algorithmic_momentum(0.9) == pytest.approx(0.9 - (1 - 1 / 8))  # capped at 7
     assert tuner.total_momentum(0.1) == pytest.approx(0.1 + tuner.implicit_momentum)
 
     state = tuner.state_dict()
     assert state["longest_delay"] == {"longest": 7}
-    resumed = MomentumTuner(0.9, rule="longest_delay", rule_options={"cap": 7}, warmup=0)
+    resumed = AsynchronyTracker(rule="longest_delay", rule_options={"cap": 7}, warmup=0)
     resumed.load_state_dict(state)
-    assert resumed.algorithmic_momentum() == tuner.algorithmic_momentum()
+    assert resumed.algorithmic_momentum(0.9) == tuner.algorithmic_momentum(0.9)
     with pytest.raises(ValueError, match="corrupt"):
         resumed.load_state_dict({**state, "longest_delay": {"longest": -1}})
     assert resumed.rule.longest == 7
@@ -189,16 +190,16 @@ def test_a_rule_defined_here_works_through_the_tuner_and_the_optimizer(registry)
 
 def test_a_rule_object_can_be_given_instead_of_a_name():
     rule = CompositionalRule()
-    tuner = MomentumTuner(0.9, rule=rule, workers=4)
+    tuner = AsynchronyTracker(rule=rule, workers=4)
     assert tuner.rule is rule
-    assert tuner.algorithmic_momentum() == pytest.approx(1 - 0.1 / 0.25)
-    assert tuner.total_momentum(tuner.algorithmic_momentum()) == pytest.approx(0.9)
+    assert tuner.algorithmic_momentum(0.9) == pytest.approx(1 - 0.1 / 0.25)
+    assert tuner.total_momentum(tuner.algorithmic_momentum(0.9)) == pytest.approx(0.9)
 
 
 # -- each rule's state -----------------------------------------------------------------------------
 
 
-def _drive(tuner: MomentumTuner, steps: range, seed: int) -> list[float]:
+def _drive(tuner: AsynchronyTracker, steps: range, seed: int) -> list[float]:
     """Feed a tuner staleness; return the momentum it gives after each step.
 
     A reading or a curvature is fed too if its rule uses one.
@@ -212,7 +213,7 @@ def _drive(tuner: MomentumTuner, steps: range, seed: int) -> list[float]:
         if tuner.uses_curvature and step % 30 == 0:
             tuner.observe_curvature(rng.uniform(0.5, 2.0))
         lr = 0.2 if tuner.needs_lr else None
-        momenta.append(tuner.algorithmic_momentum(lr=lr))
+        momenta.append(tuner.algorithmic_momentum(0.9, lr=lr))
         momenta.append(tuner.algorithmic_momentum(0.5, lr=lr))
     return momenta
 
@@ -220,11 +221,12 @@ def _drive(tuner: MomentumTuner, steps: range, seed: int) -> list[float]:
 @pytest.mark.parametrize("name", ALL)
 def test_each_rule_state_round_trips_and_the_run_continues_exactly(name):
     options = {"warmup": 0, "horizon": 40, "momentum_bounds": (-0.5, 0.95)}
-    tuner = MomentumTuner(0.9, rule=name, **options)
+    tuner = AsynchronyTracker(rule=name, **options)
     _drive(tuner, range(100), seed=1)
     state = tuner.state_dict()
-    assert set(state) == ({"estimator"} | ({name} if tuner.rule.stateful else set()))
-    resumed = MomentumTuner(0.9, rule=name, **options)
+    common = {"format", "clock", "estimator", "version_read", "last_staleness"}
+    assert set(state) == (common | ({name} if tuner.rule.stateful else set()))
+    resumed = AsynchronyTracker(rule=name, **options)
     resumed.load_state_dict(state)
     continued, original = _drive(resumed, range(100, 200), 2), _drive(tuner, range(100, 200), 2)
     if name in ("stability", "auto"):
@@ -241,7 +243,7 @@ def test_each_rule_state_round_trips_and_the_run_continues_exactly(name):
 
 @pytest.mark.parametrize("name", ["closed_loop", "stability", "auto"])
 def test_a_corrupt_rule_state_changes_nothing(name):
-    tuner = MomentumTuner(0.9, rule=name, warmup=0)
+    tuner = AsynchronyTracker(rule=name, warmup=0)
     _drive(tuner, range(60), seed=0)
     state = tuner.state_dict()
     before = tuner.rule.state_dict()
@@ -253,7 +255,7 @@ def test_a_corrupt_rule_state_changes_nothing(name):
         tuner.check_state_dict({**state, "estimator": {"format": 1}})
     assert repr(tuner.rule.state_dict()) == repr(before)
     # A state without the rule's entry (written under another rule) restarts it.
-    tuner.load_state_dict(MomentumTuner(0.9).state_dict())
+    tuner.load_state_dict(AsynchronyTracker().state_dict())
     if name == "closed_loop":
         assert tuner.rule.state_dict()["loops"] == []
     else:
@@ -263,15 +265,15 @@ def test_a_corrupt_rule_state_changes_nothing(name):
 
 def test_format_1_checkpoints_of_the_closed_loop_load():
     # Before the rules were objects, a tuner stored its closed loops as a bare list.
-    tuner = MomentumTuner(0.9, rule="closed_loop", workers=4)
+    tuner = AsynchronyTracker(rule="closed_loop", workers=4)
     tuner.observe_reading(make_reading(0.7, 0.15, serial=1))
-    momentum = tuner.algorithmic_momentum()
+    momentum = tuner.algorithmic_momentum(0.9)
     state = tuner.state_dict()
     legacy = {"estimator": state["estimator"], "closed_loop": state["closed_loop"]["loops"]}
-    resumed = MomentumTuner(0.9, rule="closed_loop", workers=4)
+    resumed = AsynchronyTracker(rule="closed_loop", workers=4)
     resumed.load_state_dict(legacy)
     resumed.observe_reading(make_reading(0.7, 0.15, serial=1))  # the same reading: no new step
-    assert resumed.algorithmic_momentum() == momentum
+    assert resumed.algorithmic_momentum(0.9) == momentum
     assert resumed.state_dict()["closed_loop"] == state["closed_loop"]
 
 
@@ -279,20 +281,20 @@ def test_format_1_checkpoints_of_the_closed_loop_load():
 
 
 def test_inputs_a_rule_does_not_use():
-    additive = MomentumTuner(rule="additive")
+    additive = AsynchronyTracker(rule="additive")
     additive.observe_reading(make_reading(0.7, 0.1, serial=1))  # ignored
-    assert additive.algorithmic_momentum() == 0.9
+    assert additive.algorithmic_momentum(0.9) == 0.9
     with pytest.raises(ValueError, match="uses a curvature"):
         additive.observe_curvature(1.0)
     assert additive.curvature is None
     with pytest.raises(ValueError, match="needs the learning rate"):
-        MomentumTuner(rule="stability").algorithmic_momentum()
+        AsynchronyTracker(rule="stability").algorithmic_momentum(0.9)
     # lr as a tensor (torch's param groups may hold one) works like the number.
-    stability = MomentumTuner(rule="stability", warmup=0)
+    stability = AsynchronyTracker(rule="stability", warmup=0)
     stability.observe(3)
     stability.observe_curvature(1.0)
-    assert stability.algorithmic_momentum(lr=torch.tensor(0.1)) == (
-        stability.algorithmic_momentum(lr=0.1)
+    assert stability.algorithmic_momentum(0.9, lr=torch.tensor(0.1)) == (
+        stability.algorithmic_momentum(0.9, lr=0.1)
     )
 
 

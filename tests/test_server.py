@@ -146,7 +146,7 @@ def test_staleness_is_the_number_of_updates_between_read_and_apply() -> None:
     result = server.result()
     assert [p.staleness for p in result.trace] == [0, 1, 1]
     assert [p.worker for p in result.trace] == [1, 2, 1]
-    assert result.updates == server.version == server.optimizer.clock.value == 3
+    assert result.updates == server.version == server.optimizer.tracker.clock.value == 3
     assert result.updates_per_worker == {1: 2, 2: 1}
     # The tuner saw exactly these: mean of (0, 1, 1) under the moving average is in (0, 1).
     assert 0.0 < result.mean_staleness < 1.0
@@ -324,7 +324,7 @@ def test_checkpoint_loads_into_a_fresh_model_and_optimizer(tmp_path) -> None:
     assert info.updates == 5
     assert info.optimizer_class == "AsyncMomentumSGD"
     assert same(snapshot(model), snapshot(server.model))
-    assert optimizer.clock.value == 5
+    assert optimizer.tracker.clock.value == 5
     assert optimizer.estimated_workers == server.optimizer.estimated_workers > 1.0
     assert optimizer.algorithmic_momentum == server.optimizer.algorithmic_momentum
 
@@ -483,7 +483,7 @@ def test_three_workers_then_one_killed_server_goes_on_and_momentum_follows(tmp_p
     assert 0 < load_checkpoint(tmp_path / "requested.pt", model, optimizer).updates < total
     assert result.checkpoint_path == str(tmp_path / "final.pt")
     info = load_checkpoint(result.checkpoint_path, model, optimizer)
-    assert info.updates == optimizer.clock.value == total
+    assert info.updates == optimizer.tracker.clock.value == total
     assert optimizer.estimated_workers == pytest.approx(result.estimated_workers)
     assert optimizer.algorithmic_momentum == pytest.approx(result.algorithmic_momentum)
     assert not same(snapshot(model), snapshot(make_cnn(0)))  # trained weights
@@ -661,10 +661,10 @@ def test_the_feedback_rules_run_on_the_server(tmp_path, rule) -> None:
         # The server probed its own model: the checkpoint carries the curvature it found.
         assert optimizer.curvature is not None
         assert optimizer.curvature > 0
-        assert optimizer.tuner.rule.histogram.count == 300
+        assert optimizer.tracker.rule.histogram.count == 300
     else:
         # The meter read the server's trajectory, and the loop acted on its readings.
-        (loop,) = optimizer.tuner.rule._loops.values()
+        (loop,) = optimizer.tracker.rule._loops.values()
         assert loop.controller.updates >= 3
         assert optimizer.measured_total_momentum is not None
 

@@ -287,7 +287,7 @@ def test_async_momentum_sgd_estimates_the_simulated_workers(M: int) -> None:
     history = simulate(model, cross_entropy, data, opt, workers(M), steps=1500, seed=M)
     assert not history.diverged
     assert len(history) == 1500
-    assert opt.estimator.count == 1500
+    assert opt.tracker.estimator.count == 1500
     assert history.estimated_workers[-1] == pytest.approx(M, rel=0.1)
     assert history.implicit_momentum[-1] == pytest.approx(1 - 1 / M, abs=0.02)
     assert history.algorithmic_momentum[-1] == pytest.approx(0.9 - (1 - 1 / M), abs=0.02)
@@ -413,8 +413,8 @@ def test_divergence_is_flagged_without_raising_or_stepping(make_loss, optimizer:
     assert clean.staleness == history.staleness
     assert torch.equal(model.w, reference.w)
     if optimizer != "sgd":
-        assert opt.clock.value == 6
-        assert opt.estimator.count == 6
+        assert opt.tracker.clock.value == 6
+        assert opt.tracker.estimator.count == 6
 
 
 def test_overflowing_parameters_are_flagged(cnn_batches) -> None:

@@ -14,8 +14,7 @@ from torch import nn
 from asyncmomentum.applications.problems import QuadraticModel, get_problem
 from asyncmomentum.core.measuring.curvature import CurvatureEstimator
 from asyncmomentum.core.optimizer import AsyncMomentumSGD
-from asyncmomentum.core.tuning.rules.stability import StabilityRule
-from asyncmomentum.core.tuning.stability import (
+from asyncmomentum.core.tuning.delayed_heavy_ball import (
     StalenessHistogram,
     check_pmf,
     is_stable,
@@ -24,6 +23,7 @@ from asyncmomentum.core.tuning.stability import (
     spectral_radius,
     truncate_pmf,
 )
+from asyncmomentum.core.tuning.rules.stability import StabilityRule
 from asyncmomentum.runtimes.simulate import geometric, round_robin, simulate, workers
 
 # -- brute force ----------------------------------------------------------------------------------

@@ -23,9 +23,8 @@ from asyncmomentum.core.measuring import process_lock, staleness
 from asyncmomentum.core.measuring.staleness import (
     StalenessEstimator,
     VersionClock,
-    tick_and_observe,
 )
-from asyncmomentum.core.tuning.tuner import MomentumTuner
+from asyncmomentum.core.tracker import AsynchronyTracker
 from asyncmomentum.core.validation import check_staleness
 
 BUMPS = 5_000
@@ -195,13 +194,13 @@ def test_shared_estimator_counts_observations_from_all_processes():
 
 
 def test_tuner_applies_the_rule_to_the_estimate():
-    tuner = MomentumTuner(target_momentum=0.9, warmup=0, horizon=10)
+    tuner = AsynchronyTracker(warmup=0, horizon=10)
     for _ in range(200):
         tuner.observe(19)  # M = 20: implicit 0.95, additive wants -0.05
     assert tuner.estimated_workers == pytest.approx(20)
-    assert tuner.algorithmic_momentum() == pytest.approx(-0.05)
-    assert tuner.total_momentum(tuner.algorithmic_momentum()) == pytest.approx(0.9)
-    assert tuner.algorithmic_momentum(target=0.99) == pytest.approx(0.04)
+    assert tuner.algorithmic_momentum(0.9) == pytest.approx(-0.05)
+    assert tuner.total_momentum(tuner.algorithmic_momentum(0.9)) == pytest.approx(0.9)
+    assert tuner.algorithmic_momentum(0.99) == pytest.approx(0.04)
 
 
 @pytest.mark.parametrize(
@@ -315,25 +314,24 @@ class _CountingLock:
 def test_a_step_takes_one_lock_for_the_clock_and_the_estimator():
     param = torch.nn.Parameter(torch.zeros(3))
     opt = AsyncMomentumSGD([param], lr=0.1, momentum=0.9)
-    assert opt.estimator._lock is opt.clock._lock
+    assert opt.tracker.estimator._lock is opt.tracker.clock._lock
     counting = _CountingLock()
-    opt.clock._lock = counting
-    opt.estimator.use_lock_of(opt.clock)
+    opt.tracker.clock._own_lock = counting  # the estimator takes its clock's lock, whatever it is
     param.grad = torch.ones(3)
     opt.step(staleness=3)
     assert counting.acquired == 1
-    assert opt.clock.value == 1
-    assert opt.estimator.count == 1
+    assert opt.tracker.clock.value == 1
+    assert opt.tracker.estimator.count == 1
     copied = copy.deepcopy(opt)  # a copy gets fresh locks, linked again
-    assert copied.estimator._lock is copied.clock._lock
-    assert copied.clock._lock is not counting
+    assert copied.tracker.estimator._lock is copied.tracker.clock._lock
+    assert copied.tracker.clock._lock is not counting
     opt.share_memory()
-    assert opt.estimator._lock is opt.clock._lock
+    assert opt.tracker.estimator._lock is opt.tracker.clock._lock
 
 
 def test_tick_and_observe_without_a_shared_lock_still_counts_and_records():
     clock, estimator = VersionClock(start=5), StalenessEstimator(warmup=0)
-    assert tick_and_observe(clock, estimator, version_read=2, staleness=None) == (5, 3)
-    assert tick_and_observe(clock, estimator, version_read=0, staleness=1) == (6, 1)
+    assert clock.tick_and_observe(estimator, version_read=2, staleness=None) == (5, 3)
+    assert clock.tick_and_observe(estimator, version_read=0, staleness=1) == (6, 1)
     assert clock.value == 7
     assert estimator.count == 2

@@ -44,7 +44,8 @@ from asyncmomentum.applications.sweep.report import (
     SUMMARY_NAME,
     TABLE_NAME,
 )
-from asyncmomentum.core.tuning import formulas, rules
+from asyncmomentum.core import formulas
+from asyncmomentum.core.tuning import rules
 from asyncmomentum.runtimes.simulate import STALENESS_MODELS
 
 OUTPUTS = (CSV_NAME, TABLE_NAME, FIGURE_NAME, METER_FIGURE_NAME, SUMMARY_NAME)

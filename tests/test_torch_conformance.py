@@ -747,7 +747,7 @@ def test_fused_matches_forloop_where_torch_kernel_errs(variant: str, case: str) 
         with pytest.raises(RuntimeError, match="fused=True on the CPU"):
             opt.step()
         assert _same(params, before)
-        assert opt.clock.value == 0
+        assert opt.tracker.clock.value == 0
         return
     fused = _run_on_layout(ours, case, fused=True)
     forloop = _run_on_layout(ours, case, foreach=False)

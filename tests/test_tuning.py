@@ -1,4 +1,4 @@
-"""The pure formulas of asyncmomentum.core.tuning.formulas."""
+"""The pure formulas of asyncmomentum.core.formulas."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from asyncmomentum.core.tuning import formulas, rules
+from asyncmomentum.core import formulas
+from asyncmomentum.core.tuning import rules
 from asyncmomentum.core.validation import check_momentum, check_momentum_bounds
 
 

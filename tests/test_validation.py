@@ -16,7 +16,7 @@ import torch
 
 from asyncmomentum import AsyncMomentumSGD, StalenessEstimator, implicit_momentum
 from asyncmomentum.core.measuring.staleness import DEFAULT_HORIZON, DEFAULT_WARMUP
-from asyncmomentum.core.tuning.tuner import MomentumTuner
+from asyncmomentum.core.tracker import AsynchronyTracker
 from asyncmomentum.core.validation import (
     MAX_COUNT,
     check_bool,
@@ -278,8 +278,11 @@ def test_async_momentum_sgd_refuses_bools_strings_and_infinities(
     ],
 )
 def test_tuner_and_estimator_refuse_bools_and_strings(kwargs: dict[str, Any], match: str) -> None:
+    # The tracker takes the target where it is used.
+    target = kwargs.get("target_momentum", 0.9)
+    options = {k: v for k, v in kwargs.items() if k != "target_momentum"}
     with pytest.raises(ValueError, match=match):
-        MomentumTuner(**kwargs)
+        AsynchronyTracker(**options).algorithmic_momentum(target)
     estimator_kwargs = {k: v for k, v in kwargs.items() if k != "target_momentum"}
     if estimator_kwargs:
         with pytest.raises(ValueError, match=match):
@@ -307,16 +310,16 @@ def test_a_bad_staleness_is_refused_before_anything_moves(staleness: Any) -> Non
 
     closure()
     before = params[0].detach().clone()
-    clock, count = opt.clock.value, opt.estimator.count
+    clock, count = opt.tracker.clock.value, opt.tracker.estimator.count
     with pytest.raises(ValueError, match="staleness must be a non-negative integer"):
         opt.step(closure, staleness=staleness)
     assert len(closure_calls) == 1  # the closure did not run
-    assert opt.clock.value == clock
-    assert opt.estimator.count == count
+    assert opt.tracker.clock.value == clock
+    assert opt.tracker.estimator.count == count
     assert torch.equal(params[0], before)
     assert opt.state[params[0]] == {}  # no momentum buffer either
     opt.step(staleness=MAX_COUNT)  # the largest staleness is taken
-    assert opt.clock.value == clock + 1
+    assert opt.tracker.clock.value == clock + 1
     assert opt.last_staleness == MAX_COUNT
 
 
@@ -324,7 +327,7 @@ def test_horizon_and_warmup_have_one_name_and_one_default_everywhere() -> None:
     lightning = pytest.importorskip("lightning_callbacks")
     owners = [
         AsyncMomentumSGD,
-        MomentumTuner,
+        AsynchronyTracker,
         StalenessEstimator,
         ServerConfig,
         lightning.AsyncMomentumCallback,

@@ -4,25 +4,28 @@ The momentum meter, the curvature schedule of the stability rule, and the gradie
 of the auto rule.
 
 The optimizer's ``step`` knows one small interface, :class:`StepComponent`, and calls every
-attached component before and after an update; it holds no branch for any of them. Each
-component carries its own state in the optimizer's ``state_dict`` under its :attr:`name`.
+attached component before and after an update; it holds no branch for any of them. A component
+sees the parameter groups and the :class:`~asyncmomentum.core.tracker.AsynchronyTracker`, never
+the optimizer. Each carries its own state in the optimizer's ``state_dict`` under its
+:attr:`name`.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor
 
 from asyncmomentum.core.measuring.curvature import CurvatureEstimator
 from asyncmomentum.core.measuring.instability import squared_norm
 from asyncmomentum.core.measuring.meter import MomentumMeter
+from asyncmomentum.core.tracker import AsynchronyTracker, StepReport
 from asyncmomentum.core.validation import check_int
 
-if TYPE_CHECKING:
-    from asyncmomentum.core.optimizer import AsyncMomentumSGD
+#: An optimizer's ``param_groups``.
+ParamGroups = list[dict[str, Any]]
 
 __all__ = ["CurvatureSchedule", "GradientNormFeed", "MeterComponent", "StepComponent"]
 
@@ -30,28 +33,33 @@ __all__ = ["CurvatureSchedule", "GradientNormFeed", "MeterComponent", "StepCompo
 class StepComponent:
     """Something attached to an :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD`.
 
-    It sees every update. The defaults do nothing; a component overrides what it needs.
+    It sees every update of the optimizer's parameter groups, and its tracker. The defaults do
+    nothing; a component overrides what it needs.
+
+    Args:
+        param_groups: the optimizer's parameter groups.
+        tracker: the optimizer's tracker.
     """
 
     #: Key of this component's entry in the optimizer's state dict.
     name: str = "component"
 
-    def before_update(self, optimizer: AsyncMomentumSGD) -> None:
+    def __init__(self, param_groups: ParamGroups, tracker: AsynchronyTracker) -> None:
+        self.param_groups = param_groups
+        self.tracker = tracker
+
+    def before_update(self) -> None:
         """Called once the gradients are known to be finite, before the clock moves.
 
         If this raises, nothing has changed.
-
-        Args:
-            optimizer: the optimizer about to update.
         """
 
-    def after_update(self, optimizer: AsyncMomentumSGD, version: int, staleness: int) -> None:
+    def after_update(self, report: StepReport, momentum: float) -> None:
         """Called right after the parameters changed.
 
         Args:
-            optimizer: the optimizer that updated.
-            version: the update's version (the clock's value before it ticked).
-            staleness: the staleness of the gradient it applied.
+            report: the update (its version and the staleness of its gradient).
+            momentum: the momentum the first parameter group applied.
         """
 
     def state_dict(self) -> dict[str, Any]:
@@ -79,41 +87,42 @@ class MeterComponent(StepComponent):
     For a rule that uses it, it hands the tuner the meter's latest reading.
 
     Args:
-        meter: the meter, built over the optimizer's parameter groups.
+        param_groups: the optimizer's parameter groups.
+        tracker: the optimizer's tracker.
+        options: keyword arguments of the meter (e.g. ``refresh``).
     """
 
     name = "meter"
 
-    def __init__(self, meter: MomentumMeter) -> None:
-        self.meter = meter
+    def __init__(
+        self, param_groups: ParamGroups, tracker: AsynchronyTracker, **options: Any
+    ) -> None:
+        super().__init__(param_groups, tracker)
+        self.meter = MomentumMeter(param_groups, rule=tracker.rule, **options)
 
-    def after_update(self, optimizer: AsyncMomentumSGD, version: int, staleness: int) -> None:
+    def after_update(self, report: StepReport, momentum: float) -> None:
         """Record the update, its gradient dated to the version it was computed at.
 
         Args:
-            optimizer: the optimizer that updated.
-            version: the update's version.
-            staleness: the staleness of its gradient.
+            report: the update.
+            momentum: the momentum the first parameter group applied.
         """
-        group = optimizer.param_groups[0]
+        assert report.version is not None
+        assert report.staleness is not None
         # A staleness beyond the start of this clock (a caller's own count, a resumed job)
         # dates the gradient to the oldest version there is.
         self.meter.record(
-            version,
-            max(version - staleness, 0),
-            lr=float(group["lr"]),
-            momentum=optimizer.last_applied_momentum,
+            report.version,
+            max(report.version - report.staleness, 0),
+            lr=float(self.param_groups[0]["lr"]),
+            momentum=momentum,
         )
-        self.feed(optimizer)
+        self.feed()
 
-    def feed(self, optimizer: AsyncMomentumSGD) -> None:
-        """Hand the meter's reading to the optimizer's tuner if its rule uses one.
-
-        Args:
-            optimizer: the optimizer whose tuner to feed.
-        """
-        if optimizer.tuner.uses_meter:
-            optimizer.tuner.observe_reading(self.meter.reading)
+    def feed(self) -> None:
+        """Hand the meter's reading to the tracker if its rule uses one."""
+        if self.tracker.uses_meter:
+            self.tracker.observe_reading(self.meter.reading)
 
     def state_dict(self) -> dict[str, Any]:
         """The meter's state."""
@@ -140,6 +149,8 @@ class CurvatureSchedule(StepComponent):
     """Estimates ``lambda_max`` for the stability rule every ``every`` updates, on a probe loss.
 
     Args:
+        param_groups: the optimizer's parameter groups.
+        tracker: the optimizer's tracker.
         probe: returns a scalar loss of the current parameters with its graph (no backward);
             ``None`` until set (then :meth:`estimate` needs a ``loss_fn``).
         every: updates between estimates (>= 1).
@@ -147,7 +158,14 @@ class CurvatureSchedule(StepComponent):
 
     name = "curvature"
 
-    def __init__(self, probe: Callable[[], Tensor] | None, every: int) -> None:
+    def __init__(
+        self,
+        param_groups: ParamGroups,
+        tracker: AsynchronyTracker,
+        probe: Callable[[], Tensor] | None,
+        every: int,
+    ) -> None:
+        super().__init__(param_groups, tracker)
         self.every = check_int(every, "curvature_every", 1)
         self.probe = probe
         self.version: int | None = None  # the clock's value at the last estimate
@@ -165,16 +183,13 @@ class CurvatureSchedule(StepComponent):
             raise ValueError(f"curvature_probe must be a callable, got {probe!r}")
         self._probe = probe
 
-    def before_update(self, optimizer: AsyncMomentumSGD) -> None:
+    def before_update(self) -> None:
         """Estimate the curvature if it is due.
 
         Before the clock moves: a probe that raises leaves everything unchanged.
-
-        Args:
-            optimizer: the optimizer about to update.
         """
         if self._probe is None:
-            if optimizer.tuner.curvature is None and not self._warned:
+            if self.tracker.curvature is None and not self._warned:
                 self._warned = True
                 warnings.warn(
                     "rule='stability' has no curvature yet and no curvature_probe: it follows the "
@@ -184,18 +199,15 @@ class CurvatureSchedule(StepComponent):
             return
         if (
             self.version is None
-            or optimizer.tuner.curvature is None
-            or optimizer.clock.value - self.version >= self.every
+            or self.tracker.curvature is None
+            or self.tracker.clock.value - self.version >= self.every
         ):
-            self.estimate(optimizer)
+            self.estimate()
 
-    def estimate(
-        self, optimizer: AsyncMomentumSGD, loss_fn: Callable[[], Tensor] | None = None
-    ) -> float:
-        """Estimate ``lambda_max`` now and hand it to the optimizer's tuner.
+    def estimate(self, loss_fn: Callable[[], Tensor] | None = None) -> float:
+        """Estimate ``lambda_max`` now and hand it to the tracker.
 
         Args:
-            optimizer: the optimizer whose parameters and tuner to use.
             loss_fn: the loss to use instead of the probe.
 
         Returns:
@@ -207,15 +219,13 @@ class CurvatureSchedule(StepComponent):
                 "estimate_curvature needs a loss_fn, or a curvature_probe at construction"
             )
         if self._estimator is None:
-            params = [
-                p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
-            ]
+            params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
             self._estimator = CurvatureEstimator(params, history=1)
         self._estimator.estimate(loss_fn)
         value = self._estimator.value
         assert value is not None
-        optimizer.tuner.observe_curvature(value)
-        self.version = optimizer.clock.value
+        self.tracker.observe_curvature(value)
+        self.version = self.tracker.clock.value
         return value
 
     def state_dict(self) -> dict[str, Any]:
@@ -251,6 +261,8 @@ class GradientNormFeed(StepComponent):
     It keeps no state of its own (the rule keeps what it makes of the norms).
 
     Args:
+        param_groups: the optimizer's parameter groups.
+        tracker: the optimizer's tracker.
         every: updates between two feeds (>= 1).
         per_tensor: entries of each gradient counted (>= 1): the norm of a fixed sample, so that
             its cost stays small on a large model (4096 covers every tensor of the sweep's
@@ -259,25 +271,25 @@ class GradientNormFeed(StepComponent):
 
     name = "gradient_norm"
 
-    def __init__(self, every: int = 1, per_tensor: int = 4096) -> None:
+    def __init__(
+        self,
+        param_groups: ParamGroups,
+        tracker: AsynchronyTracker,
+        every: int = 1,
+        per_tensor: int = 4096,
+    ) -> None:
+        super().__init__(param_groups, tracker)
         self.every = check_int(every, "gradient_norm_every", 1)
         self.per_tensor = check_int(per_tensor, "per_tensor", 1)
         self._calls = 0
 
-    def before_update(self, optimizer: AsyncMomentumSGD) -> None:
-        """Feed the norm if it is due.
-
-        Args:
-            optimizer: the optimizer about to update.
-        """
+    def before_update(self) -> None:
+        """Feed the norm if it is due."""
         self._calls += 1
         if self._calls < self.every:
             return
         self._calls = 0
         grads = [
-            p.grad
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if p.grad is not None
+            p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
         ]
-        optimizer.tuner.rule.observe_gradient_norm(squared_norm(grads, self.per_tensor))
+        self.tracker.observe_gradient_norm(squared_norm(grads, self.per_tensor))

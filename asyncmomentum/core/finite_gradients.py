@@ -26,7 +26,13 @@ from torch import Tensor
 
 from asyncmomentum.core.update import group_by_device_and_dtype
 
-__all__ = ["WATCH_MIN_ELEMENTS", "GradientWatch", "first_nonfinite"]
+__all__ = [
+    "WATCH_MIN_ELEMENTS",
+    "GradientWatch",
+    "NonFiniteGradientError",
+    "first_nonfinite",
+    "nonfinite_error",
+]
 
 # Below this many elements per device and dtype, unchecked gradients are checked with torch's
 # fused AMP check (one kernel); above it, a sum per tensor only reads the data and wins. The
@@ -43,6 +49,24 @@ _TOKENS = itertools.count()
 # Pending sums per device beyond which they are folded into one.
 _MAX_PENDING = 4096
 _IS_SPARSE = attrgetter("is_sparse")
+
+
+class NonFiniteGradientError(RuntimeError):
+    """A gradient held NaN or inf; the step was refused and nothing was changed."""
+
+
+def nonfinite_error(found: tuple[int, int, torch.Size], advice: str) -> NonFiniteGradientError:
+    """The error for the non-finite gradient :func:`first_nonfinite` found.
+
+    Args:
+        found: ``(group index, parameter index, shape)``.
+        advice: what is unchanged and what the user can do, appended to the message.
+    """
+    group_index, index, shape = found
+    return NonFiniteGradientError(
+        f"the gradient of parameter {index} (shape {tuple(shape)}) in param group "
+        f"{group_index} holds NaN or inf; {advice}"
+    )
 
 
 class GradientWatch:

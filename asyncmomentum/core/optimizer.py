@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from asyncmomentum.core import formulas
 from asyncmomentum.core import update as updates
 from asyncmomentum.core.components import (
     CurvatureSchedule,
@@ -18,17 +19,17 @@ from asyncmomentum.core.components import (
     MeterComponent,
     StepComponent,
 )
-from asyncmomentum.core.finite_gradients import GradientWatch, first_nonfinite
-from asyncmomentum.core.measuring.meter import MomentumMeter
-from asyncmomentum.core.measuring.staleness import (
-    DEFAULT_HORIZON,
-    DEFAULT_WARMUP,
-    StalenessEstimator,
-    VersionClock,
+from asyncmomentum.core.finite_gradients import (
+    GradientWatch,
+    NonFiniteGradientError,
+    first_nonfinite,
+    nonfinite_error,
 )
-from asyncmomentum.core.tuning import formulas, rules
+from asyncmomentum.core.measuring.meter import MomentumMeter
+from asyncmomentum.core.measuring.staleness import DEFAULT_HORIZON, DEFAULT_WARMUP
+from asyncmomentum.core.tracker import SKIPPED, AsynchronyTracker, MomentumSummary, StepReport
+from asyncmomentum.core.tracker import STATE_FORMAT as TRACKER_STATE_FORMAT
 from asyncmomentum.core.tuning.rules import TuningRule
-from asyncmomentum.core.tuning.tuner import MomentumTuner
 from asyncmomentum.core.validation import (
     MAX_COUNT,
     check_bool,
@@ -42,9 +43,10 @@ from asyncmomentum.core.validation import (
 
 __all__ = ["AsyncMomentumSGD", "NonFiniteGradientError"]
 
-#: Version of the ``"async_momentum"`` entry of :meth:`AsyncMomentumSGD.state_dict`. Format 1
-#: (groups with ``target_momentum``, fixed when it was ``None``) is upgraded on load.
-STATE_FORMAT = 2
+#: Version of the ``"async_momentum"`` entry of :meth:`AsyncMomentumSGD.state_dict`. Formats 1
+#: (groups with ``target_momentum``, fixed when it was ``None``) and 2 (clock and tuner apart)
+#: are upgraded on load.
+STATE_FORMAT = 3
 _STATE_KEY = "async_momentum"
 
 #: What a parameter group that lacks a key (an older state dict) gets, as torch's SGD does.
@@ -60,10 +62,6 @@ _GROUP_DEFAULTS: dict[str, Any] = {
 }
 
 
-class NonFiniteGradientError(RuntimeError):
-    """A gradient held NaN or inf; the step was refused and nothing was changed."""
-
-
 @dataclass
 class _AsyncState:
     """Everything this optimizer keeps beyond torch's ``state`` and ``param_groups``.
@@ -72,15 +70,12 @@ class _AsyncState:
     """
 
     nonfinite: str
-    clock: VersionClock
-    tuner: MomentumTuner
+    tracker: AsynchronyTracker
     components: dict[str, StepComponent] = field(default_factory=dict)
     #: Checks gradients for NaN/inf during backward (an empty watch after copy or unpickling).
     watch: GradientWatch = field(default_factory=GradientWatch)
-    version_read: int = 0
-    last_staleness: int = 0
     skipped_steps: int = 0
-    last_applied_momentum: float = 0.0
+    last_step: StepReport = SKIPPED
 
 
 class AsyncMomentumSGD(Optimizer):
@@ -119,10 +114,10 @@ class AsyncMomentumSGD(Optimizer):
         rule: how the algorithmic momentum is set, a name in
             :func:`asyncmomentum.core.tuning.rules.rule_names` or a rule object (``None``: the
             default): ``"additive"`` (``momentum - (1 - 1/M)``), ``"compositional"``,
-            ``"closed_loop"``
-            (the additive rule corrected by the momentum meter, which it switches on) or
-            ``"stability"`` (needs a ``curvature_probe`` or calls to
-            :meth:`estimate_curvature`).
+            ``"closed_loop"`` (the additive rule corrected by the momentum meter, which it
+            switches on), ``"stability"`` (needs a ``curvature_probe`` or calls to
+            :meth:`estimate_curvature`) or ``"auto"`` (the stability bound at a curvature it
+            finds itself, with an instability detector).
         momentum_bounds: ``(low, high)`` clip range of the tuned momentum, inside (-1, 1).
         workers: known number of asynchronous workers; skips estimation.
         horizon: span, in updates, of the staleness moving average.
@@ -206,20 +201,14 @@ class AsyncMomentumSGD(Optimizer):
                     "drop tune=False to tune, or drop these arguments"
                 )
         tuner_options: dict[str, Any] = {  # the tuner checks them
-            "rule": rules.DEFAULT_RULE if rule is None else rule,
+            "rule": rule,
             "momentum_bounds": momentum_bounds,
             "workers": workers,
             "horizon": horizon,
             "warmup": warmup,
             "rule_options": rule_options,
         }
-        # The tuner's own target is unused: every group carries its momentum.
-        self._async = _AsyncState(
-            nonfinite=nonfinite,
-            clock=VersionClock(),
-            tuner=MomentumTuner(**tuner_options),
-        )
-        self._async.tuner.estimator.use_lock_of(self._async.clock)
+        self._async = _AsyncState(nonfinite=nonfinite, tracker=AsynchronyTracker(**tuner_options))
         super().__init__(params, defaults)
         self._register_state_hook()
         if any(group["fused"] for group in self.param_groups):
@@ -234,25 +223,27 @@ class AsyncMomentumSGD(Optimizer):
         curvature_probe: Callable[[], Tensor] | None,
         curvature_every: int,
     ) -> None:
-        tuner = self._async.tuner
+        tracker = self.tracker
         components = self._async.components
-        if tuner.uses_curvature:
-            components["curvature"] = CurvatureSchedule(curvature_probe, curvature_every)
+        groups = self.param_groups
+        if tracker.uses_curvature:
+            components["curvature"] = CurvatureSchedule(
+                groups, tracker, curvature_probe, curvature_every
+            )
         elif curvature_probe is not None:
             raise ValueError(
                 "curvature_probe is used by rule='stability' only; "
-                f"this optimizer's rule is {tuner.rule_name!r}"
+                f"this optimizer's rule is {tracker.rule_name!r}"
             )
-        if measure_momentum or tuner.uses_meter:
-            options = {"rule": tuner.rule, **(meter_options or {})}
+        if measure_momentum or tracker.uses_meter:
             try:
-                components["meter"] = MeterComponent(MomentumMeter(self.param_groups, **options))
+                components["meter"] = MeterComponent(groups, tracker, **(meter_options or {}))
             except TypeError as error:
                 raise ValueError(f"meter_options: {error}") from None
         elif meter_options:
             raise ValueError("meter_options need measure_momentum=True (or rule='closed_loop')")
-        if getattr(tuner.rule, "uses_gradient_norm", False):  # rule="auto"
-            components["gradient_norm"] = GradientNormFeed()
+        if tracker.uses_gradient_norm:  # rule="auto"
+            components["gradient_norm"] = GradientNormFeed(groups, tracker)
 
     def _register_state_hook(self) -> None:
         # torch's state_dict() gets the "async_momentum" entry from the first post hook, so that
@@ -265,12 +256,13 @@ class AsyncMomentumSGD(Optimizer):
             self._register_state_hook()
             for group in self.param_groups:  # nor the gradient hooks (tensors drop them)
                 self._async.watch.watch(group["params"])
-            if not self._async.clock.is_shared:  # a plain copy: fresh, separate locks
-                self._async.tuner.estimator.use_lock_of(self._async.clock)
         # State dicts and pickles of older versions lack some keys: torch's defaults apply.
         for group in self.param_groups:
             for key, value in _GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
+        if hasattr(self, "_async"):  # load_state_dict replaces the groups: components follow
+            for component in self._async.components.values():
+                component.param_groups = self.param_groups
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -298,42 +290,12 @@ class AsyncMomentumSGD(Optimizer):
         for key in ("momentum", "dampening", "weight_decay"):
             group[key] = float(group[key])
 
-    # -- what the tuner sees ------------------------------------------------------------------
-
     @property
-    def nonfinite(self) -> str:
-        """What a NaN or inf gradient does: ``"raise"`` or ``"skip"``."""
-        return self._async.nonfinite
+    def tracker(self) -> AsynchronyTracker:
+        """What this optimizer measured about asynchrony: clock, estimate, rule."""
+        return self._async.tracker
 
-    @property
-    def clock(self) -> VersionClock:
-        """The version clock this optimizer bumps at every applied update."""
-        return self._async.clock
-
-    @property
-    def tuner(self) -> MomentumTuner:
-        """The tuner that turns measured staleness into this optimizer's momentum."""
-        return self._async.tuner
-
-    @property
-    def estimator(self) -> StalenessEstimator:
-        """The staleness estimator this optimizer feeds."""
-        return self._async.tuner.estimator
-
-    @property
-    def rule(self) -> Any:
-        """The tuning rule."""
-        return self._async.tuner.rule
-
-    @property
-    def momentum_bounds(self) -> tuple[float, float]:
-        """Clip range of the tuned momentum."""
-        return self._async.tuner.momentum_bounds
-
-    @property
-    def tunes(self) -> bool:
-        """Whether any parameter group retunes its momentum to the measured staleness."""
-        return any(group["tune"] for group in self.param_groups)
+    # -- what it measured ---------------------------------------------------------------------
 
     def applied_momentum(self, group: dict[str, Any]) -> float:
         """The momentum a parameter group applies now: tuned from its ``momentum``, or fixed.
@@ -343,58 +305,57 @@ class AsyncMomentumSGD(Optimizer):
         """
         if not group["tune"]:
             return float(group["momentum"])
-        return self._async.tuner.algorithmic_momentum(
-            float(group["momentum"]), lr=_to_scalar(group["lr"])
+        return self.tracker.algorithmic_momentum(group["momentum"], lr=_to_scalar(group["lr"]))
+
+    def summary(self) -> MomentumSummary:
+        """The first parameter group's momentum against the measured asynchrony, now.
+
+        A tuned group's value comes from the tracker, so it is current also in a process that
+        shares the estimate with Hogwild workers but did not step itself.
+        """
+        return self.tracker.summary(
+            self.applied_momentum(self.param_groups[0]), self.measured_total_momentum
         )
+
+    @property
+    def rule(self) -> TuningRule:
+        """The tuning rule (the tracker's)."""
+        return self.tracker.rule
+
+    @property
+    def algorithmic_momentum(self) -> float:
+        """Momentum the first parameter group applies now (tuned or fixed)."""
+        return self.applied_momentum(self.param_groups[0])
 
     @property
     def implicit_momentum(self) -> float:
         """Implicit momentum ``1 - 1/M_hat`` of the measured asynchrony."""
-        return self._async.tuner.estimator.implicit_momentum
-
-    @property
-    def algorithmic_momentum(self) -> float:
-        """Momentum the first parameter group applies now (tuned or fixed).
-
-        A tuned group's value comes from the tuner, so it is current also in a process that
-        shares the estimate with Hogwild workers but did not step itself.
-        """
-        return self.applied_momentum(self.param_groups[0])
-
-    @property
-    def last_applied_momentum(self) -> float:
-        """Momentum the first parameter group applied in the latest update."""
-        return self._async.last_applied_momentum
+        return self.tracker.implicit_momentum
 
     @property
     def total_momentum(self) -> float:
         """Algorithmic and implicit momentum composed under :attr:`rule`, for the first group."""
-        return self._async.tuner.total_momentum(self.algorithmic_momentum)
+        return self.tracker.total_momentum(self.algorithmic_momentum)
 
     @property
     def estimated_workers(self) -> float:
         """``M_hat``, the estimated number of asynchronous workers."""
-        return self._async.tuner.estimator.estimated_workers
+        return self.tracker.estimated_workers
 
     @property
     def mean_staleness(self) -> float:
         """Moving average of the staleness of applied gradients."""
-        return self._async.tuner.estimator.mean
+        return self.tracker.mean_staleness
 
     @property
     def last_staleness(self) -> int:
         """Staleness of the most recently applied gradient."""
-        return self._async.last_staleness
+        return self.tracker.last_staleness
 
     @property
     def skipped_steps(self) -> int:
         """Steps skipped for a non-finite gradient (with ``nonfinite="skip"``)."""
         return self._async.skipped_steps
-
-    @property
-    def components(self) -> dict[str, StepComponent]:
-        """The parts attached to every update (``"meter"``, ``"curvature"``), by name."""
-        return dict(self._async.components)
 
     @property
     def meter(self) -> MomentumMeter | None:
@@ -414,18 +375,15 @@ class AsyncMomentumSGD(Optimizer):
 
     @property
     def curvature(self) -> float | None:
-        """The ``lambda_max`` the stability rule works with.
-
-        ``None`` for other rules, or before the first estimate.
-        """
-        return self._async.tuner.curvature
+        """The ``lambda_max`` a curvature rule works with (``None`` for others, or before one)."""
+        return self.tracker.curvature
 
     def _curvature_schedule(self) -> CurvatureSchedule:
         schedule = self._async.components.get("curvature")
         if not isinstance(schedule, CurvatureSchedule):
             raise ValueError(
                 "the curvature feeds rule='stability'; this optimizer's rule is "
-                f"{self._async.tuner.rule_name!r}"
+                f"{self.tracker.rule_name!r}"
             )
         return schedule
 
@@ -444,12 +402,6 @@ class AsyncMomentumSGD(Optimizer):
             return
         self._curvature_schedule().probe = probe
 
-    @property
-    def curvature_every(self) -> int | None:
-        """Updates between curvature estimates (``None`` for rules without curvature)."""
-        schedule = self._async.components.get("curvature")
-        return schedule.every if isinstance(schedule, CurvatureSchedule) else None
-
     def estimate_curvature(self, loss_fn: Callable[[], Tensor] | None = None) -> float:
         """Estimate the largest curvature ``lambda_max`` now and hand it to the stability rule.
 
@@ -463,11 +415,11 @@ class AsyncMomentumSGD(Optimizer):
         Returns:
             The estimate of ``lambda_max``.
         """
-        return self._curvature_schedule().estimate(self, loss_fn)
+        return self._curvature_schedule().estimate(loss_fn)
 
     def mark_read(self) -> None:
         """Note that the parameters were just read: the next gradient is computed from them."""
-        self._async.version_read = self._async.clock.value
+        self.tracker.mark_read()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset gradients and mark the parameters as read (see :meth:`mark_read`).
@@ -515,44 +467,55 @@ class AsyncMomentumSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._async.last_step = SKIPPED
+        self._async.last_step = self._apply_gradients(staleness)
+        return loss
+
+    @property
+    def last_step(self) -> StepReport:
+        """What the latest :meth:`step` did: applied or skipped, with its staleness and version.
+
+        Skipped: a NaN or inf gradient with ``nonfinite="skip"``, an inf found by AMP, or no
+        gradient at all.
+        """
+        return self._async.last_step
+
+    def _apply_gradients(self, staleness: int | None) -> StepReport:
         run = self._async
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.item() != 0):
-            return loss  # torch.amp.GradScaler found inf: this step is skipped, as torch does
+            return SKIPPED  # torch.amp.GradScaler found inf: this step is skipped, as torch does
         gathered = [self._gather(group) for group in self.param_groups]
         if not any(grads for _, grads, _ in gathered):
-            return loss  # no gradient at all: nothing to apply, no update to count
+            return SKIPPED  # no gradient at all: nothing to apply, no update to count
         self._check_before_update(gathered)
         bad = first_nonfinite(gathered, run.watch)
         if bad is not None:
             if run.nonfinite == "skip":
                 run.skipped_steps += 1
-                return loss
-            group_index, index, shape = bad
-            raise NonFiniteGradientError(
-                f"the gradient of parameter {index} (shape {tuple(shape)}) in param group "
-                f"{group_index} holds NaN or inf; the step was refused and parameters, momentum "
-                "buffers and the staleness tuner are unchanged. Lower the learning rate, clip "
-                "gradients, or pass nonfinite='skip' to drop such steps."
+                return SKIPPED
+            raise nonfinite_error(
+                bad,
+                "the step was refused and parameters, momentum buffers and the tracker are "
+                "unchanged. Lower the learning rate, clip gradients, or pass nonfinite='skip' "
+                "to drop such steps.",
             )
         for component in run.components.values():
-            component.before_update(self)
-
+            component.before_update()
         # Claim this update's version atomically: the staleness is exact under concurrency.
-        version, tau = run.tuner.record_update(run.clock, run.version_read, staleness)
-        run.last_staleness = tau
+        report = run.tracker.record_update(staleness)
+        first_momentum = 0.0
         for index, (group, (params, grads, buffers)) in enumerate(
             zip(self.param_groups, gathered, strict=True)
         ):
             momentum = self.applied_momentum(group)
             if index == 0:
-                run.last_applied_momentum = momentum
+                first_momentum = momentum
             if params:
                 self._update_group(group, momentum, params, grads, buffers)
         for component in run.components.values():
-            component.after_update(self, version, tau)
-        run.version_read = version + 1
-        return loss
+            component.after_update(report, first_momentum)
+        return report
 
     def _check_before_update(self, gathered: list[tuple[list, list, list]]) -> None:
         """What torch checks at ``step``: the fused kernel's devices and dtypes, AMP's scale."""
@@ -637,9 +600,7 @@ class AsyncMomentumSGD(Optimizer):
                             p, memory_format=torch.preserve_format
                         )
                     state["momentum_buffer"].share_memory_()
-        self._async.clock.share_memory()
-        self._async.tuner.share_memory()
-        self._async.tuner.estimator.use_lock_of(self._async.clock)
+        self.tracker.share_memory()
         return self
 
     def _async_state_dict(self) -> dict[str, Any]:
@@ -647,10 +608,7 @@ class AsyncMomentumSGD(Optimizer):
         run = self._async
         return {
             "format": STATE_FORMAT,
-            "clock": run.clock.state_dict(),
-            "tuner": run.tuner.state_dict(),
-            "version_read": run.version_read,
-            "last_staleness": run.last_staleness,
+            "tracker": run.tracker.state_dict(),
             "skipped_steps": run.skipped_steps,
             "components": {name: c.state_dict() for name, c in run.components.items()},
         }
@@ -678,24 +636,21 @@ class AsyncMomentumSGD(Optimizer):
         Args:
             state_dict: a dict returned by :meth:`state_dict` of an ``AsyncMomentumSGD``.
         """
-        torch_state, extra, counters = self._checked(state_dict)
+        torch_state, extra = self._checked(state_dict)
         super().load_state_dict(torch_state)
         run = self._async
-        run.clock.load_state_dict(extra["clock"])
-        run.tuner.load_state_dict(extra["tuner"])
-        run.version_read, run.last_staleness, run.skipped_steps = counters
+        run.tracker.load_state_dict(extra["tracker"])
+        run.skipped_steps = int(extra["skipped_steps"])
         saved_components = extra["components"]
         for name, component in run.components.items():
             if name in saved_components:
                 component.load_state_dict(saved_components[name])
         meter = run.components.get("meter")
         if isinstance(meter, MeterComponent):
-            meter.feed(self)
+            meter.feed()
 
-    def _checked(
-        self, state_dict: dict[str, Any]
-    ) -> tuple[dict[str, Any], dict[str, Any], tuple[int, int, int]]:
-        """Check ``state_dict`` whole; return torch's part, ours, and our three counters."""
+    def _checked(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Check ``state_dict`` whole; return torch's part and ours."""
         state_dict, extra = _upgraded(state_dict)
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list):
@@ -712,15 +667,12 @@ class AsyncMomentumSGD(Optimizer):
         # Buffers of another shape would corrupt memory in the fused kernel; NaN would reach
         # the parameters at the next step.
         check_optimizer_state(self, torch_state, exact=("momentum_buffer",), check_groups=False)
-        return torch_state, extra, self._check_async_state(extra)
+        self._check_async_state(extra)
+        return torch_state, extra
 
-    def _check_async_state(self, extra: dict[str, Any]) -> tuple[int, int, int]:
-        """Check the ``"async_momentum"`` entry on throwaway objects; return its counters."""
-        missing = [
-            key
-            for key in ("clock", "tuner", "version_read", "last_staleness", "skipped_steps")
-            if key not in extra
-        ]
+    def _check_async_state(self, extra: dict[str, Any]) -> None:
+        """Check the ``"async_momentum"`` entry without changing anything."""
+        missing = [key for key in ("tracker", "skipped_steps") if key not in extra]
         if missing:
             raise ValueError(f"the {_STATE_KEY!r} entry of this state_dict lacks {missing}")
         components = extra.get("components")
@@ -730,12 +682,8 @@ class AsyncMomentumSGD(Optimizer):
                 f"{components!r}"
             )
         try:
-            VersionClock().load_state_dict(extra["clock"])
-            self._async.tuner.check_state_dict(extra["tuner"])
-            counters = tuple(
-                check_int(extra[key], key, 0, maximum=MAX_COUNT)
-                for key in ("version_read", "last_staleness", "skipped_steps")
-            )
+            self.tracker.check_state_dict(extra["tracker"])
+            check_int(extra["skipped_steps"], "skipped_steps", 0, maximum=MAX_COUNT)
             for name, component in self._async.components.items():
                 if name in components:
                     component.check_state_dict(components[name])
@@ -743,7 +691,6 @@ class AsyncMomentumSGD(Optimizer):
             raise ValueError(
                 f"the {_STATE_KEY!r} entry of this state_dict is corrupt: {error}"
             ) from None
-        return counters  # type: ignore[return-value]
 
 
 def _add_async_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -766,10 +713,12 @@ def _upgraded(state_dict: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     found = extra.get("format") if isinstance(extra, dict) else type(extra).__name__
     if found == STATE_FORMAT:
         return state_dict, extra
+    if found == 2:
+        return _upgraded_from_2(state_dict, extra)
     if found != 1:
         raise ValueError(
             f"{_STATE_KEY} state has format {found!r}, but this version of asyncmomentum "
-            f"reads formats 1 and {STATE_FORMAT}; load the checkpoint with the version that "
+            f"reads formats 1 to {STATE_FORMAT}; load the checkpoint with the version that "
             "wrote it"
         )
     # Format 1: a group was tuned toward 'target_momentum', or fixed at 'momentum' when the
@@ -791,8 +740,31 @@ def _upgraded(state_dict: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     if extra.get("meter") is not None:
         components["meter"] = extra["meter"]
     components["curvature"] = {"version": extra.get("curvature_version")}
-    upgraded = {**extra, "format": STATE_FORMAT, "components": components}
-    return {**state_dict, "param_groups": groups, _STATE_KEY: upgraded}, upgraded
+    upgraded = {**extra, "format": 2, "components": components}
+    return _upgraded_from_2({**state_dict, "param_groups": groups}, upgraded)
+
+
+def _upgraded_from_2(
+    state_dict: dict[str, Any], extra: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Format 2 kept clock, tuner and counters side by side; format 3 has one tracker entry."""
+    tuner = extra.get("tuner")
+    if not isinstance(tuner, dict) or "clock" not in extra:
+        raise ValueError(f"the {_STATE_KEY!r} entry of this format-2 state_dict is corrupt")
+    tracker = {
+        **tuner,
+        "format": TRACKER_STATE_FORMAT,
+        "clock": extra["clock"],
+        "version_read": extra.get("version_read", 0),
+        "last_staleness": extra.get("last_staleness", 0),
+    }
+    upgraded = {
+        "format": STATE_FORMAT,
+        "tracker": tracker,
+        "skipped_steps": extra.get("skipped_steps", 0),
+        "components": extra.get("components", {}),
+    }
+    return {**state_dict, _STATE_KEY: upgraded}, upgraded
 
 
 def _check_group(group: dict[str, Any]) -> None:

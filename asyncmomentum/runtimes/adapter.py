@@ -6,6 +6,8 @@ differently: it measures staleness itself (``step(staleness=tau)``, ``mark_read(
 own momentum, and its ``group["momentum"]`` is the total the user tuned, not the momentum it
 applies. :class:`OptimizerView` is the only place that asks which kind an optimizer is; a runtime
 asks the view instead, so that a new runtime needs this module, not the optimizer's insides.
+Every view pairs its optimizer with an :class:`~asyncmomentum.core.tracker.AsynchronyTracker`:
+the optimizer's own, or for any other optimizer one that the view counts updates into.
 
 Example:
     >>> model = torch.nn.Linear(2, 1)
@@ -20,18 +22,16 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from asyncmomentum.core.finite_gradients import first_nonfinite
+from asyncmomentum.core.finite_gradients import first_nonfinite, nonfinite_error
 from asyncmomentum.core.measuring.meter import MomentumMeter
-from asyncmomentum.core.measuring.staleness import StalenessEstimator, VersionClock
-from asyncmomentum.core.optimizer import AsyncMomentumSGD, NonFiniteGradientError
-from asyncmomentum.core.tuning import formulas
-from asyncmomentum.core.tuning.tuner import MomentumTuner
+from asyncmomentum.core.optimizer import AsyncMomentumSGD
+from asyncmomentum.core.tracker import AsynchronyTracker, MomentumSummary, StepReport
 
 __all__ = ["MomentumKey", "MomentumSummary", "OptimizerView", "all_finite"]
 
@@ -57,24 +57,6 @@ def all_finite(grads: Iterable[Tensor | None]) -> bool:
     return first_nonfinite([(present, present, [])]) is None
 
 
-class MomentumSummary(NamedTuple):
-    """What an optimizer's momentum is now, against the asynchrony measured.
-
-    Args:
-        algorithmic_momentum: the momentum the first parameter group applies.
-        implicit_momentum: ``1 - 1/M_hat`` of the measured asynchrony.
-        total_momentum: the two composed (the optimizer's rule; additive for other optimizers).
-        estimated_workers: ``M_hat``.
-        mean_staleness: moving average of the staleness of applied gradients.
-    """
-
-    algorithmic_momentum: float
-    implicit_momentum: float
-    total_momentum: float
-    estimated_workers: float
-    mean_staleness: float
-
-
 class OptimizerView:
     """The one view of any torch optimizer: its momentum, its step, its staleness hand-off.
 
@@ -82,17 +64,30 @@ class OptimizerView:
         optimizer: any ``torch.optim.Optimizer``; an
             :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD` measures staleness and tunes
             its momentum itself, any other one is tuned (if at all) from outside.
+        tracker: for an optimizer other than AsyncMomentumSGD, the tracker its updates are
+            counted in (shared with other processes, or with the caller's own options);
+            default a fresh one. An AsyncMomentumSGD uses its own.
 
     Raises:
-        ValueError: ``optimizer`` is not a torch optimizer.
+        ValueError: ``optimizer`` is not a torch optimizer, or a tracker is given with an
+            AsyncMomentumSGD.
     """
 
-    def __init__(self, optimizer: Optimizer) -> None:
+    def __init__(self, optimizer: Optimizer, tracker: AsynchronyTracker | None = None) -> None:
         if not isinstance(optimizer, Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)!r}")
         self.optimizer = optimizer
         self._ours: AsyncMomentumSGD | None = (
             optimizer if isinstance(optimizer, AsyncMomentumSGD) else None
+        )
+        if self._ours is not None and tracker is not None:
+            raise ValueError(
+                f"{type(optimizer).__name__} measures staleness with its own tracker; "
+                "don't pass a tracker (or a clock) with it"
+            )
+        #: The tracker the optimizer's updates are counted in.
+        self.tracker: AsynchronyTracker = (
+            self._ours.tracker if self._ours is not None else tracker or AsynchronyTracker()
         )
 
     def __repr__(self) -> str:
@@ -107,16 +102,7 @@ class OptimizerView:
 
     @property
     def is_async_momentum(self) -> bool:
-        """Whether it is an AsyncMomentumSGD (tuned or not)."""
-        return self._ours is not None
-
-    @property
-    def measures_staleness(self) -> bool:
-        """Whether it measures staleness itself.
-
-        It then has a version clock and an estimator, :meth:`mark_read` marks its reads and
-        :meth:`step` hands it the staleness.
-        """
+        """Whether it is an AsyncMomentumSGD (tuned or not): it measures staleness itself."""
         return self._ours is not None
 
     @property
@@ -126,22 +112,7 @@ class OptimizerView:
         True for an AsyncMomentumSGD with ``tune=True`` in some group; nobody else may then set
         its momentum.
         """
-        return self._ours is not None and self._ours.tunes
-
-    @property
-    def tuner(self) -> MomentumTuner | None:
-        """The optimizer's own tuner (it estimates ``M`` also with ``tune=False``), or ``None``."""
-        return self._ours.tuner if self._ours is not None else None
-
-    @property
-    def clock(self) -> VersionClock | None:
-        """The optimizer's own version clock, or ``None``."""
-        return self._ours.clock if self._ours is not None else None
-
-    @property
-    def estimator(self) -> StalenessEstimator | None:
-        """The staleness estimator the optimizer feeds itself, or ``None``."""
-        return self._ours.tuner.estimator if self._ours is not None else None
+        return self._ours is not None and any(g["tune"] for g in self._ours.param_groups)
 
     @property
     def meter(self) -> MomentumMeter | None:
@@ -154,14 +125,9 @@ class OptimizerView:
         return self._ours.measured_total_momentum if self._ours is not None else None
 
     @property
-    def curvature(self) -> float | None:
-        """``lambda_max`` a curvature-based rule works with, once it has one, else ``None``."""
-        return self._ours.curvature if self._ours is not None else None
-
-    @property
     def uses_curvature(self) -> bool:
         """Whether the optimizer's rule needs a curvature estimate (a probe to estimate it on)."""
-        return self._ours is not None and self._ours.tuner.uses_curvature
+        return self._ours is not None and self.tracker.uses_curvature
 
     @property
     def needs_every_update(self) -> bool:
@@ -172,7 +138,7 @@ class OptimizerView:
         ours = self._ours
         if ours is None:
             return False
-        return ours.meter is not None or ours.tuner.uses_meter or ours.tuner.uses_curvature
+        return ours.meter is not None or self.tracker.uses_meter or self.tracker.uses_curvature
 
     def set_curvature_probe(self, probe: Callable[[], Tensor] | None) -> None:
         """Give a curvature-based rule the loss it estimates ``lambda_max`` on.
@@ -195,12 +161,7 @@ class OptimizerView:
         """The optimizer's class, with its rule for an AsyncMomentumSGD: for messages."""
         if self._ours is None:
             return self.name
-        return f"{self.name}(rule={self._ours.tuner.rule_name!r})"
-
-    @property
-    def last_staleness(self) -> int | None:
-        """Staleness of the gradient the optimizer applied last, if it measures it."""
-        return self._ours.last_staleness if self._ours is not None else None
+        return f"{self.name}(rule={self.tracker.rule_name!r})"
 
     # -- momentum -------------------------------------------------------------------------------
 
@@ -305,54 +266,33 @@ class OptimizerView:
         else:
             group["momentum"] = value
 
-    def summary(self, estimator: StalenessEstimator | None = None) -> MomentumSummary:
+    def summary(self) -> MomentumSummary:
         """Algorithmic, implicit and total momentum, ``M_hat`` and the mean staleness, now.
 
-        Args:
-            estimator: for an optimizer that does not measure staleness, the estimator the
-                caller feeds; ignored by one that does (its own counts).
-
-        Raises:
-            ValueError: no estimator for an optimizer that does not measure staleness.
+        The total is composed under the tracker's rule; the meter's measurement is included
+        when the optimizer runs one.
         """
-        algorithmic = self.applied_momentum()
-        if self._ours is not None:
-            tuner = self._ours.tuner
-            estimator = tuner.estimator
-            total = tuner.total_momentum(algorithmic)
-        elif estimator is None:
-            raise ValueError(f"{self.name} does not measure staleness: pass the estimator you feed")
-        else:
-            total = formulas.additive_total(algorithmic, estimator.implicit_momentum)
-        return MomentumSummary(
-            algorithmic_momentum=algorithmic,
-            implicit_momentum=estimator.implicit_momentum,
-            total_momentum=total,
-            estimated_workers=estimator.estimated_workers,
-            mean_staleness=estimator.mean,
-        )
+        return self.tracker.summary(self.applied_momentum(), self.measured_total_momentum)
 
     # -- the step -------------------------------------------------------------------------------
 
     def mark_read(self) -> None:
-        """Note that the parameters were just read (an optimizer with a clock; else nothing)."""
-        if self._ours is not None:
-            self._ours.mark_read()
+        """Note that the parameters were just read: the next gradient is computed from them."""
+        self.tracker.mark_read()
 
     def zero_grad(self) -> None:
-        """Drop the gradients (``set_to_none``).
-
-        An optimizer with a clock also marks the parameters as read (AsyncMomentumSGD's
-        ``zero_grad`` does).
-        """
+        """Drop the gradients (``set_to_none``) and mark the parameters as read."""
         self.optimizer.zero_grad(set_to_none=True)
+        self.tracker.mark_read()
 
-    def step(self, staleness: int | None = None, *, refuse_nonfinite: bool = False) -> bool:
-        """Apply the gradients held by the parameters; whether the update was applied.
+    def step(self, staleness: int | None = None, *, refuse_nonfinite: bool = False) -> StepReport:
+        """Apply the gradients held by the parameters and count the update in the tracker.
 
-        An optimizer that measures staleness gets ``step(staleness=staleness)`` (``None``: it
-        measures it from its clock), checks the gradients itself and raises or skips a NaN or
-        inf one as it was configured. Any other one gets ``step()``.
+        An AsyncMomentumSGD gets ``step(staleness=staleness)``: it checks the gradients itself
+        and raises or skips a NaN or inf one as it was configured, and reports what it did
+        (``last_step``). Any other
+        optimizer gets ``step()``, and its update is counted in :attr:`tracker` with
+        ``staleness`` (``None``: measured from the tracker's clock since :meth:`mark_read`).
 
         Args:
             staleness: updates applied since this gradient's parameters were read, if known.
@@ -361,14 +301,11 @@ class OptimizerView:
                 on a NaN or inf gradient instead of writing it into the parameters.
 
         Returns:
-            ``False`` if the optimizer skipped the update (a non-finite gradient with
-            ``nonfinite="skip"``), else ``True``.
+            Whether the update was applied, with its staleness and version.
         """
-        ours = self._ours
-        if ours is not None:
-            skipped = ours.skipped_steps
-            ours.step(staleness=staleness)
-            return ours.skipped_steps == skipped
+        if self._ours is not None:
+            self._ours.step(staleness=staleness)
+            return self._ours.last_step
         if refuse_nonfinite:
             gathered = []
             for group in self.optimizer.param_groups:
@@ -376,14 +313,13 @@ class OptimizerView:
                 gathered.append((params, [p.grad for p in params], []))
             bad = first_nonfinite(gathered)
             if bad is not None:
-                group_index, index, shape = bad
-                raise NonFiniteGradientError(
-                    f"the gradient of parameter {index} (shape {tuple(shape)}) in param group "
-                    f"{group_index} holds NaN or inf; it was not applied and the parameters are "
-                    "unchanged. Lower the learning rate or clip gradients."
+                raise nonfinite_error(
+                    bad,
+                    "it was not applied and the parameters are unchanged. Lower the learning "
+                    "rate or clip gradients.",
                 )
         self.optimizer.step()
-        return True
+        return self.tracker.record_update(staleness)
 
     @staticmethod
     def all_finite(grads: Iterable[Tensor | None]) -> bool:
@@ -399,10 +335,10 @@ class OptimizerView:
     def share_memory(self) -> OptimizerView:
         """Put the optimizer's parameters and state in shared memory, for Hogwild processes.
 
-        An AsyncMomentumSGD shares its momentum buffers (created now), clock and estimator
+        An AsyncMomentumSGD shares its momentum buffers (created now) and tracker
         (:meth:`~asyncmomentum.core.optimizer.AsyncMomentumSGD.share_memory`): one velocity for
         all processes. Any other optimizer shares its parameters and the state tensors it has
-        already (buffers created later are per process).
+        already (buffers created later are per process), and the view's tracker.
 
         Returns:
             self.
@@ -418,4 +354,5 @@ class OptimizerView:
                 for value in state.values():
                     if isinstance(value, Tensor):
                         value.share_memory_()
+        self.tracker.share_memory()
         return self

@@ -2,11 +2,10 @@
 
 Each worker process reads the shared parameters, computes a gradient on its own shard of the data
 and applies it without a lock, while the others do the same. The staleness of every applied
-gradient (updates applied by others between the worker's read and its write) is measured with a
-shared :class:`~asyncmomentum.core.measuring.staleness.VersionClock`: the version is marked when
-the worker reads
-(right before the forward pass, where ``optimizer.zero_grad()`` goes) and the clock ticks once per
-applied update.
+gradient (updates applied by others between the worker's read and its write) is measured by a
+shared :class:`~asyncmomentum.core.tracker.AsynchronyTracker`: the version is marked when the
+worker reads (right before the forward pass, where ``optimizer.zero_grad()`` goes) and its clock
+ticks once per applied update.
 
 Three lines train a model::
 
@@ -16,10 +15,10 @@ Three lines train a model::
 
 With :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD`,
 :meth:`~AsyncMomentumSGD.share_memory` puts
-its momentum buffers, clock and staleness estimator in shared memory: all workers update **one
-global velocity** (the paper's ``w_t - w_{t-1}``) and feed **one estimate** of ``M``. Any other
-optimizer works too (``torch.optim.SGD(momentum=0.9)`` for comparison): staleness is then measured
-with a clock and an estimator this module shares itself, the same way. Note that
+its momentum buffers and tracker in shared memory: all workers update **one global velocity**
+(the paper's ``w_t - w_{t-1}``) and feed **one estimate** of ``M``. Any other optimizer works
+too (``torch.optim.SGD(momentum=0.9)`` for comparison): staleness is then measured by a tracker
+this module shares itself, the same way. Note that
 ``torch.optim.SGD`` creates its momentum buffers lazily at its first step, inside each worker, so
 it keeps **one velocity per worker process** (buffers that already exist when training starts are
 moved to shared memory by :mod:`torch.multiprocessing` and shared).
@@ -59,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from asyncmomentum.core.measuring.staleness import StalenessEstimator, VersionClock
+from asyncmomentum.core.tracker import AsynchronyTracker
 from asyncmomentum.core.validation import check_int, check_positive
 from asyncmomentum.runtimes.adapter import OptimizerView
 from asyncmomentum.runtimes.trace import TracePoint
@@ -259,77 +258,15 @@ class WorkerFailure:
 # -- how staleness is measured ------------------------------------------------------------------
 
 
-class _OptimizerClock:
-    """The clock of an optimizer that measures staleness itself (AsyncMomentumSGD).
-
-    ``zero_grad()`` marks the version read, ``step()`` ticks its clock.
-    """
-
-    def __init__(self, view: OptimizerView) -> None:
-        assert view.clock is not None
-        self.view = view
-        self.clock = view.clock
-
-    def begin_step(self) -> None:
-        """Drop the gradients and mark the version read."""
-        self.view.zero_grad()
-
-    def step(self) -> int | None:
-        """Apply the update; its staleness, or ``None`` if the optimizer skipped it."""
-        return self.view.last_staleness if self.view.step() else None
-
-    def momenta(self) -> tuple[float, float, float]:
-        """``(algorithmic, implicit, estimated_workers)``."""
-        summary = self.view.summary()
-        return summary.algorithmic_momentum, summary.implicit_momentum, summary.estimated_workers
-
-
-class _ExternalClock:
-    """Any other optimizer: mark the clock at read, tick it once the update is applied."""
-
-    def __init__(
-        self, view: OptimizerView, clock: VersionClock, estimator: StalenessEstimator
-    ) -> None:
-        self.view = view
-        self.clock = clock
-        self.estimator = estimator
-        self._read = clock.value
-
-    def begin_step(self) -> None:
-        """``zero_grad()``, and note the version the next gradient is computed from."""
-        self.view.zero_grad()
-        self._read = self.clock.value
-
-    def step(self) -> int:
-        """Apply the update and count it; return its staleness."""
-        self.view.step()
-        tau = max(self.clock.tick() - self._read, 0)
-        self.estimator.observe(tau)
-        return tau
-
-    def momenta(self) -> tuple[float, float, float]:
-        """``(algorithmic, implicit, estimated_workers)``."""
-        summary = self.view.summary(self.estimator)
-        return summary.algorithmic_momentum, summary.implicit_momentum, summary.estimated_workers
-
-
-def _staleness_source(
-    optimizer: Optimizer, clock: VersionClock | None, estimator: StalenessEstimator | None
-) -> _OptimizerClock | _ExternalClock:
-    view = OptimizerView(optimizer)
-    if view.measures_staleness:
-        if clock is not None or estimator is not None:
-            raise ValueError(
-                f"{view.name} measures staleness with its own clock and estimator; "
-                "don't pass clock or estimator with it"
-            )
-        return _OptimizerClock(view)
-    if clock is None:
+def _worker_view(optimizer: Optimizer, tracker: AsynchronyTracker | None) -> OptimizerView:
+    """The view a worker steps through: its AsyncMomentumSGD's tracker, or the shared one."""
+    view = OptimizerView(optimizer, tracker)
+    if tracker is None and not view.is_async_momentum:
         raise ValueError(
-            f"{view.name} does not measure staleness: pass the workers' shared "
-            "clock, VersionClock().share_memory(), created before the processes start"
+            f"{view.name} does not measure staleness: pass the workers' shared tracker, "
+            "AsynchronyTracker().share_memory(), created before the processes start"
         )
-    return _ExternalClock(view, clock, estimator or StalenessEstimator())
+    return view
 
 
 class _WindowStats:
@@ -387,8 +324,7 @@ def worker_loop(
     steps: int,
     batch_size: int = 32,
     seed: int = 0,
-    clock: VersionClock | None = None,
-    estimator: StalenessEstimator | None = None,
+    tracker: AsynchronyTracker | None = None,
     report: Callable[[WorkerProgress | WorkerFailure], Any] | None = None,
     report_every: int = 10,
     num_threads: int | None = 1,
@@ -407,17 +343,15 @@ def worker_loop(
             ``worker_seed(seed, rank)``.
         model: the shared model.
         optimizer: the shared optimizer over ``model``'s parameters. An AsyncMomentumSGD measures
-            staleness itself; any other optimizer needs ``clock``.
+            staleness itself; any other optimizer needs ``tracker``.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
         data: this worker's data (see :func:`shard`), tensors sharing their first dimension.
         steps: training iterations to do (>= 1).
         batch_size: rows per batch (>= 1).
         seed: the run's seed, the same for all workers (>= 0).
-        clock: for an optimizer other than AsyncMomentumSGD, the clock shared by all workers
-            (``VersionClock().share_memory()``), marked before each forward pass and ticked
-            after each step.
-        estimator: for an optimizer other than AsyncMomentumSGD, the staleness estimator shared
-            by all workers; without it this worker estimates from its own observations.
+        tracker: for an optimizer other than AsyncMomentumSGD, the tracker shared by all
+            workers (``AsynchronyTracker().share_memory()``): marked before each forward pass,
+            counting each applied update.
         report: called with a :class:`WorkerProgress` every ``report_every`` steps and after the
             last one, and with a :class:`WorkerFailure` if the loop raises (e.g. ``queue.put``
             of a ``multiprocessing`` queue, or ``Connection.send``).
@@ -435,7 +369,7 @@ def worker_loop(
     check_int(steps, "steps", 1)
     check_int(batch_size, "batch_size", 1)
     check_int(report_every, "report_every", 1)
-    source = _staleness_source(optimizer, clock, estimator)
+    view = _worker_view(optimizer, tracker)
     if num_threads is not None:
         torch.set_num_threads(check_int(num_threads, "num_threads", 1))
     own_seed = worker_seed(seed, rank)
@@ -445,12 +379,12 @@ def worker_loop(
     started = time.perf_counter()
     try:
         for step in range(1, steps + 1):
-            source.begin_step()
+            view.zero_grad()
             loss = _check_scalar_loss(loss_fn(model, next(batches)))
             loss.backward()
-            stats.add(float(loss.detach()), source.step())
+            stats.add(float(loss.detach()), view.step().staleness)
             if step % report_every == 0 or step == steps:
-                progress = _progress(rank, step, steps, stats, source, started)
+                progress = _progress(rank, step, steps, stats, view, started)
                 if report is not None:
                     report(progress)
     except Exception as error:
@@ -476,24 +410,24 @@ def _progress(
     step: int,
     steps: int,
     stats: _WindowStats,
-    source: _OptimizerClock | _ExternalClock,
+    view: OptimizerView,
     started: float,
 ) -> WorkerProgress:
     loss, staleness = stats.take_window()
-    algorithmic, implicit, estimated = source.momenta()
+    summary = view.summary()
     return WorkerProgress(
         rank=rank,
         step=step,
         steps=steps,
         updates=stats.updates,
-        update=source.clock.value,
+        update=view.tracker.clock.value,
         loss=loss,
         staleness=staleness,
         mean_staleness=stats.mean_staleness,
         max_staleness=stats.max_staleness,
-        algorithmic_momentum=algorithmic,
-        implicit_momentum=implicit,
-        estimated_workers=estimated,
+        algorithmic_momentum=summary.algorithmic_momentum,
+        implicit_momentum=summary.implicit_momentum,
+        estimated_workers=summary.estimated_workers,
         elapsed=time.perf_counter() - started,
         done=step == steps,
     )
@@ -505,8 +439,7 @@ class _WorkerConfig:
     batch_size: int
     seed: int
     report_every: int
-    clock: VersionClock | None
-    estimator: StalenessEstimator | None
+    tracker: AsynchronyTracker | None
 
 
 class _Terminated(BaseException):
@@ -593,8 +526,7 @@ def _serve(
             steps=config.steps,
             batch_size=config.batch_size,
             seed=config.seed,
-            clock=config.clock,
-            estimator=config.estimator,
+            tracker=config.tracker,
             report=conn.send,
             report_every=config.report_every,
             num_threads=1,
@@ -921,15 +853,16 @@ def train_hogwild(
     if any(t.device.type != "cpu" for t in shards[0]):
         raise ValueError("data must be on the CPU, where the workers run; move it with .cpu()")
 
-    clock, estimator = _share(model, optimizer)
+    model.share_memory()
+    view = OptimizerView(optimizer).share_memory()
+    clock = view.tracker.clock
     config = _WorkerConfig(
         steps=steps_per_worker,
         batch_size=batch_size,
         seed=seed,
         report_every=report_every,
-        # AsyncMomentumSGD brings its own clock and estimator; the workers get ours otherwise.
-        clock=None if estimator is None else clock,
-        estimator=estimator,
+        # AsyncMomentumSGD brings its own tracker; the workers share the view's otherwise.
+        tracker=None if view.is_async_momentum else view.tracker,
     )
     clock_start = clock.value
     supervisor = _Supervisor(timeout, on_progress)
@@ -956,24 +889,11 @@ def train_hogwild(
         timeline=supervisor.timeline,
         timed_out=supervisor.timed_out,
         trace=sorted(supervisor.trace, key=lambda point: point.update),
-        **_final_momenta(optimizer, estimator),
+        **_final_momenta(view),
     )
     if not result.ok:
         warnings.warn(_describe_failures(result), RuntimeWarning, stacklevel=2)
     return result
-
-
-def _share(
-    model: nn.Module, optimizer: Optimizer
-) -> tuple[VersionClock, StalenessEstimator | None]:
-    """Put the training state in shared memory; the clock to read and our own estimator, if any."""
-    model.share_memory()
-    view = OptimizerView(optimizer)
-    if view.measures_staleness:
-        view.share_memory()
-        assert view.clock is not None
-        return view.clock, None
-    return VersionClock().share_memory(), StalenessEstimator().share_memory()
 
 
 class _Supervisor:
@@ -1096,13 +1016,12 @@ def _trace_point(message: WorkerProgress, since: float) -> TracePoint:
     )
 
 
-def _final_momenta(optimizer: Optimizer, estimator: StalenessEstimator | None) -> dict[str, float]:
-    view = OptimizerView(optimizer)
+def _final_momenta(view: OptimizerView) -> dict[str, float]:
     # Bring the parent's copy up to date with what the workers did in shared memory: the
     # estimate, clock and buffers are shared (the tuned momentum is read from the shared
     # estimate), but each process keeps its own "version read": set it as the next step would.
     view.mark_read()
-    summary = view.summary(estimator)
+    summary = view.summary()
     return {
         "estimated_workers": summary.estimated_workers,
         "mean_staleness": summary.mean_staleness,

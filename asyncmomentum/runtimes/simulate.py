@@ -52,8 +52,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from asyncmomentum.core import formulas
 from asyncmomentum.core.optimizer import NonFiniteGradientError
-from asyncmomentum.core.tuning import formulas
 from asyncmomentum.core.validation import check_choice, check_int, check_real
 from asyncmomentum.runtimes.adapter import OptimizerView
 
@@ -711,7 +711,7 @@ def _apply(view: OptimizerView, tau: int) -> bool:
     # An optimizer that checks its gradients itself (AsyncMomentumSGD) raises or skips and
     # counts a bad one; any other one is refused it. Either way nothing changes.
     try:
-        return view.step(tau, refuse_nonfinite=True)
+        return view.step(tau, refuse_nonfinite=True).applied
     except NonFiniteGradientError:
         return False
 
@@ -846,7 +846,7 @@ def _run(
     """The simulation loop of :func:`simulate` (arguments already checked)."""
     view = OptimizerView(optimizer)
     # Optimizers without an estimate of their own report the staleness model's nominal M.
-    estimator = view.estimator
+    estimator = view.tracker.estimator if view.is_async_momentum else None
     nominal_workers = float(staleness.workers)
     nominal_implicit = formulas.implicit_momentum(nominal_workers)
     for step in range(steps):

@@ -89,8 +89,9 @@ def tuning_share(repeats: int) -> tuple[float, float, float]:
         whole.append(time.perf_counter() - start)
         # Exactly what step() adds for tuning: claim a version, observe, ask the rule.
         start = time.perf_counter()
-        opt.tuner.record_update(opt.clock, opt.clock.value - 3, None)
-        opt.tuner.algorithmic_momentum(0.9)
+        opt.tracker.version_read = opt.tracker.clock.value - 3
+        opt.tracker.record_update()
+        opt.tracker.algorithmic_momentum(0.9)
         tuning.append(time.perf_counter() - start)
     tuning_us = statistics.median(tuning) * 1e6
     whole_us = statistics.median(whole) * 1e6

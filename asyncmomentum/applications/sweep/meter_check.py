@@ -25,7 +25,7 @@ from asyncmomentum.applications.sweep.runs import (
     RunSpec,
     simulated_staleness,
 )
-from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core import formulas
 
 if TYPE_CHECKING:
     from asyncmomentum.applications.sweep.config import SweepConfig

@@ -31,7 +31,7 @@ from asyncmomentum.applications.sweep.analysis import (
 )
 from asyncmomentum.applications.sweep.engine import SweepResult
 from asyncmomentum.applications.sweep.meter_check import METER_FIGURE_NAME, format_meter, plot_meter
-from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core import formulas
 from asyncmomentum.core.tuning.rules import make_rule
 
 __all__ = [

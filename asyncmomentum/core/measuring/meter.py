@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core import formulas
 from asyncmomentum.core.validation import check_int, check_real, check_state
 
 __all__ = ["Composition", "MomentumMeter", "MomentumReading"]

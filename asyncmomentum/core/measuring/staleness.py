@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from asyncmomentum.core import formulas
 from asyncmomentum.core.measuring import process_lock
-from asyncmomentum.core.tuning import formulas
 from asyncmomentum.core.validation import (
     MAX_COUNT,
     check_int,
@@ -33,7 +33,6 @@ __all__ = [
     "DEFAULT_WARMUP",
     "StalenessEstimator",
     "VersionClock",
-    "tick_and_observe",
 ]
 
 #: Seconds to wait for the clock's or estimator's lock before concluding its holder is stuck
@@ -72,13 +71,21 @@ class _SharableState:
     #: Names of the tensor attributes that hold the state.
     _TENSORS: tuple[str, ...] = ()
     _shared: bool
-    _lock: Any
+    _own_lock: Any
+    _guard: _SharableState | None
     _views: dict[str, np.ndarray] | None
 
-    def _init_lock(self) -> None:
+    def _init_lock(self, guard: _SharableState | None = None) -> None:
         self._shared = False
-        self._lock = threading.Lock()
+        self._guard = guard
+        self._own_lock = threading.Lock()
         self._views = None
+
+    @property
+    def _lock(self) -> Any:
+        # A guarded object always takes its guard's current lock: moving the guard to shared
+        # memory (a process lock) needs no re-linking.
+        return self._own_lock if self._guard is None else self._guard._lock
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -127,10 +134,11 @@ class _SharableState:
             getattr(self, name).share_memory_()  # moves the storage: old views are stale
         self._views = None
         if not self._shared:
-            if process_lock.AVAILABLE:
-                self._lock = process_lock.FileLock()
-            else:
-                self._lock = multiprocessing.get_context("spawn").Lock()
+            if self._guard is None:
+                if process_lock.AVAILABLE:
+                    self._own_lock = process_lock.FileLock()
+                else:
+                    self._own_lock = multiprocessing.get_context("spawn").Lock()
             self._shared = True
 
     @property
@@ -144,14 +152,19 @@ class _SharableState:
         spawning = multiprocessing.context.get_spawning_popen() is not None
         if not (self._shared and spawning):
             # Plain pickling (copy, save) yields an independent copy: it must not share the lock.
-            state["_lock"] = None
+            state["_own_lock"] = None
             state["_shared"] = False
+            state["_detach"] = True
+        elif self._guard is not None:
+            state["_own_lock"] = None  # unused: the guard's lock travels with the guard
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        detach = state.pop("_detach", False)
         self.__dict__.update(state)
-        if self._lock is None:
-            self._lock = threading.Lock()
+        if self._own_lock is None:
+            self._own_lock = threading.Lock()
+        if detach:
             self._detach_storage()
 
     def _detach_storage(self) -> None:
@@ -199,6 +212,38 @@ class VersionClock(_SharableState):
         count[0] = version + 1
         return version
 
+    def tick_and_observe(
+        self, estimator: StalenessEstimator, version_read: int, staleness: int | None
+    ) -> tuple[int, int]:
+        """Claim the next version and record in ``estimator`` the staleness of its update.
+
+        With an estimator guarded by this clock (``StalenessEstimator(lock_of=clock)``) both
+        happen in one critical section: one lock per update instead of two (each a system call
+        once the lock is a process lock), and no other update comes between count and record.
+
+        Args:
+            estimator: the estimator of ``M``.
+            version_read: the version the gradient's parameters were read at.
+            staleness: the staleness if the caller knows it (a parameter server does), else
+                ``None``: measured as the version claimed minus ``version_read``.
+
+        Returns:
+            The version the update is applied at, and its staleness.
+        """
+        if estimator._guard is not self:
+            version = self.tick()
+            tau = staleness if staleness is not None else max(version - version_read, 0)
+            estimator.observe(tau)
+            return version, tau
+        lock = self._acquire()
+        try:
+            version = self._tick_locked()
+            tau = staleness if staleness is not None else max(version - version_read, 0)
+            estimator._observe_locked(tau)
+        finally:
+            lock.release()
+        return version, tau
+
     def share_memory(self) -> VersionClock:
         """Move the counter to shared memory and guard it with a process lock; returns self."""
         self._share_memory()
@@ -245,6 +290,9 @@ class StalenessEstimator(_SharableState):
             Observations are still recorded for :attr:`mean`.
         straggler_quantile: quantile of the recent window at which observations are winsorized.
         window: number of recent raw observations kept for the quantile.
+        lock_of: a clock whose lock guards this estimator too, so that
+            :meth:`VersionClock.tick_and_observe` counts an update and records its staleness in
+            one critical section.
     """
 
     #: Fewer recent observations than this give no reliable quantile: no winsorizing before it.
@@ -262,6 +310,7 @@ class StalenessEstimator(_SharableState):
         workers: float | None = None,
         straggler_quantile: float = 0.99,
         window: int = 512,
+        lock_of: VersionClock | None = None,
     ) -> None:
         horizon = check_int(horizon, "horizon", 1)
         warmup = check_int(warmup, "warmup", 0)
@@ -278,7 +327,7 @@ class StalenessEstimator(_SharableState):
         self._stats = torch.tensor([0.0, 0.0, math.inf], dtype=torch.float64)
         self._counts = torch.zeros(2, dtype=torch.int64)  # [observations, ring cursor]
         self._window = torch.zeros(window, dtype=torch.int64)
-        self._init_lock()
+        self._init_lock(guard=lock_of)
 
     # -- observations -------------------------------------------------------------------------
 
@@ -294,17 +343,6 @@ class StalenessEstimator(_SharableState):
             self._observe_locked(tau)
         finally:
             lock.release()
-
-    def use_lock_of(self, clock: VersionClock) -> None:
-        """Guard this estimator with ``clock``'s lock, so one critical section serves both.
-
-        See :func:`tick_and_observe`. Call it again after either moves to shared memory (each
-        then gets a process lock of its own).
-
-        Args:
-            clock: the clock whose versions this estimator's staleness is measured against.
-        """
-        self._lock = clock._lock
 
     def _observe_locked(self, tau: int) -> None:
         stats, counts, window = self._np("_stats"), self._np("_counts"), self._np("_window")
@@ -420,37 +458,3 @@ class StalenessEstimator(_SharableState):
             f"estimated_workers={self.estimated_workers:.3g}, horizon={self.horizon}, "
             f"warmup={self.warmup}, workers={self.workers}, shared={self.is_shared})"
         )
-
-
-def tick_and_observe(
-    clock: VersionClock, estimator: StalenessEstimator, version_read: int, staleness: int | None
-) -> tuple[int, int]:
-    """Claim the next version and record the staleness of the update that takes it.
-
-    With a shared lock (:meth:`StalenessEstimator.use_lock_of`) both happen in one critical
-    section: one lock taken per update instead of two (each a system call once the lock is a
-    process lock), and no other update can come between the count and its record.
-
-    Args:
-        clock: the clock of applied updates.
-        estimator: the estimator of ``M``.
-        version_read: the version the gradient's parameters were read at.
-        staleness: the staleness if the caller knows it (a parameter server does), else
-            ``None``: measured as the version claimed minus ``version_read``.
-
-    Returns:
-        The version the update is applied at, and its staleness.
-    """
-    if estimator._lock is not clock._lock:
-        version = clock.tick()
-        tau = staleness if staleness is not None else max(version - version_read, 0)
-        estimator.observe(tau)
-        return version, tau
-    lock = clock._acquire()
-    try:
-        version = clock._tick_locked()
-        tau = staleness if staleness is not None else max(version - version_read, 0)
-        estimator._observe_locked(tau)
-    finally:
-        lock.release()
-    return version, tau

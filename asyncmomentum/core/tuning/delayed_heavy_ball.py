@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core import formulas
 from asyncmomentum.core.validation import (
     MAX_COUNT,
     check_choice,

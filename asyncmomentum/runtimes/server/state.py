@@ -16,9 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import vector_to_parameters
 
-from asyncmomentum.core.measuring.staleness import (
-    StalenessEstimator,
-)
+from asyncmomentum.core.optimizer import AsyncMomentumSGD
+from asyncmomentum.core.tracker import AsynchronyTracker
 from asyncmomentum.core.validation import (
     MAX_COUNT,
     check_int,
@@ -75,7 +74,14 @@ class ParameterServer:
         # gradient is a view made once, not per push.
         self._grad = torch.zeros_like(self._flat)
         self._grad_views = _views(self._grad, self._params)
-        self._view = OptimizerView(optimizer)
+        # An optimizer that does not measure staleness gets a tracker with the server's
+        # estimate settings, for reports.
+        tracker = (
+            None
+            if isinstance(optimizer, AsyncMomentumSGD)
+            else AsynchronyTracker(horizon=self.config.horizon, warmup=self.config.warmup)
+        )
+        self._view = OptimizerView(optimizer, tracker)
         self._control_port = control_port
         self._cond = threading.Condition()  # guards everything below, and the parameters
         self._version = 0
@@ -96,12 +102,6 @@ class ParameterServer:
         self._measured_from: float | None = None  # monotonic start of the timers
         self._measured_base = 0  # updates applied when they started
         self._trace: list[TracePoint] = []
-        # Optimizers that do not estimate M themselves get one, for reports only.
-        self._monitor = (
-            None
-            if self._view.measures_staleness
-            else StalenessEstimator(horizon=self.config.horizon, warmup=self.config.warmup)
-        )
 
     # -- what workers call ---------------------------------------------------------------------
 
@@ -392,15 +392,13 @@ class ParameterServer:
             # AsyncMomentumSGD gets the staleness and checks gradients itself (it raises or
             # skips as configured); torch's optimizers would write NaN into the weights: a
             # non-finite gradient is refused before they step.
-            applied = self._view.step(staleness, refuse_nonfinite=True)
+            report = self._view.step(staleness, refuse_nonfinite=True)
             self._optimizer_seconds += time.perf_counter() - began
         finally:
             for param in self._params:
                 param.grad = None
-        if not applied:
+        if not report.applied:
             return False
-        if self._monitor is not None:
-            self._monitor.observe(staleness)
         self._version += 1
         return True
 
@@ -447,11 +445,11 @@ class ParameterServer:
 
     def _momentum_locked(self) -> tuple[float, float, float]:
         """(algorithmic, implicit, estimated workers) as of now."""
-        summary = self._view.summary(self._monitor)
+        summary = self._view.summary()
         return summary.algorithmic_momentum, summary.implicit_momentum, summary.estimated_workers
 
     def _mean_staleness_locked(self) -> float:
-        return self._view.summary(self._monitor).mean_staleness
+        return self._view.summary().mean_staleness
 
     def _reply_locked(self, *, stop: bool, applied: bool) -> Reply:
         # The copy is made under the lock: RPC serializes the reply after the lock is released.

@@ -2,7 +2,7 @@
 
 Each rule is a :class:`~asyncmomentum.core.tuning.rules.base.TuningRule` in a file of its own;
 :data:`RULES` maps names to classes. Adding a rule is that file plus one line below (or a call
-to :func:`register_rule`), and every user of rule names (``MomentumTuner(rule=...)``,
+to :func:`register_rule`), and every user of rule names (``AsynchronyTracker(rule=...)``,
 ``AsyncMomentumSGD(rule=...)``, the sweep, the command lines) sees it. Nobody compares rule
 names: ask the rule (or its class) for its capability flags instead.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core import formulas
 from asyncmomentum.core.tuning.rules.additive import AdditiveRule
 from asyncmomentum.core.tuning.rules.auto import AutoRule
 from asyncmomentum.core.tuning.rules.base import TuningRule
@@ -143,7 +143,7 @@ def algorithmic_momentum(
     if instance.stateful:
         raise ValueError(
             f"rule {instance.name!r} is not a formula of (target, implicit momentum): it keeps "
-            "state. Use asyncmomentum.MomentumTuner or AsyncMomentumSGD(rule=...) for it"
+            "state. Use asyncmomentum.AsynchronyTracker or AsyncMomentumSGD(rule=...) for it"
         )
     target = check_momentum(target)
     bounds = check_momentum_bounds(bounds)

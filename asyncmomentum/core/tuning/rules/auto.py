@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from asyncmomentum.core import formulas
 from asyncmomentum.core.measuring.instability import GrowthDetector
-from asyncmomentum.core.tuning import formulas
 from asyncmomentum.core.tuning.rules.base import TuningRule
 from asyncmomentum.core.tuning.rules.stability import StabilityRule
 from asyncmomentum.core.validation import check_int, check_real, check_state

@@ -1,7 +1,7 @@
 """The one protocol of a tuning rule: what it observes, the momentum it returns, its state.
 
 A rule turns the target total momentum and the implicit momentum of the observed asynchrony
-(``1 - 1/M_hat``, which the :class:`~asyncmomentum.core.tuning.tuner.MomentumTuner` estimates)
+(``1 - 1/M_hat``, which the :class:`~asyncmomentum.core.tracker.AsynchronyTracker` estimates)
 into the algorithmic momentum to apply. A rule that needs more says so with its capability
 flags, and the tuner hands it what it asks for: every staleness (:meth:`TuningRule.observe`),
 the momentum meter's readings (:meth:`TuningRule.observe_reading`, ``uses_meter``), a curvature
@@ -15,7 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core import formulas
 
 if TYPE_CHECKING:
     from asyncmomentum.core.measuring.meter import MomentumReading

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from asyncmomentum.core.tuning import formulas
+from asyncmomentum.core import formulas
 from asyncmomentum.core.tuning.rules.base import TuningRule
 from asyncmomentum.core.validation import (
     check_int,

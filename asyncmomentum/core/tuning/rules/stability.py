@@ -1,8 +1,9 @@
 """The stability rule: the largest momentum the delayed heavy ball tolerates.
 
-The analysis (the recursion, its radii, :func:`~asyncmomentum.core.tuning.stability.
-largest_stable_momentum`) is in :mod:`asyncmomentum.core.tuning.stability`; the curvature comes
-from a :class:`~asyncmomentum.core.measuring.curvature.CurvatureEstimator`. See
+The analysis (the recursion, its radii,
+:func:`~asyncmomentum.core.tuning.delayed_heavy_ball.largest_stable_momentum`) is in
+:mod:`asyncmomentum.core.tuning.delayed_heavy_ball`; the curvature comes from a
+:class:`~asyncmomentum.core.measuring.curvature.CurvatureEstimator`. See
 ``docs/stability-rule.md``.
 """
 
@@ -13,15 +14,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from asyncmomentum.core.tuning import formulas
-from asyncmomentum.core.tuning.rules.base import TuningRule
-from asyncmomentum.core.tuning.stability import (
+from asyncmomentum.core import formulas
+from asyncmomentum.core.tuning.delayed_heavy_ball import (
     CRITERIA,
     DEFAULT_TAIL_MASS,
     Criterion,
     StalenessHistogram,
     largest_stable_momentum,
 )
+from asyncmomentum.core.tuning.rules.base import TuningRule
 from asyncmomentum.core.validation import (
     check_choice,
     check_int,
@@ -39,12 +40,12 @@ STATE_FORMAT = 1
 class StabilityRule(TuningRule):
     """Staleness and curvature in, the largest stable algorithmic momentum out.
 
-    Keeps a :class:`~asyncmomentum.core.tuning.stability.StalenessHistogram` of the applied
+    Keeps a :class:`~asyncmomentum.core.tuning.delayed_heavy_ball.StalenessHistogram` of the applied
     gradients' staleness and an estimate of the largest curvature ``lambda_max`` (fed by
     :meth:`observe_curvature`, e.g. from a
     :class:`~asyncmomentum.core.measuring.curvature.CurvatureEstimator`);
     :meth:`algorithmic_momentum` returns
-    :func:`~asyncmomentum.core.tuning.stability.largest_stable_momentum` for
+    :func:`~asyncmomentum.core.tuning.delayed_heavy_ball.largest_stable_momentum` for
     ``a = lr * lambda_max``, capped by the target, inside the bounds.
 
     Results are cached by (target, ``a`` to 1 %, bounds). The histogram is re-read at doubling
@@ -61,22 +62,22 @@ class StabilityRule(TuningRule):
 
     Args:
         curvature_margin: relative safety factor on ``lr * lambda_max`` (see
-            :func:`~asyncmomentum.core.tuning.stability.largest_stable_momentum`); absorbs the
-            estimate's error, curvature that rises between estimates, and the start-up
+            :func:`~asyncmomentum.core.tuning.delayed_heavy_ball.largest_stable_momentum`);
+            absorbs the estimate's error, curvature that rises between estimates, and the start-up
             transient. 0.25 was the best of {0, 0.25, 0.5} on the sweep's quadratic (0 diverged
             with a constant delay).
         margin: required decay per step, in [0, 1).
         criterion: ``"mean_square"`` (random delays, the default) or ``"mean_field"``
             (optimistic for random delays: it diverged on the quadratic from M = 8).
         window: staleness observations kept (see
-            :class:`~asyncmomentum.core.tuning.stability.StalenessHistogram`).
+            :class:`~asyncmomentum.core.tuning.delayed_heavy_ball.StalenessHistogram`).
         max_staleness: the histogram's cap.
-        tail_mass: see :func:`~asyncmomentum.core.tuning.stability.truncate_pmf`.
+        tail_mass: see :func:`~asyncmomentum.core.tuning.delayed_heavy_ball.truncate_pmf`.
         refresh: observations between checks of the histogram, once warm.
         pmf_tolerance: total-variation change of the pmf that invalidates the cache.
         min_observations: observations before the rule speaks.
         grid_step: scan spacing of
-            :func:`~asyncmomentum.core.tuning.stability.largest_stable_momentum`.
+            :func:`~asyncmomentum.core.tuning.delayed_heavy_ball.largest_stable_momentum`.
     """
 
     name: ClassVar[str] = "stability"
