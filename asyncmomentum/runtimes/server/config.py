@@ -20,6 +20,7 @@ from asyncmomentum.core.validation import (
     check_int,
     check_positive,
 )
+from asyncmomentum.runtimes.local_sgd.pseudo_gradient import check_sync_every
 from asyncmomentum.runtimes.trace import TracePoint
 
 
@@ -202,6 +203,8 @@ class WorkerResult:
         refused: gradients the server refused (sent after the end).
         stop_reason: ``"server"`` (told to stop), ``"max_steps"`` or ``"batches_exhausted"``.
         wall_time: seconds from joining to leaving.
+        inner_steps: in local SGD, the inner optimizer's steps (``steps`` counts the
+            pseudo-gradients applied); 0 otherwise.
     """
 
     rank: int
@@ -209,6 +212,7 @@ class WorkerResult:
     refused: int
     stop_reason: str
     wall_time: float
+    inner_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,13 @@ class ParameterServerJob:
         probe_fn: for an ``AsyncMomentumSGD(rule="stability")``: ``probe_fn(model)`` returns
             the curvature probe on the server's model (a loss on a batch the server holds; see
             ``AsyncMomentumSGD(curvature_probe=...)``). The server has no data of its own.
+        sync_every: local SGD (the DiLoCo family): each worker takes this many steps of its own
+            ``inner_optimizer_fn`` optimizer, then pushes the pseudo-gradient
+            ``params_read - params_after`` (:mod:`asyncmomentum.runtimes.local_sgd.worker`);
+            ``optimizer_fn`` is then the *outer* optimizer, over all of the model's parameters.
+            ``None``: every worker pushes the gradient of each batch.
+        inner_optimizer_fn: builds a worker's inner optimizer from its model's parameters (with
+            ``sync_every``; e.g. ``lambda p: torch.optim.AdamW(p, lr=3e-3)``).
     """
 
     model_fn: Callable[[], nn.Module]
@@ -233,6 +244,8 @@ class ParameterServerJob:
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
     seed: int = 0
     probe_fn: Callable[[nn.Module], Callable[[], Tensor]] | None = None
+    sync_every: int | None = None
+    inner_optimizer_fn: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None
 
     def __post_init__(self) -> None:
         for name in ("model_fn", "optimizer_fn", "batches_fn", "loss_fn"):
@@ -240,3 +253,34 @@ class ParameterServerJob:
                 raise ValueError(f"{name} must be callable, got {getattr(self, name)!r}")
         if self.probe_fn is not None and not callable(self.probe_fn):
             raise ValueError(f"probe_fn must be callable or None, got {self.probe_fn!r}")
+        check_local_sgd(self.sync_every, self.inner_optimizer_fn)
+
+    @property
+    def local_sgd(self) -> bool:
+        """Whether workers push pseudo-gradients every ``sync_every`` inner steps."""
+        return self.sync_every is not None
+
+
+def check_local_sgd(sync_every: object, inner_optimizer_fn: object) -> None:
+    """Refuse a half-given local-SGD set-up: both ``sync_every >= 1`` and a callable, or neither.
+
+    Args:
+        sync_every: inner steps between two pushes, or ``None``.
+        inner_optimizer_fn: the workers' inner-optimizer factory, or ``None``.
+
+    Raises:
+        ValueError: ``sync_every < 1`` (or not an integer), or one given without the other.
+    """
+    if sync_every is None:
+        if inner_optimizer_fn is not None:
+            raise ValueError(
+                "inner_optimizer_fn is for local SGD: give sync_every (inner steps between "
+                "pushes) too"
+            )
+        return
+    check_sync_every(sync_every)
+    if not callable(inner_optimizer_fn):
+        raise ValueError(
+            "local SGD (sync_every set) needs inner_optimizer_fn, the workers' optimizer "
+            f"(e.g. lambda p: torch.optim.AdamW(p, lr=3e-3)), got {inner_optimizer_fn!r}"
+        )

@@ -22,11 +22,14 @@ from asyncmomentum.core.validation import (
     check_positive,
 )
 from asyncmomentum.runtimes.adapter import OptimizerView
+from asyncmomentum.runtimes.local_sgd.pseudo_gradient import check_outer_optimizer
+from asyncmomentum.runtimes.local_sgd.worker import run_local_sgd_rounds
 from asyncmomentum.runtimes.server.config import (
     ParameterServerJob,
     ServerConfig,
     ServerResult,
     WorkerResult,
+    check_local_sgd,
 )
 from asyncmomentum.runtimes.server.state import ParameterServer
 from asyncmomentum.runtimes.transport import (
@@ -207,8 +210,14 @@ def run_worker(
     rpc_timeout: float = 120.0,
     init_method: str = "env://",
     num_threads: int | None = 1,
+    sync_every: int | None = None,
+    inner_optimizer_fn: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
 ) -> WorkerResult:
     """Train as worker ``rank``: pull, compute a gradient on the next batch, push, repeat.
+
+    With ``sync_every=H`` (local SGD): pull, take ``H`` steps of the worker's own optimizer
+    (``inner_optimizer_fn(model.parameters())``, kept across rounds), push the pseudo-gradient
+    ``params_read - params_after``, repeat (:mod:`asyncmomentum.runtimes.local_sgd.worker`).
 
     Only parameters travel; buffers (e.g. batch-norm statistics) stay each worker's own.
 
@@ -218,16 +227,25 @@ def run_worker(
         rank: the worker's global rank, in ``1 .. world_size - 1``.
         world_size: 1 server + the number of workers.
         loss_fn: ``loss_fn(model(inputs), targets)`` is the scalar loss.
-        max_steps: leave after this many applied gradients (``None``: until the server stops).
+        max_steps: leave after this many applied gradients (``None``: until the server stops);
+            in local SGD, applied pseudo-gradients.
         rpc_timeout: timeout of every RPC, in seconds.
         init_method: RPC rendezvous; ``"env://"`` reads ``MASTER_ADDR`` and ``MASTER_PORT``.
         num_threads: torch intra-op threads of this process (``None``: leave as is); 1 keeps
             several workers on one machine from fighting over cores.
+        sync_every: local SGD: inner steps between two pushes (``>= 1``); ``None``: one
+            gradient per push.
+        inner_optimizer_fn: local SGD: builds the inner optimizer from the model's parameters.
     """
     world_size = check_int(world_size, _WORLD_SIZE, 2)
     check_int(rank, "a worker's rank", 1, maximum=world_size - 1)
     check_positive(max_steps, "max_steps", integer=True, optional=True)
     check_positive(rpc_timeout, "rpc_timeout")
+    inner = None
+    if sync_every is not None or inner_optimizer_fn is not None:
+        check_local_sgd(sync_every, inner_optimizer_fn)  # before anything runs
+        assert inner_optimizer_fn is not None
+        inner = inner_optimizer_fn(model.parameters())
     if num_threads is not None:
         torch.set_num_threads(check_int(num_threads, "num_threads", 1))
     init_rpc(worker_name(rank), rank, world_size, init_method=init_method, timeout=rpc_timeout)
@@ -237,6 +255,27 @@ def run_worker(
         began = time.monotonic()
         reply = transport.join(rank)
         control = _connect_control(reply.control_port, rpc_timeout)
+        if inner is not None:
+            assert sync_every is not None
+            rounds = run_local_sgd_rounds(
+                model,
+                iter(batches),
+                loss_fn,
+                inner,
+                transport,
+                rank,
+                _fitting(reply, model),
+                sync_every=sync_every,
+                max_pushes=max_steps,
+            )
+            return WorkerResult(
+                rank,
+                rounds.pushes,
+                rounds.refused,
+                rounds.stop_reason,
+                time.monotonic() - began,
+                inner_steps=rounds.inner_steps,
+            )
         pusher = _Pusher(model, transport, rank)
         steps, refused, reason = _train_loop(
             model, iter(batches), loss_fn, pusher, reply, max_steps
@@ -274,6 +313,19 @@ class _Pusher:
         return self.transport.push(
             self.rank, torch.cat(pieces), version, loss, None if everything else present
         )
+
+
+def _fitting(reply: Reply, model: nn.Module) -> Reply:
+    """``reply`` if its parameters fit ``model`` (or it says stop), else a clear RuntimeError."""
+    if not reply.stop:
+        try:
+            check_flat(reply.params, list(model.parameters()))
+        except ValueError as error:
+            raise RuntimeError(
+                f"the server's parameters do not fit this worker's model ({error}); build the "
+                "same model on every rank"
+            ) from None
+    return reply
 
 
 def _train_loop(
@@ -392,7 +444,8 @@ def run_from_env(
     Args:
         job: what to train.
         config: the server's configuration (the workers use its ``rpc_timeout``).
-        worker_max_steps: each worker leaves after this many applied gradients.
+        worker_max_steps: each worker leaves after this many applied gradients (in local SGD,
+            pseudo-gradients).
 
     Returns:
         The :class:`ServerResult` on rank 0, a :class:`WorkerResult` elsewhere.
@@ -411,6 +464,9 @@ def run_from_env(
                     f"(rule='stability'); this job's optimizer_fn built {view.describe()}"
                 )
             view.set_curvature_probe(job.probe_fn(model))
+        if job.local_sgd:
+            # The outer optimizer applies pseudo-gradients to every global parameter.
+            check_outer_optimizer(optimizer, list(model.parameters()))
         return run_server(
             model, optimizer, world_size=world_size, config=config, init_method=init_method
         )
@@ -424,4 +480,6 @@ def run_from_env(
         max_steps=worker_max_steps,
         rpc_timeout=config.rpc_timeout,
         init_method=init_method,
+        sync_every=job.sync_every,
+        inner_optimizer_fn=job.inner_optimizer_fn,
     )
