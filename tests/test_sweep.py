@@ -618,3 +618,72 @@ def test_the_summary_reports_the_design_half_and_the_held_back_half_apart(tiny_s
     # The worst cell is the largest ratio to the oracle over the half.
     ratios = [cell.ratio(cell.rules["additive"]) for cell in design]
     assert worst_ratio(design, "additive") == max(r for r in ratios if r is not None)
+
+
+# -- a run that raises ----------------------------------------------------------------------------
+
+
+class Broken(rules.TuningRule):
+    """A rule whose every run raises (a bug in a new rule, say), only under asynchrony."""
+
+    name = "broken"
+
+    def algorithmic_momentum(self, target, implicit, *, lr=None, bounds=(-0.9, 0.99)):
+        if implicit > 0:
+            raise ZeroDivisionError("the broken rule divided by zero")
+        return formulas.clip_momentum(target, bounds)
+
+
+def test_a_run_that_raises_is_recorded_and_the_sweep_goes_on(monkeypatch, tiny_sweep, tmp_path):
+    monkeypatch.setitem(rules.RULES, "broken", Broken)
+    out = copy_cache(tiny_sweep[0], tmp_path / "sweep")
+    config = TINY.with_changes(rules=("additive", "broken"), staleness_models=("geometric",))
+    result = run_sweep(config, out, jobs=1)
+    # Every other run has its result; the broken rule's runs at M = 8 failed, with their error.
+    failed = {(f.spec.workers, f.spec.rule) for f in result.failures}
+    assert failed == {(8, "broken")}
+    assert all("ZeroDivisionError: the broken rule divided" in f.error for f in result.failures)
+    assert {row["status"] for row in result.rows if row["method"] == "additive"} <= {
+        "converged", "capped", "diverged"
+    }  # fmt: skip
+    cell = next(c for c in result.cells if c.workers == 8 and c.staleness == "geometric")
+    assert cell.rules["broken"].failed == config.seeds
+    assert cell.rules["additive"].failed == 0
+    assert cell.oracle is not None
+    table = (out / TABLE_NAME).read_text()
+    assert "**failed**" in table
+    assert "(**failed runs: 2**)" in table
+    assert "### Failed runs: 2" in table
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    assert len(summary["failures"]) == 2
+    # Failed runs are not cached: a re-run tries them again.
+    again = run_sweep(config, out, jobs=1)
+    assert again.computed == 2
+    assert len(again.failures) == 2
+
+
+def test_a_run_that_raises_in_a_worker_process_is_recorded_too(monkeypatch, tmp_path):
+    # Worker processes do not see a rule registered here: their runs raise "unknown rule".
+    monkeypatch.setitem(rules.RULES, "broken", Broken)
+    config = TINY.with_changes(
+        rules=("broken",), staleness_models=("geometric",), momenta=(0.5, 0.9)
+    )
+    result = run_sweep(config, tmp_path, jobs=2)
+    assert result.failures
+    assert all(f.spec.rule == "broken" for f in result.failures)
+    assert all(f.phase == "grid" for f in result.failures)
+
+
+def test_cli_a_failed_run_exits_1_at_the_end_naming_it(monkeypatch, tiny_sweep, tmp_path, capsys):
+    monkeypatch.setitem(rules.RULES, "broken", Broken)
+    out = copy_cache(tiny_sweep[0], tmp_path / "sweep")
+    args = sweep_parser().parse_args(["sweep", *TINY_ARGS, "--out", str(out)])
+    args.rules = ("additive", "broken")
+    args.staleness = ("geometric",)
+    assert args.handler(args) == 1
+    captured = capsys.readouterr()
+    assert "| geometric | 8 |" in captured.out  # the table is printed and written
+    assert (out / TABLE_NAME).exists()
+    assert "2 runs failed" in captured.err
+    assert "grid run quadratic geometric M=8 broken" in captured.err
+    assert "ZeroDivisionError" in captured.err

@@ -50,7 +50,8 @@ class MethodStats:
         method: ``"fixed"`` or a rule's name.
         momentum: the fixed momentum, or the rule's target total momentum.
         costs: per seed, steps to target, or the cap if not reached.
-        statuses: per seed, ``"converged"``, ``"capped"`` or ``"diverged"``.
+        statuses: per seed, ``"converged"``, ``"capped"``, ``"diverged"`` or ``"failed"`` (the
+            run raised; it counts at the cap, as not converged).
         applied_momentum: the algorithmic momentum the optimizer applied, mean over the run
             and over the seeds that did not diverge (NaN if all did: a run that diverges in its
             first updates shows the tuner's warm-up momentum, not its estimate).
@@ -78,6 +79,11 @@ class MethodStats:
     def diverged(self) -> int:
         """Number of seeds that diverged."""
         return self.statuses.count("diverged")
+
+    @property
+    def failed(self) -> int:
+        """Number of seeds whose run raised instead of finishing."""
+        return self.statuses.count("failed")
 
     @property
     def converged(self) -> bool:
@@ -129,6 +135,11 @@ class Cell:
             m for m in self.grid if self.fixed[m].converged and self.fixed[m].median <= limit
         )
 
+    @property
+    def failed_runs(self) -> int:
+        """Runs of this cell (grid and rules, every seed) that raised instead of finishing."""
+        return sum(s.failed for s in (*self.fixed.values(), *self.rules.values()))
+
     def ratio(self, stats: MethodStats) -> float | None:
         """``stats``'s median cost over the oracle's, or ``None`` without an oracle.
 
@@ -157,6 +168,7 @@ class MethodSummary:
         diverged_with_oracle: runs that diverged in cells where the oracle converges.
         worse_than_additive: cells (with an oracle) where this method needed more than
             :data:`WORSE_THAN_ADDITIVE` times the steps of the default ``additive`` rule.
+        failed_runs: runs that raised instead of finishing, over every cell and seed.
     """
 
     label: str
@@ -167,12 +179,15 @@ class MethodSummary:
     runs: int
     diverged_with_oracle: int = 0
     worse_than_additive: int = 0
+    failed_runs: int = 0
 
 
 def _stats(method: str, momentum: float, runs: Sequence[tuple[RunSpec, RunResult]]) -> MethodStats:
     cap = runs[0][0].max_steps
     costs = tuple(r.steps if r.status == "converged" else cap for _, r in runs)
-    stable = [r.mean_algorithmic_momentum for _, r in runs if r.status != "diverged"]
+    stable = [
+        r.mean_algorithmic_momentum for _, r in runs if r.status not in ("diverged", "failed")
+    ]
     applied = statistics.fmean(stable) if stable else math.nan
     return MethodStats(
         method=method,
@@ -230,6 +245,7 @@ def _summary(label: str, pairs: list[tuple[Cell, MethodStats]]) -> MethodSummary
         runs=sum(len(stats.costs) for _, stats in pairs),
         diverged_with_oracle=sum(stats.diverged for _, stats in with_oracle),
         worse_than_additive=worse,
+        failed_runs=sum(stats.failed for _, stats in pairs),
     )
 
 

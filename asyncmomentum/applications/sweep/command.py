@@ -65,7 +65,8 @@ def run_sweep(
 
     Raises:
         SweepOutputError: ``out`` cannot be created or written (checked before any run).
-        SweepError: a run failed, or no learning rate of a problem's grid converges.
+        SweepError: no learning rate of a problem's grid converges. A run that raises does
+            not stop the sweep: it is in the result's ``failures`` and marked in the table.
     """
     check_int(jobs, "jobs (worker processes)", 1)
     if out is None:
@@ -266,7 +267,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         args: parsed arguments (see :func:`register`).
 
     Returns:
-        0 on success, 1 if the sweep failed, 2 for bad arguments or an unwritable ``--out``,
+        0 on success, 1 if a run failed (every other result is written) or the sweep could not
+        be completed, 2 for bad arguments or an unwritable ``--out``,
         130 if interrupted.
     """
     try:
@@ -294,4 +296,14 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     print(format_summary(result))
     print(f"\nwrote {', '.join(str(Path(p)) for p in result.files.values())}")
     print(f"wall time {time.perf_counter() - started:.0f} s with --jobs {args.jobs}")
+    if result.failures or result.skipped_problems:
+        lines = [failure.describe() for failure in result.failures]
+        lines += [f"{p}: not run: {why}" for p, why in result.skipped_problems.items()]
+        print(
+            f"asyncmomentum sweep: error: {len(result.failures)} runs failed; every other result "
+            f"is in {args.out} (failed runs are marked in table.md and not cached):\n  "
+            + "\n  ".join(lines),
+            file=sys.stderr,
+        )
+        return 1
     return 0

@@ -10,6 +10,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,16 @@ from asyncmomentum.applications.sweep.runs import (
     RULE_PREFIX,
     RunResult,
     RunSpec,
+    failed_result,
     limit_threads,
-    run_one,
+    run_recorded,
     simulated_staleness,
 )
 from asyncmomentum.core.validation import check_int
 
 __all__ = [
     "LearningRateChoice",
+    "RunFailure",
     "Runner",
     "SweepError",
     "SweepResult",
@@ -50,7 +53,30 @@ _STEP_COST = {"quadratic": 1.0, "softmax": 2.0, "cnn": 7.0, "resnet": 40.0, "cha
 
 
 class SweepError(RuntimeError):
-    """A sweep could not be completed (a run failed, or no learning rate converges)."""
+    """A sweep could not be completed (no learning rate of a problem converges)."""
+
+
+@dataclass(frozen=True)
+class RunFailure:
+    """A run that raised instead of finishing: recorded, not cached, named at the end.
+
+    Attributes:
+        phase: ``"lr"``, ``"grid"`` or ``"meter"``.
+        spec: the run.
+        error: the exception's type and message.
+    """
+
+    phase: str
+    spec: RunSpec
+    error: str
+
+    def describe(self) -> str:
+        """One line: which run, and what it raised."""
+        s = self.spec
+        return (
+            f"{self.phase} run {s.problem} {s.staleness} M={s.workers} {s.rule or s.method}"
+            f" momentum={s.momentum:g} seed={s.seed}: {self.error}"
+        )
 
 
 @dataclass(frozen=True)
@@ -90,6 +116,8 @@ class SweepResult:
         cached: runs taken from the cache.
         seconds: wall time of the call.
         files: output name -> path, once written.
+        failures: the runs that raised (their cells are marked in the table).
+        skipped_problems: problem -> why it has no grid (every learning-rate run of it failed).
     """
 
     config: SweepConfig
@@ -102,6 +130,8 @@ class SweepResult:
     cached: int = 0
     seconds: float = 0.0
     files: dict[str, Path] = field(default_factory=dict)
+    failures: list[RunFailure] = field(default_factory=list)
+    skipped_problems: dict[str, str] = field(default_factory=dict)
 
 
 # -- execution ------------------------------------------------------------------------------------
@@ -155,7 +185,7 @@ class Runner:
         limit_threads()  # the same thread count as the worker processes: the same numbers
         try:
             for spec in specs:
-                done(spec, run_one(spec))
+                done(spec, run_recorded(spec))
         finally:
             torch.set_num_threads(threads)
 
@@ -169,14 +199,24 @@ class Runner:
                 self.jobs, mp_context=context, initializer=limit_threads
             )
         pending: dict[Future[RunResult], RunSpec] = {
-            self._pool.submit(run_one, spec): spec for spec in specs
+            self._pool.submit(run_recorded, spec): spec for spec in specs
         }
+        broken = False
         try:
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    done(pending.pop(future), future.result())
+                    spec = pending.pop(future)
+                    try:
+                        result = future.result()
+                    except Exception as error:  # a worker process died, or a pickling error
+                        broken = broken or isinstance(error, BrokenProcessPool)
+                        result = failed_result(error)
+                    done(spec, result)
         finally:
+            if broken:  # the next phase starts a fresh pool
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
             for future in pending:  # a failed run or Ctrl-C: drop what has not started
                 future.cancel()
 
@@ -199,10 +239,8 @@ def execute(
         desc: the progress bar's label.
 
     Returns:
-        ``(spec -> result, number of runs computed)``.
-
-    Raises:
-        SweepError: a run raised; the runs that finished are cached.
+        ``(spec -> result, number of runs computed)``. A run that raised is in it with
+        status ``"failed"`` and its error; it is not cached (a re-run tries it again).
     """
     results: dict[RunSpec, RunResult] = {}
     missing: list[RunSpec] = []
@@ -218,17 +256,12 @@ def execute(
 
     def done(spec: RunSpec, result: RunResult) -> None:
         results[spec] = result
-        if cache is not None:
+        if cache is not None and not result.failed:
             cache.put(spec, result)
         bar.update()
 
     try:
         runner.run(missing, done)
-    except Exception as error:
-        raise SweepError(
-            f"a run of the sweep failed: {type(error).__name__}: {error}. The runs that "
-            "finished are cached; fix the cause and run the sweep again to compute the rest."
-        ) from error
     finally:
         bar.close()
     return results, len(missing)
@@ -280,7 +313,8 @@ def choose_learning_rate(
         safety: the safety factor, in (0, 1].
 
     Raises:
-        SweepError: no rate of the grid converged for every seed.
+        SweepError: no rate of the grid converged for every seed (failed runs count as not
+            converged).
     """
     cap = runs[0][0].max_steps
     by_lr: dict[float, list[RunResult]] = {}
@@ -368,6 +402,7 @@ def _row(phase: str, staleness: str, spec: RunSpec, result: RunResult) -> dict[s
         "cpu_seconds": result.cpu_seconds,
         "measured_total_momentum": result.measured_total_momentum,
         "measured_standard_error": result.measured_standard_error,
+        "error": result.error or "",
     }
 
 
@@ -407,25 +442,39 @@ def _compute(
     )
     rows = []
     choices = {}
+    failures = [
+        RunFailure("lr", s, lr_results[s].error or "") for s in lr_results if lr_results[s].failed
+    ]
+    skipped = {}
     for problem, specs in lr_specs.items():
         runs = [(s, lr_results[s]) for s in specs]
-        choices[problem] = choose_learning_rate(problem, runs, config.lr_safety)
         rows += [_row("lr", s.staleness, s, r) for s, r in runs]
+        try:
+            choices[problem] = choose_learning_rate(problem, runs, config.lr_safety)
+        except SweepError as error:
+            if not any(r.failed for _, r in runs):
+                raise  # a problem that does not converge: a configuration to fix
+            skipped[problem] = f"its learning-rate runs failed ({error})"
+    problems = [p for p in config.problems if p in choices]
 
-    pairs = [pair for p in config.problems for pair in grid_specs(config, p, choices[p].lr)]
+    pairs = [pair for p in problems for pair in grid_specs(config, p, choices[p].lr)]
     grid_results, computed_grid = execute(
         (s for _, s in pairs), cache, runner, progress=progress, desc="sweep: grid"
     )
     computed += computed_grid
+    failures += [RunFailure("grid", s, r.error or "") for s, r in grid_results.items() if r.failed]
     triples = [(staleness, s, grid_results[s]) for staleness, s in pairs]
     rows += [_row("grid", staleness, s, r) for staleness, s, r in triples]
     cells = build_cells(triples, config.momenta)
 
-    checks = [s for p in config.problems for s in meter_specs(config, p, choices[p].lr)]
+    checks = [s for p in problems for s in meter_specs(config, p, choices[p].lr)]
     meter_results, computed_meter = execute(
         checks, cache, runner, progress=progress, desc="sweep: momentum meter"
     )
     computed += computed_meter
+    failures += [
+        RunFailure("meter", s, r.error or "") for s, r in meter_results.items() if r.failed
+    ]
     rows += [_row("meter", s.staleness, s, meter_results[s]) for s in checks]
     total = len(set(lr_results) | set(grid_results) | set(meter_results))
     return SweepResult(
@@ -438,4 +487,6 @@ def _compute(
         computed=computed,
         cached=total - computed,
         seconds=time.perf_counter() - started,
+        failures=failures,
+        skipped_problems=skipped,
     )

@@ -168,6 +168,13 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def _steps(stats: MethodStats, cell: Cell) -> str:
+    if stats.failed == len(stats.statuses):
+        return "**failed**"
+    mark = f" **{stats.failed} failed**" if stats.failed else ""
+    return _finished_steps(stats, cell) + mark
+
+
+def _finished_steps(stats: MethodStats, cell: Cell) -> str:
     ratio = cell.ratio(stats)
     if stats.converged:
         text = f"{stats.median:.0f}"
@@ -209,14 +216,17 @@ def format_table(result: SweepResult) -> str:
         "target (evaluated every few updates); in parentheses, the ratio to the oracle, the "
         "fastest fixed momentum of the grid. `>=N`: most seeds did not reach the target "
         "within the cap of N updates; `div`: some of those diverged. `mom.`: the momentum a rule "
-        "applied (mean over the run and the seeds that did not diverge).",
+        "applied (mean over the run and the seeds that did not diverge). `failed`: runs that "
+        "raised an error (listed below the tables; they count at the cap).",
         "",
     ]
     for problem in config.problems:
-        choice = result.learning_rates[problem]
         cells = [c for c in result.cells if c.problem == problem]
+        if problem in result.skipped_problems:
+            lines += [f"### {problem}: **not run**: {result.skipped_problems[problem]}", ""]
         if not cells:
             continue
+        choice = result.learning_rates[problem]
         lines += [
             f"### {problem}: lr {choice.lr:.4g} ({choice.safety:g} x {choice.fastest:g}, the "
             f"fastest of the lr grid at M = 1), target loss {get_problem(problem).target_loss:g}, "
@@ -233,6 +243,8 @@ def format_table(result: SweepResult) -> str:
         ]
         for cell in cells:
             oracle, band, steps = _oracle_text(cell)
+            if cell.failed_runs:
+                oracle = f"{oracle} (**failed runs: {cell.failed_runs}**)"
             stats = [cell.fixed[baseline], *(cell.rules[rule] for rule in rules)]
             lines.append(
                 f"| {cell.staleness} | {cell.workers} | {oracle} | {band} | {steps} | "
@@ -244,7 +256,21 @@ def format_table(result: SweepResult) -> str:
                 + " |"
             )
         lines.append("")
+    lines += format_failures(result)
     return "\n".join(lines)
+
+
+def format_failures(result: SweepResult) -> list[str]:
+    """The runs that raised, one line each (nothing when none did).
+
+    Args:
+        result: a computed sweep.
+    """
+    if not result.failures:
+        return []
+    lines = [f"### Failed runs: {len(result.failures)} (not cached: a re-run tries them again)", ""]
+    lines += [f"- {failure.describe()}" for failure in result.failures]
+    return [*lines, ""]
 
 
 def oracle_trends(result: SweepResult) -> list[dict[str, Any]]:
@@ -326,7 +352,8 @@ def format_summary(result: SweepResult) -> str:
     lines += [
         "",
         f"{result.computed} runs computed, {result.cached} from the cache, "
-        f"in {result.seconds:.0f} s.",
+        f"in {result.seconds:.0f} s."
+        + (f" **{len(result.failures)} runs failed** (listed above)." if result.failures else ""),
     ]
     return "\n".join(lines)
 
@@ -410,6 +437,10 @@ def summary_dict(result: SweepResult) -> dict[str, Any]:
             for p, c in result.learning_rates.items()
         },
         "summaries": [vars(s) for s in result.summaries],
+        "failures": [
+            {"phase": f.phase, "run": f.spec.key(), "error": f.error} for f in result.failures
+        ],
+        "skipped_problems": dict(result.skipped_problems),
         "trends": oracle_trends(result),
         "cells": cells,
         "meter": [point.to_dict() for point in result.meter],
@@ -532,12 +563,18 @@ def _draw_panel(axis: Any, cells: list[Cell], result: SweepResult, handles: dict
         tuning = make_rule(rule)
         if not tuning.stateful:  # a formula of M; the feedback rules have no curve to draw
             bounds = formulas.DEFAULT_MOMENTUM_BOUNDS
-            predicted = [
-                tuning.algorithmic_momentum(baseline, formulas.implicit_momentum(m), bounds=bounds)
-                for m in smooth
-            ]
-            (line,) = axis.plot(smooth, predicted, color=color, linewidth=1.6)
-            handles[f"{rule}: prediction for a known M"] = line
+            try:
+                predicted = [
+                    tuning.algorithmic_momentum(
+                        baseline, formulas.implicit_momentum(m), bounds=bounds
+                    )
+                    for m in smooth
+                ]
+            except Exception:  # a broken rule: its runs are reported as failed, no curve
+                predicted = None
+            if predicted is not None:
+                (line,) = axis.plot(smooth, predicted, color=color, linewidth=1.6)
+                handles[f"{rule}: prediction for a known M"] = line
         ran = [c for c in cells if rule in c.rules]
         marker = axis.scatter(
             [c.workers for c in ran],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -24,13 +25,21 @@ from asyncmomentum.core.optimizer import AsyncMomentumSGD
 from asyncmomentum.core.tuning.rules import rule_class
 from asyncmomentum.runtimes.simulate import History, simulate, staleness_model
 
-__all__ = ["DIVERGENCE_FACTOR", "RunResult", "RunSpec", "Status", "run_one"]
+__all__ = [
+    "DIVERGENCE_FACTOR",
+    "RunResult",
+    "RunSpec",
+    "Status",
+    "failed_result",
+    "run_one",
+    "run_recorded",
+]
 
 #: A run diverged when its full training loss exceeds this multiple of the initial loss (or is
 #: not finite): far above anything a converging run visits, and early enough to stop wasting steps.
 DIVERGENCE_FACTOR = 10.0
 
-Status = Literal["converged", "capped", "diverged"]
+Status = Literal["converged", "capped", "diverged", "failed"]
 
 #: Method names: ``"fixed"`` (a constant algorithmic momentum), ``"rule:<name>"`` (tuned), or
 #: ``"meter"`` (a constant momentum with the momentum meter on, run to the step cap, not stopped
@@ -100,8 +109,9 @@ class RunResult:
 
     Attributes:
         status: ``"converged"`` (reached the target), ``"capped"`` (did not within
-            ``max_steps``) or ``"diverged"`` (a non-finite value, or a full loss above
-            :data:`DIVERGENCE_FACTOR` times the initial one).
+            ``max_steps``), ``"diverged"`` (a non-finite value, or a full loss above
+            :data:`DIVERGENCE_FACTOR` times the initial one) or ``"failed"`` (the run raised:
+            see ``error``; never cached).
         steps: updates applied when the run stopped: the steps to target if converged.
         initial_loss: full training loss before the first update.
         final_loss: full training loss at the last evaluation (``inf`` if not finite).
@@ -113,6 +123,7 @@ class RunResult:
         measured_total_momentum: the momentum meter's total at the end (``"meter"`` runs;
             ``None`` otherwise or without a reading).
         measured_standard_error: the meter's standard error of it.
+        error: for a ``"failed"`` run, the exception it raised (type and message).
     """
 
     status: Status
@@ -125,6 +136,12 @@ class RunResult:
     cpu_seconds: float = 0.0
     measured_total_momentum: float | None = None
     measured_standard_error: float | None = None
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """Whether the run raised instead of finishing (its numbers are then meaningless)."""
+        return self.status == "failed"
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict."""
@@ -254,6 +271,42 @@ def run_one(spec: RunSpec) -> RunResult:
         cpu_seconds=time.process_time() - cpu_started,
         **_meter_fields(optimizer),
     )
+
+
+def failed_result(error: BaseException, seconds: float = 0.0) -> RunResult:
+    """The record of a run that raised ``error``: status ``"failed"``, NaN measurements.
+
+    Args:
+        error: what the run raised.
+        seconds: how long it ran before that.
+    """
+    message = "".join(traceback.format_exception_only(type(error), error)).strip()
+    return RunResult(
+        status="failed",
+        steps=0,
+        initial_loss=math.nan,
+        final_loss=math.nan,
+        mean_algorithmic_momentum=math.nan,
+        final_estimated_workers=math.nan,
+        seconds=seconds,
+        error=message.replace("\n", " "),
+    )
+
+
+def run_recorded(spec: RunSpec) -> RunResult:
+    """:func:`run_one`, with an exception recorded as a ``"failed"`` result instead of raised.
+
+    One run's failure (a bug in a problem or a rule) then costs that run only: the sweep keeps
+    every other result, marks the failed cells, and names the failures at the end.
+
+    Args:
+        spec: the run's parameters.
+    """
+    started = time.perf_counter()
+    try:
+        return run_one(spec)
+    except Exception as error:  # recorded, reported by the sweep, never cached
+        return failed_result(error, time.perf_counter() - started)
 
 
 def _meter_fields(optimizer: AsyncMomentumSGD) -> dict[str, float]:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from asyncmomentum.core.validation import check_int, check_real
 
@@ -39,6 +40,9 @@ class CurvatureEstimator:
     so after the first call (``iterations`` products) a few products (``warm_iterations``) track
     the top eigenvector as training moves. If the dominant eigenvalue is negative (a saddle),
     a shifted iteration finds the largest positive one, which is what limits stability.
+
+    The forward runs attention on its math path (``SDPBackend.MATH``): the fused kernels
+    have no double backward.
 
     Cost: one forward, one backward with graph, and ``k`` Hessian-vector products (about two
     backwards each), every time it is called. Memory between calls: the warm-start vector in
@@ -114,7 +118,11 @@ class CurvatureEstimator:
         Args:
             loss_fn: computes a scalar loss of the parameters (e.g. one mini-batch), with grad.
         """
-        with torch.enable_grad():
+        # Hessian-vector products differentiate the loss twice. The fused attention kernels
+        # (flash, efficient, CPU flash) have no double backward, so the probe's forward runs
+        # scaled_dot_product_attention on the math path, which does (a transformer's probe
+        # would otherwise fail in the first product).
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             loss = loss_fn()
             if not (isinstance(loss, Tensor) and loss.numel() == 1 and loss.requires_grad):
                 raise ValueError(
