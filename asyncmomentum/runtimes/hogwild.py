@@ -61,6 +61,7 @@ from torch.optim import Optimizer
 from asyncmomentum.core.tracker import AsynchronyTracker
 from asyncmomentum.core.validation import check_int, check_positive
 from asyncmomentum.runtimes.adapter import OptimizerView
+from asyncmomentum.runtimes.supervision import end_processes
 from asyncmomentum.runtimes.trace import TracePoint
 
 __all__ = [
@@ -704,12 +705,8 @@ class _WorkerState:
             self.failure = message
         return message
 
-    def join(self, deadline: float) -> None:
-        """Wait for the process to exit until ``deadline``, else kill it; record its exit code."""
-        self.process.join(timeout=max(deadline - time.perf_counter(), 0.0))
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(timeout=_EXIT_GRACE_S)
+    def close(self) -> None:
+        """Record the exit code of the ended process and release its pipe."""
         self.exit_code = self.process.exitcode
         self.conn.close()
         if self.exit_code is not None:
@@ -997,9 +994,13 @@ class _Supervisor:
                 state.stopped_early = True
                 state.process.terminate()
         # One grace period for all: workers exit concurrently, so join them against one deadline.
-        deadline = time.perf_counter() + _EXIT_GRACE_S
+        end_processes(
+            [state.process for state in self.states],
+            time.monotonic() + _EXIT_GRACE_S,
+            _EXIT_GRACE_S,
+        )
         for state in self.states:
-            state.join(deadline)
+            state.close()
         self.wall_time = time.perf_counter() - self.started
 
 

@@ -11,7 +11,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -25,6 +25,7 @@ from asyncmomentum.runtimes.server.config import (
     WorkerResult,
 )
 from asyncmomentum.runtimes.server.processes import run_from_env
+from asyncmomentum.runtimes.supervision import end_processes
 from asyncmomentum.runtimes.transport import (
     SECRET_ENV,
     SERVER_NAME,
@@ -145,12 +146,12 @@ def launch_local(
             raise RuntimeError(f"{error}{_worker_errors(outcomes)}") from None
         server_done = time.monotonic()
         outcomes = _collect_workers(processes[1:], connections[1:], deadline)
-        _end_processes(processes, min(deadline, time.monotonic() + _WORKER_GRACE_S))
+        end_processes(processes, min(deadline, time.monotonic() + _WORKER_GRACE_S), _KILL_GRACE_S)
         finished = True
         return LocalJobResult(
             server,
             outcomes,
-            tuple(p.pid for p in processes),
+            tuple(cast(int, p.pid) for p in processes),  # all started: each has a pid
             port,
             wind_down_s=time.monotonic() - server_done,
         )
@@ -159,7 +160,7 @@ def launch_local(
             os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
         # After a failure the other children cannot finish their job: end them now.
         grace_end = min(deadline, time.monotonic() + _WORKER_GRACE_S)
-        _end_processes(processes, grace_end if finished else time.monotonic())
+        end_processes(processes, grace_end if finished else time.monotonic(), _KILL_GRACE_S)
         for connection in connections:
             connection.close()
 
@@ -277,7 +278,7 @@ def _collect_workers(
             if rank in unread:  # it ended: what it sent, if anything, is in the pipe
                 messages[rank] = _read(unread.pop(rank))
     stuck = set(running.values())
-    _end_processes([processes[rank - 1] for rank in sorted(stuck)], 0.0, _TERM_GRACE_S)
+    end_processes([processes[rank - 1] for rank in sorted(stuck)], 0.0, _TERM_GRACE_S)
     outcomes = {}
     for rank, process in enumerate(processes, start=1):
         if rank in unread:  # killed before it sent anything
@@ -313,23 +314,3 @@ def _worker_errors(outcomes: dict[int, WorkerOutcome]) -> str:
         for rank, outcome in outcomes.items()
         if outcome.error is not None
     )
-
-
-def _end_processes(processes: list[Any], deadline: float, grace: float = _KILL_GRACE_S) -> None:
-    """Join every child until ``deadline``; terminate, then kill, the ones still running.
-
-    Args:
-        processes: the children.
-        deadline: ``time.monotonic()`` until which they may end by themselves.
-        grace: seconds between SIGTERM and SIGKILL (and after SIGKILL).
-    """
-    for process in processes:
-        process.join(timeout=max(deadline - time.monotonic(), 0.0))
-    alive = [process for process in processes if process.is_alive()]
-    for process in alive:
-        process.terminate()
-    for process in alive:
-        process.join(timeout=grace)
-        if process.is_alive():
-            process.kill()
-            process.join(timeout=grace)
