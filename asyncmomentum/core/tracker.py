@@ -331,7 +331,7 @@ class AsynchronyTracker:
         if not isinstance(state_dict, dict):
             raise ValueError(f"tracker state must be a dict, got {type(state_dict).__name__}")
         # A state without a format is a MomentumTuner's (before the tracker): estimator and rule.
-        required = ("clock", "estimator", "version_read", "last_staleness")
+        required: tuple[str, ...] = ("clock", "estimator", "version_read", "last_staleness")
         if "format" not in state_dict:
             required = ("estimator",)
         elif state_dict["format"] != STATE_FORMAT:
@@ -342,12 +342,15 @@ class AsynchronyTracker:
         missing = [key for key in required if key not in state_dict]
         if missing:
             raise ValueError(f"tracker state lacks {missing}")
-        if "clock" in state_dict:
-            VersionClock().load_state_dict(state_dict["clock"])  # fresh objects: they check
-        StalenessEstimator().load_state_dict(state_dict["estimator"])
-        for key in ("version_read", "last_staleness"):
-            if key in state_dict:
-                check_int(state_dict[key], key, 0, maximum=MAX_COUNT)
+        try:
+            if "clock" in state_dict:
+                VersionClock().load_state_dict(state_dict["clock"])  # fresh objects: they check
+            StalenessEstimator().load_state_dict(state_dict["estimator"])
+            for key in ("version_read", "last_staleness"):
+                if key in state_dict:
+                    check_int(state_dict[key], key, 0, maximum=MAX_COUNT)
+        except (ValueError, TypeError, KeyError) as error:
+            raise ValueError(f"tracker state is corrupt: {error}") from None
         rule_state = state_dict.get(self.rule.name)
         if rule_state is not None:
             self.rule.check_state_dict(rule_state)
