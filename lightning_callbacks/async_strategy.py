@@ -15,6 +15,12 @@ Processes start as Lightning's DDP starts them (its launcher for ``devices=N`` o
 :class:`~pytorch_lightning.strategies.DDPStrategy` that does not wrap the model and replaces the
 optimizer step. The link to the server is a :class:`~asyncmomentum.runtimes.transport.Transport`
 (RPC to rank 0 for the leaders of groups 1..G-1, a direct call for group 0).
+
+Local SGD (the DiLoCo family): with ``sync_every=H`` and ``outer_optimizer=fn``, the optimizer of
+``configure_optimizers`` is each group's *inner* optimizer and steps for real (on the gradient
+averaged inside the group); every ``H`` inner steps the group pushes the pseudo-gradient
+``params_read - params_now`` tagged with the version it read, and the server applies it with
+``fn(server_params)``, the *outer* optimizer, with the exact staleness in outer updates.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from asyncmomentum.core.validation import check_int, check_positive
+from asyncmomentum.runtimes.local_sgd import check_outer_optimizer, check_sync_every
 from asyncmomentum.runtimes.server import ParameterServer, ServerConfig, ServerResult, TracePoint
 from asyncmomentum.runtimes.transport import (
     SERVER_NAME,
@@ -64,6 +71,9 @@ _NO_TIME_LIMIT_S = 365 * 24 * 3600.0
 
 # Applied updates between two points of the server's trace (kept for the run's result).
 _TRACE_EVERY = 50
+
+#: The checkpoint's key for what local SGD adds (the outer optimizer, with its tracker).
+LOCAL_SGD_KEY = "async_parameter_server/local_sgd"
 
 
 class AsyncParameterServerStrategy(DDPStrategy):
@@ -96,9 +106,26 @@ class AsyncParameterServerStrategy(DDPStrategy):
     hand or by a scheduler (``LOCAL_RANK``, ``NODE_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
     ``MASTER_PORT`` set) keep going.
 
+    Local SGD (``sync_every=H``, ``outer_optimizer=fn``): each group takes ``H`` steps of the
+    optimizer of ``configure_optimizers`` (its *inner* optimizer, e.g. AdamW; synchronous inside
+    the group as above; learning-rate schedulers step it and are allowed), then pushes the
+    pseudo-gradient; ``fn(params)`` builds the server's *outer* optimizer over the server's
+    parameters (e.g. ``lambda p: AsyncMomentumSGD(p, lr=0.7, momentum=0.9, nesterov=True)``,
+    DiLoCo's outer step, which then tunes its momentum to the staleness of the pushes).
+    ``max_steps`` and ``trainer.global_step`` count a process's *inner* steps; the server stops
+    once every group has left (a last round shorter than ``H`` is not pushed). Checkpoints hold
+    the server's model, the inner optimizer of rank 0 under ``optimizer_states``, and the outer
+    optimizer (tracker included) under :data:`LOCAL_SGD_KEY`; ``ckpt_path=`` resumes both.
+    :class:`~lightning_callbacks.AsyncMomentumCallback` reads (and, for a torch optimizer,
+    tunes) the outer optimizer.
+
     Args:
         groups: number of compute groups ``G``, in ``1 .. N``; ``None``: ``N`` (every process
             its own group).
+        sync_every: local SGD: inner steps of a group between two pushes (``>= 1``); ``None``
+            (the default): one gradient per push, as described above.
+        outer_optimizer: local SGD: ``fn(params)`` builds the outer optimizer over the server's
+            parameters (all of them); needed with ``sync_every``.
         worker_timeout: seconds after which the server drops a silent group (and a group's
             collectives give up on a silent member).
         rpc_timeout: seconds each call to the server may take.
@@ -120,6 +147,8 @@ class AsyncParameterServerStrategy(DDPStrategy):
         self,
         groups: int | None = None,
         *,
+        sync_every: int | None = None,
+        outer_optimizer: Callable[[list[torch.nn.Parameter]], Optimizer] | None = None,
         worker_timeout: float = 60.0,
         rpc_timeout: float = 120.0,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
@@ -129,8 +158,25 @@ class AsyncParameterServerStrategy(DDPStrategy):
             check_int(groups, "groups (number of compute groups)", 1)
         check_positive(worker_timeout, "worker_timeout")
         check_positive(rpc_timeout, "rpc_timeout")
+        if sync_every is not None:
+            check_sync_every(sync_every)
+            if not callable(outer_optimizer):
+                raise ValueError(
+                    "local SGD (sync_every set) needs outer_optimizer=fn, where fn(params) builds "
+                    "the server's outer optimizer, e.g. lambda p: AsyncMomentumSGD(p, lr=0.7, "
+                    f"momentum=0.9, nesterov=True); got {outer_optimizer!r}"
+                )
+        elif outer_optimizer is not None:
+            raise ValueError(
+                "outer_optimizer is for local SGD: give sync_every (inner steps between pushes)"
+            )
         super().__init__(start_method=start_method, **kwargs)
         self.groups = groups
+        self.sync_every = sync_every
+        self.outer_optimizer = outer_optimizer
+        self._inner_steps = 0  # inner steps since the last push (local SGD)
+        self._read: Tensor | None = None  # the flat parameters read (local SGD)
+        self._outer_snapshot: dict[str, Any] | None = None
         self.worker_timeout = float(worker_timeout)
         self.rpc_timeout = float(rpc_timeout)
         self._layout: ComputeGroups | None = None
@@ -223,7 +269,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
                 "AsyncParameterServerStrategy cannot synchronize batch norm over every process "
                 "(Trainer(sync_batchnorm=True)): groups do not wait for each other"
             )
-        if len(self.optimizers) != 1 or self.lr_scheduler_configs:
+        if len(self.optimizers) != 1 or (self.lr_scheduler_configs and self.sync_every is None):
             raise ValueError(
                 "AsyncParameterServerStrategy needs configure_optimizers to return exactly one "
                 f"optimizer and no learning-rate scheduler (found {len(self.optimizers)} "
@@ -248,7 +294,15 @@ class AsyncParameterServerStrategy(DDPStrategy):
             # Only rank 0 validates during fit: the others' validation loaders are empty.
             self._allowed_empty = module.allow_zero_length_dataloader_with_multiple_devices
             module.allow_zero_length_dataloader_with_multiple_devices = True
-        if self.is_global_zero:
+        if self.is_global_zero and self.sync_every is not None:
+            # Local SGD: the server's model, and the outer optimizer over its parameters.
+            assert self.outer_optimizer is not None
+            self._served_model = copy.deepcopy(module).cpu()
+            served = list(self._served_model.parameters())
+            outer = self.outer_optimizer(served)
+            check_outer_optimizer(outer, served)
+            self._served_optimizers = [outer]
+        elif self.is_global_zero:
             # The server's model and optimizer: copies over their own parameters, taken after
             # Lightning restored the module (ckpt_path); the optimizer's state comes later.
             memo: dict[int, Any] = {}
@@ -274,7 +328,14 @@ class AsyncParameterServerStrategy(DDPStrategy):
             self._exchange(loss)
             return loss
 
-        optimizer.step = exchange  # type: ignore[method-assign]
+        inner_step = optimizer.step
+
+        def local_round(closure: Callable[[], Any] | None = None, **_: Any) -> Any:
+            loss = closure() if closure is not None else None
+            self._inner_step(inner_step, loss)
+            return loss
+
+        optimizer.step = exchange if self.sync_every is None else local_round  # type: ignore[method-assign]
         self._wrapped = optimizer
 
     def _unwrap_optimizer(self) -> None:
@@ -324,6 +385,16 @@ class AsyncParameterServerStrategy(DDPStrategy):
         Args:
             checkpoint: the Lightning checkpoint.
         """
+        if self.sync_every is not None:
+            # Local SGD: the inner optimizer is Lightning's; the outer one is the server's.
+            for optimizer, state in zip(
+                self.optimizers, checkpoint["optimizer_states"], strict=True
+            ):
+                optimizer.load_state_dict(state)
+            saved = checkpoint.get(LOCAL_SGD_KEY)
+            if self._served_optimizers and saved is not None:
+                self._served_optimizers[0].load_state_dict(saved["outer_optimizer"])
+            return
         targets = self._served_optimizers or self.optimizers
         for optimizer, state in zip(targets, checkpoint["optimizer_states"], strict=True):
             optimizer.load_state_dict(state)
@@ -356,6 +427,8 @@ class AsyncParameterServerStrategy(DDPStrategy):
         assert self._layout is not None
         assert self._served_model is not None
         remaining = None if trainer.max_steps < 0 else max(trainer.max_steps - self._offset, 1)
+        if self.sync_every is not None:
+            remaining = None  # max_steps counts inner steps: the groups leave by themselves
         config = ServerConfig(
             total_updates=remaining,
             max_seconds=_NO_TIME_LIMIT_S if remaining is None else None,
@@ -509,6 +582,33 @@ class AsyncParameterServerStrategy(DDPStrategy):
         # Lightning adds this step after it returns: keep global_step = the server's version.
         self._set_global_step(self._offset + self._version - 1)
 
+    def _inner_step(self, inner_step: Callable[[], Any], loss: Any) -> None:
+        """Local SGD: one inner step on the group's average gradient; every H, a push."""
+        layout = self._layout
+        module = self.lightning_module
+        assert layout is not None
+        assert module is not None
+        if layout.size > 1:
+            params = [p for p in module.parameters() if p.grad is not None]
+            if params:
+                flat = layout.average(flatten([p.grad for p in params]))
+                vector_to_parameters(flat, [p.grad for p in params])
+        inner_step()
+        self._inner_steps += 1
+        if self._inner_steps < self.sync_every:
+            return
+        self._inner_steps = 0
+        read = self._read
+        assert read is not None
+        value = float(loss.detach()) if isinstance(loss, Tensor) else float("nan")
+
+        def push(transport: Transport) -> Any:
+            now = flatten([p.detach() for p in module.parameters()])
+            delta = (read - now).cpu()
+            return transport.push(layout.server_rank, delta, self._version, value)
+
+        self._install(self._ask(push))
+
     def _ask(self, call: Callable[[Transport], Any]) -> GroupReply:
         """The leader asks the server; every member of the group gets the reply."""
         layout = self._layout
@@ -533,6 +633,8 @@ class AsyncParameterServerStrategy(DDPStrategy):
         # Each reply is a fresh tensor: the parameters become views of it (no copy).
         vector_to_parameters(check_flat(flat, params, "the server's parameters"), params)
         self._version = reply.version
+        if self.sync_every is not None:
+            self._read = flat.detach().clone()  # the inner steps change flat in place
 
     def _set_global_step(self, value: int) -> None:
         progress = self.lightning_module.trainer.fit_loop.epoch_loop.automatic_optimization
@@ -585,9 +687,36 @@ class AsyncParameterServerStrategy(DDPStrategy):
         if not self._served_optimizers:
             return super().optimizer_state(optimizer)
         snapshot, self._snapshot = self._snapshot, None
+        if self.sync_every is not None:
+            # Local SGD: the outer optimizer goes under its own key (save_checkpoint).
+            outer = self._served_optimizers[0]
+            self._outer_snapshot = {
+                "outer_optimizer": copy.deepcopy(outer.state_dict())
+                if snapshot is None
+                else snapshot["optimizer"],
+                "outer_optimizer_class": type(outer).__name__,
+                "sync_every": self.sync_every,
+            }
+            return super().optimizer_state(optimizer)
         if snapshot is not None:
             return snapshot["optimizer"]
         return self._served_optimizers[0].state_dict()
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        """Save as DDP does; in local SGD, with the outer optimizer under :data:`LOCAL_SGD_KEY`.
+
+        Args:
+            checkpoint: the checkpoint Lightning dumped.
+            filepath: where to write it.
+            storage_options: passed on to the checkpoint I/O.
+        """
+        outer, self._outer_snapshot = self._outer_snapshot, None
+        if outer is not None:
+            checkpoint = {**checkpoint, LOCAL_SGD_KEY: outer}
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
