@@ -474,3 +474,17 @@ def test_curvature_warm_start_dtype_must_be_a_floating_dtype() -> None:
         CurvatureEstimator([x], warm_start_dtype=torch.int8)
     with pytest.raises(ValueError, match="warm_start_dtype"):
         CurvatureEstimator([x], warm_start_dtype="bfloat16")
+
+
+def test_zero_curvature_under_a_constant_delay_gives_no_numpy_warning():
+    # a = 0 with a constant delay: the circle passes through the root at z = 1 and the
+    # staleness spread is 0 there; this was 0/0 (numpy's "invalid value encountered in divide").
+    import warnings
+
+    from asyncmomentum.core.tuning import delayed_heavy_ball
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not delayed_heavy_ball.is_stable(0.5, 0.0, [0.0, 0.0, 1.0])
+        assert delayed_heavy_ball.largest_stable_momentum(0.0, [0.0, 0.0, 1.0], cap=0.9) == 0.9
+        assert delayed_heavy_ball.largest_stable_momentum(1e-3, [0.0, 0.0, 1.0], cap=0.9) > 0.5

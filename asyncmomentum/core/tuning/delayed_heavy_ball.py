@@ -210,10 +210,13 @@ def _stability_at(
     safe = np.where(magnitude > 0, d, 1.0)
     turns = np.angle(np.roll(safe, -1, axis=1) / safe).sum(axis=1)
     stable = (np.abs(turns) < np.pi) & (magnitude.min(axis=1) > 0)
-    if criterion == "mean_square":
+    if criterion == "mean_square" and a != 0.0:  # a = 0: no delayed term, no staleness noise
         spread = np.clip(tail_weight - np.abs(transform) ** 2, 0.0, None)
-        noise = np.mean(spread / np.maximum(magnitude, 1e-300) ** 2, axis=1)
-        stable &= (a * a / radius[:, 0] ** 2) * noise < 1.0
+        # |D|^2 is 0 where the circle passes through a root (or underflows next to one): that
+        # row is not stable, so its gain is infinite, not 0/0 (NaN, and numpy's warning).
+        squared = magnitude**2
+        gain = np.divide(spread, squared, out=np.full_like(spread, np.inf), where=squared > 0)
+        stable &= (a * a / radius[:, 0] ** 2) * np.mean(gain, axis=1) < 1.0
     return stable
 
 
