@@ -9,12 +9,15 @@ through ``run_from_env``, as ``torchrun`` would).
 from __future__ import annotations
 
 import functools
+import importlib
 import itertools
+import json
 import math
 import multiprocessing
 import os
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 from statistics import mean
 
 import pytest
@@ -254,3 +257,29 @@ def test_a_killed_local_sgd_worker_is_dropped_and_the_others_finish() -> None:
         assert job_result.workers[rank].exitcode == 0, job_result.workers[rank].error
     assert {p.worker for p in result.trace[-20:]} == {1, 2}
     assert multiprocessing.active_children() == []
+
+
+# -- the benchmark's real-process part, in its quick form ---------------------------------------
+
+
+@pytest.mark.slow  # 2 jobs of 3 fresh processes: ~25 s on 2 idle cores, 64 s at load 14
+@pytest.mark.timeout(150)
+def test_the_benchmarks_real_part_runs_both_kinds_of_job(tmp_path, monkeypatch, capsys) -> None:
+    # Imported by name from benchmarks/: the spawned processes unpickle its functions so.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("local_sgd")
+    assert bench.main(["--quick", "--part", "real", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Real processes, M=2, hetero speeds (slowdowns [2.0, 1.0], by sleeping)" in out
+    assert "load average after" in out
+    runs = json.loads((tmp_path / "local_sgd_real.json").read_text())
+    assert {r["job"]["method"] for r in runs} == {"tuned-add", "sync"}
+    for run in runs:
+        # Snapshots were evaluated: held-out losses against outer updates and wall time.
+        assert run["updates"][0] == 0
+        assert run["updates"][-1] > 0
+        assert len(run["losses"]) == len(run["times"]) == len(run["updates"]) >= 2
+        assert all(math.isfinite(x) for x in run["losses"])
+    tuned = next(r for r in runs if r["job"]["method"] == "tuned-add")
+    assert tuned["mean_staleness"] > 0.5  # two asynchronous workers: about 1
+    assert not list(tmp_path.glob("real-*/*.pt"))  # the snapshots were cleaned up
