@@ -25,8 +25,10 @@ IDS = [
 
 def test_the_readme_has_its_usage_blocks() -> None:
     text = "\n".join(BLOCKS)
-    # Plain torch, Hogwild, the parameter server and Lightning each have a runnable block.
-    for needle in ("AsyncMomentumSGD(", "train_hogwild(", "launch_local(", "pl.Trainer("):
+    # Plain torch, Hogwild, the parameter server, Lightning and local SGD each have a runnable
+    # block.
+    needles = ("AsyncMomentumSGD(", "train_hogwild(", "launch_local(", "pl.Trainer(", "sync_every=")
+    for needle in needles:
         assert needle in text, needle
 
 
