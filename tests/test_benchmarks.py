@@ -81,3 +81,25 @@ def test_each_script_is_a_thin_caller_of_the_package_module(name: str):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)  # the __main__ guard keeps it from running
     assert script.main is importlib.import_module(f"{benchmarks.__name__}.{name}").main
+
+
+def test_every_benchmark_has_a_quick_form():
+    for name in bench.BENCHMARKS:
+        assert bench.BENCHMARKS[name], f"{name} has no --quick arguments"
+        parser = importlib.import_module(f"{benchmarks.__name__}.{name}").build_parser()
+        parser.parse_args(bench.BENCHMARKS[name])  # the quick arguments are its own
+
+
+@pytest.mark.slow
+def test_bench_quick_runs_every_benchmark_in_minutes():
+    # What `asyncmomentum bench --quick` runs, as a user would, in fresh interpreters.
+    import subprocess
+    import time
+
+    for name in bench.BENCHMARKS:
+        started = time.perf_counter()
+        done = subprocess.run(
+            bench.bench_command(name, quick=True), capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, f"{name}: {done.stderr[-2000:]}"
+        assert time.perf_counter() - started < 180, f"{name} --quick is not quick"

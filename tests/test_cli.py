@@ -126,7 +126,7 @@ def test_bench_runs_each_benchmark_as_a_module_in_a_fresh_interpreter(monkeypatc
     assert main(["bench", "--quick", "convergence", "step_overhead"]) == 0
     module = "asyncmomentum.applications.benchmarks"
     assert commands == [
-        [sys.executable, "-m", f"{module}.convergence"],
+        [sys.executable, "-m", f"{module}.convergence", "--smoke"],
         [sys.executable, "-m", f"{module}.step_overhead", "--steps", "20"],
     ]
     assert f"== step_overhead: -m {module}.step_overhead --steps 20" in capsys.readouterr().out

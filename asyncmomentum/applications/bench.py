@@ -21,7 +21,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "step_overhead": ["--steps", "20"],
     "hogwild_throughput": ["--quick"],
     "server_throughput": ["--quick"],
-    "convergence": [],
+    "convergence": ["--smoke"],
 }
 
 
@@ -36,7 +36,7 @@ def bench_command(name: str, quick: bool = False) -> list[str]:
     return [sys.executable, "-m", module, *(BENCHMARKS[name] if quick else [])]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``bench`` subcommand.
 
     Args:

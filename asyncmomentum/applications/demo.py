@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from asyncmomentum.applications.digits import SmallCNN, accuracy, iterate_batches, load_digits_split
+from asyncmomentum.applications.progress import progress_bar
 from asyncmomentum.core.optimizer import AsyncMomentumSGD
 from asyncmomentum.core.validation import check_choice, check_int, check_real
 from asyncmomentum.runtimes import simulate as simulation
@@ -123,22 +124,24 @@ def _make_optimizer(kind: str, lr: float, params: Iterable[nn.Parameter]) -> tor
 
 
 class _Bar:
-    """A tqdm bar on stderr, or nothing."""
+    """Progress on stderr (a bar on a terminal, lines in a log), or nothing.
+
+    Its clock starts at the first report from the workers: process start-up (seconds, importing
+    torch in every worker) is not counted in the rate or the ETA.
+    """
 
     def __init__(self, enabled: bool, total: int, label: str) -> None:
-        self._bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total, desc=label, unit="upd", leave=True, file=sys.stderr)
+        self._progress = progress_bar(total, label, unit="upd", enabled=enabled, interval=10.0)
+        self._started = False
 
     def to(self, value: int) -> None:
-        if self._bar is not None and value > self._bar.n:
-            self._bar.update(min(value, self._bar.total) - self._bar.n)
+        if not self._started:
+            self._started = True
+            self._progress.start()
+        self._progress.to(value)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        self._progress.close()
 
 
 def _run_hogwild(config: DemoConfig, kind: str, label: str) -> tuple[RunSummary, nn.Module]:
@@ -167,7 +170,7 @@ def _run_hogwild(config: DemoConfig, kind: str, label: str) -> tuple[RunSummary,
     result.raise_if_failed()
     summary = RunSummary(
         label=label,
-        trace=[tuple(point[:5]) for point in result.trace],
+        trace=[point[:5] for point in result.trace],
         mean_staleness=result.mean_staleness,
         estimated_workers=result.estimated_workers,
         implicit_momentum=result.implicit_momentum,
@@ -182,7 +185,9 @@ def _server_model(seed: int) -> nn.Module:
     return _make_model(seed)
 
 
-def _server_batches(worker_index: int, num_workers: int, *, seed: int, batch_size: int) -> Iterator:
+def _server_batches(
+    worker_index: int, num_workers: int, *, seed: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     from asyncmomentum.runtimes.hogwild import shard
 
     data = load_digits_split(seed=seed)
@@ -446,7 +451,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
 # -- command line ---------------------------------------------------------------------------------
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``demo`` subcommand.
 
     Args:

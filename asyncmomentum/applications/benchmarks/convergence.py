@@ -11,6 +11,7 @@ beats the grid; a method that does not reach the target counts at the step cap, 
     python benchmarks/convergence.py                      # --quick size, all cores
     python benchmarks/convergence.py --jobs 2 --out DIR   # choose the workers and the cache
     python benchmarks/convergence.py --full               # the full sweep (about an hour)
+    python benchmarks/convergence.py --smoke              # a smoke run: seconds, temp folder
 
 The same runs as ``python -m asyncmomentum.applications.benchmarks.convergence`` (what
 ``asyncmomentum bench convergence`` does), from an installed wheel too.
@@ -20,16 +21,37 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from collections.abc import Sequence
 
 from asyncmomentum.applications.sweep import FULL, QUICK, format_summary, format_table, run_sweep
 from asyncmomentum.applications.sweep.command import DEFAULT_OUT
+from asyncmomentum.applications.sweep.engine import SweepResult
+
+#: ``--smoke`` (what ``asyncmomentum bench --quick`` runs): every rule on the quadratic, one
+#: staleness model, M = 1 and 8, three momenta, two seeds, no meter check: seconds, to
+#: show that the benchmark runs end to end, not to measure anything.
+SMOKE = QUICK.with_changes(
+    problems=("quadratic",),
+    staleness_models=("geometric",),
+    workers=(1, 8),
+    momenta=(0.0, 0.5, 0.9),
+    seeds=2,
+    meter_workers=(),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's argument parser."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="the full sweep, not --quick")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help="the full sweep, not --quick")
+    size.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny sweep (quadratic only, every rule) in seconds, in a temporary folder "
+        "unless --out is given: checks that the benchmark runs, measures nothing",
+    )
     parser.add_argument(
         "--jobs",
         type=int,
@@ -37,13 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes (default: the available cores)",
     )
     parser.add_argument(
-        "--out", default=DEFAULT_OUT, help=f"output and cache directory (default: {DEFAULT_OUT})"
+        "--out",
+        default=None,
+        help=f"output and cache directory (default: ./{DEFAULT_OUT}; with --smoke a temporary "
+        "folder, removed at the end)",
     )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the sweep and print its table, then the geometric-mean ratios last; returns 0.
+    """Run the sweep and print its table, then the geometric-mean ratios last.
+
+    Returns 0, or 1 if a run failed (every other result is printed).
 
     Args:
         argv: command-line arguments (``None`` reads ``sys.argv``).
@@ -52,7 +79,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    result = run_sweep(FULL if args.full else QUICK, args.out, jobs=args.jobs, progress=True)
+    config = FULL if args.full else SMOKE if args.smoke else QUICK
+    if args.out is None and args.smoke:
+        with tempfile.TemporaryDirectory(prefix="asyncmomentum-convergence-") as out:
+            return _report(run_sweep(config, out, jobs=args.jobs, progress=True))
+    return _report(run_sweep(config, args.out or DEFAULT_OUT, jobs=args.jobs, progress=True))
+
+
+def _report(result: SweepResult) -> int:
     print(format_table(result))
     print(format_summary(result))
     print("\ngeometric-mean steps to target / oracle's (cells with an oracle), divergences:")
@@ -65,6 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({summary.diverged_with_oracle} where the oracle converges); "
             f"> 1.1 x additive's steps in {summary.worse_than_additive} cells"
         )
+    if result.failures:
+        print(f"\n{len(result.failures)} runs failed:")
+        for failure in result.failures:
+            print(f"  {failure.describe()}")
+        return 1
     return 0
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from asyncmomentum.applications.problems import get_problem
+from asyncmomentum.applications.progress import progress_bar
 from asyncmomentum.applications.sweep.analysis import Cell, MethodSummary, build_cells, summarize
 from asyncmomentum.applications.sweep.cache import RunCache
 from asyncmomentum.applications.sweep.config import SweepConfig
@@ -252,7 +252,7 @@ def execute(
             results[spec] = hit
     # The expensive runs first: the cheap ones then fill the gaps at the end of the phase.
     missing.sort(key=_cost_estimate, reverse=True)
-    bar = tqdm(total=len(missing), desc=desc, unit="run", disable=not progress or not missing)
+    bar = progress_bar(len(missing), desc, unit="runs", enabled=progress)
 
     def done(spec: RunSpec, result: RunResult) -> None:
         results[spec] = result
