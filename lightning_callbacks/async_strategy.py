@@ -56,6 +56,7 @@ from asyncmomentum.runtimes.transport import (
     flatten,
     init_rpc,
     job_secret,
+    load_flat,
     serving,
     shutdown_rpc,
     worker_name,
@@ -588,14 +589,15 @@ class AsyncParameterServerStrategy(DDPStrategy):
         module = self.lightning_module
         assert layout is not None
         assert module is not None
+        sync_every = self.sync_every
+        assert sync_every is not None
         if layout.size > 1:
-            params = [p for p in module.parameters() if p.grad is not None]
-            if params:
-                flat = layout.average(flatten([p.grad for p in params]))
-                vector_to_parameters(flat, [p.grad for p in params])
+            grads = [p.grad for p in module.parameters() if p.grad is not None]
+            if grads:
+                load_flat(grads, layout.average(flatten(grads)))  # in place
         inner_step()
         self._inner_steps += 1
-        if self._inner_steps < self.sync_every:
+        if self._inner_steps < sync_every:
             return
         self._inner_steps = 0
         read = self._read
