@@ -225,3 +225,28 @@ def test_an_optimizer_that_is_gone_leaves_no_hook() -> None:
     _backward(model, scale=math.nan)
     with pytest.raises(NonFiniteGradientError):
         opt.step()
+
+
+@pytest.mark.parametrize("path", [{}, {"fused": True}, {"foreach": True}, {"foreach": False}])
+def test_the_stated_limit_a_write_through_data_after_backward_is_not_seen(path):
+    # README ("Bad input") and AsyncMomentumSGD's docstring state this limit: if a change makes
+    # the write below caught, update both (the promise then holds without it).
+
+    layer = torch.nn.Linear(256, 256)  # 65,536 elements: checked by a sum taken in backward
+    opt = AsyncMomentumSGD(layer.parameters(), lr=0.1, momentum=0.9, nonfinite="skip", **path)
+    opt.zero_grad()
+    layer(torch.randn(4, 256)).sum().backward()
+    layer.weight.grad.data[0, 0] = float("nan")  # not versioned by torch
+    opt.step(staleness=0)
+    assert opt.skipped_steps == 0
+    assert not torch.isfinite(layer.weight).all()
+    # The same write in place is versioned, so the step sees it and changes nothing.
+    opt.zero_grad()
+    layer = torch.nn.Linear(256, 256)
+    opt = AsyncMomentumSGD(layer.parameters(), lr=0.1, momentum=0.9, nonfinite="skip", **path)
+    layer(torch.randn(4, 256)).sum().backward()
+    layer.weight.grad[0, 0] = float("nan")
+    before = layer.weight.detach().clone()
+    opt.step(staleness=0)
+    assert opt.skipped_steps == 1
+    assert torch.equal(layer.weight, before)

@@ -125,6 +125,11 @@ class AsyncMomentumSGD(Optimizer):
         nonfinite: what a NaN or inf gradient does: ``"raise"`` a
             :class:`NonFiniteGradientError` or ``"skip"`` the step (counted in
             :attr:`skipped_steps`). Either way parameters, buffers, clock and tuner are untouched.
+            Limit: a gradient of 16,384 elements or more is checked by a sum taken during
+            backward, so a value written through ``p.grad.data`` after backward (which torch
+            does not version) is not seen and reaches the parameters on every update path;
+            write gradients in place (``p.grad[...] = x``) or replace them (``p.grad = g``),
+            both of which are checked at the step.
         measure_momentum: measure the total momentum from the trajectory with a
             :class:`~asyncmomentum.core.measuring.meter.MomentumMeter` (see
             :attr:`measured_total_momentum`). It needs one process to see every update in order
