@@ -36,7 +36,6 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from pytorch_lightning.core.optimizer import LightningOptimizer
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 from torch import Tensor
@@ -218,6 +217,12 @@ class AsyncParameterServerStrategy(DDPStrategy):
             return 0.0
         result = server.result()
         return result.updates_per_second
+
+    @property
+    def _module(self) -> pl.LightningModule:
+        module = self.lightning_module
+        assert module is not None  # connected by the Trainer before any hook that uses it
+        return module
 
     @property
     def server(self) -> ParameterServer | None:
@@ -406,7 +411,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
     def on_train_start(self) -> None:
         """Start the server (rank 0); every group then reads the parameters it starts from."""
         super().on_train_start()
-        trainer = self.lightning_module.trainer
+        trainer = self._module.trainer
         layout = self._layout
         assert layout is not None
         self._offset = trainer.global_step
@@ -418,7 +423,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
         if layout.is_leader:
             self._transport = (
                 LocalTransport(self._server)
-                if self.is_global_zero
+                if self._server is not None  # rank 0 (global zero) started it
                 else RpcTransport(timeout=self.rpc_timeout, secret=self._secret)
             )
         reply = self._ask(lambda transport: transport.join(layout.server_rank))
@@ -453,7 +458,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
 
     def _after_update(self, point: TracePoint) -> None:
         for listener in self._listeners:
-            listener(0, point.staleness)
+            listener(0, int(point.staleness))  # the server's: one update's, whole
 
     @override
     def on_train_end(self) -> None:
@@ -540,7 +545,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
     @override
     def optimizer_step(
         self,
-        optimizer: Optimizer | LightningOptimizer,
+        optimizer: Optimizer,
         closure: Callable[[], Any],
         model: pl.LightningModule | torch.nn.Module | None = None,
         **kwargs: Any,
@@ -620,7 +625,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
             assert self._transport is not None
             answer = call(self._transport)
             reply = GroupReply(answer.params, answer.version, answer.stop)
-        like = next(self.lightning_module.parameters())
+        like = next(self._module.parameters())
         return layout.share(reply, self._numel, like.detach())
 
     def _install(self, reply: GroupReply) -> None:
@@ -628,9 +633,9 @@ class AsyncParameterServerStrategy(DDPStrategy):
             # The server's final count of updates: global_step ends at max_steps.
             self._version = max(self._version, reply.version)
             self._stopped = True
-            self.lightning_module.trainer.should_stop = True
+            self._module.trainer.should_stop = True
             return
-        params = list(self.lightning_module.parameters())
+        params = list(self._module.parameters())
         flat = reply.params.to(device=params[0].device, dtype=params[0].dtype)
         # Each reply is a fresh tensor: the parameters become views of it (no copy).
         vector_to_parameters(check_flat(flat, params, "the server's parameters"), params)
@@ -639,7 +644,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
             self._read = flat.detach().clone()  # the inner steps change flat in place
 
     def _set_global_step(self, value: int) -> None:
-        progress = self.lightning_module.trainer.fit_loop.epoch_loop.automatic_optimization
+        progress = self._module.trainer.fit_loop.epoch_loop.automatic_optimization
         step = progress.optim_progress.optimizer.step
         step.total.completed = value
         step.current.completed = value
@@ -653,12 +658,12 @@ class AsyncParameterServerStrategy(DDPStrategy):
         server = self._server
         if server is None or not self._asynchronous:
             return
-        params = list(self.lightning_module.parameters())
+        params = list(self._module.parameters())
         self._worker_params = flatten([p.detach() for p in params])
         served = server.snapshot()["model"]
         # Parameters only: the server's buffers are its initial ones (only parameters travel).
         with torch.no_grad():
-            for name, param in self.lightning_module.named_parameters():
+            for name, param in self._module.named_parameters():
                 param.copy_(served[name])
 
     @override
@@ -666,7 +671,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
         """Rank 0 goes back to the parameters its group computes from."""
         super().on_validation_end()
         if self._worker_params is not None:
-            vector_to_parameters(self._worker_params, list(self.lightning_module.parameters()))
+            vector_to_parameters(self._worker_params, list(self._module.parameters()))
             self._worker_params = None
 
     @override

@@ -12,7 +12,7 @@ import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
@@ -276,7 +276,8 @@ class AsyncMomentumCallback(Callback):
         self._release()
         strategy = trainer.strategy
         self._served = isinstance(strategy, ServedUpdates)
-        optimizers = strategy.served_optimizers if self._served else trainer.optimizers
+        served = cast(ServedUpdates, strategy)
+        optimizers = served.served_optimizers if self._served else trainer.optimizers
         if self._served and not optimizers:
             return  # the server runs in another process (rank 0), which tunes and logs
         views = [(i, OptimizerView(opt)) for i, opt in enumerate(optimizers)]
@@ -298,7 +299,7 @@ class AsyncMomentumCallback(Callback):
         for (index, view), suffix in zip(tunable, suffixes, strict=True):
             self._tracked.append(self._track(index, view, suffix, pl_module.device))
         if self._served and self._listening_to is not strategy:
-            strategy.add_update_listener(self._after_served_update)
+            served.add_update_listener(self._after_served_update)
             self._listening_to = strategy
         self._warn_about_settings(trainer)
 
@@ -346,7 +347,8 @@ class AsyncMomentumCallback(Callback):
                 self._warn_if_optimizer_differs(tracked.view)
         drives_any = any(not t.own for t in self._tracked)
         has_source = self._served or any(
-            isinstance(cb, StalenessSource) for cb in trainer.callbacks
+            isinstance(cb, StalenessSource)
+            for cb in trainer.callbacks  # type: ignore[attr-defined]  # Lightning sets it, undeclared
         )
         if drives_any and self.workers is None and not has_source:
             rank_zero_warn(
@@ -358,7 +360,7 @@ class AsyncMomentumCallback(Callback):
     def _warn_if_optimizer_differs(self, view: OptimizerView) -> None:
         tracker = view.tracker
         groups = view.optimizer.param_groups
-        targets = {view.target_momentum(g) for g in groups} - {None}
+        targets = {t for g in groups if (t := view.target_momentum(g)) is not None}
         differences = []
         if targets and targets != {self.target_momentum}:
             differences.append(
@@ -499,7 +501,10 @@ class AsyncMomentumCallback(Callback):
         if self._served:
             # The progress bar shows the server's pace and the asynchrony it measures.
             pl_module.log(
-                "updates/s", trainer.strategy.updates_per_second, prog_bar=True, logger=False
+                "updates/s",
+                cast(ServedUpdates, trainer.strategy).updates_per_second,
+                prog_bar=True,
+                logger=False,
             )
             estimated = next(
                 (v for k, v in metrics.items() if k.startswith("workers/estimated")), None
@@ -627,7 +632,7 @@ def _logging_step(trainer: pl.Trainer) -> int:
 def _should_log(trainer: pl.Trainer) -> bool:
     # The rule Lightning applies to its own step metrics, at the end of a batch: the counter
     # is incremented after on_train_batch_end, hence the + 1.
-    every = trainer.log_every_n_steps
+    every: int = trainer.log_every_n_steps  # type: ignore[attr-defined]  # Lightning sets it, undeclared
     if every <= 0:
         return False
     return (_logging_step(trainer) + 1) % every == 0 or trainer.should_stop

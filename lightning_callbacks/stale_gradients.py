@@ -159,7 +159,11 @@ class StaleGradients(StalenessSource, Callback):
         self._ring = SnapshotRing(self._params, self.max_staleness) if self.max_staleness else None
         self._staleness = None
         self._stepped = False
-        self._observers = [cb for cb in trainer.callbacks if isinstance(cb, StalenessObserver)]
+        self._observers = [
+            cb
+            for cb in trainer.callbacks  # type: ignore[attr-defined]  # Lightning sets it, undeclared
+            if isinstance(cb, StalenessObserver)
+        ]
         for optimizer in trainer.optimizers:
             if OptimizerView(optimizer).is_async_momentum:
                 self._hooks.append(optimizer.register_step_pre_hook(self._pass_staleness))

@@ -164,6 +164,8 @@ class CharLM(nn.Module):
         heads: attention heads.
     """
 
+    mask: torch.Tensor  # a buffer
+
     def __init__(self, width: int = 32, heads: int = 2) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, width)

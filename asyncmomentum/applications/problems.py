@@ -117,6 +117,9 @@ class QuadraticModel(nn.Module):
         seed: seed of the initial point.
     """
 
+    curvature: torch.Tensor  # buffers
+    optimum: torch.Tensor
+
     def __init__(
         self, dim: int = QUADRATIC_DIM, condition: float = QUADRATIC_CONDITION, seed: int = 0
     ) -> None:
@@ -135,6 +138,7 @@ class QuadraticModel(nn.Module):
 
 
 def _quadratic_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    assert isinstance(model, QuadraticModel)
     return model.objective() + (batch * model.w).sum()
 
 
@@ -150,6 +154,7 @@ def _quadratic_curvature_batch(seed: int) -> torch.Tensor:
 
 
 def _quadratic_full_loss(model: nn.Module) -> float:
+    assert isinstance(model, QuadraticModel)
     with torch.no_grad():
         return float(model.objective())
 

@@ -137,8 +137,9 @@ class _Bar(Progress):
         self._bar: Any = tqdm(total=total, desc=label, unit=unit, file=file, dynamic_ncols=True)
         self.total = total
 
-    @property  # type: ignore[override]
-    def n(self) -> int:
+    # Read-only here: tqdm keeps the count (every write to n goes through the overridden to()).
+    @property
+    def n(self) -> int:  # type: ignore[override]
         return int(self._bar.n)
 
     def to(self, value: int) -> None:

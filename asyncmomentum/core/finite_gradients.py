@@ -102,7 +102,7 @@ class GradientWatch:
         return {"min_elements": self.min_elements}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state.get("min_elements", WATCH_MIN_ELEMENTS))
+        type(self).__init__(self, state.get("min_elements", WATCH_MIN_ELEMENTS))
 
     def watch(self, params: Iterable[Tensor]) -> None:
         """Hook every large parameter that autograd can give a gradient (idempotent).
@@ -236,8 +236,10 @@ def first_nonfinite(
     """
     grads = [g for _, group_grads, _ in gathered for g in group_grads]
     rest = grads if watch is None else watch.unverified(grads)
-    watched = watch is not None and len(rest) < len(grads)
-    if (not watched or watch.pending_finite()) and (not rest or _all_finite(rest)):
+    # Unwatched (no watch, or no gradient it answers for), or every pending sum finite.
+    if (watch is None or len(rest) == len(grads) or watch.pending_finite()) and (
+        not rest or _all_finite(rest)
+    ):
         if watch is not None:
             watch.settle()
         return None

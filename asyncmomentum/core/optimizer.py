@@ -451,7 +451,7 @@ class AsyncMomentumSGD(Optimizer):
     # -- the step -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(  # type: ignore[override]
+    def step(
         self, closure: Callable[[], Any] | None = None, *, staleness: int | None = None
     ) -> Any:
         """Apply one update, retuning the momentum to the staleness of its gradient.
@@ -522,7 +522,9 @@ class AsyncMomentumSGD(Optimizer):
             component.after_update(report, first_momentum)
         return report
 
-    def _check_before_update(self, gathered: list[tuple[list, list, list]]) -> None:
+    def _check_before_update(
+        self, gathered: list[tuple[list[Tensor], list[Tensor], list[Tensor | None]]]
+    ) -> None:
         """What torch checks at ``step``: the fused kernel's devices and dtypes, AMP's scale."""
         grad_scale = getattr(self, "grad_scale", None)
         for group, (params, grads, _) in zip(self.param_groups, gathered, strict=True):

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from operator import attrgetter
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -256,24 +256,25 @@ def multi_tensor_update(
     for same_kind in group_by_device_and_dtype(params):
         for bucket in _buckets(params, same_kind):
             ps = [params[i] for i in bucket]
-            gs = [grads[i] for i in bucket]
+            gs: list[Tensor] | tuple[Tensor, ...] = [grads[i] for i in bucket]
             if maximize:
                 gs = torch._foreach_neg(gs)
             if weight_decay != 0:
                 gs = torch._foreach_add(gs, ps, alpha=weight_decay)
             if with_buffer:
-                fresh = {i for i in bucket if buffers[i] is None}
-                running, running_grads = [], []
+                running: list[Tensor] = []
+                running_grads: list[Tensor] = []
                 for i, g in zip(bucket, gs, strict=True):
-                    if i in fresh:
+                    buf = buffers[i]
+                    if buf is None:
                         buffers[i] = torch.clone(g).detach()
                     else:
-                        running.append(buffers[i])
+                        running.append(buf)
                         running_grads.append(g)
                 if running:
                     torch._foreach_mul_(running, momentum)
                     torch._foreach_add_(running, running_grads, alpha=1 - dampening)
-                bufs = [buffers[i] for i in bucket]
+                bufs = cast("list[Tensor]", [buffers[i] for i in bucket])  # all set above
                 gs = torch._foreach_add(gs, bufs, alpha=momentum) if nesterov else bufs
             torch._foreach_add_(ps, gs, alpha=-lr)
 
@@ -311,7 +312,7 @@ def fused_update(
         grad_scale: the scale ``torch.amp.GradScaler`` set on the optimizer, if any: the kernel
             unscales the gradients by it.
     """
-    kernel_args = {
+    kernel_args: dict[str, Any] = {
         "weight_decay": weight_decay,
         "momentum": momentum if with_buffer else 0.0,
         "lr": lr,
@@ -340,7 +341,7 @@ def fused_update(
                 torch._fused_sgd_(
                     [params[i] for i in chosen],
                     [grads[i] for i in chosen],
-                    [buffers[i] for i in chosen],
+                    cast("list[Tensor]", [buffers[i] for i in chosen]),  # all set above
                     is_first_step=first,
                     **kernel_args,
                 )

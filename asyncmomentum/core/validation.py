@@ -374,7 +374,9 @@ def _saved_params(
     return params
 
 
-def _check_group_values(optimizer: torch.optim.Optimizer, index: int, saved: dict) -> None:
+def _check_group_values(
+    optimizer: torch.optim.Optimizer, index: int, saved: dict[str, Any]
+) -> None:
     """Check the hyper-parameters of a saved group against the types of the defaults."""
     for key, default in optimizer.defaults.items():
         if key not in saved or default is None:

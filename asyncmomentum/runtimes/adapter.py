@@ -307,7 +307,7 @@ class OptimizerView:
             self._ours.step(staleness=staleness)
             return self._ours.last_step
         if refuse_nonfinite:
-            gathered = []
+            gathered: list[tuple[list[Tensor], list[Tensor], list[Any]]] = []
             for group in self.optimizer.param_groups:
                 params = [p for p in group["params"] if p.grad is not None]
                 gathered.append((params, [p.grad for p in params], []))

@@ -33,7 +33,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
 
 import torch
 import torch.distributed.rpc as rpc
@@ -406,7 +406,8 @@ def _unpack(value: Any) -> Any:
 
 
 def _pack_reply(reply: Reply) -> Reply:
-    return reply._replace(params=_pack(reply.params))
+    # Packed for the wire only: _unpack_reply turns params back into a tensor.
+    return reply._replace(params=cast(Tensor, _pack(reply.params)))
 
 
 def _unpack_reply(reply: Reply) -> Reply:

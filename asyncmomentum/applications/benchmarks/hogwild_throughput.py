@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.optim.optimizer import ParamsT
 
 from asyncmomentum import AsyncMomentumSGD
 from asyncmomentum.applications.digits import SmallCNN, iterate_batches, load_digits_split
@@ -42,7 +43,7 @@ def _model() -> nn.Module:
     return SmallCNN()
 
 
-def _optimizer(params) -> AsyncMomentumSGD:
+def _optimizer(params: ParamsT) -> AsyncMomentumSGD:
     return AsyncMomentumSGD(params, lr=0.05, momentum=0.9)
 
 

@@ -209,7 +209,11 @@ def build_cells(
             differ from ``spec.staleness`` (runs at ``M = 1`` are shared by every model).
         grid: the momenta searched for the oracle.
     """
-    grouped: dict[tuple, dict[tuple[str, float], list]] = {}
+    # (problem, staleness model, M, lr, step cap) -> (method, momentum) -> runs
+    grouped: dict[
+        tuple[str, str, int, float, int],
+        dict[tuple[str, float], list[tuple[RunSpec, RunResult]]],
+    ] = {}
     for staleness, spec, result in runs:
         cell_key = (spec.problem, staleness, spec.workers, spec.lr, spec.max_steps)
         method_key = (spec.rule or "fixed", spec.momentum)

@@ -151,7 +151,7 @@ def _available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``sweep`` subcommand.
 
     Args:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from asyncmomentum.applications.problems import PROBLEMS
 from asyncmomentum.core.tuning.rules import rule_names
@@ -111,7 +112,9 @@ class SweepConfig:
                 )
 
     @staticmethod
-    def _check_names(names: tuple[str, ...], known: Mapping | tuple, what: str) -> None:
+    def _check_names(
+        names: tuple[str, ...], known: Mapping[str, Any] | tuple[str, ...], what: str
+    ) -> None:
         if not names:
             raise ValueError(f"{what} must name at least one of {sorted(known)}")
         unknown = [name for name in names if name not in known]
@@ -139,7 +142,7 @@ class SweepConfig:
         counts = [m for m in self.workers if limit is None or m in limit.workers]
         return [(model, count) for model in models for count in counts]
 
-    def with_changes(self, **changes: object) -> SweepConfig:
+    def with_changes(self, **changes: Any) -> SweepConfig:
         """A copy with some fields replaced (validated again).
 
         Args:

@@ -140,10 +140,12 @@ def meter_points(runs: Sequence[tuple[RunSpec, RunResult]]) -> list[MeterPoint]:
         grouped[(spec.problem, spec.workers, spec.momentum)].append(result)
     points = []
     for (problem, workers, momentum), results in sorted(grouped.items()):
-        values = [r.measured_total_momentum for r in results]
-        values = [v for v in values if v is not None and math.isfinite(v)]
-        errors = [r.measured_standard_error for r in results]
-        errors = [e for e in errors if e is not None and math.isfinite(e)]
+        values = [
+            v for r in results if (v := r.measured_total_momentum) is not None and math.isfinite(v)
+        ]
+        errors = [
+            e for r in results if (e := r.measured_standard_error) is not None and math.isfinite(e)
+        ]
         points.append(
             MeterPoint(
                 problem=problem,

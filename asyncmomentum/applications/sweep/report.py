@@ -540,7 +540,7 @@ def _legend_order(label: str) -> tuple[int, str, bool]:
     return (2, rule, "applied" in kind)
 
 
-def _draw_panel(axis: Any, cells: list[Cell], result: SweepResult, handles: dict) -> None:
+def _draw_panel(axis: Any, cells: list[Cell], result: SweepResult, handles: dict[str, Any]) -> None:
     config = result.config
     axis.set_xscale("log", base=2)
     axis.set_ylim(-1.0, 1.0)

@@ -309,12 +309,13 @@ def run_recorded(spec: RunSpec) -> RunResult:
         return failed_result(error, time.perf_counter() - started)
 
 
-def _meter_fields(optimizer: AsyncMomentumSGD) -> dict[str, float]:
+def _meter_fields(optimizer: AsyncMomentumSGD) -> dict[str, Any]:
     reading = None if optimizer.meter is None else optimizer.meter.reading
-    if reading is None:
+    total = optimizer.measured_total_momentum  # None exactly when there is no reading
+    if reading is None or total is None:
         return {}
     return {
-        "measured_total_momentum": float(optimizer.measured_total_momentum),
+        "measured_total_momentum": float(total),
         "measured_standard_error": float(reading.standard_error),
     }
 

@@ -132,10 +132,10 @@ class CurvatureEstimator:
             if not torch.isfinite(loss.detach()).all():
                 raise ValueError(f"loss_fn returned a non-finite loss ({loss.item()}); no estimate")
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-            grads = [
+            grads = tuple(
                 torch.zeros_like(p) if g is None else g
                 for p, g in zip(self.params, grads, strict=True)
-            ]
+            )
             if not any(g.requires_grad for g in grads):
                 eigenvalue = 0.0  # the loss is linear in the parameters: no curvature
             else:

@@ -163,7 +163,7 @@ class MomentumMeter:
             price of a reading every ``period`` updates; ``None`` (the default) records all.
         min_rows: fewest increments a fit uses; no reading before.
         rule: composition of :attr:`measured_total_momentum`: a tuning rule object (e.g. the
-            optimizer's tuner's ``rule``); ``None``: the additive composition.
+            optimizer's tracker's ``rule``); ``None``: the additive composition.
         seed: seed of the coordinate sample.
     """
 
@@ -237,7 +237,7 @@ class MomentumMeter:
         self._reading: MomentumReading | None = None
         self._serial = 0
 
-    def _views_of_rings(self) -> tuple[np.ndarray, np.ndarray] | tuple[()]:
+    def _views_of_rings(self) -> tuple[np.ndarray, ...]:
         """NumPy views of (parameter ring, gradient ring) on the CPU: no torch op per write."""
         if not self._on_cpu:
             return ()
@@ -339,8 +339,8 @@ class MomentumMeter:
                 ring[slot].copy_(row)
             return
         out = self._ring_views[ring is self._grads_ring][slot]
-        for k, (tensor, index, start, stop) in enumerate(self._layout):
-            values = self._sampled(k, tensor, index, grad)
+        for k, (tensor, positions, start, stop) in enumerate(self._layout):
+            values = self._sampled(k, tensor, positions, grad)
             if values is None:
                 if not add:
                     out[start:stop] = 0.0
@@ -388,7 +388,10 @@ class MomentumMeter:
 
     def _add_gradient(self, version: int, version_read: int) -> None:
         self._staleness[self._records % self.window] = version - version_read
-        oldest = max(self._first, self._newest - self.window + 1)  # type: ignore[type-var]
+        # record() set both before it adds a gradient.
+        assert self._first is not None
+        assert self._newest is not None
+        oldest = max(self._first, self._newest - self.window + 1)
         if version_read < oldest:
             self.dropped += 1
             return
@@ -428,7 +431,8 @@ class MomentumMeter:
         if self._newest is None:
             return None
         newest, first = self._newest, self._first
-        low = max(first, newest - self.window + 1)  # type: ignore[type-var]
+        assert first is not None  # set with _newest
+        low = max(first, newest - self.window + 1)
         high = newest - 1 - self.settle()  # the last update whose regressors are complete
         rows = high - (low + self.max_lag) + 1
         if rows < self.min_rows:
@@ -603,12 +607,12 @@ def _fit_kernel(grads: Tensor, increments: Tensor, max_lag: int) -> _KernelFit |
     kernel = _solve(gram.sum(dim=0), response.sum(dim=0))
     if kernel is None:
         return None
-    shares = []
+    partials: list[float] = []
     for block in range(_JACKKNIFE_BLOCKS):
         partial = _solve(gram.sum(dim=0) - gram[block], response.sum(dim=0) - response[block])
         if partial is not None:
-            shares.append(_immediate_share(partial))
-    shares = np.array([x for x in shares if math.isfinite(x)])
+            partials.append(_immediate_share(partial))
+    shares = np.array([x for x in partials if math.isfinite(x)])
     count = shares.size
     error = (
         math.sqrt((count - 1) / count * np.sum((shares - shares.mean()) ** 2))

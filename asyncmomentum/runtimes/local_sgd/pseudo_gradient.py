@@ -13,7 +13,7 @@ pseudo-gradient is computed, checked and applied the same way everywhere.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -169,6 +169,7 @@ def apply_pseudo_gradient(
         p.grad = delta[offset : offset + n].view_as(p).to(p).clone()
         offset += n
     if isinstance(outer, AsyncMomentumSGD) or getattr(outer, "accepts_staleness", False):
-        outer.step(staleness=None if staleness is None else int(staleness))
+        step: Callable[..., object] = outer.step  # takes staleness=, unlike Optimizer.step
+        step(staleness=None if staleness is None else int(staleness))
     else:
         outer.step()

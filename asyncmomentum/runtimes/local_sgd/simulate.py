@@ -181,7 +181,7 @@ class _Worker:
     ) -> None:
         self.index = index
         self.model = copy.deepcopy(template)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params: list[Tensor] = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = inner(self.params)
         self.batches = batches
         self.speed = speed
@@ -274,7 +274,7 @@ def simulate_local_sgd(
             return torch.optim.SGD(p, lr=0.05, momentum=0.9)
 
     model = problem.make_model(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
     optimizer = outer(params)
     check_outer_optimizer(optimizer, params)
     pool = [
@@ -501,7 +501,10 @@ class DelayedNesterov(torch.optim.Optimizer):
         return float(self._milestone.algorithmic_momentum)
 
     @torch.no_grad()
-    def step(self, closure: Any = None, *, staleness: int | None = None) -> None:  # noqa: D102
+    # It refuses a closure, so it returns None where torch's signature would return the loss.
+    def step(  # type: ignore[override]  # noqa: D102
+        self, closure: Any = None, *, staleness: int | None = None
+    ) -> None:
         if closure is not None:
             raise ValueError("DelayedNesterov takes no closure")
         tau = 0 if staleness is None else int(staleness)

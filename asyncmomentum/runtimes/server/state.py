@@ -67,7 +67,7 @@ class ParameterServer:
         self.model = model
         self.optimizer = optimizer
         self.num_workers = num_workers
-        self._params = list(model.parameters())
+        self._params: list[Tensor] = list(model.parameters())
         _check_model_and_optimizer(self._params, optimizer)
         self._flat = _into_one_buffer(self._params)
         # Pushed flat gradients are copied here (under the lock), so that each parameter's
@@ -294,8 +294,12 @@ class ParameterServer:
                 copy_seconds=self._copy_seconds,
                 lock_wait_seconds=self._lock_wait_seconds,
                 measured_updates=self._version - self._measured_base if timed else 0,
-                measured_seconds=end - self._measured_from if timed else 0.0,
-                cpu_seconds=cpu_end - self._cpu_started if timed else 0.0,
+                measured_seconds=(
+                    end - self._measured_from if timed and self._measured_from is not None else 0.0
+                ),
+                cpu_seconds=(
+                    cpu_end - self._cpu_started if timed and self._cpu_started is not None else 0.0
+                ),
             )
 
     @property

@@ -99,7 +99,7 @@ class StabilityRule(TuningRule):
         min_observations: int = 1,
         grid_step: float = 0.05,
     ) -> None:
-        below_one = {"minimum": 0.0, "maximum": 1.0, "max_inclusive": False}
+        below_one: dict[str, Any] = {"minimum": 0.0, "maximum": 1.0, "max_inclusive": False}
         self.curvature_margin = check_real(curvature_margin, "curvature_margin", minimum=0.0)
         self.margin = check_real(margin, "margin", **below_one)
         self.criterion = check_choice(criterion, "criterion", CRITERIA)
@@ -203,7 +203,11 @@ class StabilityRule(TuningRule):
             return
         self._checked_at = count
         pmf = self.histogram.pmf(self.tail_mass)
-        if self._pmf is None or _total_variation(pmf, self._pmf) > self.pmf_tolerance:
+        if (
+            self._pmf is None
+            or pmf is None
+            or _total_variation(pmf, self._pmf) > self.pmf_tolerance
+        ):
             self._pmf = pmf
             self._cache.clear()
 
