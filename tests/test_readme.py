@@ -28,6 +28,7 @@ def test_the_readme_has_its_usage_blocks() -> None:
     # Plain torch, Hogwild, the parameter server, Lightning and local SGD each have a runnable
     # block.
     needles = ("AsyncMomentumSGD(", "train_hogwild(", "launch_local(", "pl.Trainer(", "sync_every=")
+    needles += ("AsyncParameterServerStrategy(",)
     for needle in needles:
         assert needle in text, needle
 
