@@ -86,8 +86,19 @@ def test_unwritable_out_exits_2_and_leaves_nothing(tmp_path, capsys):
     blocker.write_text("not a folder")
     code = main(["demo", "--backend", "simulate", "--out", str(blocker / "out"), "--no-progress"])
     assert code == 2
-    assert "cannot write to --out" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot write the demo's files to --out" in err
+    assert "is a file, so no folder can be created under it" in err
     assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_out_in_a_special_folder_says_what_is_wrong(capsys):
+    code = main(["demo", "--backend", "simulate", "--out", "/proc/forbidden", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "a folder cannot be created in '/proc'" in err
+    assert "not an ordinary, writable folder" in err
 
 
 def test_failed_write_leaves_previous_results_and_no_partial_files(tmp_path, monkeypatch):

@@ -555,6 +555,8 @@ def test_cli_unwritable_out_exits_2_before_running_anything(where, tmp_path, cap
     err = capsys.readouterr().err
     assert "cannot write the sweep's output to" in err
     assert "--out" in err
+    reason = "exists and is not a folder" if where == "a file" else "is a file, so no folder"
+    assert reason in err
     assert blocker.read_text() == "not a directory"
     assert [path.name for path in tmp_path.iterdir()] == ["blocker"]
 

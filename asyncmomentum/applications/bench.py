@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser = subparsers.add_parser(
         "bench",
         help="run the benchmarks and print their figures",
-        description=__doc__.splitlines()[0],
+        description="Run the project's benchmarks, each in a fresh interpreter, and print "
+        "their figures (--quick: a short form of each, to check that they run).",
     )
     parser.add_argument(
         "names",
@@ -53,7 +54,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="NAME",
         help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})",
     )
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions, for a smoke run")
+    parser.add_argument(
+        "--quick", action="store_true", help="a short form of each benchmark (under a minute)"
+    )
     parser.set_defaults(handler=run_bench_command)
 
 

@@ -26,10 +26,18 @@ import torch
 from torch import nn
 
 from asyncmomentum.applications.digits import SmallCNN, accuracy, iterate_batches, load_digits_split
+from asyncmomentum.applications.output_dir import check_writable_dir
 from asyncmomentum.applications.progress import progress_bar
 from asyncmomentum.core.optimizer import AsyncMomentumSGD
 from asyncmomentum.core.validation import check_choice, check_int, check_real
 from asyncmomentum.runtimes import simulate as simulation
+
+#: ``asyncmomentum demo --help``'s description (plain text).
+DESCRIPTION = (
+    "Train a small CNN on scikit-learn's digits under real asynchrony twice, with "
+    "torch.optim.SGD(momentum=0.9) and with AsyncMomentumSGD(momentum=0.9); print a table and "
+    "write a CSV of both runs and a PNG of loss and momentum against updates."
+)
 
 __all__ = ["BACKENDS", "DemoConfig", "DemoResult", "RunSummary", "register", "run_demo"]
 
@@ -411,11 +419,10 @@ def _write_plot(path: Path, runs: list[RunSummary], config: DemoConfig) -> None:
 
 def _check_writable(out: Path) -> None:
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
+        check_writable_dir(out)
     except OSError as error:
-        raise OSError(f"cannot write to --out {str(out)!r}: {error.strerror or error}") from None
+        message = f"cannot write the demo's files to --out {str(out)!r}: {error.strerror}"
+        raise OSError(message) from None
 
 
 def _publish(out: Path, runs: list[RunSummary], config: DemoConfig) -> tuple[Path, Path]:
@@ -461,17 +468,28 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser = subparsers.add_parser(
         "demo",
         help="fixed vs auto-tuned momentum under real asynchrony, in a couple of minutes",
-        description=__doc__.splitlines()[0],
+        description=DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--workers", type=int, default=defaults.workers, help="asynchronous workers"
     )
-    parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend)
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=defaults.backend,
+        help="hogwild: processes sharing memory; server: a parameter server on loopback; "
+        "simulate: the seeded simulator",
+    )
     parser.add_argument("--steps", type=int, default=defaults.steps, help="steps per worker")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="learning rate of both runs")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--out", type=Path, default=defaults.out, help="folder for CSV and PNG")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of model and data")
+    parser.add_argument(
+        "--out", type=Path, default=defaults.out, help="folder for demo.csv and demo.png"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="show no progress bar (or, in a log, lines)"
+    )
     parser.set_defaults(handler=run_demo_command, parser=parser)
 
 

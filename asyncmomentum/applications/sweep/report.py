@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from asyncmomentum.applications.output_dir import check_writable_dir
 from asyncmomentum.applications.problems import get_problem
 from asyncmomentum.applications.sweep.analysis import (
     DESIGN_PROBLEMS,
@@ -71,20 +72,13 @@ def prepare_output_dir(out: str | os.PathLike[str]) -> Path:
     Raises:
         SweepOutputError: it cannot be created or written, with the reason and what to do.
     """
-    path = Path(out)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        return check_writable_dir(out)
     except OSError as error:
-        reason = error.strerror or str(error)
-        if isinstance(error, FileExistsError) or (path.exists() and not path.is_dir()):
-            reason = "it exists and is not a directory"
         raise SweepOutputError(
-            f"cannot write the sweep's output to {str(path)!r}: {reason}; "
+            f"cannot write the sweep's output to {str(out)!r}: {error.strerror}; "
             "pass --out a directory you can write to"
         ) from error
-    return path
 
 
 def write_outputs(result: SweepResult, out: Path) -> dict[str, Path]:
