@@ -38,7 +38,6 @@ os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 import argparse
 import functools
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -170,8 +169,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--checkpoint",
-        default=os.path.join(tempfile.gettempdir(), "asyncmomentum-parameter-server-digits.pt"),
-        help="where the server saves model and optimizer at the end",
+        default=os.path.join("asyncmomentum-server", "digits.pt"),
+        help="where the server saves model and optimizer at the end (its folder is created; "
+        "default: ./asyncmomentum-server/digits.pt)",
     )
     return parser.parse_args(argv)
 
@@ -242,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv: arguments without the program name; ``None`` reads ``sys.argv``.
     """
     args = parse_args(argv)
+    os.makedirs(os.path.dirname(os.path.abspath(args.checkpoint)), exist_ok=True)
     job, config = build(args)
     began = time.monotonic()
     if "RANK" in os.environ:  # started by torchrun (or by hand with the env variables)
