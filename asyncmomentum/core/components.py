@@ -84,7 +84,7 @@ class StepComponent:
 class MeterComponent(StepComponent):
     """Feeds every update to a :class:`~asyncmomentum.core.measuring.meter.MomentumMeter`.
 
-    For a rule that uses it, it hands the tuner the meter's latest reading.
+    For a rule that uses it, it hands the tracker the meter's latest reading.
 
     Args:
         param_groups: the optimizer's parameter groups.
@@ -229,7 +229,7 @@ class CurvatureSchedule(StepComponent):
         return value
 
     def state_dict(self) -> dict[str, Any]:
-        """The version of the last estimate (the curvature itself is in the tuner's state)."""
+        """The version of the last estimate (the curvature itself is in the tracker's state)."""
         return {"version": self.version}
 
     def check_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -254,7 +254,7 @@ class CurvatureSchedule(StepComponent):
 
 
 class GradientNormFeed(StepComponent):
-    """Hands the tuner's rule the squared norm of the gradients about to be applied.
+    """Hands the tracker's rule the squared norm of the gradients about to be applied.
 
     For a rule with ``uses_gradient_norm`` (``rule="auto"``): one fused reduction over the
     first ``per_tensor`` entries of each gradient, before the update, every ``every`` updates.

@@ -124,7 +124,7 @@ class AsyncMomentumSGD(Optimizer):
         warmup: observations before the estimate leaves ``M = 1``.
         nonfinite: what a NaN or inf gradient does: ``"raise"`` a
             :class:`NonFiniteGradientError` or ``"skip"`` the step (counted in
-            :attr:`skipped_steps`). Either way parameters, buffers, clock and tuner are untouched.
+            :attr:`skipped_steps`). Either way parameters, buffers and tracker are untouched.
             Limit: a gradient of 16,384 elements or more is checked by a sum taken during
             backward, so a value written through ``p.grad.data`` after backward (which torch
             does not version) is not seen and reaches the parameters on every update path;
@@ -205,7 +205,7 @@ class AsyncMomentumSGD(Optimizer):
                     f"tune=False fixes the momentum, so {', '.join(given)} would have no effect; "
                     "drop tune=False to tune, or drop these arguments"
                 )
-        tuner_options: dict[str, Any] = {  # the tuner checks them
+        tracker_options: dict[str, Any] = {  # the tracker checks them
             "rule": rule,
             "momentum_bounds": momentum_bounds,
             "workers": workers,
@@ -213,7 +213,7 @@ class AsyncMomentumSGD(Optimizer):
             "warmup": warmup,
             "rule_options": rule_options,
         }
-        self._async = _AsyncState(nonfinite=nonfinite, tracker=AsynchronyTracker(**tuner_options))
+        self._async = _AsyncState(nonfinite=nonfinite, tracker=AsynchronyTracker(**tracker_options))
         super().__init__(params, defaults)
         self._register_state_hook()
         if any(group["fused"] for group in self.param_groups):
@@ -628,7 +628,7 @@ class AsyncMomentumSGD(Optimizer):
         to a listed parameter and is a dict; every momentum buffer is a tensor of its
         parameter's shape, holds no NaN or inf, and has a dtype torch can load (any floating
         dtype for a floating parameter, which torch casts; exactly the parameter's dtype
-        otherwise); and the ``"async_momentum"`` entry (clock, tuner, counters, components).
+        otherwise); and the ``"async_momentum"`` entry (tracker, counters, components).
 
         Args:
             state_dict: a dict returned by :meth:`state_dict` of an ``AsyncMomentumSGD``.

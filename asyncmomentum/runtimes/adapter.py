@@ -244,7 +244,7 @@ class OptimizerView:
 
         Raises:
             ValueError: for an AsyncMomentumSGD (its ``momentum`` is the total the user tuned,
-                and it applies what its own tuner says), or a group without momentum.
+                and it applies what its own tracker says), or a group without momentum.
         """
         if self._ours is not None:
             raise ValueError(

@@ -48,7 +48,7 @@ RULES: dict[str, type[TuningRule]] = {
     AutoRule.name: AutoRule,
 }
 
-#: The rule a tuner uses unless told otherwise.
+#: The rule a tracker uses unless told otherwise.
 DEFAULT_RULE: str = AdditiveRule.name
 
 

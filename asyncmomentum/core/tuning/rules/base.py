@@ -3,7 +3,7 @@
 A rule turns the target total momentum and the implicit momentum of the observed asynchrony
 (``1 - 1/M_hat``, which the :class:`~asyncmomentum.core.tracker.AsynchronyTracker` estimates)
 into the algorithmic momentum to apply. A rule that needs more says so with its capability
-flags, and the tuner hands it what it asks for: every staleness (:meth:`TuningRule.observe`),
+flags, and the tracker hands it what it asks for: every staleness (:meth:`TuningRule.observe`),
 the momentum meter's readings (:meth:`TuningRule.observe_reading`, ``uses_meter``), a curvature
 (:meth:`TuningRule.observe_curvature`, ``uses_curvature``), the group's learning rate
 (``needs_lr``). A new rule is a subclass in a file of its own plus one line in the registry
@@ -28,7 +28,7 @@ class TuningRule(ABC):
 
     Subclasses set :attr:`name` and the flags, and implement :meth:`algorithmic_momentum`;
     everything else has a default: no observation is needed, the totals are composed
-    additively, there is no state. A rule object belongs to one tuner (it may keep per-run
+    additively, there is no state. A rule object belongs to one tracker (it may keep per-run
     state); build one per tuner.
 
     Attributes:
