@@ -29,7 +29,7 @@ charlm, inner AdamW, ``H = 10``; ``tuned-add``, ``tuned-auto``, ``fixed-0.9`` an
 server's outer optimizer, and ``sync`` (synchronous DiLoCo: ``M`` processes that all-reduce their
 pseudo-gradients over gloo and take the same outer step) at one outer lr, each run for a fixed
 wall-clock budget. A slow worker is made by *sleeping*: after each inner step it sleeps
-``factor - 1`` times that step's own wall time (1:2:4 speeds: factors 4, 2, 1, cycled), so it
+``factor - 1`` times that step's own CPU time (1:2:4 speeds: factors 4, 2, 1, cycled), so it
 is slower by ``factor`` and leaves the cores to the others meanwhile. The server saves a snapshot
 every few outer updates; the held-out loss of each is measured after the run, against outer
 updates and against wall time. Median of 3 seeds at ``M = 4``, 1 at ``M = 8``. The real runs go
@@ -563,17 +563,18 @@ def _slowdowns(kind: str, workers: int) -> list[float]:
 
 
 def _slowed(batches: Iterator[Any], factor: float) -> Iterator[Any]:
-    """``batches``, with a sleep before each of ``factor - 1`` times the time since the last one.
+    """``batches``, each after a sleep of ``factor - 1`` times the CPU time since the last one.
 
-    A slow worker is made by sleeping: its steps take ``factor`` times the wall time of its own
-    compute (measured step by step, so under contention too), and it leaves the cores to the
-    others while it sleeps.
+    A slow worker is made by sleeping: each of its steps takes ``factor - 1`` times its own
+    compute (the process's CPU time for that step, which leaves out the time spent waiting for
+    the server or an all-reduce, and is not inflated by other processes on the cores) on top,
+    and it leaves the cores to the others while it sleeps.
     """
-    last = time.perf_counter()
+    last = time.process_time()
     for batch in batches:
         if factor > 1.0:
-            time.sleep((factor - 1.0) * (time.perf_counter() - last))
-        last = time.perf_counter()
+            time.sleep((factor - 1.0) * (time.process_time() - last))
+        last = time.process_time()
         yield batch
 
 
@@ -844,8 +845,9 @@ def save_real_figure(results: list[dict[str, Any]], size: RealSize, out: Path) -
                 and r["job"]["seed"] == 0
             ]
             for run in runs:
-                axes[0][col].plot(run["times"], run["losses"], label=method)
-                axes[1][col].plot(run["updates"], run["losses"], label=method)
+                clipped = [min(x, 6.0) for x in run["losses"]]  # diverged runs at the top
+                axes[0][col].plot(run["times"], clipped, label=method)
+                axes[1][col].plot(run["updates"], clipped, label=method)
         axes[0][col].set_title(f"charlm, {m} processes, {kind} speeds")
         axes[0][col].set_xlabel("wall time (s)")
         axes[1][col].set_xlabel("outer updates")
@@ -881,6 +883,7 @@ def main(argv: list[str] | None = None) -> int:
         real_began = time.perf_counter()
         real = run_real(real_size, args.out)
         text_c, summary["c"] = table_real(real, real_size)
+        print(text_c, flush=True)
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         texts.append(
             f"{text_c}\n\n{len(real)} real runs, {time.perf_counter() - real_began:.0f} s; load "
