@@ -138,9 +138,10 @@ def test_bench_runs_each_benchmark_as_a_module_in_a_fresh_interpreter(monkeypatc
     module = "asyncmomentum.applications.benchmarks"
     assert commands == [
         [sys.executable, "-m", f"{module}.convergence", "--smoke"],
-        [sys.executable, "-m", f"{module}.step_overhead", "--steps", "20"],
+        [sys.executable, "-m", f"{module}.step_overhead", "--steps", "20", "--repeats", "1"],
     ]
-    assert f"== step_overhead: -m {module}.step_overhead --steps 20" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"== step_overhead: -m {module}.step_overhead --steps 20 --repeats 1" in out
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ __all__ = ["BENCHMARKS", "bench_command", "register", "run_bench_command"]
 #: name -> extra arguments for --quick, in the order they run; each name is a module of
 #: :mod:`asyncmomentum.applications.benchmarks` (a test checks that they match).
 BENCHMARKS: dict[str, list[str]] = {
-    "step_overhead": ["--steps", "20"],
+    "step_overhead": ["--steps", "20", "--repeats", "1"],
     "hogwild_throughput": ["--quick"],
     "server_throughput": ["--quick"],
     "convergence": ["--smoke"],
