@@ -20,7 +20,7 @@ __all__ = ["BENCHMARKS", "bench_command", "register", "run_bench_command"]
 BENCHMARKS: dict[str, list[str]] = {
     "step_overhead": ["--steps", "20", "--repeats", "1"],
     "hogwild_throughput": ["--quick"],
-    "server_throughput": ["--quick"],
+    "server_throughput": ["--quick", "--runs", "1"],
     "convergence": ["--smoke"],
 }
 
