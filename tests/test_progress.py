@@ -51,3 +51,11 @@ def test_a_terminal_gets_a_bar_and_disabled_shows_nothing():
     with progress_bar(3, "runs", file=quiet, enabled=False) as bar:
         bar.to(3)
     assert quiet.getvalue() == ""
+
+
+def test_the_time_left_follows_the_work_when_units_differ_in_cost():
+    log = io.StringIO()
+    progress = LineProgress(4, "grid", "runs", log, interval=0.0, total_work=100.0)
+    progress._started -= 60.0  # the first run, 90% of the work, took a minute
+    progress.update(work=90.0)
+    assert "1/4 runs (25%) in 01:00, about 00:07 left" in log.getvalue()  # not 3 minutes

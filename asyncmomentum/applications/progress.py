@@ -31,8 +31,8 @@ class Progress:
     n: int = 0
     total: int = 0
 
-    def update(self, count: int = 1) -> None:
-        """Add ``count`` finished units."""
+    def update(self, count: int = 1, work: float = 0.0) -> None:
+        """Add ``count`` finished units, worth ``work`` of the ``total_work`` (if one was given)."""
         self.to(self.n + count)
 
     def to(self, value: int) -> None:  # pragma: no cover - overridden
@@ -74,6 +74,9 @@ class LineProgress(Progress):
         unit: the unit's name.
         file: where the lines go.
         interval: seconds between lines (a last line is printed by :meth:`close`).
+        total_work: the units' estimated cost in all, when they differ (the sweep starts with
+            its most expensive runs): the time left is then estimated from the work done, not
+            from the count.
     """
 
     def __init__(
@@ -83,7 +86,9 @@ class LineProgress(Progress):
         unit: str,
         file: TextIO,
         interval: float = LINE_INTERVAL,
+        total_work: float | None = None,
     ) -> None:
+        self.total_work, self.work, self._base_work = total_work, 0.0, 0.0
         self.total, self.label, self.unit, self.file, self.interval = (
             total,
             label,
@@ -99,7 +104,12 @@ class LineProgress(Progress):
     def start(self) -> None:
         """Restart the clock now."""
         self._started = self._printed = time.monotonic()
-        self._base = self.n
+        self._base, self._base_work = self.n, self.work
+
+    def update(self, count: int = 1, work: float = 0.0) -> None:
+        """Add ``count`` finished units, worth ``work`` of ``total_work``."""
+        self.work += work
+        self.to(self.n + count)
 
     def to(self, value: int) -> None:
         """Set the finished units; prints a line if ``interval`` seconds passed since the last."""
@@ -119,7 +129,10 @@ class LineProgress(Progress):
         if self.total:
             text += f" ({100.0 * self.n / self.total:.0f}%)"
         text += f" in {_clock(elapsed)}"
-        if done > 0 and self.n < self.total:
+        if self.total_work and self.work > self._base_work and self.n < self.total:
+            left = max(self.total_work - self.work, 0.0)
+            text += f", about {_clock(elapsed / (self.work - self._base_work) * left)} left"
+        elif done > 0 and self.n < self.total:
             text += f", about {_clock(elapsed / done * (self.total - self.n))} left"
         print(text, file=self.file, flush=True)
 
@@ -167,6 +180,7 @@ def progress_bar(
     enabled: bool = True,
     file: TextIO | None = None,
     interval: float = LINE_INTERVAL,
+    total_work: float | None = None,
 ) -> Progress:
     """A progress display for ``total`` units: a bar on a terminal, else periodic lines.
 
@@ -177,6 +191,8 @@ def progress_bar(
         enabled: ``False`` shows nothing.
         file: the stream (default: ``sys.stderr``).
         interval: seconds between lines when the stream is not a terminal.
+        total_work: the units' estimated cost in all, for the time left (see
+            :class:`LineProgress`); pass each unit's with ``update(work=...)``.
     """
     stream = sys.stderr if file is None else file
     if not enabled or total <= 0:
@@ -184,4 +200,4 @@ def progress_bar(
     isatty = getattr(stream, "isatty", None)
     if callable(isatty) and isatty():
         return _Bar(total, label, unit, stream)
-    return LineProgress(total, label, unit, stream, interval)
+    return LineProgress(total, label, unit, stream, interval, total_work)

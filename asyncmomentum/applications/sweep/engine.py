@@ -252,13 +252,19 @@ def execute(
             results[spec] = hit
     # The expensive runs first: the cheap ones then fill the gaps at the end of the phase.
     missing.sort(key=_cost_estimate, reverse=True)
-    bar = progress_bar(len(missing), desc, unit="runs", enabled=progress)
+    bar = progress_bar(
+        len(missing),
+        desc,
+        unit="runs",
+        enabled=progress,
+        total_work=sum(map(_cost_estimate, missing)),  # time left from work, not from count
+    )
 
     def done(spec: RunSpec, result: RunResult) -> None:
         results[spec] = result
         if cache is not None and not result.failed:
             cache.put(spec, result)
-        bar.update()
+        bar.update(work=_cost_estimate(spec))
 
     try:
         runner.run(missing, done)
