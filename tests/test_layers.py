@@ -185,7 +185,7 @@ def folder_graphs(graph: dict[str, set[str]]) -> dict[str, dict[str, set[str]]]:
     def path_of(module: str) -> list[str]:
         parts = module.split(".")
         is_package = (ROOT / module.replace(".", "/")).is_dir()
-        return parts + ["__init__"] if is_package else parts
+        return [*parts, "__init__"] if is_package else parts
 
     for source, targets in graph.items():
         for target in targets:
@@ -210,7 +210,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt) :] + [nxt]
+                return [*stack[stack.index(nxt) :], nxt]
             if nxt not in state and (cycle := visit(nxt)) is not None:
                 return cycle
         stack.pop()
