@@ -69,6 +69,7 @@ from asyncmomentum.applications.deeper_problems import (
     load_corpus,
 )
 from asyncmomentum.applications.digits import SmallCNN, iterate_batches, load_digits_split
+from asyncmomentum.applications.sweep.analysis import kendall_tau
 from asyncmomentum.runtimes.local_sgd import DelayedNesterov, LocalSGDProblem, simulate_local_sgd
 
 # -- problems -------------------------------------------------------------------------------------
@@ -335,26 +336,6 @@ def jobs_of(size: Size, problem: str) -> list[Job]:
 
 
 # -- analysis -------------------------------------------------------------------------------------
-
-
-def kendall_tau(x: list[float], y: list[float]) -> float:
-    """Kendall's tau-b of two equally long sequences (ties counted as neither)."""
-    concordant = discordant = ties_x = ties_y = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            dx, dy = x[i] - x[j], y[i] - y[j]
-            if dx == 0 and dy == 0:
-                continue
-            if dx == 0:
-                ties_x += 1
-            elif dy == 0:
-                ties_y += 1
-            elif dx * dy > 0:
-                concordant += 1
-            else:
-                discordant += 1
-    denom = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
-    return (concordant - discordant) / denom if denom else math.nan
 
 
 def _median(values: list[float]) -> float:
