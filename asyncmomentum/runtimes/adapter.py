@@ -283,7 +283,8 @@ class OptimizerView:
     def zero_grad(self) -> None:
         """Drop the gradients (``set_to_none``) and mark the parameters as read."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.tracker.mark_read()
+        if self._ours is None:  # AsyncMomentumSGD's zero_grad marks its tracker itself
+            self.tracker.mark_read()
 
     def step(self, staleness: int | None = None, *, refuse_nonfinite: bool = False) -> StepReport:
         """Apply the gradients held by the parameters and count the update in the tracker.
