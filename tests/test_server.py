@@ -1,4 +1,4 @@
-"""The parameter server: its rules in-process, and real RPC jobs of processes on loopback."""
+"""The parameter server: its rules in-process, and real jobs of processes on loopback."""
 
 from __future__ import annotations
 
@@ -47,7 +47,6 @@ def teacher_batches(
     seed: int = 0,
     kill: tuple[int, int] | None = None,
     hang: tuple[int, int] | None = None,
-    end_server: tuple[int, int] | None = None,
     checkpoint: tuple[int, int, str] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless batches whose labels a fixed random teacher assigns, so the loss can fall.
@@ -58,7 +57,6 @@ def teacher_batches(
         seed: seed of teacher and stream.
         kill: ``(rank, step)``: that worker SIGKILLs itself when asked for batch ``step``.
         hang: ``(rank, step)``: that worker blocks forever when asked for batch ``step``.
-        end_server: ``(rank, step)``: that worker makes the server process exit then.
         checkpoint: ``(rank, step, path)``: that worker asks the server for a checkpoint then.
     """
     rank = worker_index + 1
@@ -69,17 +67,16 @@ def teacher_batches(
             os.kill(os.getpid(), signal.SIGKILL)
         if hang is not None and hang == (rank, step):
             threading.Event().wait()
-        if end_server is not None and end_server == (rank, step):
-            torch.distributed.rpc.rpc_async("server", exit_process, args=(3,))
         if checkpoint is not None and checkpoint[:2] == (rank, step):
             request_checkpoint(checkpoint[2], timeout=30.0)
         x = torch.randn(16, 1, 8, 8, generator=stream)
         yield x, (x.flatten(1) @ teacher).argmax(dim=1)
 
 
-def exit_process(code: int) -> None:
-    """Run over RPC: end the process that runs it, at once."""
-    os._exit(code)
+def exit_at(update: int, code: int, point) -> None:
+    """An ``on_progress`` that ends the server's process at once, at update ``update``."""
+    if point.update >= update:
+        os._exit(code)
 
 
 def gradient_list(model: torch.nn.Module, seed: int = 0) -> list[torch.Tensor]:
@@ -571,13 +568,18 @@ def test_a_hung_worker_is_killed_soon_after_the_server_ends_and_the_others_repor
     assert job_result.wind_down_s < 5.0
 
 
-def test_a_worker_that_loses_the_server_says_so() -> None:
-    job = ParameterServerJob(
-        make_cnn, async_sgd(), functools.partial(teacher_batches, end_server=(1, 10))
+@pytest.mark.parametrize("transport", ["c10d", "rpc"])
+def test_a_worker_that_loses_the_server_says_so(transport) -> None:
+    job = ParameterServerJob(make_cnn, async_sgd(), teacher_batches)
+    config = ServerConfig(
+        total_updates=10_000,
+        progress_every=1,
+        on_progress=functools.partial(exit_at, 10, 3),
+        transport=transport,
     )
     began = time.monotonic()
     with pytest.raises(RuntimeError, match="lost the parameter server") as raised:
-        launch_local(job, workers=1, config=ServerConfig(total_updates=10_000), timeout=120.0)
+        launch_local(job, workers=1, config=config, timeout=120.0)
     assert time.monotonic() - began < 60.0
     assert "exit code 3" in str(raised.value)  # the server's own exit
     assert multiprocessing.active_children() == []
@@ -755,12 +757,12 @@ def test_a_requested_checkpoint_stays_in_the_jobs_folder(tmp_path) -> None:
         no_folder.requested_checkpoint_path(tmp_path / "x.pt")
 
 
-def test_a_remote_call_without_the_jobs_secret_is_refused(monkeypatch) -> None:
-    import asyncmomentum.runtimes.transport as transport
+def test_a_remote_call_without_the_jobs_secret_is_refused_over_rpc(monkeypatch) -> None:
+    import asyncmomentum.runtimes.transport.rpc as transport
 
     server = make_server(num_workers=1)
     server.start()
-    monkeypatch.setenv(transport.SECRET_ENV, "the-job-secret")
+    monkeypatch.setenv("ASYNCMOMENTUM_JOB_SECRET", "the-job-secret")
     grad = torch.ones(sum(p.numel() for p in server.model.parameters()))
     before = [p.detach().clone() for p in server.model.parameters()]
     with transport.serving(server):

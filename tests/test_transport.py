@@ -10,7 +10,7 @@ import torch
 from conftest import make_cnn
 
 from asyncmomentum.core.optimizer import AsyncMomentumSGD
-from asyncmomentum.runtimes import transport
+from asyncmomentum.runtimes.transport import rpc as transport
 from asyncmomentum.runtimes.server import ParameterServer, ServerConfig
 from asyncmomentum.runtimes.transport import (
     SERVER_NAME,

@@ -22,6 +22,14 @@ from asyncmomentum.core.validation import (
 )
 from asyncmomentum.runtimes.local_sgd.pseudo_gradient import check_sync_every
 from asyncmomentum.runtimes.trace import TracePoint
+from asyncmomentum.runtimes.transport import TRANSPORTS
+
+
+def check_transport(transport: Any) -> str:
+    """``transport`` if it names a transport, else a ValueError listing them."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {list(TRANSPORTS)}, got {transport!r}")
+    return str(transport)
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,8 @@ class ServerConfig:
             that the job ends even when workers die.
         worker_timeout: a worker not heard from for this many seconds is dropped: its later
             gradients are refused and the server no longer waits for it at the end.
-        rpc_timeout: timeout of every RPC and of the store workers sign off in, in seconds.
+        rpc_timeout: seconds every call between a worker and the server may take (both
+            transports; the name is the RPC transport's, kept for existing jobs).
         join_timeout: seconds every process may take to join the job at start-up (outside
             ``torchrun``); the server then fails with a message naming the missing ranks.
         checkpoint_path: where the server saves model and optimizer at the end and on request
@@ -51,6 +60,9 @@ class ServerConfig:
         measure_after: the server's timers (time shares, CPU time, the measured rate) start
             once this many updates have been applied, so that start-up and warm-up (first
             connections, first allocations) stay outside them; 0: from the start of serving.
+        transport: how workers reach the server: ``"c10d"`` (default: ``torch.distributed``
+            process groups, one gloo pair per worker, nccl for CUDA payloads) or ``"rpc"``
+            (``torch.distributed.rpc``, in maintenance mode in PyTorch; kept as an option).
     """
 
     total_updates: int | None = 1000
@@ -67,6 +79,7 @@ class ServerConfig:
     horizon: int = DEFAULT_HORIZON
     warmup: int = DEFAULT_WARMUP
     measure_after: int = 0
+    transport: str = "c10d"
 
     def __post_init__(self) -> None:
         check_positive(self.total_updates, "total_updates", integer=True, optional=True)
@@ -89,6 +102,7 @@ class ServerConfig:
         # Validates horizon and warmup with the estimator's own messages.
         StalenessEstimator(horizon=self.horizon, warmup=self.warmup)
         check_int(self.measure_after, "measure_after", 0, maximum=MAX_COUNT)
+        check_transport(self.transport)
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,7 @@ def launch_local(
     finished = False
     # TensorPipe warns on stderr of every peer that shuts down; the children read the level
     # from the environment they are spawned with. A level the user set wins.
-    quiet = "TORCH_CPP_LOG_LEVEL" not in os.environ
+    quiet = config.transport == "rpc" and "TORCH_CPP_LOG_LEVEL" not in os.environ
     if quiet:
         os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
     try:

@@ -172,6 +172,22 @@ class ParameterServer:
             self._update_stop_locked(time.monotonic())
             self._cond.notify_all()
 
+    def drop(self, rank: int) -> None:
+        """The link to worker ``rank`` is lost (its process ended): drop it now.
+
+        Its later gradients are refused and the server no longer waits for it, as for a worker
+        silent for ``worker_timeout``. A worker that has left already stays left.
+
+        Args:
+            rank: the worker's rank.
+        """
+        rank = self._check_rank(rank)
+        with self._cond:
+            if rank not in self._left:
+                self._dropped.add(rank)
+                self._update_stop_locked(time.monotonic())
+            self._cond.notify_all()
+
     # -- the server's own loop -----------------------------------------------------------------
 
     def serve(self) -> str:
@@ -503,12 +519,6 @@ def _check_model_and_optimizer(params: list[Tensor], optimizer: torch.optim.Opti
         raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)!r}")
     if not params:
         raise ValueError("the model has no parameters to serve")
-    for p in params:
-        if p.device.type != "cpu":
-            raise ValueError(
-                f"the served model must be on CPU, found a parameter on {p.device}: tensors "
-                "travel over RPC without device maps; move the model with model.cpu()"
-            )
     served = {id(p) for p in params}
     for group in optimizer.param_groups:
         for p in group["params"]:
