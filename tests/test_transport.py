@@ -145,7 +145,7 @@ def _free_port() -> int:
 
 def test_the_rpc_transport_in_a_group_of_one(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("TP_SOCKET_IFNAME", "lo")  # keep TensorPipe on loopback
-    monkeypatch.setenv(transport.SECRET_ENV, "s3cret")
+    monkeypatch.setenv("ASYNCMOMENTUM_JOB_SECRET", "s3cret")
     server = make_server(tmp_path)
     server.start()
     with serving(server):

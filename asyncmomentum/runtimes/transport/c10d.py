@@ -32,6 +32,7 @@ the worker; a lost worker is dropped at once (:meth:`~.base.Servable.drop`).
 from __future__ import annotations
 
 import builtins
+import contextlib
 import enum
 import struct
 import threading
@@ -70,6 +71,9 @@ INLINE_MAX_BYTES = 256 * 1024
 
 # A leaving worker's last message; bounded, as the server may be gone already.
 _LEAVE_TIMEOUT_S = 5.0
+
+# The longest single wait of the server for a connection to open (it checks for close() between).
+_ACCEPT_POLL_S = 0.5
 
 # Store keys of one worker rank's connections: attempts are numbered, each has its own prefix.
 _KEY = "asyncmomentum/c10d"
@@ -165,6 +169,7 @@ class _Pair:
                 f"the {peer} did not open its end of the connection within {timeout:g} s "
                 f"({error!s:.200}); is it gone, or is this rank connected already?"
             ) from error
+        self.control: Any = self.control
         self.data: Any = self.control
         self._store = store
         self._rank = rank
@@ -242,12 +247,9 @@ class _Pair:
         return self.numel * torch.empty(0, dtype=self.dtype).element_size()
 
     def close(self) -> None:
-        """Drop the process groups (their sockets close; a peer waiting on them gets an error)."""
-        for group in {id(self.control): self.control, id(self.data): self.data}.values():
-            try:
-                group.shutdown()
-            except (RuntimeError, AttributeError):
-                pass
+        """Drop the process groups: their sockets close, and a peer waiting on them gets an
+        error at once (a pending wait of this side does not end: only its timeout ends it)."""
+        self.control = self.data = None
 
 
 def _nccl_pair(store: dist.Store, rank: int, timeout: float) -> Any:
@@ -291,6 +293,8 @@ def _raise_remote(extra: bytes) -> None:
     text = extra.decode(errors="replace")
     name, _, message = text.partition(": ")
     kind = getattr(builtins, name, None)
+    if isinstance(kind, type) and issubclass(kind, ConnectionError):
+        raise kind(f"lost the parameter server: {message}")
     if isinstance(kind, type) and issubclass(kind, Exception):
         raise kind(f"the parameter server refused: {message}")
     raise RuntimeError(f"the parameter server raised {text}")
@@ -456,6 +460,8 @@ class C10dTransport:
                     "be reached"
                 ) from error.__cause__
         if answer.kind == _Kind.ERROR:
+            if answer.extra.startswith(b"ConnectionError"):
+                self.close()  # the server closed its end
             _raise_remote(answer.extra)
         return answer
 
@@ -513,7 +519,6 @@ class C10dHost:
         self._everyone = threading.Event()
         self._closed = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._pairs: dict[int, _Pair] = {}
         self._lock = threading.Lock()
         self._started = 0.0
 
@@ -556,12 +561,10 @@ class C10dHost:
             return rank in self._left
 
     def close(self) -> None:
-        """Close every connection; threads still waiting end with it."""
+        """Close the connections: each answers its worker's next message with a
+        ConnectionError and closes (one whose worker is silent closes at ``worker_timeout``,
+        one whose worker's process ended closes at once); waits for workers end now."""
         self._closed.set()
-        with self._lock:
-            pairs, self._pairs = list(self._pairs.values()), {}
-        for pair in pairs:
-            pair.close()
 
     # -- one connection --------------------------------------------------------------------
 
@@ -584,19 +587,25 @@ class C10dHost:
 
     def _accept(self, rank: int, attempt: int) -> _Pair | None:
         """The pair of the worker's next attempt, or None if it does not come in time."""
-        remaining = self._started + self.join_timeout - time.monotonic()
-        try:
-            # A store client serves one call at a time: each connection waits on its own.
-            store = self.store.clone()
-            store.wait([_hello_key(rank, attempt)], timedelta(seconds=max(remaining, 1e-3)))
-            pair = _Pair(_pair_store(store, rank, attempt), 0, self.address, self.reply_timeout)
-        except (RuntimeError, ConnectionError, dist.DistError):
-            return None
-        with self._lock:
-            if self._closed.is_set():
-                pair.close()
+        # A store client serves one call at a time: each connection waits on its own.
+        store = self.store.clone()
+        key = _hello_key(rank, attempt)
+        deadline = self._started + self.join_timeout
+        while not store.check([key]):  # short waits, so that close() is seen soon
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closed.is_set():
                 return None
-            self._pairs[rank] = pair
+            try:
+                store.wait([key], timedelta(seconds=min(remaining, _ACCEPT_POLL_S)))
+            except (RuntimeError, dist.DistError):
+                continue
+        try:
+            pair = _Pair(_pair_store(store, rank, attempt), 0, self.address, self.reply_timeout)
+        except ConnectionError:
+            return None
+        if self._closed.is_set():
+            pair.close()
+            return None
         return pair
 
     def _handshake(self, rank: int, pair: _Pair) -> bool:
@@ -604,7 +613,7 @@ class C10dHost:
         try:
             hello = pair.recv(self.reply_timeout, f"waiting for worker {rank}'s handshake")
         except ConnectionError:
-            self._forget(rank, pair)
+            pair.close()
             return False
         try:
             check_secret(hello.extra.decode(errors="replace"))  # before anything else
@@ -616,13 +625,13 @@ class C10dHost:
                 pair.send(_Kind.ERROR, extra=_error_text(error), timeout=self.reply_timeout)
             except ConnectionError:
                 pass
-            self._forget(rank, pair)
+            pair.close()
             return False
         try:
             pair.send(_Kind.REPLY, timeout=self.reply_timeout)
             pair.fit(self.numel, self.dtype, self.device, self.reply_timeout)
         except (ConnectionError, RuntimeError):
-            self._forget(rank, pair)
+            pair.close()
             return False
         return True
 
@@ -656,6 +665,11 @@ class C10dHost:
                 if not self._closed.is_set():
                     self.server.drop(rank)  # dead, or silent for worker_timeout
                 break
+            if self._closed.is_set():
+                closing = ConnectionError("the parameter server has closed this connection")
+                with contextlib.suppress(ConnectionError):
+                    pair.send(_Kind.ERROR, extra=_error_text(closing), timeout=self.reply_timeout)
+                break
             try:
                 reply = self._handle(rank, message)
             except Exception as error:  # the server refused it; nothing changed
@@ -669,7 +683,7 @@ class C10dHost:
                 with self._lock:
                     self._left.add(rank)
                 break
-        self._forget(rank, pair)
+        pair.close()
 
     def _handle(self, rank: int, message: _Message) -> dict[str, Any]:
         if message.rank != rank:
@@ -699,9 +713,3 @@ class C10dHost:
         flags = (_STOP if reply.stop else 0) | (_APPLIED if reply.applied else 0)
         payload = None if reply.stop else reply.params
         return {"kind": _Kind.REPLY, "version": reply.version, "flags": flags, "payload": payload}
-
-    def _forget(self, rank: int, pair: _Pair) -> None:
-        with self._lock:
-            if self._pairs.get(rank) is pair:
-                del self._pairs[rank]
-        pair.close()
