@@ -5,7 +5,7 @@ group (:mod:`lightning_callbacks.compute_groups`) averages it and pushes it, tag
 parameter version it was computed from, to one
 :class:`~asyncmomentum.runtimes.server.ParameterServer`; the reply carries the parameters right
 after the update and their version. The server lives in rank 0, in threads of that process
-(its wait loop, and the RPC threads that answer the other groups); it applies each update with
+(its wait loop, and one thread per connection of another group); it applies each update with
 the optimizer of ``configure_optimizers`` and measures the exact staleness, so an
 :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD` (or any torch optimizer driven by
 :class:`~lightning_callbacks.AsyncMomentumCallback`) tunes its momentum to the asynchrony.
@@ -14,7 +14,8 @@ Processes start as Lightning's DDP starts them (its launcher for ``devices=N`` o
 ``torchrun``, SLURM or the usual environment variables across machines): this strategy is a
 :class:`~pytorch_lightning.strategies.DDPStrategy` that does not wrap the model and replaces the
 optimizer step. The link to the server is a :class:`~asyncmomentum.runtimes.transport.Transport`
-(RPC to rank 0 for the leaders of groups 1..G-1, a direct call for group 0).
+(a two-rank ``torch.distributed`` process group to rank 0 for the leader of each group 1..G-1,
+:class:`~asyncmomentum.runtimes.transport.C10dTransport`; a direct call for group 0).
 
 Local SGD (the DiLoCo family): with ``sync_every=H`` and ``outer_optimizer=fn``, the optimizer of
 ``configure_optimizers`` is each group's *inner* optimizer and steps for real (on the gradient
@@ -29,7 +30,6 @@ import contextlib
 import copy
 import threading
 from collections.abc import Callable
-from contextlib import ExitStack
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -47,21 +47,19 @@ from asyncmomentum.core.validation import check_int, check_positive
 from asyncmomentum.runtimes.local_sgd import check_outer_optimizer, check_sync_every
 from asyncmomentum.runtimes.server import ParameterServer, ServerConfig, ServerResult, TracePoint
 from asyncmomentum.runtimes.transport import (
-    SERVER_NAME,
+    C10dHost,
+    C10dTransport,
     LocalTransport,
-    RpcTransport,
     Transport,
     check_flat,
+    connect_store,
     flatten,
-    init_rpc,
+    host_store,
     job_secret,
     load_flat,
-    serving,
-    shutdown_rpc,
-    worker_name,
+    local_address_toward,
 )
 from lightning_callbacks.compute_groups import ComputeGroups, GroupReply
-from lightning_callbacks.rpc_link import RpcLink, keep_transport_on_loopback
 
 __all__ = ["AsyncParameterServerStrategy"]
 
@@ -184,9 +182,8 @@ class AsyncParameterServerStrategy(DDPStrategy):
         self._served_optimizers: list[Optimizer] = []
         self._server: ParameterServer | None = None
         self._serve_thread: threading.Thread | None = None
-        self._stack = ExitStack()
-        self._link: RpcLink | None = None
-        self._rpc_joined = False
+        self._store: torch.distributed.TCPStore | None = None
+        self._host: C10dHost | None = None
         self._transport: Transport | None = None
         self._secret = ""
         self._version = 0
@@ -314,7 +311,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
             memo: dict[int, Any] = {}
             self._served_model = copy.deepcopy(module, memo).cpu()
             self._served_optimizers = [copy.deepcopy(self.optimizers[0], memo)]
-        self._setup_rpc(groups)
+        self._setup_store(groups)
         self._wrap_optimizer(self.optimizers[0])
 
     def _wrap_optimizer(self, optimizer: Optimizer) -> None:
@@ -350,39 +347,27 @@ class AsyncParameterServerStrategy(DDPStrategy):
             with contextlib.suppress(AttributeError):
                 del optimizer.step
 
-    def _setup_rpc(self, groups: int) -> None:
-        """Open the RPC group between rank 0 and the other groups' leaders (if ``G > 1``)."""
+    def _setup_store(self, groups: int) -> None:
+        """Open the store through which the other groups' leaders connect to rank 0 (``G > 1``).
+
+        Lightning's process group already holds ``MASTER_PORT``: rank 0 hosts a store on a
+        fresh port of ``MASTER_ADDR`` only and tells the leaders its port and the job's secret
+        over Lightning's process group (the last collective of the job before training).
+        """
         assert self._layout is not None
         assert self.cluster_environment is not None
         if groups == 1:
             return
         host = self.cluster_environment.main_address
-        keep_transport_on_loopback(host)
-        timeout = timedelta(seconds=self.rpc_timeout)
         message: list[Any] = [0, ""]
         if self.is_global_zero:
-            self._link = RpcLink(host, 0, host_it=True, timeout=timeout)
+            self._store = host_store(host, 0, timeout=self.rpc_timeout)
             # A user's secret (exported to every process) wins; else one per job.
-            message = [self._link.port, job_secret(create=True)]
+            message = [self._store.port, job_secret(create=True)]
         dist.broadcast_object_list(message, src=0)
         port, self._secret = int(message[0]), str(message[1])
-        layout = self._layout
-        if self.is_global_zero:
-            name, rank = SERVER_NAME, 0
-        elif layout.is_leader:
-            self._link = RpcLink(host, port, host_it=False, timeout=timeout)
-            name, rank = worker_name(layout.index), layout.index
-        else:
-            return
-        assert self._link is not None
-        init_rpc(
-            name,
-            rank,
-            layout.count,
-            init_method=self._link.init_method,
-            timeout=self.rpc_timeout,
-        )
-        self._rpc_joined = True
+        if self._layout.is_leader and not self.is_global_zero:
+            self._store = connect_store(host, port, timeout=self.rpc_timeout)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
@@ -424,7 +409,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
             self._transport = (
                 LocalTransport(self._server)
                 if self._server is not None  # rank 0 (global zero) started it
-                else RpcTransport(timeout=self.rpc_timeout, secret=self._secret)
+                else self._connect(layout.server_rank)
             )
         reply = self._ask(lambda transport: transport.join(layout.server_rank))
         self._install(reply)
@@ -447,14 +432,42 @@ class AsyncParameterServerStrategy(DDPStrategy):
         server = ParameterServer(
             self._served_model, self._served_optimizers[0], self._layout.count, config
         )
-        if self._rpc_joined:
-            self._stack.enter_context(serving(server))
+        if self._store is not None:
+            # Server rank g + 1 is group g; group 0 is this process (a direct call).
+            assert self.cluster_environment is not None
+            self._host = C10dHost(
+                server,
+                self._store,
+                range(2, self._layout.count + 1),
+                flatten([p.detach() for p in self._served_model.parameters()]),
+                address=local_address_toward(self.cluster_environment.main_address),
+                join_timeout=self.rpc_timeout,
+                worker_timeout=self.worker_timeout,
+                reply_timeout=self.rpc_timeout,
+            )
+            self._host.start()
         self._server = server
         server.start()
         self._serve_thread = threading.Thread(
             target=server.serve, name="asyncmomentum-server", daemon=True
         )
         self._serve_thread.start()
+
+    def _connect(self, server_rank: int) -> C10dTransport:
+        """A leader's connection to the server in rank 0, as server rank ``server_rank``."""
+        assert self._store is not None
+        assert self.cluster_environment is not None
+        module = self.lightning_module
+        assert module is not None
+        like = flatten([p.detach() for p in module.parameters()]).cpu()
+        return C10dTransport(
+            self._store,
+            server_rank,
+            like,
+            timeout=self.rpc_timeout,
+            secret=self._secret,
+            server_address=self.cluster_environment.main_address,
+        )
 
     def _after_update(self, point: TracePoint) -> None:
         for listener in self._listeners:
@@ -468,7 +481,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        """Leave the server and the RPC group when training fails, so the process can end.
+        """Leave the server and close the connections when training fails, so the process can end.
 
         Args:
             exception: what ended training.
@@ -488,34 +501,28 @@ class AsyncParameterServerStrategy(DDPStrategy):
                     self._transport.leave(layout.server_rank)
             if self.is_global_zero:
                 self._stop_server(layout, failed)
-            elif self._rpc_joined:
-                shutdown_rpc()
-                self._rpc_joined = False
-                if self._link is not None:
-                    self._link.sign_off(layout.index)
         finally:
+            if isinstance(self._transport, C10dTransport):
+                self._transport.close()
             self._transport = None
-            if self._link is not None:
-                self._link.close()
+            self._store = None
 
     def _stop_server(self, layout: ComputeGroups, failed: bool) -> None:
         server, thread = self._server, self._serve_thread
         if server is None or thread is None:
-            self._stack.close()
             return
         if not failed:
             thread.join()  # until max_steps, every group left, or the silent ones were dropped
-            link = self._link
+            host = self._host
 
             def signed_off(rank: int, timeout_s: float) -> bool:
-                # Server rank g + 1 is group g; group 0 is this process.
-                return rank == 1 or link is None or link.signed_off(rank - 1, timeout_s)
+                # Server rank 1 is group 0: this process.
+                return rank == 1 or host is None or host.signed_off(rank, timeout_s)
 
             server.await_departures(signed_off)
-        if self._rpc_joined:
-            shutdown_rpc()
-            self._rpc_joined = False
-        self._stack.close()
+        if self._host is not None:
+            self._host.close()
+            self._host = None
         self.server_result = server.result()
         self._server = None
         self._serve_thread = None
