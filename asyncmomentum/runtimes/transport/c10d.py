@@ -152,14 +152,15 @@ class _Pair:
     Args:
         store: the store of this connection (a prefix of the job's).
         rank: 0 on the server, 1 on the worker.
-        address: the address this side's listener binds.
+        device: gloo's device (a listener bound to one address, and one I/O thread); the
+            server shares one among its connections.
         timeout: seconds the pair may take to connect.
     """
 
-    def __init__(self, store: dist.Store, rank: int, address: str, timeout: float) -> None:
+    def __init__(self, store: dist.Store, rank: int, device: Any, timeout: float) -> None:
         options = dist.ProcessGroupGloo._Options()
         options._timeout = timedelta(seconds=timeout)
-        options._devices = [dist.ProcessGroupGloo.create_device(hostname=address)]
+        options._devices = [device]
         options._threads = 1  # one peer, one message at a time
         try:
             self.control = dist.ProcessGroupGloo(store, rank, 2, options)
@@ -250,6 +251,11 @@ class _Pair:
         """Drop the process groups: their sockets close, and a peer waiting on them gets an
         error at once (a pending wait of this side does not end: only its timeout ends it)."""
         self.control = self.data = None
+
+
+def _device(address: str) -> Any:
+    """A gloo device whose listener binds ``address`` only."""
+    return dist.ProcessGroupGloo.create_device(hostname=address)
 
 
 def _nccl_pair(store: dist.Store, rank: int, timeout: float) -> Any:
@@ -357,9 +363,8 @@ class C10dTransport:
             store.set(_hello_key(rank, attempt), "1")
         except (RuntimeError, dist.DistError) as error:
             raise ConnectionError(f"the job's store cannot be reached ({error!s:.200})") from error
-        pair = _Pair(
-            _pair_store(store, rank, attempt), 1, local_address_toward(server_address), timeout
-        )
+        device = _device(local_address_toward(server_address))
+        pair = _Pair(_pair_store(store, rank, attempt), 1, device, timeout)
         try:
             pair.send(
                 _Kind.HELLO,
@@ -519,6 +524,8 @@ class C10dHost:
         self._everyone = threading.Event()
         self._closed = threading.Event()
         self._threads: list[threading.Thread] = []
+        # One listener and one I/O thread for every connection.
+        self._device = _device(address)
         self._lock = threading.Lock()
         self._started = 0.0
 
@@ -600,7 +607,7 @@ class C10dHost:
             except (RuntimeError, dist.DistError):
                 continue
         try:
-            pair = _Pair(_pair_store(store, rank, attempt), 0, self.address, self.reply_timeout)
+            pair = _Pair(_pair_store(store, rank, attempt), 0, self._device, self.reply_timeout)
         except ConnectionError:
             return None
         if self._closed.is_set():
