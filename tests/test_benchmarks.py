@@ -48,19 +48,27 @@ def test_step_overhead_offers_every_path_and_runs_them_all_by_default(capsys):
     assert [line.split()[0] for line in table[2:]] == list(step_overhead.PATHS)
 
 
-def test_server_throughput_times_the_updates_after_the_warm_up(capsys):
-    args = ["--updates", "6", "--runs", "1", "--workers", "1", "--json"]
+def test_server_throughput_times_both_transports_after_the_warm_up(capsys):
+    args = ["--updates", "6", "--runs", "1", "--workers", "1", "--json", "--quick"]
     summaries = server_throughput.run(args)
-    assert [s["workers"] for s in summaries] == [1]
-    for summary in summaries:
+    jobs, links = summaries[:2], summaries[2:]
+    assert [(s["transport"], s["workers"]) for s in jobs] == [("c10d", 1), ("rpc", 1)]
+    for summary in jobs:
+        assert summary["fewest_share"] == summary["most_share"] == 1.0  # one worker
         rate = summary["updates_per_second"]
         assert 0 < rate["min"] <= rate["median"] <= rate["max"]
         assert summary["measured_updates"] == 6  # the warm-up's updates are not timed
         assert summary["cpu_ms_per_update"] > 0
         assert sum(summary["shares"].values()) == pytest.approx(1.0)
         assert len(summary["load"]) == 2
+    assert [s["transport"] for s in links] == ["c10d", "rpc"]
+    for link in links:
+        assert link["round_trip_us"] > 0
+        assert 0 <= link["idle_worker_cpu"] and 0 <= link["idle_server_cpu"]
     out = capsys.readouterr().out
     assert "load average now" in out
+    assert "1 workers: c10d / rpc updates/s" in out
+    assert "c10d / rpc: round trip" in out
 
 
 def test_bench_runs_exactly_the_benchmark_modules_of_the_package():

@@ -4,7 +4,7 @@ Two processes on loopback: a host serving an echo server (a push is answered wit
 tensor, no optimizer) and one worker. The worker times ``round_trips`` pushes of a flat tensor
 of ``numel`` float32 elements (after a warm-up), then both sit idle, connected, for
 ``idle_seconds`` while each measures its own process's CPU time. Used by
-:mod:`.server_throughput`, which prints the figures of every transport side by side.
+:mod:`asyncmomentum.applications.benchmarks.server_throughput`, which prints the figures of every transport side by side.
 """
 
 from __future__ import annotations
