@@ -283,7 +283,13 @@ def test_large_payloads_travel_apart_from_their_header(monkeypatch) -> None:
         job.close()
 
 
-def test_header_fields_round_trip_the_loss_bit_for_bit() -> None:
-    for value in (0.0, -1.5, math.pi, 1e-300, math.inf):
-        assert c10d._loss_value(c10d._loss_bits(value)) == value
-    assert math.isnan(c10d._loss_value(c10d._loss_bits(math.nan)))
+def test_the_loss_travels_bit_for_bit(job: Job) -> None:
+    link = job.connect(1)
+    job.connect(2)
+    reply = link.join(1)
+    grad = flat_gradient(job.server)
+    for value in (0.0, -1.5, math.pi, 1e-300, math.inf, math.nan):
+        reply = link.push(1, grad, reply.version, value)
+    losses = [point.loss for point in job.server.result().trace]
+    assert losses[:5] == [0.0, -1.5, math.pi, 1e-300, math.inf]
+    assert math.isnan(losses[5])

@@ -1,4 +1,4 @@
-"""An asynchronous parameter server on ``torch.distributed.rpc`` (TensorPipe).
+"""An asynchronous parameter server on ``torch.distributed`` (c10d process groups).
 
 Rank 0 is the server: it owns the model and the optimizer. Every other rank is a worker that
 loops: compute a gradient from the parameters it holds, push ``(gradients, version)`` and receive
@@ -8,7 +8,8 @@ when the optimizer is an :class:`~asyncmomentum.core.optimizer.AsyncMomentumSGD`
 optimizer gets a plain ``step()``; staleness is measured and reported all the same).
 
 Workers reach the server through :mod:`asyncmomentum.runtimes.transport` (one small interface;
-``torch.distributed.rpc`` behind it today). A push carries one flat gradient tensor and a reply
+by default a two-rank gloo process group per worker connection, ``ServerConfig(transport="rpc")``
+for ``torch.distributed.rpc``). A push carries one flat gradient tensor and a reply
 one flat tensor of all parameters, which the server holds as views of one buffer: per-message
 overhead, not bytes, is what bounds a server of a small model.
 
@@ -17,17 +18,16 @@ update. In the long run the mean staleness is then exactly ``M - 1`` for ``M`` w
 their speeds (each worker sees the updates of the others during one of its cycles), which is what
 the estimator of ``M`` assumes.
 
-Fault tolerance. ``init_rpc`` forms a static group and ``rpc.shutdown(graceful=True)`` is a
-barrier over every rank, which never completes once a worker is dead. So every process here
-shuts its agent down locally (``graceful=False``) and the end of the job is agreed on separately:
+Fault tolerance. Every process's link ends on its own (no barrier over every rank, which never
+completes once a worker is dead), and the end of the job is agreed on explicitly:
 
 * the server stops on the first of: ``total_updates`` applied, ``max_seconds`` elapsed, or no
   worker left; gradients that arrive after that are answered with "stop" and not applied;
 * a worker that is not heard from for ``worker_timeout`` seconds is dropped: its later gradients
-  are refused, and the server stops waiting for it;
-* a leaving worker says so over RPC, shuts its agent down, then writes a key into a small
-  ``TCPStore`` the server hosts; the server shuts its own agent down only once every worker
-  still alive has written its key (or timed out), so no reply is cut off mid-flight.
+  are refused, and the server stops waiting for it; a worker whose connection breaks (its
+  process ended) is dropped at once;
+* a leaving worker says so; the server ends only once every worker still alive has left (or
+  timed out), so no reply is cut off mid-flight (:mod:`.links`).
 
 Launch it with ``torchrun`` (rank 0 is the server) or with the usual environment variables
 (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``) through :func:`run_from_env`, or as
@@ -38,8 +38,8 @@ by a cluster scheduler, or with :func:`launch_local`). A stalled worker is dropp
 
 The package, one job per module: :mod:`.config` (what a job trains, how the server runs, what
 they report), :mod:`.state` (:class:`ParameterServer`, the rules, callable in-process),
-:mod:`.checkpoints`, :mod:`.processes` (the server's and a worker's process over RPC) and
-:mod:`.launch` (:func:`launch_local`). Every public name is importable from here.
+:mod:`.checkpoints`, :mod:`.links` (rendezvous and the end of a job, per transport),
+:mod:`.processes` (the server's and a worker's process) and :mod:`.launch` (:func:`launch_local`). Every public name is importable from here.
 
 Example::
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import enum
-import struct
 import threading
 import time
 from collections.abc import Iterable
@@ -42,6 +41,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -72,8 +72,8 @@ INLINE_MAX_BYTES = 256 * 1024
 # A leaving worker's last message; bounded, as the server may be gone already.
 _LEAVE_TIMEOUT_S = 5.0
 
-# The longest single wait of the server for a connection to open (it checks for close() between).
-_ACCEPT_POLL_S = 0.5
+# What close() writes into the key a connection waits for, to end the wait.
+_CLOSED = "closed"
 
 # Store keys of one worker rank's connections: attempts are numbered, each has its own prefix.
 _KEY = "asyncmomentum/c10d"
@@ -105,7 +105,7 @@ class _Refused(Exception):
 
 @dataclass
 class _Message:
-    header: list[int]
+    header: list[Any]  # ints, but the loss (field _LOSS) as a float
     payload: Tensor | None
     extra: bytes
 
@@ -127,15 +127,7 @@ class _Message:
 
     @property
     def loss(self) -> float:
-        return _loss_value(self.header[_LOSS])
-
-
-def _loss_bits(value: float) -> int:
-    return int(struct.unpack("<q", struct.pack("<d", float(value)))[0])
-
-
-def _loss_value(bits: int) -> float:
-    return float(struct.unpack("<d", struct.pack("<q", int(bits)))[0])
+        return float(self.header[_LOSS])
 
 
 def _wait(work: Any, timeout: float, what: str) -> None:
@@ -175,16 +167,25 @@ class _Pair:
         self._store = store
         self._rank = rank
         self.peer = 1 - rank
+        self._sending = f"sending to the {'worker' if rank == 0 else 'server'}"
+        # The server consumes a received payload before its next receive (it copies it into
+        # its own buffer), so its receive buffer is reused; a worker keeps each reply.
+        self._reuse_received = rank == 0
         self.numel = 0
         self.dtype = torch.float32
         self.device = torch.device("cpu")
-        self.inline = True
+        self.inline = False
+        self._header = torch.zeros(8, dtype=torch.int64)  # header-only messages
+        self._frame: Tensor | None = None  # the send buffer of inline messages, reused
+        self._received: Tensor | None = None
 
     def fit(self, numel: int, dtype: torch.dtype, device: torch.device, timeout: float) -> None:
         """Set the payload's layout, agreed on in the handshake; CUDA payloads get an nccl pair."""
         self.numel, self.dtype, self.device = numel, dtype, device
-        size = numel * torch.empty(0, dtype=dtype).element_size()
-        self.inline = device.type == "cpu" and size <= INLINE_MAX_BYTES
+        self._frame_bytes = HEADER_BYTES + numel * torch.empty(0, dtype=dtype).element_size()
+        self.inline = device.type == "cpu" and self._frame_bytes - HEADER_BYTES <= INLINE_MAX_BYTES
+        if self.inline:
+            self._frame = torch.zeros(self._frame_bytes, dtype=torch.uint8)
         if device.type == "cuda":
             self.data = _nccl_pair(dist.PrefixStore("nccl/", self._store), self._rank, timeout)
 
@@ -201,51 +202,56 @@ class _Pair:
         layout: tuple[int, int] = (0, 0),
         timeout: float,
     ) -> None:
-        header = [kind, rank, version, flags, len(extra), _loss_bits(loss), *layout]
         if payload is not None:
-            header[_FLAGS] |= _PAYLOAD
-        what = f"sending to the {'worker' if self._rank == 0 else 'server'}"
-        if self.inline and self.numel:
-            frame = torch.empty(HEADER_BYTES + self._payload_bytes(), dtype=torch.uint8)
-            frame[:HEADER_BYTES].view(torch.int64).copy_(torch.tensor(header, dtype=torch.int64))
+            flags |= _PAYLOAD
+        frame = self._frame
+        target = self._header if frame is None else frame[:HEADER_BYTES].view(torch.int64)
+        header = target.numpy()
+        header[:] = (kind, rank, version, flags, len(extra), 0, *layout)
+        header[_LOSS : _LOSS + 1].view(np.float64)[0] = loss
+        if frame is not None:
             if payload is not None:
                 frame[HEADER_BYTES:].view(self.dtype).copy_(payload)
-            _wait(self.control.send([frame], self.peer, 0), timeout, what)
+            _wait(self.control.send([frame], self.peer, 0), timeout, self._sending)
         else:
-            _wait(self.control.send([torch.tensor(header)], self.peer, 0), timeout, what)
+            _wait(self.control.send([target], self.peer, 0), timeout, self._sending)
             if payload is not None:
                 flat = payload.detach().to(self.device, self.dtype).contiguous()
-                _wait(self.data.send([flat], self.peer, 1), timeout, what)
+                _wait(self.data.send([flat], self.peer, 1), timeout, self._sending)
         if extra:
             raw = torch.frombuffer(bytearray(extra), dtype=torch.uint8)
-            _wait(self.control.send([raw], self.peer, 2), timeout, what)
+            _wait(self.control.send([raw], self.peer, 2), timeout, self._sending)
 
     def recv(self, timeout: float, what: str) -> _Message:
         """The next message; ``what`` names the wait in errors (a timeout: ConnectionError)."""
-        if self.inline and self.numel:
-            frame = torch.empty(HEADER_BYTES + self._payload_bytes(), dtype=torch.uint8)
+        payload = None
+        if self.inline:
+            frame = self._received if self._reuse_received else None
+            if frame is None:
+                frame = torch.empty(self._frame_bytes, dtype=torch.uint8)
+                if self._reuse_received:
+                    self._received = frame
             _wait(self.control.recv([frame], self.peer, 0), timeout, what)
-            header = frame[:HEADER_BYTES].view(torch.int64).tolist()
-            payload = frame[HEADER_BYTES:].view(self.dtype) if header[_FLAGS] & _PAYLOAD else None
+            header = frame[:HEADER_BYTES].numpy().view(np.int64)
+            if header[_FLAGS] & _PAYLOAD:
+                payload = frame[HEADER_BYTES:].view(self.dtype)
         else:
             raw_header = torch.empty(8, dtype=torch.int64)
             _wait(self.control.recv([raw_header], self.peer, 0), timeout, what)
-            header = raw_header.tolist()
-            payload = None
+            header = raw_header.numpy()
             if header[_FLAGS] & _PAYLOAD:
                 if not self.numel:
                     raise ConnectionError(f"{what}: a payload arrived before the handshake")
                 payload = torch.empty(self.numel, dtype=self.dtype, device=self.device)
                 _wait(self.data.recv([payload], self.peer, 1), timeout, what)
+        fields = header.tolist()
+        fields[_LOSS] = float(header[_LOSS : _LOSS + 1].view(np.float64)[0])
         extra = b""
-        if header[_EXTRA] > 0:
-            raw = torch.empty(header[_EXTRA], dtype=torch.uint8)
+        if fields[_EXTRA] > 0:
+            raw = torch.empty(fields[_EXTRA], dtype=torch.uint8)
             _wait(self.control.recv([raw], self.peer, 2), timeout, what)
             extra = raw.numpy().tobytes()
-        return _Message(header, payload, extra)
-
-    def _payload_bytes(self) -> int:
-        return self.numel * torch.empty(0, dtype=self.dtype).element_size()
+        return _Message(fields, payload, extra)
 
     def close(self) -> None:
         """Drop the process groups: their sockets close, and a peer waiting on them gets an
@@ -524,6 +530,7 @@ class C10dHost:
         self._everyone = threading.Event()
         self._closed = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._awaited: dict[int, str] = {}  # the hello key each waiting connection waits for
         # One listener and one I/O thread for every connection.
         self._device = _device(address)
         self._lock = threading.Lock()
@@ -571,7 +578,12 @@ class C10dHost:
         """Close the connections: each answers its worker's next message with a
         ConnectionError and closes (one whose worker is silent closes at ``worker_timeout``,
         one whose worker's process ended closes at once); waits for workers end now."""
-        self._closed.set()
+        with self._lock:
+            self._closed.set()
+            awaited = list(self._awaited.values())
+        for key in awaited:
+            with contextlib.suppress(RuntimeError, dist.DistError):
+                self.store.set(key, _CLOSED)
 
     # -- one connection --------------------------------------------------------------------
 
@@ -597,23 +609,21 @@ class C10dHost:
         # A store client serves one call at a time: each connection waits on its own.
         store = self.store.clone()
         key = _hello_key(rank, attempt)
-        deadline = self._started + self.join_timeout
-        while not store.check([key]):  # short waits, so that close() is seen soon
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._closed.is_set():
+        with self._lock:
+            if self._closed.is_set():
                 return None
-            try:
-                store.wait([key], timedelta(seconds=min(remaining, _ACCEPT_POLL_S)))
-            except (RuntimeError, dist.DistError):
-                continue
+            self._awaited[rank] = key  # close() writes it, which ends the wait
+        remaining = self._started + self.join_timeout - time.monotonic()
         try:
-            pair = _Pair(_pair_store(store, rank, attempt), 0, self._device, self.reply_timeout)
-        except ConnectionError:
+            store.wait([key], timedelta(seconds=max(remaining, 1e-3)))
+            if self._closed.is_set():
+                return None
+            return _Pair(_pair_store(store, rank, attempt), 0, self._device, self.reply_timeout)
+        except (RuntimeError, ConnectionError, dist.DistError):
             return None
-        if self._closed.is_set():
-            pair.close()
-            return None
-        return pair
+        finally:
+            with self._lock:
+                self._awaited.pop(rank, None)
 
     def _handshake(self, rank: int, pair: _Pair) -> bool:
         """Check the worker's hello before anything else; refuse (and close) on any mismatch."""
