@@ -24,6 +24,7 @@ the dead group after ``--worker-timeout`` seconds.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,8 @@ def main() -> None:
         max_steps=args.max_steps,
         val_check_interval=10,  # batches of rank 0
         log_every_n_steps=5,
+        # A progress bar redraws itself; in a log file (not a terminal) it is noise.
+        enable_progress_bar=sys.stderr.isatty(),
         logger=CSVLogger(args.out, name="logs"),
         callbacks=[
             AsyncMomentumCallback(target_momentum=args.momentum),

@@ -1,4 +1,4 @@
-"""Train a small CNN on the digits with an asynchronous parameter server on torch.distributed.rpc.
+"""Train a small CNN on the digits with an asynchronous parameter server on torch.distributed.
 
 Rank 0 is the server: it owns the model and an AsyncMomentumSGD, and applies every gradient as it
 arrives, tagged with the staleness it measured. The other ranks are workers, each on its shard of
@@ -30,13 +30,8 @@ momentum meter measures.
 
 from __future__ import annotations
 
-import os
-
-# TensorPipe logs a warning whenever a peer shuts down its RPC agent, which every process of a
-# fault-tolerant job does on its own. Set before torch is imported; set it to INFO to see them.
-os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-
 import argparse
+import os
 import functools
 import time
 from collections.abc import Iterable, Iterator, Sequence

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Literal
@@ -38,6 +39,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import RunningStage, TrainerFn
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from torch.nn.utils import vector_to_parameters
 from torch.optim import Optimizer
@@ -69,6 +71,9 @@ _NO_TIME_LIMIT_S = 365 * 24 * 3600.0
 
 # Applied updates between two points of the server's trace (kept for the run's result).
 _TRACE_EVERY = 50
+
+# Lightning's advice to log epoch metrics with sync_dist=True (see _quiet_sync_dist_advice).
+_SYNC_DIST_ADVICE = r"It is recommended to use `self\.log\(.*sync_dist=True\)`"
 
 #: The checkpoint's key for what local SGD adds (the outer optimizer, with its tracker).
 LOCAL_SGD_KEY = "async_parameter_server/local_sgd"
@@ -185,6 +190,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
         self._store: torch.distributed.TCPStore | None = None
         self._host: C10dHost | None = None
         self._transport: Transport | None = None
+        self._sync_dist_filter: Any = None
         self._secret = ""
         self._version = 0
         self._offset = 0
@@ -257,7 +263,21 @@ class AsyncParameterServerStrategy(DDPStrategy):
         self._asynchronous = False
         super().setup(trainer)
         if trainer.state.fn == TrainerFn.FITTING:
+            self._quiet_sync_dist_advice()
             self._setup_fit(trainer)
+
+    def _quiet_sync_dist_advice(self) -> None:
+        """Silence Lightning's advice to log with ``sync_dist=True``, for ``fit`` only.
+
+        During ``fit`` only rank 0 validates, on the server's parameters and the whole
+        validation set: its epoch metrics are already the job's, and a sync would make every
+        group wait for the others. The filter is removed in ``teardown`` (``validate`` and
+        ``test`` after ``fit`` run on every process, where the advice applies).
+        """
+        warnings.filterwarnings(
+            "ignore", message=_SYNC_DIST_ADVICE, category=PossibleUserWarning
+        )
+        self._sync_dist_filter = warnings.filters[0]
 
     def _setup_fit(self, trainer: pl.Trainer) -> None:
         module = self.lightning_module
@@ -539,6 +559,10 @@ class AsyncParameterServerStrategy(DDPStrategy):
     @override
     def teardown(self) -> None:
         """Release what ``fit`` opened, then tear down as DDP does."""
+        if self._sync_dist_filter in warnings.filters:
+            warnings.filters.remove(self._sync_dist_filter)
+            warnings._filters_mutated()  # type: ignore[attr-defined]
+        self._sync_dist_filter = None
         self._finish(failed=True)
         self._unwrap_optimizer()
         module = self.lightning_module

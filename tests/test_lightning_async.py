@@ -450,6 +450,14 @@ def test_the_example_trains_under_lightnings_own_launcher(tmp_path: Path) -> Non
     assert fields["updates"] == "60"
     assert float(fields["M_hat"]) == pytest.approx(2, rel=0.3)
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
+    # Output fit for a log: no advice that does not apply, no transport noise on a clean exit,
+    # no progress bar redrawn into a file, no warning twice.
+    output = done.stdout + done.stderr
+    assert "sync_dist" not in output
+    assert "pipe closed" not in output.lower() and "tensorpipe" not in output.lower()
+    assert "\r" not in output
+    warned = [ln for ln in done.stderr.splitlines() if "Warning" in ln]
+    assert len(warned) == len(set(warned)), warned
 
 
 # -- one process of the by-hand job (run as a script) -------------------------------------------

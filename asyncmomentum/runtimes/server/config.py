@@ -53,7 +53,7 @@ class ServerConfig:
         trace_every: record one :class:`TracePoint` every this many applied updates.
         progress_every: call ``on_progress`` every this many applied updates (``None``: never).
         on_progress: called with the latest :class:`TracePoint` (in the server process, from an
-            RPC thread; under :func:`launch_local` it must be picklable: a top-level function).
+            connection's thread; under :func:`launch_local` it must be picklable: a top-level function).
         horizon: horizon of the estimator that reports ``M`` for optimizers that do
             not estimate it themselves (e.g. ``torch.optim.SGD``); AsyncMomentumSGD uses its own.
         warmup: warm-up of that estimator, in observations.
@@ -133,7 +133,7 @@ class ServerResult:
         copy_seconds: the part of ``update_seconds`` spent copying parameters into replies.
         lock_wait_seconds: time pushes spent waiting for the lock, summed over pushes (they
             wait concurrently, so this can exceed ``wall_time``).
-        cpu_seconds: CPU time of the server's whole process (every thread: RPC, serialization,
+        cpu_seconds: CPU time of the server's whole process (every thread: I/O, (de)serialization,
             updates) from the start of serving to the stop. Under :func:`launch_local` the
             process does nothing else; a worker sharing the process is counted too.
     """
@@ -179,7 +179,7 @@ class ServerResult:
 
     @property
     def cpu_seconds_per_update(self) -> float:
-        """CPU time of the server's process per measured update (RPC threads included)."""
+        """CPU time of the server's process per measured update (its I/O threads included)."""
         return _ratio(self.cpu_seconds, self.measured_updates)
 
     def wall_shares(self) -> dict[str, float]:
@@ -187,7 +187,7 @@ class ServerResult:
 
         ``step``: ``optimizer.step``; ``copy_out``: copying parameters into replies;
         ``other_locked``: the rest of the locked section (installing the gradient,
-        bookkeeping); ``outside_lock``: everything else: RPC transfer and (de)serialization,
+        bookkeeping); ``outside_lock``: everything else: transfer and (de)serialization,
         the handlers' checks, and waiting for gradients to arrive. The server applies one
         update at a time, so the locked section never exceeds the wall time.
         """

@@ -217,7 +217,7 @@ def _local_entry(
         raise
     connection.send(("ok", result))
     connection.close()
-    # The work is done and the RPC agent is down, but the interpreter's teardown of torch's RPC
+    # The work is done and the link is down, but the interpreter's teardown of torch's RPC
     # and Gloo state takes seconds (measured: about 5 s per process on 2 cores). Skip it.
     sys.stdout.flush()
     sys.stderr.flush()

@@ -34,7 +34,7 @@ from asyncmomentum.runtimes.transport import (
 
 
 class ParameterServer:
-    """The server's state and rules, callable in-process; :func:`run_server` puts it behind RPC.
+    """The server's state and rules, callable in-process; :func:`run_server` puts it behind a transport.
 
     One lock serializes reading the parameters (a copy) and applying an update, so a worker never
     sees a half-applied update.
@@ -206,7 +206,7 @@ class ParameterServer:
 
         Args:
             signed_off: ``signed_off(rank, timeout_s)`` is ``True`` once the worker has shut its
-                RPC agent down, ``False`` if it did not within ``timeout_s``.
+                link down, ``False`` if it did not within ``timeout_s``.
         """
         for rank in range(1, self.num_workers + 1):
             with self._cond:
@@ -254,7 +254,7 @@ class ParameterServer:
     def requested_checkpoint_path(self, path: str | os.PathLike[str] | None) -> str | None:
         """Where a remote :func:`request_checkpoint` may write: inside the job's folder only.
 
-        A process of the job (or anyone who reaches the RPC port) must not make the server
+        A process of the job (or anyone who reaches its port) must not make the server
         write anywhere its rights allow: a requested path must resolve inside the folder of
         ``config.checkpoint_path``. The server's owner calls :meth:`checkpoint` directly.
 
@@ -472,7 +472,7 @@ class ParameterServer:
         return self._view.summary().mean_staleness
 
     def _reply_locked(self, *, stop: bool, applied: bool) -> Reply:
-        # The copy is made under the lock: RPC serializes the reply after the lock is released.
+        # The copy is made under the lock: the transport sends it after the lock is released.
         flat = self._flat.new_empty(0) if stop else self._flat.clone()
         return Reply(flat, self._version, stop, applied, self._control_port)
 
