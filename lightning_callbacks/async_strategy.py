@@ -515,8 +515,9 @@ class AsyncParameterServerStrategy(DDPStrategy):
             return
         self._layout = None
         try:
-            if layout.is_leader and self._transport is not None and not self._stopped:
-                # A server that is gone already needs no goodbye.
+            if layout.is_leader and self._transport is not None:
+                # Also after the server said stop: it then waits for the goodbye. A server that
+                # is gone already needs none.
                 with contextlib.suppress(ConnectionError):
                     self._transport.leave(layout.server_rank)
             if self.is_global_zero:

@@ -293,3 +293,20 @@ def test_the_loss_travels_bit_for_bit(job: Job) -> None:
     losses = [point.loss for point in job.server.result().trace]
     assert losses[:5] == [0.0, -1.5, math.pi, 1e-300, math.inf]
     assert math.isnan(losses[5])
+
+
+def test_a_worker_told_to_stop_that_closes_without_a_goodbye_has_left(monkeypatch) -> None:
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    job = Job(make_server(workers=1, total_updates=2))
+    try:
+        link = job.connect(1)
+        reply = link.join(1)
+        grad = flat_gradient(job.server)
+        while not reply.stop:
+            reply = link.push(1, grad, reply.version, 1.0)
+        link.close()  # no leave message: the server had released it
+        assert job.host.signed_off(1, 10.0)
+        result = job.server.result()
+        assert (result.left_workers, result.dropped_workers) == ((1,), ())
+    finally:
+        job.close()

@@ -675,11 +675,16 @@ class C10dHost:
 
     def _loop(self, rank: int, pair: _Pair) -> None:
         """Answer the worker's messages until it leaves, goes silent, or its link breaks."""
+        released = False  # the last reply told the worker to stop
         while not self._closed.is_set():
             try:
                 message = pair.recv(self.worker_timeout, f"waiting for worker {rank}")
             except ConnectionError:
-                if not self._closed.is_set():
+                if released:  # told to stop, it closed without a goodbye: it left all the same
+                    self.server.leave(rank)
+                    with self._lock:
+                        self._left.add(rank)
+                elif not self._closed.is_set():
                     self.server.drop(rank)  # dead, or silent for worker_timeout
                 break
             if self._closed.is_set():
@@ -696,6 +701,7 @@ class C10dHost:
             except ConnectionError:
                 self.server.drop(rank)
                 break
+            released = bool(reply.get("flags", 0) & _STOP)
             if message.kind == _Kind.LEAVE and reply["kind"] == _Kind.REPLY:
                 with self._lock:
                     self._left.add(rank)
