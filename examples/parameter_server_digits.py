@@ -31,8 +31,8 @@ momentum meter measures.
 from __future__ import annotations
 
 import argparse
-import os
 import functools
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 

@@ -32,7 +32,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pytorch_lightning as pl
 import torch
@@ -274,9 +274,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
         group wait for the others. The filter is removed in ``teardown`` (``validate`` and
         ``test`` after ``fit`` run on every process, where the advice applies).
         """
-        warnings.filterwarnings(
-            "ignore", message=_SYNC_DIST_ADVICE, category=PossibleUserWarning
-        )
+        warnings.filterwarnings("ignore", message=_SYNC_DIST_ADVICE, category=PossibleUserWarning)
         self._sync_dist_filter = warnings.filters[0]
 
     def _setup_fit(self, trainer: pl.Trainer) -> None:
@@ -560,8 +558,9 @@ class AsyncParameterServerStrategy(DDPStrategy):
     @override
     def teardown(self) -> None:
         """Release what ``fit`` opened, then tear down as DDP does."""
-        if self._sync_dist_filter in warnings.filters:
-            warnings.filters.remove(self._sync_dist_filter)
+        filters = cast(list[Any], warnings.filters)
+        if self._sync_dist_filter in filters:
+            filters.remove(self._sync_dist_filter)
             warnings._filters_mutated()  # type: ignore[attr-defined]
         self._sync_dist_filter = None
         self._finish(failed=True)

@@ -99,7 +99,6 @@ def loopback_job(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    monkeypatch.setenv("TP_SOCKET_IFNAME", "lo")
 
 
 def _trainer(root: Path, max_steps: int, callbacks: list[pl.Callback]) -> pl.Trainer:

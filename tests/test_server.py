@@ -700,8 +700,11 @@ def _non_loopback_ipv4() -> str | None:
 def probe_rendezvous_port(out: str, address: str, point) -> None:
     """Try the server's rendezvous port on loopback and on ``address``, once (its on_progress).
 
-    Runs in the server process and writes what happened to ``out``.
+    Runs in the server process and writes to ``out`` what happened, and the addresses every
+    listening socket of the server's process is bound to (store and connections).
     """
+    from test_transport_c10d import _listening_addresses
+
     if os.path.exists(out):
         return
     port = int(os.environ["MASTER_PORT"])
@@ -712,7 +715,8 @@ def probe_rendezvous_port(out: str, address: str, point) -> None:
             reached[name] = True
         except OSError:
             reached[name] = False
-    Path(out).write_text(f"{reached['loopback']} {reached['other']}")
+    bound = sorted(_listening_addresses()) if Path("/proc/self/net/tcp").exists() else []
+    Path(out).write_text(f"{reached['loopback']} {reached['other']} {','.join(bound)}")
 
 
 def test_a_local_job_listens_on_loopback_only(tmp_path) -> None:
@@ -730,8 +734,14 @@ def test_a_local_job_listens_on_loopback_only(tmp_path) -> None:
     )
     job_result = launch_local(job, workers=1, config=config, timeout=120.0)
     assert_all_ended(job_result.pids)
-    # The probe reached the rendezvous store on loopback (so it was listening), not elsewhere.
-    assert Path(out).read_text() == "True False"
+    # The probe reached the rendezvous store on loopback (so it was listening), not elsewhere,
+    # and every listener of the server's process (the store, the connections' gloo device) is
+    # bound to loopback.
+    loopback, other, bound = Path(out).read_text().split(" ")
+    assert (loopback, other) == ("True", "False")
+    if Path("/proc/self/net/tcp").exists():
+        assert bound, "no listener found: the probe is broken"
+        assert set(bound.split(",")) <= {"127.0.0.1", "::ffff:127.0.0.1"}, bound
 
 
 def test_a_requested_checkpoint_stays_in_the_jobs_folder(tmp_path) -> None:

@@ -10,7 +10,6 @@ import torch
 from conftest import make_cnn
 
 from asyncmomentum.core.optimizer import AsyncMomentumSGD
-from asyncmomentum.runtimes.transport import rpc as transport
 from asyncmomentum.runtimes.server import ParameterServer, ServerConfig
 from asyncmomentum.runtimes.transport import (
     SERVER_NAME,
@@ -24,6 +23,7 @@ from asyncmomentum.runtimes.transport import (
     serving,
     shutdown_rpc,
 )
+from asyncmomentum.runtimes.transport import rpc as transport
 
 
 def make_server(tmp_path=None, **config) -> ParameterServer:

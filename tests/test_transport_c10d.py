@@ -1,5 +1,7 @@
-"""The c10d link: a real server host and real worker connections (two-rank gloo pairs) on
-loopback, in this process (each side in its own threads, on its own store clients)."""
+"""The c10d link: a real server host and real worker connections (gloo pairs) on loopback.
+
+Both sides run in this process (each in its own threads, on its own store clients).
+"""
 
 from __future__ import annotations
 
@@ -21,10 +23,10 @@ from asyncmomentum.runtimes.transport import (
     C10dHost,
     C10dTransport,
     Transport,
+    c10d,
     flatten,
     host_store,
 )
-from asyncmomentum.runtimes.transport import c10d
 
 SECRET = "the-job-secret"
 
@@ -162,7 +164,7 @@ def test_a_wrong_secret_is_refused_changes_nothing_and_the_rank_can_join_after(
 def test_a_worker_of_another_model_is_refused_by_name(job: Job) -> None:
     with pytest.raises(ValueError, match=r"has 10 parameter elements, the server's \d+"):
         job.connect(1, like=job.like[:10])
-    with pytest.raises(ValueError, match="float64 on cpu, the server's torch.float32 on cpu"):
+    with pytest.raises(ValueError, match=r"float64 on cpu, the server's torch\.float32 on cpu"):
         job.connect(1, like=job.like.double())
     with pytest.raises(ValueError, match="carries"):
         job.connect(1, like=job.like.long())

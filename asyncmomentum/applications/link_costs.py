@@ -4,7 +4,8 @@ Two processes on loopback: a host serving an echo server (a push is answered wit
 tensor, no optimizer) and one worker. The worker times ``round_trips`` pushes of a flat tensor
 of ``numel`` float32 elements (after a warm-up), then both sit idle, connected, for
 ``idle_seconds`` while each measures its own process's CPU time. Used by
-:mod:`asyncmomentum.applications.benchmarks.server_throughput`, which prints the figures of every transport side by side.
+:mod:`asyncmomentum.applications.benchmarks.server_throughput`, which prints the figures of every
+transport side by side.
 """
 
 from __future__ import annotations
@@ -175,9 +176,7 @@ def _work(
     transport: str, port: int, numel: int, round_trips: int, idle_seconds: float, timed: Any
 ) -> dict[str, float]:
     if transport == "rpc":
-        init_rpc(
-            worker_name(1), 1, 2, init_method=f"tcp://127.0.0.1:{port}", timeout=_TIMEOUT_S
-        )
+        init_rpc(worker_name(1), 1, 2, init_method=f"tcp://127.0.0.1:{port}", timeout=_TIMEOUT_S)
         link: Any = RpcTransport()
     else:
         store = connect_store("127.0.0.1", port, timeout=_TIMEOUT_S)

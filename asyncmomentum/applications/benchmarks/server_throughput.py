@@ -15,8 +15,9 @@ transport and worker count:
   for gradients);
 * the machine's load average (``os.getloadavg``, as ``uptime`` prints it) before and after.
 
-Then the link by itself (:mod:`asyncmomentum.applications.link_costs`): the round trip of one digits-CNN message through
-an echo server, and the CPU share of a server and of a worker that wait, connected and idle.
+Then the link by itself (:mod:`asyncmomentum.applications.link_costs`): the round trip of one
+digits-CNN message through an echo server, and the CPU share of a server and of a worker that
+wait, connected and idle.
 
     python benchmarks/server_throughput.py           # full run: 600 updates per worker, 3 runs
     python benchmarks/server_throughput.py --quick   # 60 updates per worker, 3 runs

@@ -39,7 +39,8 @@ by a cluster scheduler, or with :func:`launch_local`). A stalled worker is dropp
 The package, one job per module: :mod:`.config` (what a job trains, how the server runs, what
 they report), :mod:`.state` (:class:`ParameterServer`, the rules, callable in-process),
 :mod:`.checkpoints`, :mod:`.links` (rendezvous and the end of a job, per transport),
-:mod:`.processes` (the server's and a worker's process) and :mod:`.launch` (:func:`launch_local`). Every public name is importable from here.
+:mod:`.processes` (the server's and a worker's process) and :mod:`.launch`
+(:func:`launch_local`). Every public name is importable from here.
 
 Example::
 

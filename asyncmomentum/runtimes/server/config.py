@@ -52,8 +52,9 @@ class ServerConfig:
         checkpoint_every: also save every this many applied updates (needs ``checkpoint_path``).
         trace_every: record one :class:`TracePoint` every this many applied updates.
         progress_every: call ``on_progress`` every this many applied updates (``None``: never).
-        on_progress: called with the latest :class:`TracePoint` (in the server process, from an
-            connection's thread; under :func:`launch_local` it must be picklable: a top-level function).
+        on_progress: called with the latest :class:`TracePoint` (in the server process, from a
+            connection's thread; under :func:`launch_local` it must be picklable: a top-level
+            function).
         horizon: horizon of the estimator that reports ``M`` for optimizers that do
             not estimate it themselves (e.g. ``torch.optim.SGD``); AsyncMomentumSGD uses its own.
         warmup: warm-up of that estimator, in observations.

@@ -21,7 +21,6 @@ import os
 import socket
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -170,9 +169,7 @@ def _address(init_method: str) -> tuple[str, int, bool]:
         return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), agent
     parsed = urlparse(init_method)
     if parsed.scheme != "tcp" or parsed.hostname is None or parsed.port is None:
-        raise ValueError(
-            f"init_method must be 'env://' or 'tcp://HOST:PORT', got {init_method!r}"
-        )
+        raise ValueError(f"init_method must be 'env://' or 'tcp://HOST:PORT', got {init_method!r}")
     return parsed.hostname, parsed.port, False
 
 
@@ -225,9 +222,7 @@ def _host_server_rpc(
     return server
 
 
-def _connect_worker_rpc(
-    rank: int, world_size: int, timeout: float, init_method: str
-) -> WorkerLink:
+def _connect_worker_rpc(rank: int, world_size: int, timeout: float, init_method: str) -> WorkerLink:
     init_rpc(
         worker_name(rank),
         rank,

@@ -34,7 +34,7 @@ from asyncmomentum.runtimes.transport import (
 
 
 class ParameterServer:
-    """The server's state and rules, callable in-process; :func:`run_server` puts it behind a transport.
+    """The server's state and rules, callable in-process; :func:`run_server` serves it.
 
     One lock serializes reading the parameters (a copy) and applying an update, so a worker never
     sees a half-applied update.

@@ -30,6 +30,7 @@ from torch.nn.utils import parameters_to_vector
 #: travels in clear on the job's network, as the tensors do.
 SECRET_ENV = "ASYNCMOMENTUM_JOB_SECRET"
 
+
 class Reply(NamedTuple):
     """The server's answer to a join or a push."""
 
@@ -268,8 +269,6 @@ def job_secret(*, create: bool = False) -> str:
 def new_secret() -> str:
     """A fresh random job secret (32 hex digits)."""
     return secrets.token_hex(16)
-
-
 
 
 def check_secret(offered: Any) -> None:

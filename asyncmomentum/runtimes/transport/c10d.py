@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -84,6 +84,9 @@ _KIND, _RANK, _VERSION, _FLAGS, _EXTRA, _LOSS, _NUMEL, _LAYOUT = range(8)
 
 # Flags.
 _STOP, _APPLIED, _PARTIAL, _HAS_PATH, _PAYLOAD = 1, 2, 4, 8, 16
+
+# torch's stubs lack the constructor options and point-to-point methods of its gloo group.
+_GLOO: Any = dist.ProcessGroupGloo
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _DEVICES = ("cpu", "cuda")
@@ -150,19 +153,18 @@ class _Pair:
     """
 
     def __init__(self, store: dist.Store, rank: int, device: Any, timeout: float) -> None:
-        options = dist.ProcessGroupGloo._Options()
+        options = _GLOO._Options()
         options._timeout = timedelta(seconds=timeout)
         options._devices = [device]
         options._threads = 1  # one peer, one message at a time
         try:
-            self.control = dist.ProcessGroupGloo(store, rank, 2, options)
+            self.control: Any = _GLOO(store, rank, 2, options)
         except RuntimeError as error:
             peer = "worker" if rank == 0 else "server"
             raise ConnectionError(
                 f"the {peer} did not open its end of the connection within {timeout:g} s "
                 f"({error!s:.200}); is it gone, or is this rank connected already?"
             ) from error
-        self.control: Any = self.control
         self.data: Any = self.control
         self._store = store
         self._rank = rank
@@ -254,14 +256,22 @@ class _Pair:
         return _Message(fields, payload, extra)
 
     def close(self) -> None:
-        """Drop the process groups: their sockets close, and a peer waiting on them gets an
-        error at once (a pending wait of this side does not end: only its timeout ends it)."""
+        """Drop the process groups: their sockets close, and a waiting peer gets an error.
+
+        The peer's error comes at once; a pending wait of this side does not end (only its
+        timeout ends it).
+        """
         self.control = self.data = None
+
+
+def _clone(store: dist.Store) -> dist.Store:
+    """A new client of ``store`` (a client serves one call at a time; threads need their own)."""
+    return cast(Any, store).clone()
 
 
 def _device(address: str) -> Any:
     """A gloo device whose listener binds ``address`` only."""
-    return dist.ProcessGroupGloo.create_device(hostname=address)
+    return _GLOO.create_device(hostname=address)
 
 
 def _nccl_pair(store: dist.Store, rank: int, timeout: float) -> Any:
@@ -363,7 +373,7 @@ class C10dTransport:
         self.timeout = float(timeout)
         self._lock = threading.Lock()
         secret = job_secret() if secret is None else secret
-        store = store.clone()  # this connection's own client: the caller's stays free
+        store = _clone(store)  # this connection's own client: the caller's stays free
         try:
             attempt = store.add(_attempts_key(rank), 1)
             store.set(_hello_key(rank, attempt), "1")
@@ -575,9 +585,12 @@ class C10dHost:
             return rank in self._left
 
     def close(self) -> None:
-        """Close the connections: each answers its worker's next message with a
-        ConnectionError and closes (one whose worker is silent closes at ``worker_timeout``,
-        one whose worker's process ended closes at once); waits for workers end now."""
+        """Close the connections; waits for workers that have not connected end now.
+
+        Each connection answers its worker's next message with a ConnectionError and closes
+        (one whose worker is silent closes at ``worker_timeout``, one whose worker's process
+        ended closes at once).
+        """
         with self._lock:
             self._closed.set()
             awaited = list(self._awaited.values())
@@ -607,7 +620,7 @@ class C10dHost:
     def _accept(self, rank: int, attempt: int) -> _Pair | None:
         """The pair of the worker's next attempt, or None if it does not come in time."""
         # A store client serves one call at a time: each connection waits on its own.
-        store = self.store.clone()
+        store = _clone(self.store)
         key = _hello_key(rank, attempt)
         with self._lock:
             if self._closed.is_set():
@@ -638,10 +651,8 @@ class C10dHost:
             if problem is not None:
                 raise ValueError(problem)
         except (PermissionError, ValueError) as error:
-            try:
+            with contextlib.suppress(ConnectionError):
                 pair.send(_Kind.ERROR, extra=_error_text(error), timeout=self.reply_timeout)
-            except ConnectionError:
-                pass
             pair.close()
             return False
         try:
