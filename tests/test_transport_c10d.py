@@ -173,6 +173,11 @@ def test_a_worker_of_another_model_is_refused_by_name(job: Job) -> None:
 
 def _listening_addresses(pid: int | str = "self") -> set[str]:
     """The local addresses the process's listening TCP sockets are bound to (Linux)."""
+    return {address for address, _ in _listeners(pid)}
+
+
+def _listeners(pid: int | str = "self") -> set[tuple[str, int]]:
+    """``(address, port)`` of every listening TCP socket of the process (Linux)."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -191,27 +196,33 @@ def _listening_addresses(pid: int | str = "self") -> set[str]:
             local, state, inode = fields[1], fields[3], fields[9]
             if state != "0A" or inode not in inodes:  # 0A: LISTEN
                 continue
-            raw = bytes.fromhex(local.split(":")[0])
+            raw_address, raw_port = local.split(":")
+            raw = bytes.fromhex(raw_address)
             if family == socket.AF_INET:
                 address = socket.inet_ntop(family, raw[::-1])
             else:  # four little-endian 32-bit words
                 words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
                 address = socket.inet_ntop(family, words)
-            found.add(address)
+            found.add((address, int(raw_port, 16)))
     return found
 
 
 @pytest.mark.skipif(not Path("/proc/self/net/tcp").exists(), reason="reads Linux's /proc")
-def test_the_store_and_every_connection_listen_on_loopback_only(job: Job) -> None:
-    before = _listening_addresses()
-    links = [job.connect(1), job.connect(2)]
-    job.host.await_joined()
-    opened = _listening_addresses()
-    assert opened, "no listener found: the probe is broken"
-    assert opened <= {"127.0.0.1", "::ffff:127.0.0.1"}, opened
-    assert len(opened | before) >= 1
-    for rank, link in enumerate(links, start=1):
-        link.leave(rank)
+def test_the_store_and_every_connection_listen_on_loopback_only(monkeypatch) -> None:
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    before = _listeners()  # other tests' listeners in this process are not this job's
+    job = Job(make_server())
+    try:
+        links = [job.connect(1), job.connect(2)]
+        job.host.await_joined()
+        opened = _listeners() - before
+        # The store, the server's device, and each worker's device.
+        assert len(opened) >= 4, opened
+        assert {address for address, _ in opened} <= {"127.0.0.1", "::ffff:127.0.0.1"}, opened
+        for rank, link in enumerate(links, start=1):
+            link.leave(rank)
+    finally:
+        job.close()
 
 
 def test_a_worker_whose_server_is_gone_gets_a_connection_error_in_time(job: Job) -> None:
