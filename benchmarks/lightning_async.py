@@ -360,7 +360,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    os.environ.setdefault("TP_SOCKET_IFNAME", "lo")
     load = os.getloadavg()
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="asyncmomentum-bench-") as scratch:
