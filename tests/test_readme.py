@@ -52,3 +52,11 @@ def test_a_readme_block_runs_as_shown(block: str, tmp_path: Path) -> None:
     printed = done.stdout.splitlines()
     for line in expected:
         assert line in printed, (line, printed)
+    # Output fit for a log (this one is not a terminal): no bar redrawn with carriage returns,
+    # no advice that does not apply, no transport noise on a clean exit, no warning twice.
+    output = done.stdout + done.stderr
+    assert "\r" not in output
+    assert "sync_dist" not in output
+    assert "pipe closed" not in output.lower()
+    warned = [line for line in done.stderr.splitlines() if "Warning" in line]
+    assert len(warned) == len(set(warned)), warned
