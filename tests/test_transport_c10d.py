@@ -323,3 +323,36 @@ def test_a_worker_told_to_stop_that_closes_without_a_goodbye_has_left(monkeypatc
         assert (result.left_workers, result.dropped_workers) == ((1,), ())
     finally:
         job.close()
+
+
+def test_a_cuda_payload_goes_over_its_own_nccl_pair_and_never_inline(monkeypatch) -> None:
+    # No GPU here: the nccl group is replaced, the choice of the path is what is checked.
+    opened = []
+    monkeypatch.setattr(
+        c10d, "_nccl_pair", lambda store, rank, timeout: opened.append(rank) or "nccl"
+    )
+    store = host_store("127.0.0.1", 0, timeout=20)
+    pairs: dict[int, c10d._Pair] = {}
+
+    def build(rank: int) -> None:
+        own = c10d._clone(store)  # one store client per side, as in two processes
+        pairs[rank] = c10d._Pair(c10d._pair_store(own, 9, 1), rank, c10d._device("127.0.0.1"), 20)
+
+    import threading
+
+    other = threading.Thread(target=build, args=(0,))
+    other.start()
+    build(1)
+    other.join()
+    small = torch.device("cuda")  # even a payload far below INLINE_MAX_BYTES
+    for pair in pairs.values():
+        pair.fit(10, torch.float32, small, 20.0)
+        assert (pair.inline, pair.data) == (False, "nccl")
+        assert pair.control is not pair.data  # the header still goes over gloo
+        pair.close()
+    assert sorted(opened) == [0, 1]
+    cpu = c10d._Pair.__new__(c10d._Pair)
+    cpu._store, cpu._rank, cpu.control = store, 0, "gloo"
+    cpu.data = cpu.control
+    cpu.fit(10, torch.float32, torch.device("cpu"), 20.0)
+    assert (cpu.inline, cpu.data) == (True, "gloo")
