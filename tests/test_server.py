@@ -746,6 +746,11 @@ def test_a_local_job_listens_on_loopback_only(tmp_path) -> None:
         assert set(bound.split(",")) <= {"127.0.0.1", "::ffff:127.0.0.1"}, bound
 
 
+def test_a_checkpoint_request_outside_a_worker_says_so() -> None:
+    with pytest.raises(RuntimeError, match="runs in a worker process of a running job"):
+        request_checkpoint()
+
+
 def test_a_requested_checkpoint_stays_in_the_jobs_folder(tmp_path) -> None:
     job_folder = tmp_path / "job"
     job_folder.mkdir()

@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import vector_to_parameters
@@ -35,6 +34,7 @@ from asyncmomentum.runtimes.transport import (
     Transport,
     active_transport,
     check_flat,
+    rpc_joined,
 )
 
 # world_size as the messages name it.
@@ -58,8 +58,8 @@ def request_checkpoint(path: str | None = None, timeout: float | None = None) ->
     """
     link = active_transport()
     if link is not None:
-        return link.checkpoint(path) if timeout is None else link.checkpoint(path, timeout)
-    if rpc.is_available() and rpc.api._is_current_rpc_agent_set():
+        return link.checkpoint(path, timeout)
+    if rpc_joined():
         return RpcTransport(timeout=timeout).checkpoint(path)
     raise RuntimeError(
         "request_checkpoint() runs in a worker process of a running job: this process has no "

@@ -240,6 +240,11 @@ def init_rpc(
         rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=options)
 
 
+def rpc_joined() -> bool:
+    """Whether this process has joined an RPC group (and not left it)."""
+    return rpc.is_available() and bool(rpc.api._is_current_rpc_agent_set())
+
+
 def shutdown_rpc() -> None:
     """Leave the RPC group locally, without the barrier over every rank.
 
