@@ -175,10 +175,15 @@ _QUICK_CELLS = CellLimit(staleness_models=("geometric",), workers=(1, 4, 16))
 #: without the exponential queue), 11 momenta, 5 seeds.
 FULL = SweepConfig(limits={"resnet": _DEEP_FULL, "charlm": _DEEP_FULL})
 
-#: ``--quick``: 8 momenta, 3 seeds, and the CNN and the deeper problems (the expensive ones) on
-#: the geometric model at ``M`` in {1, 4, 16} only.
+#: ``--quick``: 8 momenta, 3 seeds, and the CNN, the deeper problems and the GRU (the expensive
+#: ones) on the geometric model at ``M`` in {1, 4, 16} only.
 QUICK = SweepConfig(
     momenta=QUICK_MOMENTA,
     seeds=3,
-    limits={"cnn": _QUICK_CELLS, "resnet": _QUICK_CELLS, "charlm": _QUICK_CELLS},
+    limits={
+        "cnn": _QUICK_CELLS,
+        "resnet": _QUICK_CELLS,
+        "charlm": _QUICK_CELLS,
+        "gru": _QUICK_CELLS,
+    },
 )

@@ -49,7 +49,14 @@ __all__ = [
 
 #: Relative cost of a step of each problem, to start the expensive runs first (better packing
 #: of the worker processes at the end of a phase).
-_STEP_COST = {"quadratic": 1.0, "softmax": 2.0, "cnn": 7.0, "resnet": 40.0, "charlm": 10.0}
+_STEP_COST = {
+    "quadratic": 1.0,
+    "softmax": 2.0,
+    "cnn": 7.0,
+    "resnet": 40.0,
+    "charlm": 10.0,
+    "gru": 3.0,
+}
 
 
 class SweepError(RuntimeError):
