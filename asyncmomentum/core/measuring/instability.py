@@ -97,6 +97,11 @@ class GrowthDetector:
         return grew
 
     @property
+    def average(self) -> float:
+        """The exponential average of the signal now (0 before any observation)."""
+        return float(self._state[_AVERAGE])
+
+    @property
     def detections(self) -> int:
         """Growths reported so far."""
         return int(self._state[_DETECTIONS])

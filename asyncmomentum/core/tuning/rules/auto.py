@@ -26,8 +26,13 @@ from asyncmomentum.core.validation import check_int, check_real, check_state
 
 __all__ = ["DEFAULT_EFFECTIVE_CURVATURE", "AutoRule"]
 
-#: Layout version of the state dicts of this module.
-STATE_FORMAT = 1
+#: Layout version of the state dicts of this module (1: the ladder without the additive floor,
+#: still read).
+STATE_FORMAT = 2
+
+# Slots of the ladder's state tensor.
+_LEVEL, _QUIET, _PEAK, _RELEASED, _BINDING = range(5)
+_SLOTS = 5
 
 #: The effective ``lr * lambda`` :class:`AutoRule` starts from (see ``docs/auto-rule.md``).
 DEFAULT_EFFECTIVE_CURVATURE = 0.3
@@ -86,9 +91,14 @@ class AutoRule(TuningRule):
         threshold: float = 4.0,
         smoothing: float = 0.7,
         forgetting: float = 0.0,
+        release_level: float = 0.5,
         window: int = 1024,
         max_staleness: int = 1024,
     ) -> None:
+        self.release_level = check_real(
+            release_level, "release_level", minimum=0.0, min_inclusive=False
+        )
+
         self.effective_curvature = check_real(
             effective_curvature, "effective_curvature", minimum=0.0, min_inclusive=False
         )
@@ -117,7 +127,9 @@ class AutoRule(TuningRule):
             math.log(self.max_curvature / self.effective_curvature) / math.log(self.step_ratio)
             + 1e-9
         )
-        self._ladder = torch.zeros(2, dtype=torch.float64)  # (level, quiet observations)
+        # (level, quiet observations, the largest averaged squared norm so far, floor released,
+        # floor binds)
+        self._ladder = torch.zeros(_SLOTS, dtype=torch.float64)
         self._last_delay: int | None = None  # the histogram's count at the last tau > 0
         # The bound itself (its histogram, cache and checks): one source of truth. It is fed a
         # "curvature" of `a` and a learning rate of 1, so that its `lr * lambda_max` is `a`.
@@ -164,9 +176,17 @@ class AutoRule(TuningRule):
         Args:
             squared_norm: ``sum ||g||^2`` over the parameters (>= 0; non-finite is ignored).
         """
-        level, quiet = self._ladder.tolist()
-        if self.detector.observe(squared_norm):
+        level, quiet, peak, released, binding = self._ladder.tolist()
+        grew = self.detector.observe(squared_norm)
+        average = self.detector.average
+        if grew:
             level, quiet = min(level + self.backoff, self._highest), 0.0
+            # A growth while the additive floor holds the momentum above the bound. The noise
+            # of a converging run makes such growths too, but inside the band its gradient has
+            # fallen to; the additive rule's own instability climbs past the largest average
+            # the run has had (at the start, or since): only that releases the floor.
+            if binding and average > self.release_level * peak:
+                released = 1.0
         else:
             quiet += 1
             # Each instability doubles the wait before the next probe (up to max_doublings
@@ -174,7 +194,9 @@ class AutoRule(TuningRule):
             wait = self.patience * 2 ** min(self.detector.detections, self.max_doublings)
             if quiet >= wait and level > self._lowest:
                 level, quiet = level - 1, 0.0
-        self._ladder[0], self._ladder[1] = level, quiet
+        self._ladder.copy_(
+            torch.tensor((level, quiet, max(peak, average), released, binding), dtype=torch.float64)
+        )
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -186,11 +208,11 @@ class AutoRule(TuningRule):
         lr: float | None = None,
         bounds: tuple[float, float] = formulas.DEFAULT_MOMENTUM_BOUNDS,
     ) -> float:
-        """The largest stable momentum at the effective ``a``, capped by ``target``.
+        """The additive rule's momentum, or more up to the bound, or less where it grows.
 
         Args:
             target: the total momentum the user wants: the cap of the result.
-            implicit: the implicit momentum of the asynchrony (for the additive fallback).
+            implicit: the implicit momentum of the asynchrony (the additive rule's input).
             lr: unused (the effective ``a`` is already ``lr * lambda``).
             bounds: ``(low, high)``: the floor of the result, and a ceiling under the target.
         """
@@ -199,7 +221,30 @@ class AutoRule(TuningRule):
             # additive rule with no implicit momentum), and no bound to compute.
             return formulas.clip_momentum(formulas.additive_momentum(target, implicit), bounds)
         self._bound.observe_curvature(self.effective_a)
-        return self._bound.algorithmic_momentum(target, implicit, lr=1.0, bounds=bounds)
+        bound = self._bound.algorithmic_momentum(target, implicit, lr=1.0, bounds=bounds)
+        if not self.floor_active:
+            return bound
+        # The additive rule's momentum, at the larger of two estimates of the implicit momentum:
+        # the optimizer's (a long average, which holds M = 1 through its warm-up) and the
+        # histogram's (1 - 1/(1 + mean tau), which sees the first delays at once): at start-up
+        # the optimizer's alone would apply the target under full asynchrony.
+        seen = 1.0 - 1.0 / (1.0 + self.histogram.mean)
+        floor = formulas.clip_momentum(
+            formulas.additive_momentum(target, max(implicit, seen)), bounds
+        )
+        self._ladder[_BINDING] = float(floor > bound)
+        return max(bound, floor)
+
+    @property
+    def floor_active(self) -> bool:
+        """Whether the additive rule's momentum is the floor of the result now.
+
+        Off during the first ``floor_after`` observations (the additive rule's estimate of ``M``
+        lags the start-up, when its momentum is too high) and once a growth detected while it
+        held the momentum above the bound took the averaged squared gradient norm past the
+        largest it had been.
+        """
+        return not self._ladder[_RELEASED]
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -218,6 +263,7 @@ class AutoRule(TuningRule):
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
         """
+        state_dict = _upgrade(state_dict)
         check_state(
             state_dict,
             "AutoRule",
@@ -227,10 +273,13 @@ class AutoRule(TuningRule):
         ladder = state_dict["ladder"]
         if not (
             isinstance(ladder, list | tuple)
-            and len(ladder) == 2
+            and len(ladder) == _SLOTS
             and all(isinstance(v, int | float) and math.isfinite(v) for v in ladder)
-            and self._lowest <= ladder[0] <= self._highest
-            and ladder[1] >= 0
+            and self._lowest <= ladder[_LEVEL] <= self._highest
+            and ladder[_QUIET] >= 0
+            and ladder[_PEAK] >= 0
+            and ladder[_RELEASED] in (0, 1)
+            and ladder[_BINDING] in (0, 1)
         ):
             raise ValueError(f"AutoRule state is corrupt: ladder {ladder!r}")
         self._bound.check_state_dict(_bound_state(state_dict))
@@ -243,6 +292,7 @@ class AutoRule(TuningRule):
             state_dict: a dict returned by :meth:`state_dict`.
         """
         self.check_state_dict(state_dict)
+        state_dict = _upgrade(state_dict)
         self._bound.load_state_dict(_bound_state(state_dict))
         # Where in the window the last delay was is not kept: any delay in it counts as now.
         delayed = self.histogram.mean > 0
@@ -276,3 +326,15 @@ class AutoRule(TuningRule):
 def _bound_state(state_dict: dict[str, Any]) -> dict[str, Any]:
     """The inner stability rule's state for the histogram of an AutoRule state."""
     return {"format": 1, "histogram": state_dict["histogram"], "curvature": None}
+
+
+def _upgrade(state_dict: Any) -> Any:
+    """A format-1 state (a two-slot ladder, no floor) as format 2; anything else unchanged."""
+    if (
+        isinstance(state_dict, dict)
+        and state_dict.get("format") == 1
+        and isinstance(state_dict.get("ladder"), list | tuple)
+        and len(state_dict["ladder"]) == 2
+    ):
+        return {**state_dict, "format": 2, "ladder": [*state_dict["ladder"], *[0.0] * 3]}
+    return state_dict
