@@ -160,8 +160,8 @@ def test_on_a_noisy_but_stable_gradient_norm_it_never_falls_below_the_additive_r
     assert rule.floor_active
 
 
-def test_on_a_growing_gradient_norm_it_releases_the_floor_and_lowers_the_momentum():
-    rule = AutoRule(effective_curvature=1.0)
+def test_with_a_release_level_a_growing_gradient_norm_releases_the_floor():
+    rule = AutoRule(effective_curvature=1.0, release_level=0.5)
     calm = _feed(rule, [1.0] * 30)
     assert calm[-1] == pytest.approx(0.9 - 0.875)  # the floor binds
     growing = _feed(rule, [1.2**k for k in range(1, 40)])
@@ -171,6 +171,12 @@ def test_on_a_growing_gradient_norm_it_releases_the_floor_and_lowers_the_momentu
     assert _feed(rule, [1.0] * 50)[-1] < 0.9 - 0.875
     rule.reset()
     assert rule.floor_active
+    # By default the floor holds whatever the gradient norm does.
+    default = AutoRule(effective_curvature=1.0)
+    _feed(default, [1.0] * 30)
+    held = _feed(default, [1.2**k for k in range(1, 40)])
+    assert default.floor_active
+    assert min(held) == pytest.approx(0.9 - 0.875)
 
 
 def test_during_the_optimizers_warm_up_the_floor_reads_the_delays_itself():
@@ -303,10 +309,13 @@ def _spec(method: str) -> RunSpec:
     )
 
 
-def test_it_converges_where_the_additive_rule_diverges():
+def test_with_a_release_level_it_converges_where_the_additive_rule_diverges(monkeypatch):
     # Eight workers in turn on the sweep's quadratic: the additive rule's momentum (~0.03) is
     # unstable for a constant delay of 7; the oracle is -0.3..-0.5 (docs/sweep-full-table.md).
     assert run_one(_spec("rule:additive")).status == "diverged"
+    # By default the additive rule is the floor: the rule diverges with it (docs/auto-rule.md).
+    assert run_one(_spec("rule:auto")).status == "diverged"
+    monkeypatch.setitem(AutoRule.__init__.__kwdefaults__, "release_level", 0.5)
     result = run_one(_spec("rule:auto"))
     assert result.status == "converged"
     assert result.mean_algorithmic_momentum < 0.0

@@ -51,9 +51,12 @@ class AutoRule(TuningRule):
     gradients (handed over by :meth:`observe_gradient_norm`; the optimizer does it when the rule
     is on) grows ``threshold`` times past its running minimum, the signature of an unstable mode.
     Each such growth doubles the wait before the next step down, at most ``max_doublings``
-    times. No probe, no Hessian-vector product, no grid. Without delays in the window (and
-    before the first observation) it is the additive rule, i.e. the target; totals compose
-    additively. See ``docs/auto-rule.md``.
+    times. The additive rule is the floor of the result: the bound only ever adds momentum to
+    it (the additive rule's implicit momentum is the larger of the optimizer's estimate and the
+    histogram's ``1 - 1/(1 + mean tau)``, so the optimizer's warm-up at ``M = 1`` does not put
+    the target under full asynchrony). No probe, no Hessian-vector product, no grid. Without
+    delays in the window (and before the first observation) it is the additive rule, i.e. the
+    target; totals compose additively. See ``docs/auto-rule.md``.
 
     Args:
         effective_curvature: the ``a`` the rule starts from (> 0). Larger is more conservative
@@ -69,6 +72,12 @@ class AutoRule(TuningRule):
             :class:`~asyncmomentum.core.measuring.instability.GrowthDetector`.
         smoothing: weight of the past in that average, in [0, 1).
         forgetting: relative rise of the detector's reference per update (>= 0).
+        release_level: ``None`` (the default) keeps the additive floor for the whole run; a
+            number (> 0) drops it, for the rest of the run, at a growth detected while the
+            floor holds the momentum above the bound whose averaged squared norm exceeds this
+            times the largest average of the run so far (0.5 saves the quadratic cells where
+            the additive rule diverges and costs momentum on networks whose gradient norm
+            climbs as they learn: ``docs/auto-rule.md``).
         window: staleness observations kept.
         max_staleness: the histogram's cap.
     """
@@ -91,12 +100,14 @@ class AutoRule(TuningRule):
         threshold: float = 4.0,
         smoothing: float = 0.7,
         forgetting: float = 0.0,
-        release_level: float = 0.5,
+        release_level: float | None = None,
         window: int = 1024,
         max_staleness: int = 1024,
     ) -> None:
-        self.release_level = check_real(
-            release_level, "release_level", minimum=0.0, min_inclusive=False
+        self.release_level = (
+            None
+            if release_level is None
+            else check_real(release_level, "release_level", minimum=0.0, min_inclusive=False)
         )
 
         self.effective_curvature = check_real(
@@ -181,11 +192,11 @@ class AutoRule(TuningRule):
         average = self.detector.average
         if grew:
             level, quiet = min(level + self.backoff, self._highest), 0.0
-            # A growth while the additive floor holds the momentum above the bound. The noise
-            # of a converging run makes such growths too, but inside the band its gradient has
-            # fallen to; the additive rule's own instability climbs past the largest average
-            # the run has had (at the start, or since): only that releases the floor.
-            if binding and average > self.release_level * peak:
+            # A growth while the additive floor holds the momentum above the bound. With a
+            # `release_level`, one that takes the average past that fraction of the run's peak
+            # releases the floor (off by default: a network's gradient norm also climbs past
+            # its start when it leaves a plateau; see docs/auto-rule.md).
+            if binding and self.release_level is not None and average > self.release_level * peak:
                 released = 1.0
         else:
             quiet += 1
@@ -239,10 +250,9 @@ class AutoRule(TuningRule):
     def floor_active(self) -> bool:
         """Whether the additive rule's momentum is the floor of the result now.
 
-        Off during the first ``floor_after`` observations (the additive rule's estimate of ``M``
-        lags the start-up, when its momentum is too high) and once a growth detected while it
-        held the momentum above the bound took the averaged squared gradient norm past the
-        largest it had been.
+        Always, unless ``release_level`` is set and a growth detected while the floor held the
+        momentum above the bound took the averaged squared gradient norm past that fraction of
+        the largest it had been.
         """
         return not self._ladder[_RELEASED]
 
