@@ -7,8 +7,10 @@ the observed staleness distribution; it needs a probe loss and Hessian-vector pr
 the staleness half of that analysis (the histogram, the mean-square stability test) and replaces
 the probed curvature by an *effective* ``a``: it starts optimistic and is raised by a factor
 each time the applied gradients' norm shows a growing instability
-(:class:`~asyncmomentum.core.measuring.instability.GrowthDetector`). See ``docs/auto-rule.md``
-for the derivation, the constants, and the limits.
+(:class:`~asyncmomentum.core.measuring.instability.GrowthDetector`). The additive rule is the
+floor of the result: the bound only adds momentum to the default's, so a detector fooled by a
+noisy gradient cannot take the run below it (issue 20). See ``docs/auto-rule.md`` for the
+derivation, the constants, and the limits.
 """
 
 from __future__ import annotations
