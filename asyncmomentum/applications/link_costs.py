@@ -92,8 +92,17 @@ def measure(transport: str, numel: int, round_trips: int, idle_seconds: float) -
     timed = context.Event()  # the worker's round trips are done: both sides idle from now
     args = (transport, port, numel, round_trips, idle_seconds, results, timed)
     processes = [context.Process(target=_side, args=(rank, *args)) for rank in (0, 1)]
-    for process in processes:
-        process.start()
+    # TensorPipe warns on stderr of every peer that shuts down, and a spawned child reads the
+    # level when it imports torch, before its own code runs: set it for the children here.
+    quiet = transport == "rpc" and "TORCH_CPP_LOG_LEVEL" not in os.environ
+    if quiet:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+    try:
+        for process in processes:
+            process.start()
+    finally:
+        if quiet:
+            del os.environ["TORCH_CPP_LOG_LEVEL"]
     try:
         found = dict(results.get(timeout=_TIMEOUT_S) for _ in processes)
     finally:
@@ -119,7 +128,6 @@ def _side(
 ) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # TensorPipe's shutdown noise
     try:
         if rank == 0:
             results.put(("server", _host(transport, port, numel, idle_seconds, timed)))
