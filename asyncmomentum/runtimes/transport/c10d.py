@@ -539,7 +539,6 @@ class C10dHost:
         # while the others start (as a static group's rendezvous would).
         self._everyone = threading.Event()
         self._closed = threading.Event()
-        self._threads: list[threading.Thread] = []
         self._awaited: dict[int, str] = {}  # the hello key each waiting connection waits for
         # One listener and one I/O thread for every connection.
         self._device = _device(address)
@@ -555,7 +554,6 @@ class C10dHost:
                 daemon=True,
             )  # fmt: skip
             thread.start()
-            self._threads.append(thread)
 
     def await_joined(self) -> None:
         """Return once every rank has connected.
