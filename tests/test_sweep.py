@@ -454,6 +454,16 @@ def test_a_new_rule_joins_the_sweep_without_changing_it(monkeypatch, tiny_sweep,
     assert "halved" in (out / TABLE_NAME).read_text()
 
 
+def test_a_rule_whose_revision_changes_recomputes_its_runs_only(monkeypatch, tiny_sweep, tmp_path):
+    out = copy_cache(tiny_sweep[0], tmp_path / "sweep")
+    config = TINY.with_changes(staleness_models=("geometric",), workers=(8,), momenta=(0.5,))
+    assert run_sweep(config, out, jobs=1).computed == 0  # everything is in the cache
+    rule = config.rule_names[0]
+    monkeypatch.setattr(rules.rule_class(rule), "revision", rules.rule_class(rule).revision + 1)
+    # The changed rule's runs are computed again; the other rules' and the fixed runs are not.
+    assert run_sweep(config, out, jobs=1).computed == config.seeds
+
+
 def test_a_failure_while_writing_leaves_no_output_half_written(monkeypatch, tiny_sweep, tmp_path):
     out, _ = tiny_sweep
     before = {name: (out / name).read_bytes() for name in OUTPUTS}

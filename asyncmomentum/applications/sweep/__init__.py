@@ -39,9 +39,9 @@ short:
 Outputs (in ``--out``): ``runs.csv`` (every run), ``table.md`` (the steps table, the summary and
 the meter check), ``summary.json``, ``oracle_momentum.png``, ``meter_validation.png``, and
 ``cache.jsonl``, the cache a re-run reads (keyed by every parameter of a run and the code's
-versions: bump ``CACHE_VERSION`` in :mod:`asyncmomentum.applications.sweep.cache` when a rule's
-behaviour
-changes, or its old runs are reused).
+versions: a rule's runs carry its ``revision``, to bump when its behaviour changes; bump
+``CACHE_VERSION`` in :mod:`asyncmomentum.applications.sweep.cache` when the sweep's own
+measuring changes).
 
 Cost: ``--quick`` on the three original problems is 1,338 runs (four rules and the meter check),
 the full sweep (11 momenta, 5 seeds, every cell) 3,730 runs; the CNN's runs are most of it. The

@@ -15,6 +15,7 @@ from typing import TextIO
 
 from asyncmomentum.applications.problems import PROBLEMS_VERSION
 from asyncmomentum.applications.sweep.runs import RunResult, RunSpec
+from asyncmomentum.core.tuning.rules import rule_class
 
 __all__ = ["CACHE_NAME", "CACHE_VERSION", "RunCache"]
 
@@ -24,8 +25,14 @@ CACHE_VERSION = 1
 
 
 def cache_key(spec: RunSpec) -> str:
-    """The cache key of a run: the code versions and every field of the spec."""
-    return f"sweep={CACHE_VERSION}|problems={PROBLEMS_VERSION}|{spec.key()}"
+    """The cache key of a run: the code versions, the rule's revision and every field of the spec.
+
+    A rule's runs carry its :attr:`~asyncmomentum.core.tuning.rules.base.TuningRule.revision`,
+    so changing one rule recomputes its runs only.
+    """
+    rule = spec.rule
+    revision = "" if rule is None else f"|{rule}@{rule_class(rule).revision}"
+    return f"sweep={CACHE_VERSION}|problems={PROBLEMS_VERSION}{revision}|{spec.key()}"
 
 
 class RunCache:

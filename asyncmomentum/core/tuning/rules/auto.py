@@ -86,6 +86,7 @@ class AutoRule(TuningRule):
 
     name: ClassVar[str] = "auto"
     stateful: ClassVar[bool] = True
+    revision: ClassVar[int] = 2
     #: The optimizer hands this rule the applied gradients' squared norm before each update.
     uses_gradient_norm: ClassVar[bool] = True
 

@@ -43,6 +43,8 @@ class TuningRule(ABC):
         needs_lr: :meth:`algorithmic_momentum` needs the parameter group's learning rate.
         stateful: the rule keeps state between calls (observations, readings, a curvature):
             its momentum is not a formula of ``(target, implicit)`` alone.
+        revision: bumped whenever the rule's behaviour changes, so that caches of its runs
+            (the sweep's) recompute them and keep every other rule's.
     """
 
     name: ClassVar[str] = ""
@@ -50,6 +52,7 @@ class TuningRule(ABC):
     uses_curvature: ClassVar[bool] = False
     needs_lr: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
+    revision: ClassVar[int] = 1
 
     # -- inputs -------------------------------------------------------------------------------
 
