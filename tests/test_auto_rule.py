@@ -249,6 +249,7 @@ def test_rule_state_round_trips_and_a_bad_ladder_changes_nothing():
         rule.observe(tau)
     for value in (1.0, 1.0, 1.0, 1.0, 50.0, 400.0):
         rule.observe_gradient_norm(value)
+        rule.observe_loss(2.0 / value)
     state = rule.state_dict()
     copy = AutoRule(patience=3)
     copy.load_state_dict(state)
@@ -259,10 +260,23 @@ def test_rule_state_round_trips_and_a_bad_ladder_changes_nothing():
             copy.load_state_dict({**state, "ladder": ladder})
     assert repr(copy.state_dict()) == repr(state)
     # A state of the first format (a two-slot ladder, no floor) still loads, floor on.
-    old = {**state, "format": 1, "ladder": state["ladder"][:2]}
-    copy.load_state_dict(old)
+    old = {key: value for key, value in state.items() if key != "loss_watch"}
+    copy.load_state_dict({**old, "format": 1, "ladder": state["ladder"][:2]})
     assert copy.level == rule.level
     assert copy.floor_active
+    # ... and so does one of the second (no loss watch): the watch starts afresh.
+    copy.load_state_dict({**old, "format": 2})
+    assert copy.loss_watch.count == 0
+    assert copy.level == rule.level
+    # A state whose watch is on does not load into a rule whose watch is off, nor back.
+    with pytest.raises(ValueError, match="loss watch"):
+        AutoRule(patience=3, loss_rise=None).load_state_dict(state)
+    before = repr(copy.state_dict())
+    with pytest.raises(ValueError, match="loss watch"):
+        copy.load_state_dict({**state, "loss_watch": None})
+    assert repr(copy.state_dict()) == before  # the refused load changed nothing
+    copy.load_state_dict(state)
+    assert repr(copy.state_dict()) == repr(state)
     for ladder in ([0.0, 0.0, 0.0, 2.0, 0.0], [0.0, 0.0, -1.0, 0.0, 0.0]):
         with pytest.raises(ValueError, match="ladder"):
             copy.load_state_dict({**state, "ladder": ladder})
@@ -274,6 +288,7 @@ def test_rule_state_round_trips_and_a_bad_ladder_changes_nothing():
 def test_share_memory_shares_the_detector_and_the_ladder():
     rule = AutoRule().share_memory()
     assert rule.detector._state.is_shared()
+    assert rule.loss_watch._state.is_shared()
     assert rule._ladder.is_shared()
 
 
@@ -309,16 +324,87 @@ def _spec(method: str) -> RunSpec:
     )
 
 
-def test_with_a_release_level_it_converges_where_the_additive_rule_diverges(monkeypatch):
+def test_a_rising_loss_releases_the_floor_where_the_additive_rule_diverges(monkeypatch):
     # Eight workers in turn on the sweep's quadratic: the additive rule's momentum (~0.03) is
     # unstable for a constant delay of 7; the oracle is -0.3..-0.5 (docs/sweep-full-table.md).
     assert run_one(_spec("rule:additive")).status == "diverged"
-    # By default the additive rule is the floor: the rule diverges with it (docs/auto-rule.md).
-    assert run_one(_spec("rule:auto")).status == "diverged"
-    monkeypatch.setitem(AutoRule.__init__.__kwdefaults__, "release_level", 0.5)
+    # The simulator hands the optimizer each batch's loss: its rise drops the additive floor.
     result = run_one(_spec("rule:auto"))
     assert result.status == "converged"
     assert result.mean_algorithmic_momentum < 0.0
+    # Without the loss watch the additive rule is the floor, and the rule diverges with it...
+    defaults = AutoRule.__init__.__kwdefaults__
+    monkeypatch.setitem(defaults, "loss_rise", None)
+    assert run_one(_spec("rule:auto")).status == "diverged"
+    # ... unless the gradient norm's release is asked for.
+    monkeypatch.setitem(defaults, "release_level", 0.5)
+    result = run_one(_spec("rule:auto"))
+    assert result.status == "converged"
+    assert result.mean_algorithmic_momentum < 0.0
+
+
+def test_the_loss_watch_releases_the_floor_only_while_it_binds():
+    rule = AutoRule()
+    for _ in range(40):
+        rule.observe(7)
+    rule.algorithmic_momentum(0.9, 0.875)  # the floor binds: a = 0.3 allows less than additive
+    assert rule.floor_active
+    for loss in [1.0] * 10:
+        rule.observe_loss(loss)
+    assert rule.floor_active  # a flat loss is no rise
+    for loss in [1.0, 10.0, 12.0, 15.0, 20.0, 30.0]:
+        rule.observe_loss(loss)
+    assert not rule.floor_active
+    assert rule.algorithmic_momentum(0.9, 0.875) < formulas.additive_momentum(0.9, 0.875)
+
+    # Where the bound is above the floor, a rise backs the ladder off instead.
+    rule = AutoRule(effective_curvature=0.06)
+    for _ in range(40):
+        rule.observe(1)
+    rule.algorithmic_momentum(0.9, 0.5)
+    level = rule.level
+    for loss in [1.0] * 10 + [10.0, 20.0, 30.0, 40.0, 50.0]:
+        rule.observe_loss(loss)
+    assert rule.floor_active
+    assert rule.level > level
+    # Non-finite losses are ignored; without a watch nothing is observed.
+    rule.observe_loss(float("nan"))
+    quiet = AutoRule(loss_rise=None)
+    quiet.observe_loss(1.0)
+    assert quiet.loss_watch is None
+
+
+def test_the_optimizer_hands_the_rule_its_loss_from_step_or_closure():
+    model = torch.nn.Linear(4, 1)
+    optimizer = AsyncMomentumSGD(model.parameters(), lr=0.1, momentum=0.9, rule="auto")
+    assert optimizer.tracker.uses_loss
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        optimizer.step(staleness=2, loss=loss)
+    assert optimizer.rule.loss_watch.count == 3
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        return loss
+
+    returned = optimizer.step(closure, staleness=1)
+    assert isinstance(returned, torch.Tensor)
+    assert optimizer.rule.loss_watch.count == 4
+    optimizer.step(staleness=1)  # no loss: nothing observed
+    assert optimizer.rule.loss_watch.count == 4
+    # A bad loss is refused before anything changes.
+    before = [p.detach().clone() for p in model.parameters()]
+    version = optimizer.tracker.clock.value
+    for bad in ("1.0", torch.ones(2), torch.tensor(1), True):
+        with pytest.raises(ValueError, match="loss must be"):
+            optimizer.step(staleness=1, loss=bad)
+    assert optimizer.tracker.clock.value == version
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert not AsyncMomentumSGD(model.parameters(), lr=0.1).tracker.uses_loss
 
 
 @pytest.mark.timeout(120)

@@ -35,10 +35,12 @@ from asyncmomentum.core.validation import (
     check_bool,
     check_choice,
     check_int,
+    check_loss,
     check_momentum,
     check_optimizer_state,
     check_real,
     check_staleness,
+    is_loss,
 )
 
 __all__ = ["AsyncMomentumSGD", "NonFiniteGradientError"]
@@ -452,7 +454,11 @@ class AsyncMomentumSGD(Optimizer):
 
     @torch.no_grad()
     def step(
-        self, closure: Callable[[], Any] | None = None, *, staleness: int | None = None
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        staleness: int | None = None,
+        loss: float | Tensor | None = None,
     ) -> Any:
         """Apply one update, retuning the momentum to the staleness of its gradient.
 
@@ -461,20 +467,28 @@ class AsyncMomentumSGD(Optimizer):
                 (Lightning tunes the momentum from inside it).
             staleness: updates applied since this gradient's parameters were read, if the
                 caller knows it (a parameter server does); else it is measured from the clock.
+            loss: the training loss of the batch this gradient comes from (a number or a
+                one-element tensor), for a rule that watches it (``rule="auto"``: a loss that
+                climbs tells an instability from noise); the closure's loss when not given.
+                Ignored by the other rules; a non-finite loss is ignored.
 
         Returns:
             The closure's loss, or ``None``.
         """
-        # Checked first: a bad staleness changes nothing (no closure run, no tick of the clock).
+        # Checked first: a bad staleness or loss changes nothing (no closure run, no tick).
         if staleness is not None:
             staleness = check_staleness(staleness)
-        loss = None
+        if loss is not None:
+            check_loss(loss)
+        closure_loss = None
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
+                closure_loss = closure()
+            if loss is None and is_loss(closure_loss):
+                loss = closure_loss
         self._async.last_step = SKIPPED
-        self._async.last_step = self._apply_gradients(staleness)
-        return loss
+        self._async.last_step = self._apply_gradients(staleness, loss)
+        return closure_loss
 
     @property
     def last_step(self) -> StepReport:
@@ -485,7 +499,9 @@ class AsyncMomentumSGD(Optimizer):
         """
         return self._async.last_step
 
-    def _apply_gradients(self, staleness: int | None) -> StepReport:
+    def _apply_gradients(
+        self, staleness: int | None, loss: float | Tensor | None = None
+    ) -> StepReport:
         run = self._async
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.item() != 0):
@@ -505,6 +521,8 @@ class AsyncMomentumSGD(Optimizer):
                 "unchanged. Lower the learning rate, clip gradients, or pass nonfinite='skip' "
                 "to drop such steps.",
             )
+        if loss is not None and run.tracker.uses_loss:
+            run.tracker.observe_loss(float(loss))  # a tensor is read only for such a rule
         for component in run.components.values():
             component.before_update()
         # Claim this update's version atomically: the staleness is exact under concurrency.

@@ -192,6 +192,14 @@ class AsynchronyTracker:
         """
         self.rule.observe_gradient_norm(squared_norm)  # type: ignore[attr-defined]
 
+    def observe_loss(self, loss: float) -> None:
+        """Hand a rule with :attr:`uses_loss` the training loss of the gradient about to be applied.
+
+        Args:
+            loss: the loss of the batch the gradient comes from (non-finite is ignored).
+        """
+        self.rule.observe_loss(loss)  # type: ignore[attr-defined]
+
     # -- the rule -----------------------------------------------------------------------------
 
     @property
@@ -213,6 +221,11 @@ class AsynchronyTracker:
     def uses_gradient_norm(self) -> bool:
         """Whether the rule feeds on gradient norms (``rule="auto"``)."""
         return bool(getattr(self.rule, "uses_gradient_norm", False))
+
+    @property
+    def uses_loss(self) -> bool:
+        """Whether the rule watches the training loss (``rule="auto"``)."""
+        return bool(getattr(self.rule, "uses_loss", False))
 
     @property
     def needs_lr(self) -> bool:

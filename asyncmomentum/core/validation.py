@@ -22,6 +22,7 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_int",
+    "check_loss",
     "check_momentum",
     "check_momentum_bounds",
     "check_positive",
@@ -30,6 +31,7 @@ __all__ = [
     "check_state",
     "check_state_tensor",
     "check_optimizer_state",
+    "is_loss",
 ]
 
 #: Largest staleness, clock version or observation count accepted. The package keeps them in
@@ -181,6 +183,34 @@ def check_choice(value: _T, name: str, choices: Collection[Any]) -> _T:
         known = False
     if not known:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def is_loss(value: Any) -> bool:
+    """Whether ``value`` can be read as a training loss.
+
+    A real number, or a one-element floating-point tensor (not read here, so that checking a
+    CUDA loss costs no synchronization).
+
+    Args:
+        value: the candidate.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and value.is_floating_point()
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_loss(value: Any) -> float | torch.Tensor:
+    """Return ``value`` if :func:`is_loss` takes it, else raise ``ValueError``.
+
+    Args:
+        value: the training loss of a batch.
+    """
+    if not is_loss(value):
+        raise ValueError(
+            "loss must be a real number or a one-element floating-point tensor (the batch's "
+            f"training loss), got {value!r} of type {type(value).__name__}"
+        )
     return value
 
 

@@ -286,7 +286,13 @@ class OptimizerView:
         if self._ours is None:  # AsyncMomentumSGD's zero_grad marks its tracker itself
             self.tracker.mark_read()
 
-    def step(self, staleness: int | None = None, *, refuse_nonfinite: bool = False) -> StepReport:
+    def step(
+        self,
+        staleness: int | None = None,
+        *,
+        refuse_nonfinite: bool = False,
+        loss: float | Tensor | None = None,
+    ) -> StepReport:
         """Apply the gradients held by the parameters and count the update in the tracker.
 
         An AsyncMomentumSGD gets ``step(staleness=staleness)``: it checks the gradients itself
@@ -300,12 +306,14 @@ class OptimizerView:
             refuse_nonfinite: for an optimizer that does not check its gradients, raise
                 :class:`~asyncmomentum.core.optimizer.NonFiniteGradientError` (changing nothing)
                 on a NaN or inf gradient instead of writing it into the parameters.
+            loss: the training loss of the gradient's batch, for an AsyncMomentumSGD whose rule
+                watches it (``rule="auto"``); other optimizers do not take it.
 
         Returns:
             Whether the update was applied, with its staleness and version.
         """
         if self._ours is not None:
-            self._ours.step(staleness=staleness)
+            self._ours.step(staleness=staleness, loss=loss)
             return self._ours.last_step
         if refuse_nonfinite:
             gathered: list[tuple[list[Tensor], list[Tensor], list[Any]]] = []

@@ -383,7 +383,8 @@ def worker_loop(
             view.zero_grad()
             loss = _check_scalar_loss(loss_fn(model, next(batches)))
             loss.backward()
-            stats.add(float(loss.detach()), view.step().staleness)
+            loss_value = float(loss.detach())
+            stats.add(loss_value, view.step(loss=loss_value).staleness)
             if step % report_every == 0 or step == steps:
                 progress = _progress(rank, step, steps, stats, view, started)
                 if report is not None:

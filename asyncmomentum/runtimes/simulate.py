@@ -706,12 +706,12 @@ def _optimized_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return tensors
 
 
-def _apply(view: OptimizerView, tau: int) -> bool:
+def _apply(view: OptimizerView, tau: int, loss: float) -> bool:
     """Step the optimizer unless a gradient is NaN or inf; return whether it stepped."""
     # An optimizer that checks its gradients itself (AsyncMomentumSGD) raises or skips and
     # counts a bad one; any other one is refused it. Either way nothing changes.
     try:
-        return view.step(tau, refuse_nonfinite=True).applied
+        return view.step(tau, refuse_nonfinite=True, loss=loss).applied
     except NonFiniteGradientError:
         return False
 
@@ -860,7 +860,7 @@ def _run(
                 history.diverged = True
                 return
             loss.backward()
-        if not _apply(view, tau):
+        if not _apply(view, tau, loss_value):
             history.diverged = True
             return
         ring.push()

@@ -376,7 +376,7 @@ class ParameterServer:
                     f"{self._version} updates exist; versions come from this server's replies"
                 )
             staleness = self._version - version
-            applied = self._apply_locked(self._install_flat_locked(grad, present), staleness)
+            applied = self._apply_locked(self._install_flat_locked(grad, present), staleness, loss)
             if applied:
                 point = self._record_locked(rank, loss, staleness)
             copying = time.perf_counter()
@@ -403,8 +403,12 @@ class ParameterServer:
     def _refuses_locked(self, rank: int) -> bool:
         return self._stop_reason is not None or rank in self._dropped or rank in self._left
 
-    def _apply_locked(self, grads: list[Tensor | None], staleness: int) -> bool:
-        """Install the gradient, step, clear it; ``False`` if the optimizer skipped the step."""
+    def _apply_locked(self, grads: list[Tensor | None], staleness: int, loss: float) -> bool:
+        """Install the gradient, step, clear it; ``False`` if the optimizer skipped the step.
+
+        The worker's loss goes to the optimizer too, for a rule that watches it (a worker that
+        sends none sends NaN, which the rule ignores).
+        """
         try:
             for param, grad in zip(self._params, grads, strict=True):
                 param.grad = grad
@@ -412,7 +416,7 @@ class ParameterServer:
             # AsyncMomentumSGD gets the staleness and checks gradients itself (it raises or
             # skips as configured); torch's optimizers would write NaN into the weights: a
             # non-finite gradient is refused before they step.
-            report = self._view.step(staleness, refuse_nonfinite=True)
+            report = self._view.step(staleness, refuse_nonfinite=True, loss=loss)
             self._optimizer_seconds += time.perf_counter() - began
         finally:
             for param in self._params:

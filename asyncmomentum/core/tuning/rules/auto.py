@@ -28,9 +28,9 @@ from asyncmomentum.core.validation import check_int, check_real, check_state
 
 __all__ = ["DEFAULT_EFFECTIVE_CURVATURE", "AutoRule"]
 
-#: Layout version of the state dicts of this module (1: the ladder without the additive floor,
-#: still read).
-STATE_FORMAT = 2
+#: Layout version of the state dicts of this module (1: the ladder without the additive floor;
+#: 2: without the loss watch; both still read).
+STATE_FORMAT = 3
 
 # Slots of the ladder's state tensor.
 _LEVEL, _QUIET, _PEAK, _RELEASED, _BINDING = range(5)
@@ -38,10 +38,13 @@ _SLOTS = 5
 
 #: The effective ``lr * lambda`` :class:`AutoRule` starts from (see ``docs/auto-rule.md``).
 DEFAULT_EFFECTIVE_CURVATURE = 0.3
+#: Weight of the past in the average of the training loss the rule watches: about ten batches,
+#: so that one noisy batch is not a rise.
+LOSS_SMOOTHING = 0.9
 
 
 class AutoRule(TuningRule):
-    """Staleness and gradient norms in, the momentum the delayed heavy ball tolerates, out.
+    """Staleness, gradient norms and losses in, the momentum the delayed heavy ball tolerates, out.
 
     Keeps the staleness histogram of a
     :class:`~asyncmomentum.core.tuning.rules.stability.StabilityRule` (same caching, same
@@ -56,7 +59,10 @@ class AutoRule(TuningRule):
     times. The additive rule is the floor of the result: the bound only ever adds momentum to
     it (the additive rule's implicit momentum is the larger of the optimizer's estimate and the
     histogram's ``1 - 1/(1 + mean tau)``, so the optimizer's warm-up at ``M = 1`` does not put
-    the target under full asynchrony). No probe, no Hessian-vector product, no grid. Without
+    the target under full asynchrony), until the training loss, when the caller hands it over
+    (:meth:`observe_loss`), rises ``loss_rise`` times over the lowest it has been while the
+    floor binds: there the default's own momentum is unstable, and the floor is dropped for the
+    rest of the run. No probe, no Hessian-vector product, no grid. Without
     delays in the window (and before the first observation) it is the additive rule, i.e. the
     target; totals compose additively. See ``docs/auto-rule.md``.
 
@@ -80,15 +86,22 @@ class AutoRule(TuningRule):
             times the largest average of the run so far (0.5 saves the quadratic cells where
             the additive rule diverges and costs momentum on networks whose gradient norm
             climbs as they learn: ``docs/auto-rule.md``).
+        loss_rise: the rise of the averaged training loss over its lowest that counts as an
+            instability (> 1; ``None``: the loss is not watched). It drops the floor while the
+            floor binds, and backs the ladder off otherwise (:meth:`observe_loss`). Without a
+            loss from the caller the rule never sees one.
         window: staleness observations kept.
         max_staleness: the histogram's cap.
     """
 
     name: ClassVar[str] = "auto"
     stateful: ClassVar[bool] = True
-    revision: ClassVar[int] = 2
+    revision: ClassVar[int] = 3
     #: The optimizer hands this rule the applied gradients' squared norm before each update.
     uses_gradient_norm: ClassVar[bool] = True
+    #: ... and the training loss of their batch, when its caller gives it (``step(loss=...)``,
+    #: a closure, or a runtime of this package).
+    uses_loss: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -104,6 +117,7 @@ class AutoRule(TuningRule):
         smoothing: float = 0.7,
         forgetting: float = 0.0,
         release_level: float | None = None,
+        loss_rise: float | None = 3.0,
         window: int = 1024,
         max_staleness: int = 1024,
     ) -> None:
@@ -131,6 +145,14 @@ class AutoRule(TuningRule):
         self.backoff = check_int(backoff, "backoff", 1)
         self.max_doublings = check_int(max_doublings, "max_doublings", 0)
         self.detector = GrowthDetector(threshold, smoothing, forgetting)
+        self.loss_rise = (
+            None
+            if loss_rise is None
+            else check_real(loss_rise, "loss_rise", minimum=1.0, min_inclusive=False)
+        )
+        self.loss_watch = (
+            None if self.loss_rise is None else GrowthDetector(self.loss_rise, LOSS_SMOOTHING)
+        )
         # The ladder of `a`: level 0 is `effective_curvature`, each level down divides by
         # `step_ratio`; discrete, so that the bound is computed once per level and cached.
         self._lowest = -math.floor(
@@ -212,6 +234,30 @@ class AutoRule(TuningRule):
             torch.tensor((level, quiet, max(peak, average), released, binding), dtype=torch.float64)
         )
 
+    def observe_loss(self, loss: float) -> None:
+        """Take the training loss of the batch whose gradient is about to be applied.
+
+        A rise of its average by ``loss_rise`` over the lowest it has been is an instability,
+        not noise: a converging run's loss does not triple, even where its gradient norm climbs
+        (a network leaving a plateau). While the additive floor holds the momentum above the
+        bound, such a rise drops the floor for the rest of the run (the default rule's own
+        momentum diverges here); otherwise it backs the ladder off, as a growth of the gradient
+        norm does.
+
+        Args:
+            loss: the batch's loss (non-finite or negative is ignored).
+        """
+        if self.loss_watch is None or not self.loss_watch.observe(loss):
+            return
+        level, quiet, peak, released, binding = self._ladder.tolist()
+        if binding:
+            released = 1.0
+        else:
+            level, quiet = min(level + self.backoff, self._highest), 0.0
+        self._ladder.copy_(
+            torch.tensor((level, quiet, peak, released, binding), dtype=torch.float64)
+        )
+
     # -- output ---------------------------------------------------------------------------------
 
     def algorithmic_momentum(
@@ -253,20 +299,21 @@ class AutoRule(TuningRule):
     def floor_active(self) -> bool:
         """Whether the additive rule's momentum is the floor of the result now.
 
-        Always, unless ``release_level`` is set and a growth detected while the floor held the
-        momentum above the bound took the averaged squared gradient norm past that fraction of
-        the largest it had been.
+        Until the training loss rises by ``loss_rise`` while the floor holds the momentum above
+        the bound (or, with ``release_level`` set, a growth of the gradient norm past that
+        fraction of its peak does the same).
         """
         return not self._ladder[_RELEASED]
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The staleness histogram and the detector (the constants are configuration)."""
+        """The staleness histogram, the detectors and the ladder (the constants are not state)."""
         return {
             "format": STATE_FORMAT,
             "histogram": self.histogram.state_dict(),
             "detector": self.detector.state_dict(),
+            "loss_watch": None if self.loss_watch is None else self.loss_watch.state_dict(),
             "ladder": self._ladder.tolist(),
         }
 
@@ -276,12 +323,12 @@ class AutoRule(TuningRule):
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
         """
-        state_dict = _upgrade(state_dict)
+        state_dict = _upgrade(state_dict, self._fresh_watch())
         check_state(
             state_dict,
             "AutoRule",
             expected_format=STATE_FORMAT,
-            keys=("histogram", "detector", "ladder"),
+            keys=("histogram", "detector", "loss_watch", "ladder"),
         )
         ladder = state_dict["ladder"]
         if not (
@@ -297,6 +344,15 @@ class AutoRule(TuningRule):
             raise ValueError(f"AutoRule state is corrupt: ladder {ladder!r}")
         self._bound.check_state_dict(_bound_state(state_dict))
         self.detector.check_state_dict(state_dict["detector"])
+        watch = state_dict["loss_watch"]
+        if (watch is None) != (self.loss_watch is None):
+            raise ValueError(
+                "AutoRule state: the loss watch is "
+                f"{'off' if watch is None else 'on'} in the state and "
+                f"{'off' if self.loss_watch is None else 'on'} in this rule (loss_rise)"
+            )
+        if self.loss_watch is not None:
+            self.loss_watch.check_state_dict(watch)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`; a bad state raises and changes nothing.
@@ -305,19 +361,29 @@ class AutoRule(TuningRule):
             state_dict: a dict returned by :meth:`state_dict`.
         """
         self.check_state_dict(state_dict)
-        state_dict = _upgrade(state_dict)
+        state_dict = _upgrade(state_dict, self._fresh_watch())
         self._bound.load_state_dict(_bound_state(state_dict))
         # Where in the window the last delay was is not kept: any delay in it counts as now.
         delayed = self.histogram.mean > 0
         self._last_delay = self.histogram.count if delayed else None
         self.detector.load_state_dict(state_dict["detector"])
+        if self.loss_watch is not None:
+            self.loss_watch.load_state_dict(state_dict["loss_watch"])
         self._ladder.copy_(torch.tensor(state_dict["ladder"], dtype=torch.float64))
 
+    def _fresh_watch(self) -> dict[str, Any] | None:
+        """The state of the loss watch before any loss (``None`` without a watch)."""
+        if self.loss_watch is None:
+            return None
+        return GrowthDetector(self.loss_watch.threshold, LOSS_SMOOTHING).state_dict()
+
     def reset(self) -> None:
-        """Forget the observed staleness and gradient norms (the configuration stays)."""
+        """Forget the observed staleness, gradient norms and losses (the configuration stays)."""
         self._bound.reset()
         self._last_delay = None
         self.detector.reset()
+        if self.loss_watch is not None:
+            self.loss_watch.reset()
         self._ladder.zero_()
 
     def share_memory(self) -> AutoRule:
@@ -326,6 +392,8 @@ class AutoRule(TuningRule):
         The staleness histogram stays per process: every process observes the same clock.
         """
         self.detector.share_memory()
+        if self.loss_watch is not None:
+            self.loss_watch.share_memory()
         self._ladder.share_memory_()
         return self
 
@@ -341,13 +409,21 @@ def _bound_state(state_dict: dict[str, Any]) -> dict[str, Any]:
     return {"format": 1, "histogram": state_dict["histogram"], "curvature": None}
 
 
-def _upgrade(state_dict: Any) -> Any:
-    """A format-1 state (a two-slot ladder, no floor) as format 2; anything else unchanged."""
-    if (
-        isinstance(state_dict, dict)
-        and state_dict.get("format") == 1
-        and isinstance(state_dict.get("ladder"), list | tuple)
-        and len(state_dict["ladder"]) == 2
-    ):
-        return {**state_dict, "format": 2, "ladder": [*state_dict["ladder"], *[0.0] * 3]}
-    return state_dict
+def _upgrade(state_dict: Any, fresh_watch: dict[str, Any] | None) -> Any:
+    """An older state as format 3; anything else unchanged.
+
+    Format 1 (a two-slot ladder, no floor) gets the floor's slots; formats 1 and 2 (no loss
+    watch) get a watch that has seen no loss yet.
+
+    Args:
+        state_dict: the state to read.
+        fresh_watch: the state of this rule's loss watch before any loss (``None``: no watch).
+    """
+    if not isinstance(state_dict, dict) or state_dict.get("format") not in (1, 2):
+        return state_dict
+    ladder = state_dict.get("ladder")
+    if state_dict["format"] == 1:
+        if not (isinstance(ladder, list | tuple) and len(ladder) == 2):
+            return state_dict
+        ladder = [*ladder, *[0.0] * 3]
+    return {**state_dict, "format": STATE_FORMAT, "ladder": ladder, "loss_watch": fresh_watch}
