@@ -408,7 +408,7 @@ def test_the_optimizer_hands_the_rule_its_loss_from_step_or_closure():
 
 
 @pytest.mark.timeout(120)
-def test_it_runs_in_hogwild_workers_with_one_shared_detector():
+def test_it_runs_in_hogwild_workers_with_one_shared_detector_and_loss_watch():
     gen = torch.Generator().manual_seed(0)
     data = (torch.randn(128, 1, 8, 8, generator=gen), torch.randint(0, 10, (128,), generator=gen))
     model = make_cnn(seed=0)
@@ -429,3 +429,5 @@ def test_it_runs_in_hogwild_workers_with_one_shared_detector():
     # average may be lost, never more than the updates applied).
     assert 0 < rule.detector.count <= 40
     assert rule.detector._state.is_shared()
+    assert 0 < rule.loss_watch.count <= 40  # and their losses to its loss watch
+    assert rule.loss_watch._state.is_shared()

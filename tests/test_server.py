@@ -150,6 +150,18 @@ def test_staleness_is_the_number_of_updates_between_read_and_apply() -> None:
     assert result.estimated_workers == pytest.approx(1.0 + result.mean_staleness)
 
 
+def test_the_workers_losses_reach_a_rule_that_watches_them() -> None:
+    model = make_cnn(0)
+    optimizer = AsyncMomentumSGD(model.parameters(), lr=0.05, momentum=0.9, rule="auto")
+    server = ParameterServer(model, optimizer, 1, ServerConfig(total_updates=100))
+    version = server.join(1).version
+    for loss in (2.0, 1.5, math.nan):  # a worker that sends no loss sends NaN: not watched
+        version = server.push(1, gradients(server.model), version, loss=loss).version
+    watch = optimizer.rule.loss_watch
+    assert watch.count == 2
+    assert watch.average == pytest.approx(0.9 * 2.0 + 0.1 * 1.5)
+
+
 def test_reply_is_a_copy_of_the_parameters_right_after_the_update() -> None:
     server = make_server()
     joined = server.join(1)
