@@ -230,12 +230,14 @@ def test_the_ladder_stops_at_max_curvature():
     ("options", "message"),
     [
         ({"effective_curvature": 0.0}, "effective_curvature"),
-        ({"min_curvature": 0.5}, "min_curvature"),
+        ({"min_curvature": 0.7}, "min_curvature"),
         ({"max_curvature": 0.1}, "max_curvature"),
         ({"step_ratio": 1.0}, "step_ratio"),
         ({"patience": 0}, "patience"),
         ({"backoff": 0}, "backoff"),
         ({"threshold": 0.5}, "threshold"),
+        ({"loss_rise": 1.0}, "loss_rise"),
+        ({"floor_step": 0.0}, "floor_step"),
     ],
 )
 def test_bad_rule_options_are_refused(options, message):
@@ -265,7 +267,7 @@ def test_rule_state_round_trips_and_a_bad_ladder_changes_nothing():
     assert copy.level == rule.level
     assert copy.floor_active
     # ... and so does one of the second (no loss watch): the watch starts afresh.
-    copy.load_state_dict({**old, "format": 2})
+    copy.load_state_dict({**old, "format": 2, "ladder": state["ladder"][:5]})
     assert copy.loss_watch.count == 0
     assert copy.level == rule.level
     # A state whose watch is on does not load into a rule whose watch is off, nor back.
@@ -277,7 +279,12 @@ def test_rule_state_round_trips_and_a_bad_ladder_changes_nothing():
     assert repr(copy.state_dict()) == before  # the refused load changed nothing
     copy.load_state_dict(state)
     assert repr(copy.state_dict()) == repr(state)
-    for ladder in ([0.0, 0.0, 0.0, 2.0, 0.0], [0.0, 0.0, -1.0, 0.0, 0.0]):
+    for ladder in (
+        [0.0, 0.0, 0.0, 2.0, 0.0, 0.0],
+        [0.0, 0.0, -1.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0, -0.25],
+        [0.0, 0.0, 0.0, 0.0, 0.0],
+    ):
         with pytest.raises(ValueError, match="ladder"):
             copy.load_state_dict({**state, "ladder": ladder})
     copy.reset()
@@ -343,19 +350,24 @@ def test_a_rising_loss_releases_the_floor_where_the_additive_rule_diverges(monke
     assert result.mean_algorithmic_momentum < 0.0
 
 
-def test_the_loss_watch_releases_the_floor_only_while_it_binds():
+def test_the_loss_watch_lowers_the_floor_only_while_it_binds():
     rule = AutoRule()
     for _ in range(40):
         rule.observe(7)
-    rule.algorithmic_momentum(0.9, 0.875)  # the floor binds: a = 0.3 allows less than additive
+    rule.algorithmic_momentum(0.9, 0.875)  # the floor binds: a = 0.6 allows less than additive
     assert rule.floor_active
     for loss in [1.0] * 10:
         rule.observe_loss(loss)
-    assert rule.floor_active  # a flat loss is no rise
+    assert rule.floor_offset == 0.0  # a flat loss is no rise
     for loss in [1.0, 10.0, 12.0, 15.0, 20.0, 30.0]:
         rule.observe_loss(loss)
-    assert not rule.floor_active
-    assert rule.algorithmic_momentum(0.9, 0.875) < formulas.additive_momentum(0.9, 0.875)
+    assert rule.floor_offset == rule.floor_step  # one rise: the floor is one step lower
+    additive = formulas.additive_momentum(0.9, 0.875)
+    assert rule.algorithmic_momentum(0.9, 0.875) == pytest.approx(additive - rule.floor_step)
+    for loss in [100.0, 300.0, 1000.0, 3000.0]:  # a run that keeps diverging keeps rising
+        rule.observe_loss(loss)
+    assert rule.floor_offset > rule.floor_step
+    assert rule.algorithmic_momentum(0.9, 0.875) < additive - rule.floor_step
 
     # Where the bound is above the floor, a rise backs the ladder off instead.
     rule = AutoRule(effective_curvature=0.06)
@@ -365,7 +377,7 @@ def test_the_loss_watch_releases_the_floor_only_while_it_binds():
     level = rule.level
     for loss in [1.0] * 10 + [10.0, 20.0, 30.0, 40.0, 50.0]:
         rule.observe_loss(loss)
-    assert rule.floor_active
+    assert rule.floor_offset == 0.0
     assert rule.level > level
     # Non-finite losses are ignored; without a watch nothing is observed.
     rule.observe_loss(float("nan"))

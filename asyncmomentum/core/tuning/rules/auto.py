@@ -33,11 +33,11 @@ __all__ = ["DEFAULT_EFFECTIVE_CURVATURE", "AutoRule"]
 STATE_FORMAT = 3
 
 # Slots of the ladder's state tensor.
-_LEVEL, _QUIET, _PEAK, _RELEASED, _BINDING = range(5)
-_SLOTS = 5
+_LEVEL, _QUIET, _PEAK, _RELEASED, _BINDING, _LOWERED = range(6)
+_SLOTS = 6
 
 #: The effective ``lr * lambda`` :class:`AutoRule` starts from (see ``docs/auto-rule.md``).
-DEFAULT_EFFECTIVE_CURVATURE = 0.3
+DEFAULT_EFFECTIVE_CURVATURE = 0.6
 #: Weight of the past in the average of the training loss the rule watches: about ten batches,
 #: so that one noisy batch is not a rise.
 LOSS_SMOOTHING = 0.9
@@ -61,8 +61,9 @@ class AutoRule(TuningRule):
     histogram's ``1 - 1/(1 + mean tau)``, so the optimizer's warm-up at ``M = 1`` does not put
     the target under full asynchrony), until the training loss, when the caller hands it over
     (:meth:`observe_loss`), rises ``loss_rise`` times over the lowest it has been while the
-    floor binds: there the default's own momentum is unstable, and the floor is dropped for the
-    rest of the run. No probe, no Hessian-vector product, no grid. Without
+    floor binds: there the default's own momentum is unstable, and each such rise lowers the
+    floor by ``floor_step`` for the rest of the run. No probe, no Hessian-vector product, no
+    grid. Without
     delays in the window (and before the first observation) it is the additive rule, i.e. the
     target; totals compose additively. See ``docs/auto-rule.md``.
 
@@ -87,16 +88,17 @@ class AutoRule(TuningRule):
             the additive rule diverges and costs momentum on networks whose gradient norm
             climbs as they learn: ``docs/auto-rule.md``).
         loss_rise: the rise of the averaged training loss over its lowest that counts as an
-            instability (> 1; ``None``: the loss is not watched). It drops the floor while the
+            instability (> 1; ``None``: the loss is not watched). It lowers the floor while the
             floor binds, and backs the ladder off otherwise (:meth:`observe_loss`). Without a
             loss from the caller the rule never sees one.
+        floor_step: how far each such rise lowers the additive floor (> 0).
         window: staleness observations kept.
         max_staleness: the histogram's cap.
     """
 
     name: ClassVar[str] = "auto"
     stateful: ClassVar[bool] = True
-    revision: ClassVar[int] = 3
+    revision: ClassVar[int] = 4
     #: The optimizer hands this rule the applied gradients' squared norm before each update.
     uses_gradient_norm: ClassVar[bool] = True
     #: ... and the training loss of their batch, when its caller gives it (``step(loss=...)``,
@@ -118,6 +120,7 @@ class AutoRule(TuningRule):
         forgetting: float = 0.0,
         release_level: float | None = None,
         loss_rise: float | None = 3.0,
+        floor_step: float = 0.25,
         window: int = 1024,
         max_staleness: int = 1024,
     ) -> None:
@@ -150,6 +153,7 @@ class AutoRule(TuningRule):
             if loss_rise is None
             else check_real(loss_rise, "loss_rise", minimum=1.0, min_inclusive=False)
         )
+        self.floor_step = check_real(floor_step, "floor_step", minimum=0.0, min_inclusive=False)
         self.loss_watch = (
             None if self.loss_rise is None else GrowthDetector(self.loss_rise, LOSS_SMOOTHING)
         )
@@ -164,6 +168,7 @@ class AutoRule(TuningRule):
             + 1e-9
         )
         # (level, quiet observations, the largest averaged squared norm so far, floor released,
+        # floor binds, how far loss rises lowered the floor)
         # floor binds)
         self._ladder = torch.zeros(_SLOTS, dtype=torch.float64)
         self._last_delay: int | None = None  # the histogram's count at the last tau > 0
@@ -212,7 +217,7 @@ class AutoRule(TuningRule):
         Args:
             squared_norm: ``sum ||g||^2`` over the parameters (>= 0; non-finite is ignored).
         """
-        level, quiet, peak, released, binding = self._ladder.tolist()
+        level, quiet, peak, released, binding, lowered = self._ladder.tolist()
         grew = self.detector.observe(squared_norm)
         average = self.detector.average
         if grew:
@@ -231,31 +236,34 @@ class AutoRule(TuningRule):
             if quiet >= wait and level > self._lowest:
                 level, quiet = level - 1, 0.0
         self._ladder.copy_(
-            torch.tensor((level, quiet, max(peak, average), released, binding), dtype=torch.float64)
+            torch.tensor(
+                (level, quiet, max(peak, average), released, binding, lowered), dtype=torch.float64
+            )
         )
 
     def observe_loss(self, loss: float) -> None:
         """Take the training loss of the batch whose gradient is about to be applied.
 
-        A rise of its average by ``loss_rise`` over the lowest it has been is an instability,
-        not noise: a converging run's loss does not triple, even where its gradient norm climbs
-        (a network leaving a plateau). While the additive floor holds the momentum above the
-        bound, such a rise drops the floor for the rest of the run (the default rule's own
-        momentum diverges here); otherwise it backs the ladder off, as a growth of the gradient
-        norm does.
+        A rise of its average by ``loss_rise`` over the lowest it has been (since the last rise)
+        is an instability, not noise: a converging run's loss does not triple, even where its
+        gradient norm climbs (a network leaving a plateau). While the additive floor holds the
+        momentum above the bound, such a rise lowers the floor by ``floor_step`` for the rest of
+        the run (the default rule's own momentum is unstable here; a run that keeps diverging
+        keeps rising, and the floor keeps falling, down to the bound); otherwise it backs the
+        ladder off, as a growth of the gradient norm does.
 
         Args:
             loss: the batch's loss (non-finite or negative is ignored).
         """
         if self.loss_watch is None or not self.loss_watch.observe(loss):
             return
-        level, quiet, peak, released, binding = self._ladder.tolist()
+        level, quiet, peak, released, binding, lowered = self._ladder.tolist()
         if binding:
-            released = 1.0
+            lowered += self.floor_step
         else:
             level, quiet = min(level + self.backoff, self._highest), 0.0
         self._ladder.copy_(
-            torch.tensor((level, quiet, peak, released, binding), dtype=torch.float64)
+            torch.tensor((level, quiet, peak, released, binding, lowered), dtype=torch.float64)
         )
 
     # -- output ---------------------------------------------------------------------------------
@@ -290,18 +298,23 @@ class AutoRule(TuningRule):
         # the optimizer's alone would apply the target under full asynchrony.
         seen = 1.0 - 1.0 / (1.0 + self.histogram.mean)
         floor = formulas.clip_momentum(
-            formulas.additive_momentum(target, max(implicit, seen)), bounds
+            formulas.additive_momentum(target, max(implicit, seen)) - self.floor_offset, bounds
         )
         self._ladder[_BINDING] = float(floor > bound)
         return max(bound, floor)
 
     @property
+    def floor_offset(self) -> float:
+        """How far rises of the training loss have lowered the additive floor (0 at first)."""
+        return float(self._ladder[_LOWERED])
+
+    @property
     def floor_active(self) -> bool:
         """Whether the additive rule's momentum is the floor of the result now.
 
-        Until the training loss rises by ``loss_rise`` while the floor holds the momentum above
-        the bound (or, with ``release_level`` set, a growth of the gradient norm past that
-        fraction of its peak does the same).
+        Always, unless ``release_level`` is set and a growth of the gradient norm past that
+        fraction of its peak, while the floor held the momentum above the bound, dropped it for
+        the rest of the run. Rises of the loss lower the floor instead (:attr:`floor_offset`).
         """
         return not self._ladder[_RELEASED]
 
@@ -340,6 +353,7 @@ class AutoRule(TuningRule):
             and ladder[_PEAK] >= 0
             and ladder[_RELEASED] in (0, 1)
             and ladder[_BINDING] in (0, 1)
+            and ladder[_LOWERED] >= 0
         ):
             raise ValueError(f"AutoRule state is corrupt: ladder {ladder!r}")
         self._bound.check_state_dict(_bound_state(state_dict))
@@ -412,8 +426,8 @@ def _bound_state(state_dict: dict[str, Any]) -> dict[str, Any]:
 def _upgrade(state_dict: Any, fresh_watch: dict[str, Any] | None) -> Any:
     """An older state as format 3; anything else unchanged.
 
-    Format 1 (a two-slot ladder, no floor) gets the floor's slots; formats 1 and 2 (no loss
-    watch) get a watch that has seen no loss yet.
+    Format 1 (a two-slot ladder, no floor) gets the floor's slots, format 2 (five slots) the
+    floor's offset; both (no loss watch) get a watch that has seen no loss yet.
 
     Args:
         state_dict: the state to read.
@@ -422,8 +436,8 @@ def _upgrade(state_dict: Any, fresh_watch: dict[str, Any] | None) -> Any:
     if not isinstance(state_dict, dict) or state_dict.get("format") not in (1, 2):
         return state_dict
     ladder = state_dict.get("ladder")
-    if state_dict["format"] == 1:
-        if not (isinstance(ladder, list | tuple) and len(ladder) == 2):
-            return state_dict
-        ladder = [*ladder, *[0.0] * 3]
+    slots = {1: 2, 2: 5}[state_dict["format"]]
+    if not (isinstance(ladder, list | tuple) and len(ladder) == slots):
+        return state_dict
+    ladder = [*ladder, *[0.0] * (_SLOTS - slots)]
     return {**state_dict, "format": STATE_FORMAT, "ladder": ladder, "loss_watch": fresh_watch}
