@@ -249,6 +249,20 @@ def test_staleness_reaches_the_optimizer_with_a_gradient_scaler(digits_loader: D
     assert max(recorder.taus) > 0
 
 
+def test_lightning_hands_the_auto_rule_each_batchs_loss(
+    tmp_path: Path, digits_loader: DataLoader
+) -> None:
+    # Lightning steps the optimizer with a closure: its loss reaches the rule's loss watch.
+    auto = lambda params: AsyncMomentumSGD(params, lr=0.05, momentum=0.9, rule="auto")  # noqa: E731
+    pl.seed_everything(0, verbose=False)
+    stale = StaleGradients(workers=WORKERS, model="exponential", seed=0)
+    trainer = make_trainer(tmp_path, [stale], max_steps=12)
+    trainer.fit(DigitsModule(auto), digits_loader)
+    watch = trainer.optimizers[0].rule.loss_watch
+    assert watch.count == 12
+    assert 0.5 < watch.average < 5.0  # the digits' cross-entropy, not a placeholder
+
+
 # -- resume ---------------------------------------------------------------------------------------
 
 
