@@ -499,9 +499,7 @@ class AsyncMomentumSGD(Optimizer):
         """
         return self._async.last_step
 
-    def _apply_gradients(
-        self, staleness: int | None, loss: float | Tensor | None = None
-    ) -> StepReport:
+    def _apply_gradients(self, staleness: int | None, loss: float | Tensor | None) -> StepReport:
         run = self._async
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.item() != 0):

@@ -63,9 +63,8 @@ class AutoRule(TuningRule):
     (:meth:`observe_loss`), rises ``loss_rise`` times over the lowest it has been while the
     floor binds: there the default's own momentum is unstable, and each such rise lowers the
     floor by ``floor_step`` for the rest of the run. No probe, no Hessian-vector product, no
-    grid. Without
-    delays in the window (and before the first observation) it is the additive rule, i.e. the
-    target; totals compose additively. See ``docs/auto-rule.md``.
+    grid. Without delays in the window (and before the first observation) it is the additive
+    rule, i.e. the target; totals compose additively. See ``docs/auto-rule.md``.
 
     Args:
         effective_curvature: the ``a`` the rule starts from (> 0). Larger is more conservative
@@ -169,7 +168,6 @@ class AutoRule(TuningRule):
         )
         # (level, quiet observations, the largest averaged squared norm so far, floor released,
         # floor binds, how far loss rises lowered the floor)
-        # floor binds)
         self._ladder = torch.zeros(_SLOTS, dtype=torch.float64)
         self._last_delay: int | None = None  # the histogram's count at the last tau > 0
         # The bound itself (its histogram, cache and checks): one source of truth. It is fed a
@@ -296,7 +294,7 @@ class AutoRule(TuningRule):
         # the optimizer's (a long average, which holds M = 1 through its warm-up) and the
         # histogram's (1 - 1/(1 + mean tau), which sees the first delays at once): at start-up
         # the optimizer's alone would apply the target under full asynchrony.
-        seen = 1.0 - 1.0 / (1.0 + self.histogram.mean)
+        seen = formulas.implicit_momentum_from_staleness(self.histogram.mean)
         floor = formulas.clip_momentum(
             formulas.additive_momentum(target, max(implicit, seen)) - self.floor_offset, bounds
         )
