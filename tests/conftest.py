@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from asyncmomentum.applications.digits import SmallCNN
+from asyncmomentum.applications.problems import get_problem
+from asyncmomentum.applications.sweep.runs import RunResult, RunSpec, run_one
 from asyncmomentum.core.measuring.meter import MomentumReading
 
 
@@ -56,3 +58,21 @@ def make_reading(total: float, algorithmic: float, serial: int) -> MomentumReadi
         kernel=np.array([share, 1.0 - share]),
         serial=serial,
     )
+
+
+def calibration_run(name: str) -> RunResult:
+    """A sweep problem's own calibration: fixed momentum 0.9 at ``M = 1``, its lr, target, cap."""
+    problem = get_problem(name)
+    spec = RunSpec(
+        problem=name,
+        staleness="geometric",
+        workers=1,
+        method="fixed",
+        momentum=0.9,
+        lr=problem.lr,
+        seed=0,
+        target_loss=problem.target_loss,
+        max_steps=problem.max_steps,
+        eval_every=problem.eval_every,
+    )
+    return run_one(spec)

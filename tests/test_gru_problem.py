@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
+from conftest import calibration_run
 
 from asyncmomentum.applications.problems import PROBLEMS, PROBLEMS_VERSION, get_problem
 from asyncmomentum.applications.recurrent_problems import DigitRowGRU
 from asyncmomentum.applications.sweep.analysis import DESIGN_PROBLEMS
 from asyncmomentum.applications.sweep.config import FULL, QUICK
-from asyncmomentum.applications.sweep.runs import RunSpec, run_one
 
 
 def test_the_gru_reads_rows_and_returns_class_logits():
@@ -31,19 +31,7 @@ def test_it_is_registered_held_back_and_in_every_cell_of_the_full_sweep():
 def test_it_learns_slowly_at_one_worker_as_calibrated():
     torch.set_num_threads(1)
     problem = get_problem("gru")
-    spec = RunSpec(
-        problem="gru",
-        staleness="geometric",
-        workers=1,
-        method="fixed",
-        momentum=0.9,
-        lr=problem.lr,
-        seed=0,
-        target_loss=problem.target_loss,
-        max_steps=problem.max_steps,
-        eval_every=problem.eval_every,
-    )
-    result = run_one(spec)
+    result = calibration_run("gru")
     assert result.status == "converged"
     # Hundreds of updates at M = 1 (the other problems need tens): a long learning curve.
     assert 200 <= result.steps <= 1000

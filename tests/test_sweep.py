@@ -12,6 +12,7 @@ import statistics
 
 import pytest
 import torch
+from conftest import calibration_run
 
 from asyncmomentum.applications.problems import PROBLEMS, get_problem
 from asyncmomentum.applications.sweep import (
@@ -594,19 +595,7 @@ def test_a_failing_disk_while_writing_is_a_clear_error(monkeypatch, tiny_sweep, 
 @pytest.mark.parametrize("name", ["resnet", "charlm"])
 def test_the_deeper_problems_learn_and_are_budgeted_like_the_cnn(name):
     problem = get_problem(name)
-    spec = RunSpec(
-        problem=name,
-        staleness="geometric",
-        workers=1,
-        method="fixed",
-        momentum=0.9,
-        lr=problem.lr,
-        seed=0,
-        target_loss=problem.target_loss,
-        max_steps=problem.max_steps,
-        eval_every=problem.eval_every,
-    )
-    result = run_one(spec)
+    result = calibration_run(name)
     # Calibrated to reach the target in tens of updates at M = 1 (problems.py's docstring).
     assert result.status == "converged"
     assert 10 <= result.steps <= 200
