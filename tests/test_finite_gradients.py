@@ -67,9 +67,9 @@ def test_backward_gradients_are_not_read_again_at_the_step(monkeypatch) -> None:
     seen: list[int] = []
     real = finite_gradients._all_finite
 
-    def spy(grads):
+    def spy(grads, *rest):
         seen.extend(g.numel() for g in grads)
-        return real(grads)
+        return real(grads, *rest)
 
     monkeypatch.setattr(finite_gradients, "_all_finite", spy)
     _backward(model)
@@ -250,3 +250,88 @@ def test_the_stated_limit_a_write_through_data_after_backward_is_not_seen(path):
     opt.step(staleness=0)
     assert opt.skipped_steps == 1
     assert torch.equal(layer.weight, before)
+
+
+# -- the squared norms the check reads on the way (the auto rule's gradient-norm feed) -----------
+
+
+def _fed_norms(opt: AsyncMomentumSGD) -> list[float]:
+    """Record every squared gradient norm the optimizer hands its auto rule."""
+    fed: list[float] = []
+    rule = opt.tracker.rule
+    observe = rule.observe_gradient_norm
+
+    def spy(squared_norm: float) -> None:
+        fed.append(squared_norm)
+        observe(squared_norm)
+
+    rule.observe_gradient_norm = spy  # type: ignore[method-assign]
+    return fed
+
+
+def _squared_norm(model: nn.Module) -> float:
+    return sum(float(p.grad.double().square().sum()) for p in model.parameters())
+
+
+def test_check_reads_the_squared_norm_of_hooked_and_large_gradients() -> None:
+    model = _model()
+    params = list(model.parameters())
+    watch = GradientWatch()
+    watch.watch(params)
+    _backward(model)
+    grads = [p.grad for p in params]
+    checked = finite_gradients.check_gradients([(params, grads, [])], watch)
+    assert checked.nonfinite is None
+    assert checked.grads == grads
+    # The hooked weight (131072 values) was summed in backward; the small ones were not read.
+    read = [s is not None for s in checked.squared_sums]
+    assert read == [p.numel() >= WATCH_MIN_ELEMENTS for p in params]
+    weight = checked.squared_sums[0]
+    assert weight is not None
+    torch.testing.assert_close(weight, grads[0].square().sum())
+    # Unwatched and past the fused check's size: read whole at the step, every one of them.
+    big = [torch.randn(600, 1000), torch.randn(700, 1000)]
+    checked = finite_gradients.check_gradients([(big, big, [])])
+    assert all(s is not None for s in checked.squared_sums)
+    for grad, total in zip(big, checked.squared_sums, strict=True):
+        torch.testing.assert_close(total, grad.square().sum())
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_auto_rule_is_fed_the_full_squared_norm_of_a_large_model(accumulate: bool) -> None:
+    model = _model()
+    opt = AsyncMomentumSGD(model.parameters(), lr=1e-3, momentum=0.9, rule="auto")
+    fed = _fed_norms(opt)
+    _backward(model)
+    if accumulate:  # the hook fires twice: the norm is the accumulated gradient's, once
+        _backward(model, seed=2)
+    expected = _squared_norm(model)
+    opt.step(staleness=0)
+    assert len(fed) == 1
+    assert fed[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_gradient_changed_after_its_sum_is_not_fed_the_stale_sum() -> None:
+    model = _model()
+    opt = AsyncMomentumSGD(model.parameters(), lr=1e-3, momentum=0.9, rule="auto")
+    fed = _fed_norms(opt)
+    _backward(model)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)  # in place, after the hook
+    # Now under the fused check's size, unread: the first 4096 values of each gradient.
+    expected = sum(
+        float(p.grad.reshape(-1)[:4096].double().square().sum()) for p in model.parameters()
+    )
+    opt.step(staleness=0)
+    assert fed == [pytest.approx(expected, rel=1e-5)]
+    assert expected < 0.01**2  # clipped: the stale sum would be far above
+
+
+def test_auto_rule_samples_the_gradients_the_check_did_not_read() -> None:
+    # 20000 values in all: under the fused check's size, no hook (min_elements above it).
+    weight = nn.Parameter(torch.zeros(5000, 4))
+    opt = AsyncMomentumSGD([weight], lr=1e-3, momentum=0.9, rule="auto")
+    fed = _fed_norms(opt)
+    weight.grad = torch.arange(20000.0).reshape(5000, 4) / 20000
+    opt.step(staleness=0)
+    sample = weight.grad.reshape(-1)[:4096]
+    assert fed == [pytest.approx(float(sample.double().square().sum()), rel=1e-5)]

@@ -10,6 +10,11 @@ gradient that is still the one summed; any other (set by hand, changed in place 
 clipping or unscaling, sparse) is checked then, the old way. A sum is non-finite whenever a
 value is, and may overflow on finite values: a suspect answer is always confirmed value by
 value, so the verdict is exact.
+
+The sums are sums of *squares* (:func:`squared_sum`): as cheap as a plain sum (one read of the
+values), as good a check, and they are the squared norms of the gradients. A step that needs
+the gradients' norm (the auto rule's feed) reads it from the check (:class:`GradientCheck`)
+instead of reading the gradients a third time.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from itertools import repeat
 from operator import attrgetter
 from typing import Any
@@ -28,10 +34,13 @@ from asyncmomentum.core.update import group_by_device_and_dtype
 
 __all__ = [
     "WATCH_MIN_ELEMENTS",
+    "GradientCheck",
     "GradientWatch",
     "NonFiniteGradientError",
+    "check_gradients",
     "first_nonfinite",
     "nonfinite_error",
+    "squared_sum",
 ]
 
 # Below this many elements per device and dtype, unchecked gradients are checked with torch's
@@ -45,6 +54,8 @@ _VERSION = attrgetter("_version")
 WATCH_MIN_ELEMENTS = 1 << 14
 # The attribute in which a hooked gradient keeps the version counter its sum was taken at.
 _MARK = "_asyncmomentum_checked_version"
+# ... and the sum itself (its squared norm), read by the step that applies it.
+_SQUARED_SUM = "_asyncmomentum_squared_sum"
 _TOKENS = itertools.count()
 # Pending sums per device beyond which they are folded into one.
 _MAX_PENDING = 4096
@@ -53,6 +64,41 @@ _IS_SPARSE = attrgetter("is_sparse")
 
 class NonFiniteGradientError(RuntimeError):
     """A gradient held NaN or inf; the step was refused and nothing was changed."""
+
+
+def squared_sum(values: Tensor) -> Tensor:
+    """``sum |x|^2`` over a tensor, in one read: its squared norm, and the NaN check's sum.
+
+    Non-finite whenever a value is (and, rarely, on finite values past ``1e19``: callers that
+    check finiteness confirm a suspect answer value by value). Low-precision tensors are summed
+    in float32, whose range a scaled gradient cannot pass.
+
+    Args:
+        values: a dense tensor.
+    """
+    if values.dtype in (torch.float32, torch.float64) and values.is_contiguous():
+        flat = values.view(-1)
+        return torch.dot(flat, flat)  # as fast as a sum, and no temporary of squares
+    dtype = torch.float32 if values.dtype in _LOW else None
+    return torch.linalg.vector_norm(values, dtype=dtype).square()
+
+
+@dataclass(frozen=True)
+class GradientCheck:
+    """What the NaN/inf check of a step found, and the squared norms it read on the way.
+
+    Attributes:
+        nonfinite: ``(group index, index in the group, the parameter's shape)`` of the first
+            non-finite gradient, or ``None``.
+        grads: every gradient of the step, group after group.
+        squared_sums: for each of ``grads``, its squared norm as a 0-dim tensor where the check
+            read its values whole (a hooked gradient, or one read at the step beyond the fused
+            check's size), else ``None``.
+    """
+
+    nonfinite: tuple[int, int, torch.Size] | None
+    grads: list[Tensor]
+    squared_sums: list[Tensor | None]
 
 
 def nonfinite_error(found: tuple[int, int, torch.Size], advice: str) -> NonFiniteGradientError:
@@ -131,13 +177,13 @@ class GradientWatch:
         if grad is None or grad.is_sparse:
             return
         with torch.no_grad():
-            # float16 sums overflow at 65504 (a scaled gradient reaches that): sum in float32.
-            total = grad.sum(dtype=torch.float32) if grad.dtype in _LOW else grad.sum()
+            total = squared_sum(grad)
         pending = self._pending.setdefault(total.device, [])
         pending.append(total)
         if len(pending) > _MAX_PENDING:
             pending[:] = [torch.stack(pending).sum()]  # a NaN or inf stays one
         setattr(grad, _MARK, (self._token, grad._version))
+        setattr(grad, _SQUARED_SUM, total)
 
     def unverified(self, grads: list[Tensor]) -> list[Tensor]:
         """The gradients whose values the pending sums do not answer for.
@@ -162,6 +208,15 @@ class GradientWatch:
         self._pending.clear()
 
     @staticmethod
+    def squared_sum_of(grad: Tensor) -> Tensor:
+        """The squared norm taken of a gradient :meth:`unverified` does not return.
+
+        Args:
+            grad: a gradient whose mark is current.
+        """
+        return grad.__dict__[_SQUARED_SUM]
+
+    @staticmethod
     def forget(grads: Iterable[Tensor]) -> None:
         """Drop the marks of these gradients: they are checked value by value from now on.
 
@@ -170,6 +225,7 @@ class GradientWatch:
         """
         for grad in grads:
             grad.__dict__.pop(_MARK, None)
+            grad.__dict__.pop(_SQUARED_SUM, None)
 
 
 def _hook(watch: GradientWatch) -> Callable[[Tensor], None]:
@@ -195,12 +251,19 @@ def _one(device: torch.device) -> Tensor:
     return one
 
 
-def _all_finite(grads: list[Tensor]) -> bool:
-    """Whether no gradient holds NaN or inf (cheap; a ``False`` is confirmed by the caller)."""
+def _all_finite(grads: list[Tensor], read: list[Tensor | None] | None = None) -> bool:
+    """Whether no gradient holds NaN or inf (cheap; a ``False`` is confirmed by the caller).
+
+    Args:
+        grads: the gradients to check.
+        read: where given, gets (at the same positions) the squared norm of each dense gradient
+            this check read whole on the way: those beyond the fused check's size.
+    """
     kinds = group_by_device_and_dtype(grads)
     for indices in kinds:
         same = grads if len(kinds) == 1 else [grads[i] for i in indices]
-        if any(map(_IS_SPARSE, same)):
+        sparse = any(map(_IS_SPARSE, same))
+        if sparse:
             same = [g._values() if g.is_sparse else g for g in same]
         device = same[0].device
         if sum(map(Tensor.numel, same)) <= _FUSED_CHECK_MAX_ELEMENTS:
@@ -214,35 +277,43 @@ def _all_finite(grads: list[Tensor]) -> bool:
                 if found.item() != 0:
                     return False
                 continue
-        if not bool(torch.isfinite(torch.stack([g.sum() for g in same])).all()):
+        sums = [squared_sum(g) for g in same]
+        if not bool(torch.isfinite(torch.stack(sums)).all()):
             return False
+        if read is not None and not sparse:  # a sparse gradient's values may repeat an index
+            for index, total in zip(indices, sums, strict=True):
+                read[index] = total
     return True
 
 
-def first_nonfinite(
+def check_gradients(
     gathered: Sequence[tuple[list[Tensor], list[Tensor], list[Any]]],
     watch: GradientWatch | None = None,
-) -> tuple[int, int, torch.Size] | None:
-    """Where the first NaN/inf gradient is, or ``None``: one cheap pass, then an exact one.
+) -> GradientCheck:
+    """Whether a step's gradients are finite, and their squared norms where that read them.
+
+    One cheap pass (the sums a watch took during backward, then the gradients it does not
+    answer for), then, only if that is suspect, an exact one value by value.
 
     Args:
         gathered: ``(params, grads, buffers)`` per parameter group, every param with its grad.
         watch: sums taken during backward, which answer for the gradients still as summed;
             settled when every gradient is found finite.
-
-    Returns:
-        ``(group index, index in the group's list, the parameter's shape)`` of the first
-        non-finite gradient, or ``None`` when every gradient is finite.
     """
     grads = [g for _, group_grads, _ in gathered for g in group_grads]
     rest = grads if watch is None else watch.unverified(grads)
+    rest_read: list[Tensor | None] = [None] * len(rest)
     # Unwatched (no watch, or no gradient it answers for), or every pending sum finite.
     if (watch is None or len(rest) == len(grads) or watch.pending_finite()) and (
-        not rest or _all_finite(rest)
+        not rest or _all_finite(rest, rest_read)
     ):
+        if watch is None or len(rest) == len(grads):
+            read = rest_read
+        else:
+            read = _with_watched(grads, rest, rest_read, watch)
         if watch is not None:
             watch.settle()
-        return None
+        return GradientCheck(None, grads, read)
     # A non-finite sum may come from finite values that overflow, or from a gradient since
     # discarded: confirm value by value.
     for group_index, (params, group_grads, _) in enumerate(gathered):
@@ -251,7 +322,41 @@ def first_nonfinite(
             if not bool(torch.isfinite(values).all()):
                 if watch is not None:
                     watch.forget(grads)
-                return group_index, index, params[index].shape
+                return GradientCheck(
+                    (group_index, index, params[index].shape), grads, [None] * len(grads)
+                )
     if watch is not None:
         watch.settle()
-    return None
+    return GradientCheck(None, grads, [None] * len(grads))
+
+
+def _with_watched(
+    grads: list[Tensor], rest: list[Tensor], rest_read: list[Tensor | None], watch: GradientWatch
+) -> list[Tensor | None]:
+    """Squared norms of ``grads``: ``rest_read`` for ``rest`` (in order), the watch's otherwise."""
+    read: list[Tensor | None] = []
+    position = 0
+    for grad in grads:
+        if position < len(rest) and grad is rest[position]:
+            read.append(rest_read[position])
+            position += 1
+        else:
+            read.append(watch.squared_sum_of(grad))
+    return read
+
+
+def first_nonfinite(
+    gathered: Sequence[tuple[list[Tensor], list[Tensor], list[Any]]],
+    watch: GradientWatch | None = None,
+) -> tuple[int, int, torch.Size] | None:
+    """Where the first NaN/inf gradient is, or ``None``: :func:`check_gradients`' answer.
+
+    Args:
+        gathered: ``(params, grads, buffers)`` per parameter group, every param with its grad.
+        watch: sums taken during backward (see :func:`check_gradients`).
+
+    Returns:
+        ``(group index, index in the group's list, the parameter's shape)`` of the first
+        non-finite gradient, or ``None`` when every gradient is finite.
+    """
+    return check_gradients(gathered, watch).nonfinite

@@ -22,7 +22,7 @@ from asyncmomentum.core.components import (
 from asyncmomentum.core.finite_gradients import (
     GradientWatch,
     NonFiniteGradientError,
-    first_nonfinite,
+    check_gradients,
     nonfinite_error,
 )
 from asyncmomentum.core.measuring.meter import MomentumMeter
@@ -508,7 +508,8 @@ class AsyncMomentumSGD(Optimizer):
         if not any(grads for _, grads, _ in gathered):
             return SKIPPED  # no gradient at all: nothing to apply, no update to count
         self._check_before_update(gathered)
-        bad = first_nonfinite(gathered, run.watch)
+        checked = check_gradients(gathered, run.watch)
+        bad = checked.nonfinite
         if bad is not None:
             if run.nonfinite == "skip":
                 run.skipped_steps += 1
@@ -522,7 +523,7 @@ class AsyncMomentumSGD(Optimizer):
         if loss is not None and run.tracker.uses_loss:
             run.tracker.observe_loss(float(loss))  # a tensor is read only for such a rule
         for component in run.components.values():
-            component.before_update()
+            component.before_update(checked)
         # Claim this update's version atomically: the staleness is exact under concurrency.
         report = run.tracker.record_update(staleness)
         first_momentum = 0.0

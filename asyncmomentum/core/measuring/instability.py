@@ -18,7 +18,7 @@ feed one detector (a lost update of the average under a race is harmless: it is 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from asyncmomentum.core.validation import check_real, check_state
 
-__all__ = ["GrowthDetector", "squared_norm"]
+__all__ = ["GrowthDetector", "squared_norm", "sum_on_host"]
 
 #: Layout version of the state dicts of this module.
 STATE_FORMAT = 1
@@ -46,10 +46,22 @@ def squared_norm(tensors: Sequence[Tensor], per_tensor: int | None = None) -> fl
     """
     if not tensors:
         return 0.0
-    if per_tensor is not None:
-        tensors = [t.reshape(-1)[:per_tensor] for t in tensors]
+    if per_tensor is not None:  # a tensor within the sample needs no view (a cost per tensor)
+        tensors = [t if t.numel() <= per_tensor else t.reshape(-1)[:per_tensor] for t in tensors]
     norms = torch._foreach_norm(list(tensors))
     return float(torch.linalg.vector_norm(torch.stack(norms)).square())
+
+
+def sum_on_host(values: Iterable[Tensor]) -> float:
+    """The sum of 0-dim tensors, possibly on several devices, as a Python float.
+
+    Args:
+        values: scalars (the squared norms of gradients).
+    """
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for value in values:
+        by_device.setdefault(value.device, []).append(value)
+    return sum(float(torch.stack(same).sum()) for same in by_device.values())
 
 
 class GrowthDetector:

@@ -201,7 +201,11 @@ def _stability_at(
     """
     points = points or _points_for(pmf)
     mus = np.asarray(mus, dtype=np.float64)[:, None]
-    radius = np.broadcast_to(np.asarray(radius, dtype=np.float64), (mus.shape[0],))[:, None]
+    radius = np.asarray(radius, dtype=np.float64)
+    # One radius for every momentum (a scan, a bisection step): one circle, broadcast to the
+    # rows, instead of one identical transform per row.
+    rows = 1 if radius.ndim == 0 else mus.shape[0]
+    radius = np.broadcast_to(radius, (rows,))[:, None]
     u, transform, tail_weight = _circle(pmf, radius, points)
     d = 1.0 - (1.0 + mus) * u + mus * u * u + a * u * transform
     magnitude = np.abs(d)
@@ -211,11 +215,13 @@ def _stability_at(
     turns = np.angle(np.roll(safe, -1, axis=1) / safe).sum(axis=1)
     stable = (np.abs(turns) < np.pi) & (magnitude.min(axis=1) > 0)
     if criterion == "mean_square" and a != 0.0:  # a = 0: no delayed term, no staleness noise
-        spread = np.clip(tail_weight - np.abs(transform) ** 2, 0.0, None)
+        squared = magnitude**2
+        spread = np.broadcast_to(
+            np.clip(tail_weight - np.abs(transform) ** 2, 0.0, None), squared.shape
+        )
         # |D|^2 is 0 where the circle passes through a root (or underflows next to one): that
         # row is not stable, so its gain is infinite, not 0/0 (NaN, and numpy's warning).
-        squared = magnitude**2
-        gain = np.divide(spread, squared, out=np.full_like(spread, np.inf), where=squared > 0)
+        gain = np.divide(spread, squared, out=np.full_like(squared, np.inf), where=squared > 0)
         stable &= (a * a / radius[:, 0] ** 2) * np.mean(gain, axis=1) < 1.0
     return stable
 
