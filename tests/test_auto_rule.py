@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_cnn
 
-from asyncmomentum.applications.sweep.runs import RunSpec, run_one
+from asyncmomentum.applications.sweep.runs import RunResult, RunSpec, run_one
 from asyncmomentum.core import formulas
 from asyncmomentum.core.measuring.instability import GrowthDetector, squared_norm
 from asyncmomentum.core.optimizer import AsyncMomentumSGD
@@ -76,6 +76,22 @@ def test_detector_state_round_trips_and_a_corrupt_one_changes_nothing():
         with pytest.raises(ValueError, match="GrowthDetector"):
             copy.load_state_dict(broken)
     assert copy.state_dict() == state
+
+
+def test_a_dismissed_growth_is_not_counted_but_moves_the_reference():
+    detector = GrowthDetector(threshold=4.0, smoothing=0.0)
+    detector.observe(1.0)
+    assert detector.reference == 1.0
+    assert detector.observe(5.0)
+    detector.dismiss()
+    assert detector.detections == 0
+    assert detector.reference == 5.0  # the same climb is not reported again ...
+    assert not detector.observe(6.0)
+    assert detector.observe(21.0)  # ... until it grows by the threshold again
+    assert detector.detections == 1
+    fresh = GrowthDetector()
+    fresh.dismiss()  # nothing to take back
+    assert fresh.detections == 0
 
 
 @pytest.mark.parametrize(
@@ -216,6 +232,68 @@ def test_quiet_observations_walk_down_the_ladder_and_growth_backs_off():
     assert rule.level == lowest + 1
 
 
+def test_for_its_warm_up_the_ladder_stays_on_its_first_rung():
+    rule = AutoRule(patience=5, warmup=30)
+    for _ in range(30):
+        rule.observe_gradient_norm(1.0)
+    assert rule.level == 0
+    for _ in range(5):
+        rule.observe_gradient_norm(1.0)
+    assert rule.level == -1
+
+
+def _spiky(spike_every: int, updates: int) -> list[float]:
+    """A steady squared norm with one batch in ``spike_every`` 30x the others (a short batch)."""
+    return [30.0 if step % spike_every == spike_every - 1 else 1.0 for step in range(updates)]
+
+
+def test_one_batchs_spike_is_not_a_growth_but_a_growing_mode_is():
+    filtered, unfiltered = AutoRule(spike_window=2), AutoRule()
+    for value in _spiky(43, 430):
+        filtered.observe_gradient_norm(value)
+        unfiltered.observe_gradient_norm(value)
+    assert unfiltered.detector.detections >= 9  # each epoch's short batch, read as a growth
+    assert filtered.detector.detections == 0
+    assert filtered.level < unfiltered.level
+    # A mode that grows raises every norm: seen one update later than without the filter.
+    seen = {}
+    for name, window in (("filtered", 2), ("unfiltered", 1)):
+        rule = AutoRule(spike_window=window)
+        for _ in range(20):
+            rule.observe_gradient_norm(1.0)
+        before = rule.detector.detections
+        for step in range(1, 40):
+            rule.observe_gradient_norm(1.3**step)
+            if rule.detector.detections > before:
+                seen[name] = step
+                break
+    assert seen["filtered"] - seen["unfiltered"] in (0, 1)
+
+
+def _growth_with_loss(rule: AutoRule, loss_factor: float, updates: int = 60) -> None:
+    """The gradient norm grows 10 % per update; the loss changes by ``loss_factor`` per update."""
+    loss = 2.0
+    for step in range(updates):
+        rule.observe_loss(loss)
+        rule.observe_gradient_norm(1.1**step)
+        loss *= loss_factor
+
+
+def test_a_growth_while_the_loss_falls_is_learning_not_an_instability():
+    learning = AutoRule(loss_fall=0.1)
+    _growth_with_loss(learning, 0.97)  # the loss falls 3 % per update: a plateau left behind
+    assert learning.detector.detections == 0
+    assert learning.level < 0  # the ladder walked on
+    flat = AutoRule(loss_fall=0.1)
+    _growth_with_loss(flat, 1.0)  # the same climb with a flat loss is an instability
+    assert flat.detector.detections >= 2
+    assert flat.level > learning.level
+    # Without that check (the default, or without a loss) every growth counts.
+    unchecked = AutoRule()
+    _growth_with_loss(unchecked, 0.97)
+    assert unchecked.detector.detections == flat.detector.detections
+
+
 def test_the_ladder_stops_at_max_curvature():
     rule = AutoRule(effective_curvature=0.3, max_curvature=0.5, backoff=2)
     value = 1.0
@@ -238,6 +316,9 @@ def test_the_ladder_stops_at_max_curvature():
         ({"threshold": 0.5}, "threshold"),
         ({"loss_rise": 1.0}, "loss_rise"),
         ({"floor_step": 0.0}, "floor_step"),
+        ({"spike_window": 0}, "spike_window"),
+        ({"loss_fall": 1.0}, "loss_fall"),
+        ({"warmup": -1}, "warmup"),
     ],
 )
 def test_bad_rule_options_are_refused(options, message):
@@ -246,14 +327,15 @@ def test_bad_rule_options_are_refused(options, message):
 
 
 def test_rule_state_round_trips_and_a_bad_ladder_changes_nothing():
-    rule = AutoRule(patience=3)
+    rule = AutoRule(patience=3, spike_window=2)
     for tau in (0, 1, 2, 3, 3, 3):
         rule.observe(tau)
     for value in (1.0, 1.0, 1.0, 1.0, 50.0, 400.0):
         rule.observe_gradient_norm(value)
         rule.observe_loss(2.0 / value)
     state = rule.state_dict()
-    copy = AutoRule(patience=3)
+    assert state["recent"] == [400.0]
+    copy = AutoRule(patience=3, spike_window=2)
     copy.load_state_dict(state)
     assert repr(copy.state_dict()) == repr(state)
     assert copy.effective_a == rule.effective_a
@@ -270,9 +352,21 @@ def test_rule_state_round_trips_and_a_bad_ladder_changes_nothing():
     copy.load_state_dict({**old, "format": 2, "ladder": state["ladder"][:5]})
     assert copy.loss_watch.count == 0
     assert copy.level == rule.level
+    # ... and one of the third (no loss reference, no recent norms): its watch is kept, the
+    # recent norms are the detector's average.
+    third = {key: value for key, value in state.items() if key != "recent"}
+    copy.load_state_dict({**third, "format": 3, "ladder": state["ladder"][:6]})
+    assert copy.loss_watch.state_dict() == state["loss_watch"]
+    assert copy._recent.tolist() == [rule.detector.average]
+    # The recent norms: as many as this rule's spike window keeps, finite, not negative.
+    with pytest.raises(ValueError, match="spike_window"):
+        AutoRule(patience=3).load_state_dict(state)
+    for recent in ([math.inf], [-1.0], "1.0"):
+        with pytest.raises(ValueError, match="recent"):
+            copy.load_state_dict({**state, "recent": recent})
     # A state whose watch is on does not load into a rule whose watch is off, nor back.
     with pytest.raises(ValueError, match="loss watch"):
-        AutoRule(patience=3, loss_rise=None).load_state_dict(state)
+        AutoRule(patience=3, spike_window=2, loss_rise=None).load_state_dict(state)
     before = repr(copy.state_dict())
     with pytest.raises(ValueError, match="loss watch"):
         copy.load_state_dict({**state, "loss_watch": None})
@@ -280,10 +374,11 @@ def test_rule_state_round_trips_and_a_bad_ladder_changes_nothing():
     copy.load_state_dict(state)
     assert repr(copy.state_dict()) == repr(state)
     for ladder in (
-        [0.0, 0.0, 0.0, 2.0, 0.0, 0.0],
-        [0.0, 0.0, -1.0, 0.0, 0.0, 0.0],
-        [0.0, 0.0, 0.0, 0.0, 0.0, -0.25],
-        [0.0, 0.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0, -0.25, 0.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
     ):
         with pytest.raises(ValueError, match="ladder"):
             copy.load_state_dict({**state, "ladder": ladder})
@@ -297,6 +392,7 @@ def test_share_memory_shares_the_detector_and_the_ladder():
     assert rule.detector._state.is_shared()
     assert rule.loss_watch._state.is_shared()
     assert rule._ladder.is_shared()
+    assert rule._recent.is_shared()
 
 
 # -- in the optimizer -----------------------------------------------------------------------------
@@ -443,3 +539,28 @@ def test_it_runs_in_hogwild_workers_with_one_shared_detector_and_loss_watch():
     assert rule.detector._state.is_shared()
     assert 0 < rule.loss_watch.count <= 40  # and their losses to its loss watch
     assert rule.loss_watch._state.is_shared()
+
+
+class _BolderAutoRule(AutoRule):
+    """The auto rule with the three options for noisy, climbing gradient norms on."""
+
+    name = "auto_bolder_for_test"
+
+    def __init__(self, **options):
+        super().__init__(**{"spike_window": 2, "loss_fall": 0.1, "warmup": 64, **options})
+
+
+@pytest.mark.slow  # two GRU runs of 700 to 1900 updates: about 15 s
+def test_on_a_recurrent_net_the_bolder_options_find_the_momentum_the_default_misses(monkeypatch):
+    from asyncmomentum.core.tuning import rules
+
+    monkeypatch.setitem(rules.RULES, _BolderAutoRule.name, _BolderAutoRule)
+
+    def steps(rule: str) -> RunResult:
+        return run_one(RunSpec("gru", "geometric", 4, f"rule:{rule}", 0.9, 0.1, 0, 0.05, 4000, 20))
+
+    default, bolder = steps("auto"), steps(_BolderAutoRule.name)
+    assert default.status == bolder.status == "converged"
+    # The grid's best momentum here is 0.9 (580 updates); the default applies about 0.2.
+    assert bolder.mean_algorithmic_momentum > default.mean_algorithmic_momentum + 0.2
+    assert bolder.steps < 0.6 * default.steps

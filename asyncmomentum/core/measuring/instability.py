@@ -114,9 +114,23 @@ class GrowthDetector:
         return float(self._state[_AVERAGE])
 
     @property
+    def reference(self) -> float:
+        """The level a growth is measured from: the running minimum, reset at each growth."""
+        return float(self._state[_MINIMUM])
+
+    @property
     def detections(self) -> int:
-        """Growths reported so far."""
+        """Growths reported so far (less those :meth:`dismiss` took back)."""
         return int(self._state[_DETECTIONS])
+
+    def dismiss(self) -> None:
+        """Take back the growth :meth:`observe` just reported: the caller found it benign.
+
+        It no longer counts in :attr:`detections`; the reference stays where the growth put it,
+        so the same climb is not reported again until it grows ``threshold`` times more.
+        """
+        if self._state[_DETECTIONS] > 0:
+            self._state[_DETECTIONS] -= 1
 
     @property
     def count(self) -> int:

@@ -29,12 +29,15 @@ from asyncmomentum.core.validation import check_int, check_real, check_state
 __all__ = ["DEFAULT_EFFECTIVE_CURVATURE", "AutoRule"]
 
 #: Layout version of the state dicts of this module (1: the ladder without the additive floor;
-#: 2: without the loss watch; both still read).
-STATE_FORMAT = 3
+#: 2: without the loss watch; 3: without the growth's loss reference and the recent norms; all
+#: still read).
+STATE_FORMAT = 4
 
 # Slots of the ladder's state tensor.
-_LEVEL, _QUIET, _PEAK, _RELEASED, _BINDING, _LOWERED = range(6)
-_SLOTS = 6
+_LEVEL, _QUIET, _PEAK, _RELEASED, _BINDING, _LOWERED, _LOSS_REFERENCE = range(7)
+_SLOTS = 7
+# Ladder slots of each older format.
+_OLD_SLOTS = {1: 2, 2: 5, 3: 6}
 
 #: The effective ``lr * lambda`` :class:`AutoRule` starts from (see ``docs/auto-rule.md``).
 DEFAULT_EFFECTIVE_CURVATURE = 0.6
@@ -54,12 +57,20 @@ class AutoRule(TuningRule):
     rungs ``effective_curvature * step_ratio**level``: one rung down (more momentum) after
     ``patience`` quiet updates, ``backoff`` rungs up each time the squared norm of the applied
     gradients (handed over by :meth:`observe_gradient_norm`; the optimizer does it when the rule
-    is on) grows ``threshold`` times past its running minimum, the signature of an unstable mode.
-    Each such growth doubles the wait before the next step down, at most ``max_doublings``
-    times. The additive rule is the floor of the result: the bound only ever adds momentum to
-    it (the additive rule's implicit momentum is the larger of the optimizer's estimate and the
-    histogram's ``1 - 1/(1 + mean tau)``, so the optimizer's warm-up at ``M = 1`` does not put
-    the target under full asynchrony), until the training loss, when the caller hands it over
+    is on) grows ``threshold`` times past its running minimum, the signature of an unstable
+    mode. Each counted growth doubles the wait before the next step down, at most
+    ``max_doublings`` times. Three options, off by default, make the ladder bolder on networks
+    whose gradient norm is noisy or climbs as they learn (a recurrent net: on the sweep's GRU
+    they halve the steps, and cost the short runs; ``docs/auto-rule.md``): the detector can read
+    the smallest of the last ``spike_window`` norms (an unstable mode raises them all; one
+    batch's outlier, such as an epoch's short last batch, raises one); a growth during which the
+    averaged training loss fell by more than ``loss_fall`` can be taken for a network leaving a
+    plateau and not counted; and for its first ``warmup`` updates the ladder can be kept on its
+    first rung (the staleness histogram and the loss have not seen the run yet). The additive
+    rule is the floor of the result: the bound only ever adds momentum to it (the additive
+    rule's implicit momentum is the larger of the optimizer's estimate and the histogram's ``1 -
+    1/(1 + mean tau)``, so the optimizer's warm-up at ``M = 1`` does not put the target under
+    full asynchrony), until the training loss, when the caller hands it over
     (:meth:`observe_loss`), rises ``loss_rise`` times over the lowest it has been while the
     floor binds: there the default's own momentum is unstable, and each such rise lowers the
     floor by ``floor_step`` for the rest of the run. No probe, no Hessian-vector product, no
@@ -80,6 +91,14 @@ class AutoRule(TuningRule):
             :class:`~asyncmomentum.core.measuring.instability.GrowthDetector`.
         smoothing: weight of the past in that average, in [0, 1).
         forgetting: relative rise of the detector's reference per update (>= 0).
+        spike_window: the detector reads the smallest of this many latest squared norms (>= 1;
+            1, the default: each norm as it comes).
+        loss_fall: a growth of the gradient norm during which the averaged training loss fell
+            by more than this fraction (from when the growth's reference was set) does not
+            count, in [0, 1) (``None``, the default: every growth counts). Needs the loss
+            watch (``loss_rise``) and a caller that hands the loss.
+        warmup: updates before the ladder may step below its first rung (>= 0; 0, the
+            default: from the start).
         release_level: ``None`` (the default) keeps the additive floor for the whole run; a
             number (> 0) drops it, for the rest of the run, at a growth detected while the
             floor holds the momentum above the bound whose averaged squared norm exceeds this
@@ -117,6 +136,9 @@ class AutoRule(TuningRule):
         threshold: float = 4.0,
         smoothing: float = 0.7,
         forgetting: float = 0.0,
+        spike_window: int = 1,
+        loss_fall: float | None = None,
+        warmup: int = 0,
         release_level: float | None = None,
         loss_rise: float | None = 3.0,
         floor_step: float = 0.25,
@@ -147,6 +169,15 @@ class AutoRule(TuningRule):
         self.backoff = check_int(backoff, "backoff", 1)
         self.max_doublings = check_int(max_doublings, "max_doublings", 0)
         self.detector = GrowthDetector(threshold, smoothing, forgetting)
+        self.spike_window = check_int(spike_window, "spike_window", 1)
+        self.loss_fall = (
+            None
+            if loss_fall is None
+            else check_real(loss_fall, "loss_fall", minimum=0.0, maximum=1.0, max_inclusive=False)
+        )
+        self.warmup = check_int(warmup, "warmup", 0)
+        # The latest squared norms but the current one, oldest first (the spike filter's window).
+        self._recent = torch.zeros(self.spike_window - 1, dtype=torch.float64)
         self.loss_rise = (
             None
             if loss_rise is None
@@ -167,7 +198,8 @@ class AutoRule(TuningRule):
             + 1e-9
         )
         # (level, quiet observations, the largest averaged squared norm so far, floor released,
-        # floor binds, how far loss rises lowered the floor)
+        # floor binds, how far loss rises lowered the floor, the loss average when the growth
+        # detector's reference was set: 0 for none)
         self._ladder = torch.zeros(_SLOTS, dtype=torch.float64)
         self._last_delay: int | None = None  # the histogram's count at the last tau > 0
         # The bound itself (its histogram, cache and checks): one source of truth. It is fed a
@@ -215,9 +247,19 @@ class AutoRule(TuningRule):
         Args:
             squared_norm: ``sum ||g||^2`` over the parameters (>= 0; non-finite is ignored).
         """
-        level, quiet, peak, released, binding, lowered = self._ladder.tolist()
-        grew = self.detector.observe(squared_norm)
-        average = self.detector.average
+        level, quiet, peak, released, binding, lowered, loss_reference = self._ladder.tolist()
+        detector = self.detector
+        reference, observed = detector.reference, detector.count
+        grew = detector.observe(self._without_spikes(squared_norm))
+        loss = self._loss_average()
+        if observed == 0 or detector.reference < reference:
+            loss_reference = loss  # the level a growth is measured from was just set
+        if grew:
+            if self.loss_fall is not None and 0.0 < loss < (1.0 - self.loss_fall) * loss_reference:
+                detector.dismiss()  # the loss fell meanwhile: a network learning, not unstable
+                grew = False
+            loss_reference = loss
+        average = detector.average
         if grew:
             level, quiet = min(level + self.backoff, self._highest), 0.0
             # A growth while the additive floor holds the momentum above the bound. With a
@@ -230,14 +272,31 @@ class AutoRule(TuningRule):
             quiet += 1
             # Each instability doubles the wait before the next probe (up to max_doublings
             # times): a run that sits at its stable edge re-probes it less and less often.
-            wait = self.patience * 2 ** min(self.detector.detections, self.max_doublings)
-            if quiet >= wait and level > self._lowest:
+            wait = self.patience * 2 ** min(detector.detections, self.max_doublings)
+            warm = not self.warmup or detector.count > self.warmup
+            lowest = self._lowest if warm else max(self._lowest, 0)
+            if quiet >= wait and level > lowest:
                 level, quiet = level - 1, 0.0
         self._ladder.copy_(
             torch.tensor(
-                (level, quiet, max(peak, average), released, binding, lowered), dtype=torch.float64
+                (level, quiet, max(peak, average), released, binding, lowered, loss_reference),
+                dtype=torch.float64,
             )
         )
+
+    def _without_spikes(self, squared_norm: float) -> float:
+        """The smallest of the latest ``spike_window`` squared norms, this one included."""
+        if self.spike_window == 1 or not math.isfinite(squared_norm) or squared_norm < 0.0:
+            return squared_norm
+        seen = min(self.detector.count, self.spike_window - 1)
+        recent = self._recent.tolist()
+        self._recent.copy_(torch.tensor([*recent[1:], squared_norm], dtype=torch.float64))
+        return min([squared_norm, *recent[len(recent) - seen :]])
+
+    def _loss_average(self) -> float:
+        """The loss watch's average now (0 without a watch or before the first loss)."""
+        watch = self.loss_watch
+        return watch.average if watch is not None and watch.count else 0.0
 
     def observe_loss(self, loss: float) -> None:
         """Take the training loss of the batch whose gradient is about to be applied.
@@ -255,14 +314,13 @@ class AutoRule(TuningRule):
         """
         if self.loss_watch is None or not self.loss_watch.observe(loss):
             return
-        level, quiet, peak, released, binding, lowered = self._ladder.tolist()
-        if binding:
-            lowered += self.floor_step
+        ladder = self._ladder.tolist()
+        if ladder[_BINDING]:
+            ladder[_LOWERED] += self.floor_step
         else:
-            level, quiet = min(level + self.backoff, self._highest), 0.0
-        self._ladder.copy_(
-            torch.tensor((level, quiet, peak, released, binding, lowered), dtype=torch.float64)
-        )
+            ladder[_LEVEL] = min(ladder[_LEVEL] + self.backoff, self._highest)
+            ladder[_QUIET] = 0.0
+        self._ladder.copy_(torch.tensor(ladder, dtype=torch.float64))
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -326,6 +384,7 @@ class AutoRule(TuningRule):
             "detector": self.detector.state_dict(),
             "loss_watch": None if self.loss_watch is None else self.loss_watch.state_dict(),
             "ladder": self._ladder.tolist(),
+            "recent": self._recent.tolist(),
         }
 
     def check_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -334,12 +393,12 @@ class AutoRule(TuningRule):
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
         """
-        state_dict = _upgrade(state_dict, self._fresh_watch())
+        state_dict = self._upgrade(state_dict)
         check_state(
             state_dict,
             "AutoRule",
             expected_format=STATE_FORMAT,
-            keys=("histogram", "detector", "loss_watch", "ladder"),
+            keys=("histogram", "detector", "loss_watch", "ladder", "recent"),
         )
         ladder = state_dict["ladder"]
         if not (
@@ -352,8 +411,20 @@ class AutoRule(TuningRule):
             and ladder[_RELEASED] in (0, 1)
             and ladder[_BINDING] in (0, 1)
             and ladder[_LOWERED] >= 0
+            and ladder[_LOSS_REFERENCE] >= 0
         ):
             raise ValueError(f"AutoRule state is corrupt: ladder {ladder!r}")
+        recent = state_dict["recent"]
+        if not (
+            isinstance(recent, list | tuple)
+            and all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in recent)
+        ):
+            raise ValueError(f"AutoRule state is corrupt: recent norms {recent!r}")
+        if len(recent) != self.spike_window - 1:
+            raise ValueError(
+                f"AutoRule state: {len(recent)} recent norms for a spike window of "
+                f"{len(recent) + 1}, and this rule's spike_window is {self.spike_window}"
+            )
         self._bound.check_state_dict(_bound_state(state_dict))
         self.detector.check_state_dict(state_dict["detector"])
         watch = state_dict["loss_watch"]
@@ -373,7 +444,7 @@ class AutoRule(TuningRule):
             state_dict: a dict returned by :meth:`state_dict`.
         """
         self.check_state_dict(state_dict)
-        state_dict = _upgrade(state_dict, self._fresh_watch())
+        state_dict = self._upgrade(state_dict)
         self._bound.load_state_dict(_bound_state(state_dict))
         # Where in the window the last delay was is not kept: any delay in it counts as now.
         delayed = self.histogram.mean > 0
@@ -382,6 +453,38 @@ class AutoRule(TuningRule):
         if self.loss_watch is not None:
             self.loss_watch.load_state_dict(state_dict["loss_watch"])
         self._ladder.copy_(torch.tensor(state_dict["ladder"], dtype=torch.float64))
+        self._recent.copy_(torch.tensor(state_dict["recent"], dtype=torch.float64))
+
+    def _upgrade(self, state_dict: Any) -> Any:
+        """An older state as the current format; anything else unchanged.
+
+        Older ladders get the new slots (no floor released or lowered, no loss reference),
+        formats 1 and 2 a loss watch that has seen no loss yet, and formats 1 to 3 the detector's
+        average as each recent norm (what those norms averaged to).
+
+        Args:
+            state_dict: the state to read.
+        """
+        if not isinstance(state_dict, dict) or state_dict.get("format") not in _OLD_SLOTS:
+            return state_dict
+        version = state_dict["format"]
+        ladder, detector = state_dict.get("ladder"), state_dict.get("detector")
+        if not (
+            isinstance(ladder, list | tuple)
+            and len(ladder) == _OLD_SLOTS[version]
+            and isinstance(detector, dict)
+            and isinstance(detector.get("state"), list | tuple)
+            and detector["state"]
+        ):
+            return state_dict
+        average = detector["state"][0]
+        return {
+            **state_dict,
+            "format": STATE_FORMAT,
+            "ladder": [*ladder, *[0.0] * (_SLOTS - len(ladder))],
+            "loss_watch": state_dict.get("loss_watch") if version == 3 else self._fresh_watch(),
+            "recent": [average] * (self.spike_window - 1),
+        }
 
     def _fresh_watch(self) -> dict[str, Any] | None:
         """The state of the loss watch before any loss (``None`` without a watch)."""
@@ -397,6 +500,7 @@ class AutoRule(TuningRule):
         if self.loss_watch is not None:
             self.loss_watch.reset()
         self._ladder.zero_()
+        self._recent.zero_()
 
     def share_memory(self) -> AutoRule:
         """Put the detector in shared memory, so Hogwild processes raise one ``a``; returns self.
@@ -407,6 +511,7 @@ class AutoRule(TuningRule):
         if self.loss_watch is not None:
             self.loss_watch.share_memory()
         self._ladder.share_memory_()
+        self._recent.share_memory_()
         return self
 
     def __repr__(self) -> str:
@@ -419,23 +524,3 @@ class AutoRule(TuningRule):
 def _bound_state(state_dict: dict[str, Any]) -> dict[str, Any]:
     """The inner stability rule's state for the histogram of an AutoRule state."""
     return {"format": 1, "histogram": state_dict["histogram"], "curvature": None}
-
-
-def _upgrade(state_dict: Any, fresh_watch: dict[str, Any] | None) -> Any:
-    """An older state as format 3; anything else unchanged.
-
-    Format 1 (a two-slot ladder, no floor) gets the floor's slots, format 2 (five slots) the
-    floor's offset; both (no loss watch) get a watch that has seen no loss yet.
-
-    Args:
-        state_dict: the state to read.
-        fresh_watch: the state of this rule's loss watch before any loss (``None``: no watch).
-    """
-    if not isinstance(state_dict, dict) or state_dict.get("format") not in (1, 2):
-        return state_dict
-    ladder = state_dict.get("ladder")
-    slots = {1: 2, 2: 5}[state_dict["format"]]
-    if not (isinstance(ladder, list | tuple) and len(ladder) == slots):
-        return state_dict
-    ladder = [*ladder, *[0.0] * (_SLOTS - slots)]
-    return {**state_dict, "format": STATE_FORMAT, "ladder": ladder, "loss_watch": fresh_watch}
