@@ -542,25 +542,27 @@ def test_it_runs_in_hogwild_workers_with_one_shared_detector_and_loss_watch():
 
 
 class _BolderAutoRule(AutoRule):
-    """The auto rule with the three options for noisy, climbing gradient norms on."""
+    """The auto rule with the options for noisy, climbing gradient norms the README names."""
 
     name = "auto_bolder_for_test"
 
     def __init__(self, **options):
-        super().__init__(**{"spike_window": 2, "loss_fall": 0.1, "warmup": 64, **options})
+        super().__init__(**{"spike_window": 2, "loss_fall": 0.1, **options})
 
 
-@pytest.mark.slow  # two GRU runs of 700 to 1900 updates: about 15 s
+@pytest.mark.slow  # two GRU runs of 400 to 1400 updates: about 10 s
 def test_on_a_recurrent_net_the_bolder_options_find_the_momentum_the_default_misses(monkeypatch):
     from asyncmomentum.core.tuning import rules
 
     monkeypatch.setitem(rules.RULES, _BolderAutoRule.name, _BolderAutoRule)
 
     def steps(rule: str) -> RunResult:
-        return run_one(RunSpec("gru", "geometric", 4, f"rule:{rule}", 0.9, 0.1, 0, 0.05, 4000, 20))
+        spec = RunSpec("gru", "exponential", 2, f"rule:{rule}", 0.9, 0.1, 0, 0.05, 4000, 20)
+        return run_one(spec)
 
     default, bolder = steps("auto"), steps(_BolderAutoRule.name)
     assert default.status == bolder.status == "converged"
-    # The grid's best momentum here is 0.9 (580 updates); the default applies about 0.2.
+    # The grid's best momentum here is 0.9 (420 updates); the default applies about 0.5. (All
+    # three seeds of this cell gain 2.5x or more on the full sweep: docs/auto-rule.md.)
     assert bolder.mean_algorithmic_momentum > default.mean_algorithmic_momentum + 0.2
     assert bolder.steps < 0.6 * default.steps
