@@ -199,7 +199,7 @@ class AutoRule(TuningRule):
         )
         # (level, quiet observations, the largest averaged squared norm so far, floor released,
         # floor binds, how far loss rises lowered the floor, the loss average when the growth
-        # detector's reference was set: 0 for none)
+        # detector's reference was set: kept with `loss_fall` only, 0 for none)
         self._ladder = torch.zeros(_SLOTS, dtype=torch.float64)
         self._last_delay: int | None = None  # the histogram's count at the last tau > 0
         # The bound itself (its histogram, cache and checks): one source of truth. It is fed a
@@ -249,16 +249,13 @@ class AutoRule(TuningRule):
         """
         level, quiet, peak, released, binding, lowered, loss_reference = self._ladder.tolist()
         detector = self.detector
-        reference, observed = detector.reference, detector.count
-        grew = detector.observe(self._without_spikes(squared_norm))
-        loss = self._loss_average()
-        if observed == 0 or detector.reference < reference:
-            loss_reference = loss  # the level a growth is measured from was just set
-        if grew:
-            if self.loss_fall is not None and 0.0 < loss < (1.0 - self.loss_fall) * loss_reference:
-                detector.dismiss()  # the loss fell meanwhile: a network learning, not unstable
-                grew = False
-            loss_reference = loss
+        signal = self._without_spikes(squared_norm)
+        if self.loss_fall is None:
+            grew = detector.observe(signal)
+        else:
+            grew, loss_reference = self._observe_against_loss(
+                signal, loss_reference, self.loss_fall
+            )
         average = detector.average
         if grew:
             level, quiet = min(level + self.backoff, self._highest), 0.0
@@ -283,6 +280,32 @@ class AutoRule(TuningRule):
                 dtype=torch.float64,
             )
         )
+
+    def _observe_against_loss(
+        self, signal: float, loss_reference: float, loss_fall: float
+    ) -> tuple[bool, float]:
+        """Feed the detector; a growth during which the loss fell ``loss_fall`` is dismissed.
+
+        Args:
+            signal: the (spike-filtered) squared norm.
+            loss_reference: the loss average when the detector's reference was last set.
+            loss_fall: the rule's ``loss_fall``.
+
+        Returns:
+            Whether an instability grew, and the loss reference now.
+        """
+        detector = self.detector
+        reference, observed = detector.reference, detector.count
+        grew = detector.observe(signal)
+        loss = self._loss_average()
+        if observed == 0 or detector.reference < reference:
+            loss_reference = loss  # the level a growth is measured from was just set
+        if grew:
+            if 0.0 < loss < (1.0 - loss_fall) * loss_reference:
+                detector.dismiss()  # the loss fell meanwhile: a network learning, not unstable
+                grew = False
+            loss_reference = loss
+        return grew, loss_reference
 
     def _without_spikes(self, squared_norm: float) -> float:
         """The smallest of the latest ``spike_window`` squared norms, this one included."""
