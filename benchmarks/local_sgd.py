@@ -676,6 +676,12 @@ def _sync_worker(rank: int, job: dict[str, Any], port: int, folder: str) -> None
                 )
     finally:
         dist.destroy_process_group()
+    # Done, and the snapshots are on disk. Skip the interpreter's teardown: Gloo's threads can
+    # outlive destroy_process_group and abort the process there (SIGABRT after the work is
+    # done, seen under load), as launch_local's processes skip it too.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _run_sync(job: dict[str, Any], folder: Path) -> dict[str, Any]:
