@@ -112,3 +112,27 @@ def test_bench_quick_runs_every_benchmark_in_minutes():
         )
         assert done.returncode == 0, f"{name}: {done.stderr[-2000:]}"
         assert time.perf_counter() - started < 180, f"{name} --quick is not quick"
+
+
+def test_charlm_edge_hands_the_momentum_over_at_the_update_asked(monkeypatch):
+    from asyncmomentum.core.tuning import rules
+
+    # The script registers its rules: in a copy of the registry, which the test then drops.
+    monkeypatch.setattr(rules, "RULES", dict(rules.RULES))
+    spec = importlib.util.spec_from_file_location("charlm_edge", SCRIPTS / "charlm_edge.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    RULES = rules.RULES
+    late = RULES[script.handing_over(-0.9, 4, oracle_first=False)]()
+    early = RULES[script.handing_over(-0.9, 4, oracle_first=True)]()
+    plain = RULES["auto"]()
+    for update in range(1, 7):
+        momenta = [r.algorithmic_momentum(0.9, 0.5) for r in (late, early, plain)]
+        if update < 4:
+            assert momenta[0] == momenta[2] != -0.9
+            assert momenta[1] == -0.9
+        else:
+            assert momenta[0] == -0.9
+            assert momenta[1] == momenta[2] != -0.9
+        for rule in (late, early, plain):
+            rule.observe(3)  # the update is applied, three updates stale
