@@ -35,6 +35,7 @@ from asyncmomentum.core.validation import (
     check_state,
 )
 from asyncmomentum.runtimes.adapter import OptimizerView
+from asyncmomentum.runtimes.batch_size import batch_size_of
 from lightning_callbacks.roles import ServedUpdates, StalenessSource
 
 __all__ = ["AsyncMomentumCallback"]
@@ -198,6 +199,8 @@ class AsyncMomentumCallback(Callback):
         self._lock = threading.Lock()
         self._served = False
         self._listening_to: Any = None
+        # Samples of the batches since the last optimizer step (several under accumulation).
+        self._batch_samples = 0
 
     def __getstate__(self) -> dict[str, Any]:
         """The callback without its lock (spawned processes get a fresh one)."""
@@ -274,6 +277,7 @@ class AsyncMomentumCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Find the optimizers to tune and hook their steps (after checkpoint restore)."""
         self._release()
+        self._batch_samples = 0
         strategy = trainer.strategy
         self._served = isinstance(strategy, ServedUpdates)
         served = cast(ServedUpdates, strategy)
@@ -436,9 +440,19 @@ class AsyncMomentumCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        """Feed this step's staleness to the tracker and set the momentum it asks for."""
+        """Feed this step's staleness to the tracker and set the momentum it asks for.
+
+        An AsyncMomentumSGD whose rule reads batch sizes (``rule="auto"``) gets the samples of
+        the batches since the last step instead (it tunes itself).
+        """
+        samples, self._batch_samples = self._batch_samples, 0
         tracked = self._find(optimizer)
-        if tracked is None or tracked.own:
+        if tracked is None:
+            return
+        if tracked.own:
+            tracker = tracked.view.tracker
+            if samples and tracker.uses_batch_size:
+                tracker.observe_batch_size(samples)
             return
         tau, tracked.pending_staleness = tracked.pending_staleness, None
         if tau is not None:
@@ -481,6 +495,13 @@ class AsyncMomentumCallback(Callback):
         )
 
     # -- logging ------------------------------------------------------------------------------
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Count the batch's samples, for the next optimizer step to hand to its rule."""
+        self._batch_samples += batch_size_of(batch) or 0
 
     @override
     def on_train_batch_end(

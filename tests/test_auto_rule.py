@@ -270,6 +270,36 @@ def test_one_batchs_spike_is_not_a_growth_but_a_growing_mode_is():
     assert seen["filtered"] - seen["unfiltered"] in (0, 1)
 
 
+def test_the_norm_of_a_short_batch_is_not_read_but_a_full_batchs_spike_is():
+    told, untold, every = AutoRule(), AutoRule(), AutoRule(short_batch=0.0)
+    for value in _spiky(43, 430):
+        size = 4 if value > 1.0 else 32  # the spikes are the epochs' short last batches
+        for rule in (told, every):
+            rule.observe_batch_size(size)
+        for rule in (told, untold, every):
+            rule.observe_gradient_norm(value)
+    assert told.detector.detections == 0
+    assert told.detector.count == 430 - 10  # the ten short batches' norms were not read
+    assert untold.detector.detections >= 9  # without batch sizes: as revision 4
+    assert every.detector.detections == untold.detector.detections  # short_batch=0: every norm
+    assert told.level < untold.level
+    assert told.state_dict()["ladder"][-1] == 32.0  # the largest batch, kept with the ladder
+    # A spike in a full batch is read: the same 30x norm after a batch of 32 is a growth.
+    rule = AutoRule()
+    for _ in range(20):
+        rule.observe_batch_size(32)
+        rule.observe_gradient_norm(1.0)
+    rule.observe_batch_size(32)
+    rule.observe_gradient_norm(30.0)
+    assert rule.detector.detections == 1
+    # The skip lasts one norm: the batch after a short one is read again.
+    rule.observe_batch_size(4)
+    rule.observe_gradient_norm(1.0)
+    count = rule.detector.count
+    rule.observe_gradient_norm(1.0)
+    assert rule.detector.count == count + 1
+
+
 def _growth_with_loss(rule: AutoRule, loss_factor: float, updates: int = 60) -> None:
     """The gradient norm grows 10 % per update; the loss changes by ``loss_factor`` per update."""
     loss = 2.0
@@ -319,6 +349,8 @@ def test_the_ladder_stops_at_max_curvature():
         ({"spike_window": 0}, "spike_window"),
         ({"loss_fall": 1.0}, "loss_fall"),
         ({"warmup": -1}, "warmup"),
+        ({"short_batch": 1.5}, "short_batch"),
+        ({"short_batch": -0.1}, "short_batch"),
     ],
 )
 def test_bad_rule_options_are_refused(options, message):
@@ -358,6 +390,10 @@ def test_rule_state_round_trips_and_a_bad_ladder_changes_nothing():
     copy.load_state_dict({**third, "format": 3, "ladder": state["ladder"][:6]})
     assert copy.loss_watch.state_dict() == state["loss_watch"]
     assert copy._recent.tolist() == [rule.detector.average]
+    # ... and one of the fourth (no largest batch): its recent norms are kept, no batch seen.
+    copy.load_state_dict({**state, "format": 4, "ladder": state["ladder"][:7]})
+    assert copy._recent.tolist() == [400.0]
+    assert copy.state_dict()["ladder"] == [*state["ladder"][:7], 0.0]
     # The recent norms: as many as this rule's spike window keeps, finite, not negative.
     with pytest.raises(ValueError, match="spike_window"):
         AutoRule(patience=3).load_state_dict(state)
@@ -374,11 +410,12 @@ def test_rule_state_round_trips_and_a_bad_ladder_changes_nothing():
     copy.load_state_dict(state)
     assert repr(copy.state_dict()) == repr(state)
     for ladder in (
-        [0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0],
-        [0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0],
-        [0.0, 0.0, 0.0, 0.0, 0.0, -0.25, 0.0],
-        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0],
-        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0, -0.25, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -4.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
     ):
         with pytest.raises(ValueError, match="ladder"):
             copy.load_state_dict({**state, "ladder": ladder})
@@ -515,6 +552,38 @@ def test_the_optimizer_hands_the_rule_its_loss_from_step_or_closure():
     assert not AsyncMomentumSGD(model.parameters(), lr=0.1).tracker.uses_loss
 
 
+def test_the_optimizer_hands_the_rule_the_batch_size_and_refuses_a_bad_one():
+    model = torch.nn.Linear(4, 1)
+    optimizer = AsyncMomentumSGD(model.parameters(), lr=0.1, momentum=0.9, rule="auto")
+    assert optimizer.tracker.uses_batch_size
+
+    def backward(rows: int) -> None:
+        optimizer.zero_grad()
+        model(torch.randn(rows, 4)).pow(2).mean().backward()
+
+    for rows in (8, 8, 2):
+        backward(rows)
+        optimizer.step(staleness=2, batch_size=rows)
+    assert optimizer.rule.state_dict()["ladder"][-1] == 8.0
+    assert optimizer.rule.detector.count == 2  # the batch of 2 was not read
+    backward(8)
+    optimizer.step(staleness=2)  # no batch size: the norm is read
+    assert optimizer.rule.detector.count == 3
+    before = [p.detach().clone() for p in model.parameters()]
+    version = optimizer.tracker.clock.value
+    for bad in (0, -3, 2.5, "8", True):
+        with pytest.raises(ValueError, match="batch_size"):
+            optimizer.step(staleness=1, batch_size=bad)
+    assert optimizer.tracker.clock.value == version
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    # Other rules do not read it; the step takes it all the same.
+    plain = AsyncMomentumSGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert not plain.tracker.uses_batch_size
+    backward(8)
+    plain.step(staleness=1, batch_size=8)
+    assert plain.last_step.applied
+
+
 @pytest.mark.timeout(120)
 def test_it_runs_in_hogwild_workers_with_one_shared_detector_and_loss_watch():
     gen = torch.Generator().manual_seed(0)
@@ -539,6 +608,8 @@ def test_it_runs_in_hogwild_workers_with_one_shared_detector_and_loss_watch():
     assert rule.detector._state.is_shared()
     assert 0 < rule.loss_watch.count <= 40  # and their losses to its loss watch
     assert rule.loss_watch._state.is_shared()
+    # ... and their batch sizes (128 rows in batches of 16).
+    assert rule.state_dict()["ladder"][-1] == 16.0
 
 
 class _BolderAutoRule(AutoRule):

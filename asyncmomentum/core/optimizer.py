@@ -459,6 +459,7 @@ class AsyncMomentumSGD(Optimizer):
         *,
         staleness: int | None = None,
         loss: float | Tensor | None = None,
+        batch_size: int | None = None,
     ) -> Any:
         """Apply one update, retuning the momentum to the staleness of its gradient.
 
@@ -471,6 +472,9 @@ class AsyncMomentumSGD(Optimizer):
                 one-element tensor), for a rule that watches it (``rule="auto"``: a loss that
                 climbs tells an instability from noise); the closure's loss when not given.
                 Ignored by the other rules; a non-finite loss is ignored.
+            batch_size: the number of samples of that batch, for a rule that reads it
+                (``rule="auto"``: the gradient of an epoch's short last batch is noise, not an
+                instability). Ignored by the other rules.
 
         Returns:
             The closure's loss, or ``None``.
@@ -480,6 +484,8 @@ class AsyncMomentumSGD(Optimizer):
             staleness = check_staleness(staleness)
         if loss is not None:
             check_loss(loss)
+        if batch_size is not None:
+            check_int(batch_size, "batch_size", 1)
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -487,7 +493,7 @@ class AsyncMomentumSGD(Optimizer):
             if loss is None and is_loss(closure_loss):
                 loss = closure_loss
         self._async.last_step = SKIPPED
-        self._async.last_step = self._apply_gradients(staleness, loss)
+        self._async.last_step = self._apply_gradients(staleness, loss, batch_size)
         return closure_loss
 
     @property
@@ -499,7 +505,9 @@ class AsyncMomentumSGD(Optimizer):
         """
         return self._async.last_step
 
-    def _apply_gradients(self, staleness: int | None, loss: float | Tensor | None) -> StepReport:
+    def _apply_gradients(
+        self, staleness: int | None, loss: float | Tensor | None, batch_size: int | None
+    ) -> StepReport:
         run = self._async
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.item() != 0):
@@ -522,6 +530,8 @@ class AsyncMomentumSGD(Optimizer):
             )
         if loss is not None and run.tracker.uses_loss:
             run.tracker.observe_loss(float(loss))  # a tensor is read only for such a rule
+        if batch_size is not None and run.tracker.uses_batch_size:
+            run.tracker.observe_batch_size(batch_size)
         for component in run.components.values():
             component.before_update(checked)
         # Claim this update's version atomically: the staleness is exact under concurrency.

@@ -200,6 +200,14 @@ class AsynchronyTracker:
         """
         self.rule.observe_loss(loss)  # type: ignore[attr-defined]
 
+    def observe_batch_size(self, batch_size: int) -> None:
+        """Hand a rule with :attr:`uses_batch_size` the size of the gradient's batch.
+
+        Args:
+            batch_size: the number of samples the gradient about to be applied averages.
+        """
+        self.rule.observe_batch_size(batch_size)  # type: ignore[attr-defined]
+
     # -- the rule -----------------------------------------------------------------------------
 
     @property
@@ -226,6 +234,11 @@ class AsynchronyTracker:
     def uses_loss(self) -> bool:
         """Whether the rule watches the training loss (``rule="auto"``)."""
         return bool(getattr(self.rule, "uses_loss", False))
+
+    @property
+    def uses_batch_size(self) -> bool:
+        """Whether the rule reads the size of each gradient's batch (``rule="auto"``)."""
+        return bool(getattr(self.rule, "uses_batch_size", False))
 
     @property
     def needs_lr(self) -> bool:

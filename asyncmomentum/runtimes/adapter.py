@@ -292,6 +292,7 @@ class OptimizerView:
         *,
         refuse_nonfinite: bool = False,
         loss: float | Tensor | None = None,
+        batch_size: int | None = None,
     ) -> StepReport:
         """Apply the gradients held by the parameters and count the update in the tracker.
 
@@ -308,12 +309,14 @@ class OptimizerView:
                 on a NaN or inf gradient instead of writing it into the parameters.
             loss: the training loss of the gradient's batch, for an AsyncMomentumSGD whose rule
                 watches it (``rule="auto"``); other optimizers do not take it.
+            batch_size: the number of samples of that batch, for an AsyncMomentumSGD whose rule
+                reads it (``rule="auto"``); other optimizers do not take it.
 
         Returns:
             Whether the update was applied, with its staleness and version.
         """
         if self._ours is not None:
-            self._ours.step(staleness=staleness, loss=loss)
+            self._ours.step(staleness=staleness, loss=loss, batch_size=batch_size)
             return self._ours.last_step
         if refuse_nonfinite:
             gathered: list[tuple[list[Tensor], list[Tensor], list[Any]]] = []

@@ -61,6 +61,7 @@ from torch.optim import Optimizer
 from asyncmomentum.core.tracker import AsynchronyTracker
 from asyncmomentum.core.validation import check_int, check_positive
 from asyncmomentum.runtimes.adapter import OptimizerView
+from asyncmomentum.runtimes.batch_size import batch_size_of
 from asyncmomentum.runtimes.supervision import end_processes
 from asyncmomentum.runtimes.trace import TracePoint
 
@@ -381,10 +382,12 @@ def worker_loop(
     try:
         for step in range(1, steps + 1):
             view.zero_grad()
-            loss = _check_scalar_loss(loss_fn(model, next(batches)))
+            batch = next(batches)
+            loss = _check_scalar_loss(loss_fn(model, batch))
             loss.backward()
             loss_value = float(loss.detach())
-            stats.add(loss_value, view.step(loss=loss_value).staleness)
+            stepped = view.step(loss=loss_value, batch_size=batch_size_of(batch))
+            stats.add(loss_value, stepped.staleness)
             if step % report_every == 0 or step == steps:
                 progress = _progress(rank, step, steps, stats, view, started)
                 if report is not None:

@@ -56,6 +56,7 @@ from asyncmomentum.core import formulas
 from asyncmomentum.core.optimizer import NonFiniteGradientError
 from asyncmomentum.core.validation import check_choice, check_int, check_real
 from asyncmomentum.runtimes.adapter import OptimizerView
+from asyncmomentum.runtimes.batch_size import batch_size_of
 
 __all__ = [
     "STALENESS_MODELS",
@@ -706,12 +707,12 @@ def _optimized_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return tensors
 
 
-def _apply(view: OptimizerView, tau: int, loss: float) -> bool:
+def _apply(view: OptimizerView, tau: int, loss: float, batch_size: int | None) -> bool:
     """Step the optimizer unless a gradient is NaN or inf; return whether it stepped."""
     # An optimizer that checks its gradients itself (AsyncMomentumSGD) raises or skips and
     # counts a bad one; any other one is refused it. Either way nothing changes.
     try:
-        return view.step(tau, refuse_nonfinite=True, loss=loss).applied
+        return view.step(tau, refuse_nonfinite=True, loss=loss, batch_size=batch_size).applied
     except NonFiniteGradientError:
         return False
 
@@ -860,7 +861,7 @@ def _run(
                 history.diverged = True
                 return
             loss.backward()
-        if not _apply(view, tau, loss_value):
+        if not _apply(view, tau, loss_value, batch_size_of(batch)):
             history.diverged = True
             return
         ring.push()

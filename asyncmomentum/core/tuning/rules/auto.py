@@ -29,15 +29,15 @@ from asyncmomentum.core.validation import check_int, check_real, check_state
 __all__ = ["DEFAULT_EFFECTIVE_CURVATURE", "AutoRule"]
 
 #: Layout version of the state dicts of this module (1: the ladder without the additive floor;
-#: 2: without the loss watch; 3: without the growth's loss reference and the recent norms; all
-#: still read).
-STATE_FORMAT = 4
+#: 2: without the loss watch; 3: without the growth's loss reference and the recent norms; 4:
+#: without the largest batch; all still read).
+STATE_FORMAT = 5
 
 # Slots of the ladder's state tensor.
-_LEVEL, _QUIET, _PEAK, _RELEASED, _BINDING, _LOWERED, _LOSS_REFERENCE = range(7)
-_SLOTS = 7
+_LEVEL, _QUIET, _PEAK, _RELEASED, _BINDING, _LOWERED, _LOSS_REFERENCE, _LARGEST_BATCH = range(8)
+_SLOTS = 8
 # Ladder slots of each older format.
-_OLD_SLOTS = {1: 2, 2: 5, 3: 6}
+_OLD_SLOTS = {1: 2, 2: 5, 3: 6, 4: 7}
 
 #: The effective ``lr * lambda`` :class:`AutoRule` starts from (see ``docs/auto-rule.md``).
 DEFAULT_EFFECTIVE_CURVATURE = 0.6
@@ -74,8 +74,12 @@ class AutoRule(TuningRule):
     (:meth:`observe_loss`), rises ``loss_rise`` times over the lowest it has been while the
     floor binds: there the default's own momentum is unstable, and each such rise lowers the
     floor by ``floor_step`` for the rest of the run. No probe, no Hessian-vector product, no
-    grid. Without delays in the window (and before the first observation) it is the additive
-    rule, i.e. the target; totals compose additively. See ``docs/auto-rule.md``.
+    grid. The gradient of a batch much smaller than the run's others (an epoch's short last
+    batch) is noisier by that ratio, not unstable: when the caller hands the batch size
+    (:meth:`observe_batch_size`; ``step(batch_size=...)`` and this package's runtimes do), the
+    detector does not read the norm of a batch under ``short_batch`` times the largest seen.
+    Without delays in the window (and before the first observation) it is the additive rule,
+    i.e. the target; totals compose additively. See ``docs/auto-rule.md``.
 
     Args:
         effective_curvature: the ``a`` the rule starts from (> 0). Larger is more conservative
@@ -110,18 +114,24 @@ class AutoRule(TuningRule):
             floor binds, and backs the ladder off otherwise (:meth:`observe_loss`). Without a
             loss from the caller the rule never sees one.
         floor_step: how far each such rise lowers the additive floor (> 0).
+        short_batch: the gradient norm of a batch smaller than this fraction of the largest
+            batch seen is not read by the growth detector, in [0, 1] (0: every norm is read).
+            Needs a caller that hands the batch size; without one every norm is read.
         window: staleness observations kept.
         max_staleness: the histogram's cap.
     """
 
     name: ClassVar[str] = "auto"
     stateful: ClassVar[bool] = True
-    revision: ClassVar[int] = 4
+    revision: ClassVar[int] = 5
     #: The optimizer hands this rule the applied gradients' squared norm before each update.
     uses_gradient_norm: ClassVar[bool] = True
     #: ... and the training loss of their batch, when its caller gives it (``step(loss=...)``,
     #: a closure, or a runtime of this package).
     uses_loss: ClassVar[bool] = True
+    #: ... and the size of that batch, when its caller gives it (``step(batch_size=...)``, or a
+    #: runtime of this package).
+    uses_batch_size: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -142,6 +152,7 @@ class AutoRule(TuningRule):
         release_level: float | None = None,
         loss_rise: float | None = 3.0,
         floor_step: float = 0.25,
+        short_batch: float = 0.5,
         window: int = 1024,
         max_staleness: int = 1024,
     ) -> None:
@@ -184,6 +195,10 @@ class AutoRule(TuningRule):
             else check_real(loss_rise, "loss_rise", minimum=1.0, min_inclusive=False)
         )
         self.floor_step = check_real(floor_step, "floor_step", minimum=0.0, min_inclusive=False)
+        self.short_batch = check_real(short_batch, "short_batch", minimum=0.0, maximum=1.0)
+        # Whether the gradient about to be applied comes from a short batch (per process, and
+        # per step: set by observe_batch_size, spent by the next observe_gradient_norm).
+        self._short = False
         self.loss_watch = (
             None if self.loss_rise is None else GrowthDetector(self.loss_rise, LOSS_SMOOTHING)
         )
@@ -199,7 +214,8 @@ class AutoRule(TuningRule):
         )
         # (level, quiet observations, the largest averaged squared norm so far, floor released,
         # floor binds, how far loss rises lowered the floor, the loss average when the growth
-        # detector's reference was set: kept with `loss_fall` only, 0 for none)
+        # detector's reference was set: kept with `loss_fall` only, 0 for none, the largest
+        # batch seen: 0 for none)
         self._ladder = torch.zeros(_SLOTS, dtype=torch.float64)
         self._last_delay: int | None = None  # the histogram's count at the last tau > 0
         # The bound itself (its histogram, cache and checks): one source of truth. It is fed a
@@ -241,13 +257,33 @@ class AutoRule(TuningRule):
         if tau > 0:
             self._last_delay = self.histogram.count
 
+    def observe_batch_size(self, batch_size: int) -> None:
+        """Take the size of the batch whose gradient is about to be applied.
+
+        A batch under ``short_batch`` times the largest seen so far makes the next
+        :meth:`observe_gradient_norm` a no-op: its gradient's norm carries the noise of a small
+        sample (a batch of 4 among batches of 32: about 8 times the variance), which the growth
+        detector would take for an instability.
+
+        Args:
+            batch_size: the number of samples (>= 1).
+        """
+        largest = max(float(self._ladder[_LARGEST_BATCH]), float(batch_size))
+        self._ladder[_LARGEST_BATCH] = largest
+        self._short = batch_size < self.short_batch * largest
+
     def observe_gradient_norm(self, squared_norm: float) -> None:
         """Take the squared norm of the gradients about to be applied.
 
         Args:
             squared_norm: ``sum ||g||^2`` over the parameters (>= 0; non-finite is ignored).
         """
-        level, quiet, peak, released, binding, lowered, loss_reference = self._ladder.tolist()
+        if self._short:  # a short batch's noise, not a growth, and no quiet update either
+            self._short = False
+            return
+        level, quiet, peak, released, binding, lowered, loss_reference, largest = (
+            self._ladder.tolist()
+        )
         detector = self.detector
         signal = self._without_spikes(squared_norm)
         if self.loss_fall is None:
@@ -276,7 +312,16 @@ class AutoRule(TuningRule):
                 level, quiet = level - 1, 0.0
         self._ladder.copy_(
             torch.tensor(
-                (level, quiet, max(peak, average), released, binding, lowered, loss_reference),
+                (
+                    level,
+                    quiet,
+                    max(peak, average),
+                    released,
+                    binding,
+                    lowered,
+                    loss_reference,
+                    largest,
+                ),
                 dtype=torch.float64,
             )
         )
@@ -435,6 +480,7 @@ class AutoRule(TuningRule):
             and ladder[_BINDING] in (0, 1)
             and ladder[_LOWERED] >= 0
             and ladder[_LOSS_REFERENCE] >= 0
+            and ladder[_LARGEST_BATCH] >= 0
         ):
             raise ValueError(f"AutoRule state is corrupt: ladder {ladder!r}")
         recent = state_dict["recent"]
@@ -481,9 +527,9 @@ class AutoRule(TuningRule):
     def _upgrade(self, state_dict: Any) -> Any:
         """An older state as the current format; anything else unchanged.
 
-        Older ladders get the new slots (no floor released or lowered, no loss reference),
-        formats 1 and 2 a loss watch that has seen no loss yet, and formats 1 to 3 the detector's
-        average as each recent norm (what those norms averaged to).
+        Older ladders get the new slots (no floor released or lowered, no loss reference, no
+        batch seen), formats 1 and 2 a loss watch that has seen no loss yet, and formats 1 to 3
+        the detector's average as each recent norm (what those norms averaged to).
 
         Args:
             state_dict: the state to read.
@@ -505,8 +551,10 @@ class AutoRule(TuningRule):
             **state_dict,
             "format": STATE_FORMAT,
             "ladder": [*ladder, *[0.0] * (_SLOTS - len(ladder))],
-            "loss_watch": state_dict.get("loss_watch") if version == 3 else self._fresh_watch(),
-            "recent": [average] * (self.spike_window - 1),
+            "loss_watch": state_dict.get("loss_watch") if version >= 3 else self._fresh_watch(),
+            "recent": (
+                state_dict.get("recent") if version >= 4 else [average] * (self.spike_window - 1)
+            ),
         }
 
     def _fresh_watch(self) -> dict[str, Any] | None:
@@ -524,6 +572,7 @@ class AutoRule(TuningRule):
             self.loss_watch.reset()
         self._ladder.zero_()
         self._recent.zero_()
+        self._short = False
 
     def share_memory(self) -> AutoRule:
         """Put the detector in shared memory, so Hogwild processes raise one ``a``; returns self.
