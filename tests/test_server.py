@@ -129,6 +129,37 @@ def make_server(num_workers: int = 2, **config) -> ParameterServer:
     return ParameterServer(model, optimizer, num_workers, ServerConfig(**config))
 
 
+def test_a_workers_batch_size_reaches_the_servers_rule_and_a_bad_one_changes_nothing() -> None:
+    from asyncmomentum.runtimes.server.processes import _Pusher, _train_loop
+    from asyncmomentum.runtimes.transport import LocalTransport
+
+    model = make_cnn(0)
+    optimizer = AsyncMomentumSGD(model.parameters(), lr=0.05, momentum=0.9, rule="auto")
+    server = ParameterServer(model, optimizer, 1, ServerConfig(total_updates=100))
+    reply = server.join(1)
+    sizes = []
+    observe = optimizer.rule.observe_batch_size
+    optimizer.rule.observe_batch_size = lambda size: (sizes.append(size), observe(size))[1]
+    # The worker's loop passes each batch's size with its push: 10 rows, then 10, then 4.
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 1, 8, 8, generator=gen), torch.randint(0, 10, (24,), generator=gen)
+    batches = iter([(x[:10], y[:10]), (x[10:20], y[10:20]), (x[20:], y[20:])])
+    worker = make_cnn(1)
+    pusher = _Pusher(worker, LocalTransport(server), rank=1)
+    steps, refused, why = _train_loop(
+        worker, batches, torch.nn.functional.cross_entropy, pusher, reply, None
+    )
+    assert (steps, refused, why) == (3, 0, "batches_exhausted")
+    assert sizes == [10, 10, 4]
+    # A bad batch size is refused before anything changes.
+    before = flatten(list(model.parameters()))
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="batch_size"):
+            server.push(1, gradients(model), server.version, loss=1.0, batch_size=bad)
+    assert server.version == 3
+    assert torch.equal(flatten(list(model.parameters())), before)
+
+
 def test_staleness_is_the_number_of_updates_between_read_and_apply() -> None:
     server = make_server()
     first, second = server.join(1), server.join(2)

@@ -158,7 +158,7 @@ def test_the_rpc_transport_in_a_group_of_one(tmp_path, monkeypatch) -> None:
             reply = link.push(1, grad, joined.version, 1.0)
             assert (reply.version, reply.applied) == (1, True)
             assert torch.equal(reply.params, flatten(list(server.model.parameters())))
-            again = link.push(1, grad, reply.version, 1.0)
+            again = link.push(1, grad, reply.version, 1.0, batch_size=16)
             assert again.version == 2
             assert torch.equal(again.params, flatten(list(server.model.parameters())))
             # An error the server raises passes through with its type.

@@ -308,6 +308,29 @@ def test_the_loss_travels_bit_for_bit(job: Job) -> None:
     assert math.isnan(losses[5])
 
 
+def test_the_batch_size_travels_with_a_push_and_a_bad_one_is_refused(job: Job) -> None:
+    link = job.connect(1)
+    job.connect(2)
+    reply = link.join(1)
+    received = []
+    push = job.server.push
+
+    def recording(*args):
+        received.append(args[5])  # (rank, grad, version, loss, present, batch_size)
+        return push(*args)
+
+    job.server.push = recording
+    grad = flat_gradient(job.server)
+    for size in (32, None, 4):
+        reply = link.push(1, grad, reply.version, 1.0, batch_size=size)
+    assert received == [32, None, 4]
+    # A negative batch size is the server's ValueError, raised on the worker; nothing applied.
+    version = job.server.version
+    with pytest.raises(ValueError, match="batch_size"):
+        link.push(1, grad, reply.version, 1.0, batch_size=-3)
+    assert job.server.version == version
+
+
 def test_a_worker_told_to_stop_that_closes_without_a_goodbye_has_left(monkeypatch) -> None:
     monkeypatch.setenv(SECRET_ENV, SECRET)
     job = Job(make_server(workers=1, total_updates=2))

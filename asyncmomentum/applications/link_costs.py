@@ -54,6 +54,7 @@ class _Echo:
         version: int,
         loss: float,
         present: tuple[int, ...] | None = None,
+        batch_size: int | None = None,
     ) -> Reply:
         self.version += 1
         return Reply(grad.clone(), self.version, False, True)

@@ -17,6 +17,7 @@ from asyncmomentum.core.validation import (
     check_positive,
 )
 from asyncmomentum.runtimes.adapter import OptimizerView
+from asyncmomentum.runtimes.batch_size import batch_size_of
 from asyncmomentum.runtimes.local_sgd.pseudo_gradient import check_outer_optimizer
 from asyncmomentum.runtimes.local_sgd.worker import run_local_sgd_rounds
 from asyncmomentum.runtimes.server.config import (
@@ -209,7 +210,13 @@ class _Pusher:
         self.transport = transport
         self.rank = rank
 
-    def push(self, computed: Sequence[Tensor | None], version: int, loss: float) -> Reply:
+    def push(
+        self,
+        computed: Sequence[Tensor | None],
+        version: int,
+        loss: float,
+        batch_size: int | None = None,
+    ) -> Reply:
         """Push the gradients of the trainable parameters (``None``: unused by the loss)."""
         grads: list[Tensor | None] = [None] * len(self.params)
         for i, grad in zip(self.trainable, computed, strict=True):
@@ -221,7 +228,12 @@ class _Pusher:
         ]
         everything = len(present) == len(self.params)
         return self.transport.push(
-            self.rank, torch.cat(pieces), version, loss, None if everything else present
+            self.rank,
+            torch.cat(pieces),
+            version,
+            loss,
+            None if everything else present,
+            batch_size,
         )
 
 
@@ -269,7 +281,7 @@ def _train_loop(
         computed = torch.autograd.grad(
             loss, [params[i] for i in pusher.trainable], allow_unused=True
         )
-        reply = pusher.push(computed, reply.version, float(loss.detach()))
+        reply = pusher.push(computed, reply.version, float(loss.detach()), batch_size_of(inputs))
         steps += int(reply.applied)
         refused += int(not reply.applied)
     return steps, refused, "server"

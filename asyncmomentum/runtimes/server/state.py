@@ -131,6 +131,7 @@ class ParameterServer:
         version: int,
         loss: float = math.nan,
         present: Sequence[int] | None = None,
+        batch_size: int | None = None,
     ) -> Reply:
         """Apply a worker's gradient and answer with the parameters right after it.
 
@@ -144,6 +145,8 @@ class ParameterServer:
             loss: the worker's loss on its batch, for the trace.
             present: indices of the parameters that have a gradient, increasing; the others
                 get none (their slice of ``grad`` is ignored). ``None``: all of them.
+            batch_size: the number of samples the gradient averages, for a rule that reads it
+                (``rule="auto"``); ``None``: not known.
 
         Returns:
             The parameters (one flat tensor) and version to compute the next gradient from,
@@ -158,7 +161,9 @@ class ParameterServer:
             )
         grad = check_flat(grad, self._params, "the gradient")
         present = _check_present(present, len(self._params))
-        return self._push(rank, grad, present, version, loss)
+        if batch_size is not None:
+            batch_size = check_int(batch_size, "batch_size", 1)
+        return self._push(rank, grad, present, version, loss, batch_size)
 
     def leave(self, rank: int) -> None:
         """A worker says it is leaving; the server no longer expects its gradients.
@@ -349,6 +354,7 @@ class ParameterServer:
         present: tuple[int, ...] | None,
         version: int,
         loss: Any,
+        batch_size: int | None = None,
     ) -> Reply:
         """Apply a checked flat gradient; the reply.
 
@@ -358,6 +364,7 @@ class ParameterServer:
             present: indices of the parameters that have a gradient (``None``: all), checked.
             version: the version the gradient was computed from.
             loss: the worker's loss.
+            batch_size: the size of the gradient's batch, checked (``None``: not known).
         """
         version = check_int(version, "version", 0, maximum=MAX_COUNT)
         loss = float(loss)
@@ -376,7 +383,8 @@ class ParameterServer:
                     f"{self._version} updates exist; versions come from this server's replies"
                 )
             staleness = self._version - version
-            applied = self._apply_locked(self._install_flat_locked(grad, present), staleness, loss)
+            grads = self._install_flat_locked(grad, present)
+            applied = self._apply_locked(grads, staleness, loss, batch_size)
             if applied:
                 point = self._record_locked(rank, loss, staleness)
             copying = time.perf_counter()
@@ -403,7 +411,9 @@ class ParameterServer:
     def _refuses_locked(self, rank: int) -> bool:
         return self._stop_reason is not None or rank in self._dropped or rank in self._left
 
-    def _apply_locked(self, grads: list[Tensor | None], staleness: int, loss: float) -> bool:
+    def _apply_locked(
+        self, grads: list[Tensor | None], staleness: int, loss: float, batch_size: int | None
+    ) -> bool:
         """Install the gradient, step, clear it; ``False`` if the optimizer skipped the step.
 
         The worker's loss goes to the optimizer too, for a rule that watches it (a worker that
@@ -416,7 +426,9 @@ class ParameterServer:
             # AsyncMomentumSGD gets the staleness and checks gradients itself (it raises or
             # skips as configured); torch's optimizers would write NaN into the weights: a
             # non-finite gradient is refused before they step.
-            report = self._view.step(staleness, refuse_nonfinite=True, loss=loss)
+            report = self._view.step(
+                staleness, refuse_nonfinite=True, loss=loss, batch_size=batch_size
+            )
             self._optimizer_seconds += time.perf_counter() - began
         finally:
             for param in self._params:

@@ -66,6 +66,7 @@ class Transport(Protocol):
         version: int,
         loss: float,
         present: tuple[int, ...] | None = None,
+        batch_size: int | None = None,
     ) -> Reply:
         """Push one gradient; the reply holds the parameters right after it was applied.
 
@@ -77,6 +78,8 @@ class Transport(Protocol):
             present: indices (in ``model.parameters()`` order) of the parameters that have a
                 gradient; the others get none (``None`` on the server, as torch skips them).
                 ``None``: all of them.
+            batch_size: the number of samples the gradient averages, for a rule that reads it
+                (``rule="auto"``); ``None``: not known.
         """
         ...
 
@@ -117,6 +120,7 @@ class Servable(Protocol):
         version: int,
         loss: float,
         present: tuple[int, ...] | None = None,
+        batch_size: int | None = None,
     ) -> Reply:
         """See :meth:`Transport.push`."""
         ...
@@ -241,9 +245,10 @@ class LocalTransport:
         version: int,
         loss: float,
         present: tuple[int, ...] | None = None,
+        batch_size: int | None = None,
     ) -> Reply:
         """See :meth:`Transport.push`."""
-        return self.server.push(rank, grad, version, loss, present)
+        return self.server.push(rank, grad, version, loss, present, batch_size)
 
     def leave(self, rank: int) -> None:
         """See :meth:`Transport.leave`."""

@@ -8,7 +8,8 @@ each worker to the server, and each connection is a process group of its own wit
 Wire format (every message is a plain ``send``/``recv`` on the pair):
 
 * a **header** of 8 int64 (:data:`HEADER_BYTES`): kind, rank, version, flags, the length of
-  the *extra* bytes that follow, the loss (float64 bits), and two fields of the handshake;
+  the *extra* bytes that follow, the loss (float64 bits), and two fields of the handshake (in a
+  push, the first is the batch size, 0 when not known);
 * the **payload**: a flat parameter or gradient tensor, all parameters in
   ``model.parameters()`` order. A payload of at most :data:`INLINE_MAX_BYTES` on CPU travels in
   one message with the header (a frame: one message each way per round trip, measured 4x faster
@@ -81,6 +82,8 @@ _KEY = "asyncmomentum/c10d"
 # Header fields. A hello puts the wire format's version in _VERSION and describes the
 # payload in the last two: its number of elements, and its dtype and device type.
 _KIND, _RANK, _VERSION, _FLAGS, _EXTRA, _LOSS, _NUMEL, _LAYOUT = range(8)
+# A push has no handshake fields: its batch size travels in the first.
+_BATCH = _NUMEL
 
 # Flags.
 _STOP, _APPLIED, _PARTIAL, _HAS_PATH, _PAYLOAD = 1, 2, 4, 8, 16
@@ -131,6 +134,10 @@ class _Message:
     @property
     def loss(self) -> float:
         return float(self.header[_LOSS])
+
+    @property
+    def batch_size(self) -> int | None:
+        return int(self.header[_BATCH]) or None
 
 
 def _wait(work: Any, timeout: float, what: str) -> None:
@@ -412,6 +419,7 @@ class C10dTransport:
         version: int,
         loss: float,
         present: tuple[int, ...] | None = None,
+        batch_size: int | None = None,
     ) -> Reply:
         """See :meth:`~.base.Transport.push`."""
         pair = self._open()
@@ -427,7 +435,14 @@ class C10dTransport:
             extra = torch.tensor(list(present), dtype=torch.int64).numpy().tobytes()
             flags = _PARTIAL
         message = self._call(
-            _Kind.PUSH, rank, version=version, loss=loss, payload=grad, flags=flags, extra=extra
+            _Kind.PUSH,
+            rank,
+            version=version,
+            loss=loss,
+            payload=grad,
+            flags=flags,
+            extra=extra,
+            layout=(batch_size or 0, 0),
         )
         return self._reply(message)
 
@@ -727,7 +742,9 @@ class C10dHost:
             if message.flags & _PARTIAL:
                 present = tuple(torch.frombuffer(bytearray(message.extra), dtype=torch.int64))
                 present = tuple(int(i) for i in present)
-            reply = self.server.push(rank, message.payload, message.version, message.loss, present)
+            reply = self.server.push(
+                rank, message.payload, message.version, message.loss, present, message.batch_size
+            )
         elif message.kind == _Kind.JOIN:
             remaining = self._started + self.join_timeout - time.monotonic()
             if not self._everyone.wait(max(remaining, 0.0)):

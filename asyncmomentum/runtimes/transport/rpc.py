@@ -87,10 +87,13 @@ class RpcTransport:
         version: int,
         loss: float,
         present: tuple[int, ...] | None = None,
+        batch_size: int | None = None,
     ) -> Reply:
         """See :meth:`Transport.push`."""
         packed = _pack(grad)
-        reply = self._call(_remote_push, rank, packed, version, loss, present, self._secret)
+        reply = self._call(
+            _remote_push, rank, packed, version, loss, present, self._secret, batch_size
+        )
         return _unpack_reply(reply)
 
     def leave(self, rank: int) -> None:
@@ -274,9 +277,10 @@ def _remote_push(
     loss: float,
     present: tuple[int, ...] | None,
     secret: str = "",
+    batch_size: int | None = None,
 ) -> Reply:
     server = _authorized(secret)  # before anything of the message is read
-    return _pack_reply(server.push(rank, _unpack(grad), version, loss, present))
+    return _pack_reply(server.push(rank, _unpack(grad), version, loss, present, batch_size))
 
 
 def _remote_leave(rank: int, secret: str = "") -> None:
