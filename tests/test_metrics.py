@@ -101,6 +101,11 @@ def _rank_main(rank: int, port: int, results: mp.Queue) -> None:
         results.put((rank, {k: v.item() for k, v in result.items()}, local))
     finally:
         dist.destroy_process_group()
+    # The result is sent (the queue's thread flushed): skip the interpreter's teardown, where
+    # Gloo's threads can abort a spawned process after its work (pytorch/pytorch#179291).
+    results.close()
+    results.join_thread()
+    os._exit(0)
 
 
 def test_two_gloo_ranks_get_the_exact_global_mean() -> None:
