@@ -437,6 +437,13 @@ class AsyncMomentumCallback(Callback):
     # -- tuning -------------------------------------------------------------------------------
 
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Count the batch's samples, for the next optimizer step to hand to its rule."""
+        self._batch_samples += batch_size_of(batch) or 0
+
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
@@ -495,13 +502,6 @@ class AsyncMomentumCallback(Callback):
         )
 
     # -- logging ------------------------------------------------------------------------------
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        """Count the batch's samples, for the next optimizer step to hand to its rule."""
-        self._batch_samples += batch_size_of(batch) or 0
 
     @override
     def on_train_batch_end(
