@@ -46,6 +46,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from asyncmomentum.core.validation import check_int, check_positive
+from asyncmomentum.runtimes.batch_size import batch_size_of
 from asyncmomentum.runtimes.local_sgd import check_outer_optimizer, check_sync_every
 from asyncmomentum.runtimes.server import ParameterServer, ServerConfig, ServerResult, TracePoint
 from asyncmomentum.runtimes.transport import (
@@ -178,6 +179,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
         self.sync_every = sync_every
         self.outer_optimizer = outer_optimizer
         self._inner_steps = 0  # inner steps since the last push (local SGD)
+        self._batch_samples = 0  # this process's samples since the last push
         self._read: Tensor | None = None  # the flat parameters read (local SGD)
         self._outer_snapshot: dict[str, Any] | None = None
         self.worker_timeout = float(worker_timeout)
@@ -261,6 +263,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
         # Collectives over every process work again until the groups start (fit) or for good
         # (validate, test: every process runs them together).
         self._asynchronous = False
+        self._batch_samples = 0
         super().setup(trainer)
         if trainer.state.fn == TrainerFn.FITTING:
             self._quiet_sync_dist_advice()
@@ -596,6 +599,18 @@ class AsyncParameterServerStrategy(DDPStrategy):
             return closure()
         return super().optimizer_step(optimizer, closure, model, **kwargs)
 
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's training step; the batch's samples are counted for the next push.
+
+        Args:
+            *args: the batch, then its index, as Lightning passes them.
+            **kwargs: passed on.
+        """
+        if args:
+            self._batch_samples += batch_size_of(args[0]) or 0
+        return super().training_step(*args, **kwargs)
+
     def _exchange(self, loss: Any) -> None:
         layout = self._layout
         module = self.lightning_module
@@ -606,6 +621,9 @@ class AsyncParameterServerStrategy(DDPStrategy):
         present = tuple(i for i, p in enumerate(params) if p.grad is not None)
         flat = layout.average(flat)
         value = float(loss.detach()) if isinstance(loss, Tensor) else float("nan")
+        # The group's gradient averages every member's batch; the sampler gives members batches
+        # of one size, so the group's batch is this process's times the group's size.
+        samples, self._batch_samples = self._batch_samples, 0
         reply = self._ask(
             lambda transport: transport.push(
                 layout.server_rank,
@@ -613,6 +631,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
                 self._version,
                 value,
                 None if len(present) == len(params) else present,
+                samples * layout.size or None,
             )
         )
         self._install(reply)
@@ -636,6 +655,7 @@ class AsyncParameterServerStrategy(DDPStrategy):
         if self._inner_steps < sync_every:
             return
         self._inner_steps = 0
+        self._batch_samples = 0  # a pseudo-gradient has no batch of its own
         read = self._read
         assert read is not None
         value = float(loss.detach()) if isinstance(loss, Tensor) else float("nan")

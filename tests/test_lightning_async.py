@@ -43,13 +43,16 @@ MAX_STEPS = {1: 120, 2: 300, 4: 500}
 class Digits(pl.LightningModule):
     """The digits CNN; ``val/acc`` and ``test/acc`` are held-out accuracies."""
 
-    def __init__(self, momentum: float = 0.9, tune: bool = True, torch_sgd: bool = False) -> None:
+    def __init__(
+        self, momentum: float = 0.9, tune: bool = True, torch_sgd: bool = False, rule: str = ""
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = SmallCNN()
         self.momentum = momentum
         self.tune = tune
         self.torch_sgd = torch_sgd
+        self.rule = rule
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
         x, y = batch
@@ -66,8 +69,9 @@ class Digits(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.torch_sgd:
             return torch.optim.SGD(self.parameters(), lr=0.05, momentum=self.momentum)
+        rule = {"rule": self.rule} if self.rule else {}
         return AsyncMomentumSGD(
-            self.parameters(), lr=0.05, momentum=self.momentum, tune=self.tune, horizon=50
+            self.parameters(), lr=0.05, momentum=self.momentum, tune=self.tune, horizon=50, **rule
         )
 
 
@@ -108,6 +112,12 @@ class Record(pl.Callback):
         torch.save(
             {
                 "estimated_workers": getattr(served[0], "estimated_workers", None),
+                "rule": None
+                if not hasattr(getattr(served[0], "rule", None), "detector")  # the auto rule's
+                else {
+                    "largest_batch": served[0].rule.state_dict()["ladder"][-1],
+                    "norms_read": served[0].rule.detector.count,
+                },
                 "momentum": served[0].param_groups[0]["momentum"] if served else None,
                 "history": self.history,
                 "start": self.start,
@@ -296,6 +306,21 @@ def test_with_four_groups_tuned_momentum_reaches_the_target_in_fewer_updates(
         trainer.fit(Digits(momentum=0.9, tune=tune), train, held_out)
         runs[name] = _updates_to_target(torch.load(out)["history"])
     assert runs["tuned"] < runs["fixed"], runs
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("loopback_job")
+def test_each_push_carries_its_groups_batch_size_to_the_servers_rule(tmp_path: Path) -> None:
+    # Two groups of two processes, batches of 32 per process: each push averages 64 samples.
+    # The sampler gives each process 337 digits, so an epoch ends with batches of 17: 34 a
+    # push, over half of 64, so the auto rule on the server reads every norm.
+    out = tmp_path / "record.pt"
+    trainer = _trainer(tmp_path, 2, 30, callbacks=[Record(out)])
+    train, held_out = _data()
+    trainer.fit(Digits(rule="auto"), train, held_out)
+    rule = torch.load(out)["rule"]
+    assert rule["largest_batch"] == 64.0  # the largest batch the server's rule was handed
+    assert rule["norms_read"] == 30
 
 
 @pytest.mark.timeout(120)
