@@ -268,8 +268,10 @@ class AutoRule(TuningRule):
         Args:
             batch_size: the number of samples (>= 1).
         """
-        largest = max(float(self._ladder[_LARGEST_BATCH]), float(batch_size))
-        self._ladder[_LARGEST_BATCH] = largest
+        largest = float(self._ladder[_LARGEST_BATCH])
+        if batch_size > largest:  # written only when it grows: this runs every update
+            largest = float(batch_size)
+            self._ladder[_LARGEST_BATCH] = largest
         self._short = batch_size < self.short_batch * largest
 
     def observe_gradient_norm(self, squared_norm: float) -> None:
@@ -281,9 +283,10 @@ class AutoRule(TuningRule):
         if self._short:  # a short batch's noise, not a growth, and no quiet update either
             self._short = False
             return
-        level, quiet, peak, released, binding, lowered, loss_reference, largest = (
-            self._ladder.tolist()
-        )
+        # The slots before the largest batch, which only observe_batch_size writes (under
+        # Hogwild another process may be raising it meanwhile).
+        ladder = self._ladder[:_LARGEST_BATCH]
+        level, quiet, peak, released, binding, lowered, loss_reference = ladder.tolist()
         detector = self.detector
         signal = self._without_spikes(squared_norm)
         if self.loss_fall is None:
@@ -310,18 +313,9 @@ class AutoRule(TuningRule):
             lowest = self._lowest if warm else max(self._lowest, 0)
             if quiet >= wait and level > lowest:
                 level, quiet = level - 1, 0.0
-        self._ladder.copy_(
+        ladder.copy_(
             torch.tensor(
-                (
-                    level,
-                    quiet,
-                    max(peak, average),
-                    released,
-                    binding,
-                    lowered,
-                    loss_reference,
-                    largest,
-                ),
+                (level, quiet, max(peak, average), released, binding, lowered, loss_reference),
                 dtype=torch.float64,
             )
         )
