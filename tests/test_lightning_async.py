@@ -274,7 +274,7 @@ def test_compute_groups_train_to_held_out_accuracy_and_set_the_asynchrony(
     assert record["server"]["updates"] == MAX_STEPS[groups]
     assert record["server"]["stop_reason"] == "total_updates"
     assert record["global_step"] == MAX_STEPS[groups]
-    assert record["history"][-1][1] >= TARGET_ACCURACY, record["history"]
+    assert record["history"], "no validation ran"
     # The logged estimate of M follows the number of groups (the median of the second half of
     # the run: on 2 shared cores a group is sometimes starved for a while).
     logged = _logged(tmp_path, "workers/estimated")
@@ -285,11 +285,14 @@ def test_compute_groups_train_to_held_out_accuracy_and_set_the_asynchrony(
     # The progress bar shows the server's pace and its estimate of M.
     assert float(trainer.callback_metrics["updates/s"]) > 0
     assert float(trainer.callback_metrics["M_hat"]) == pytest.approx(record["estimated_workers"])
+    # fit leaves the server's final parameters in the module: a test on every process (each on
+    # its shard, reduced) scores them. The bar is on them, not on the last validation, which a
+    # starved rank 0 may have run long before the last update.
+    (tested,) = trainer.test(trainer.lightning_module, held_out, verbose=False)
+    assert tested["test/acc"] >= TARGET_ACCURACY, (tested, record["history"])
     if groups == 2:
-        # Validation ran on the server's parameters, and fit leaves them in the module: a test
-        # on every process (each on its shard, reduced) scores what the last validation did.
-        model = trainer.lightning_module
-        (tested,) = trainer.test(model, held_out, verbose=False)
+        # Validation ran on the server's parameters, not a stale copy: with 2 groups rank 0
+        # validates every few of the server's last updates, and scores what the test does.
         assert tested["test/acc"] == pytest.approx(record["history"][-1][1], abs=0.01)
 
 
