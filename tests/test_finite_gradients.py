@@ -273,28 +273,42 @@ def _squared_norm(model: nn.Module) -> float:
     return sum(float(p.grad.double().square().sum()) for p in model.parameters())
 
 
-def test_check_reads_the_squared_norm_of_hooked_and_large_gradients() -> None:
+def test_check_reads_the_squared_norm_of_every_dense_gradient_when_asked() -> None:
     model = _model()
     params = list(model.parameters())
     watch = GradientWatch()
     watch.watch(params)
     _backward(model)
     grads = [p.grad for p in params]
-    checked = finite_gradients.check_gradients([(params, grads, [])], watch)
+    checked = finite_gradients.check_gradients([(params, grads, [])], watch, norms=True)
     assert checked.nonfinite is None
     assert checked.grads == grads
-    # The hooked weight (131072 values) was summed in backward; the small ones were not read.
-    read = [s is not None for s in checked.squared_sums]
-    assert read == [p.numel() >= WATCH_MIN_ELEMENTS for p in params]
-    weight = checked.squared_sums[0]
-    assert weight is not None
-    torch.testing.assert_close(weight, grads[0].square().sum())
-    # Unwatched and past the fused check's size: read whole at the step, every one of them.
+    # The hooked weight (131072 values) was summed in backward, the three small gradients
+    # flattened together at the step: every one read, in two parts.
+    assert checked.read == [True] * len(grads)
+    hooked = float(grads[0].square().sum())
+    small = float(sum(g.square().sum() for g in grads[1:]))
+    parts = sorted(float(part) for part in checked.squared_norm_parts)
+    assert parts == pytest.approx(sorted([hooked, small]), rel=1e-5)
+    # Not asked: nothing is collected, and torch's fused check reads the small ones.
+    _backward(model)
+    checked = finite_gradients.check_gradients([(params, grads, [])], watch)
+    assert checked.read == [False] * len(grads)
+    assert checked.squared_norm_parts == []
+    # Unwatched and past the fused check's size: read whole at the step, one by one.
     big = [torch.randn(600, 1000), torch.randn(700, 1000)]
-    checked = finite_gradients.check_gradients([(big, big, [])])
-    assert all(s is not None for s in checked.squared_sums)
-    for grad, total in zip(big, checked.squared_sums, strict=True):
+    checked = finite_gradients.check_gradients([(big, big, [])], norms=True)
+    assert checked.read == [True, True]
+    for grad, total in zip(big, checked.squared_norm_parts, strict=True):
         torch.testing.assert_close(total, grad.square().sum())
+
+
+def test_a_nonfinite_small_gradient_fails_the_flattened_sum() -> None:
+    small = [torch.ones(10), torch.ones(3, 4)]
+    small[1][2, 3] = float("inf")
+    checked = finite_gradients.check_gradients([(small, small, [])], norms=True)
+    assert checked.nonfinite == (0, 1, torch.Size([3, 4]))
+    assert checked.squared_norm_parts == []
 
 
 @pytest.mark.parametrize("accumulate", [False, True])
@@ -317,21 +331,23 @@ def test_a_gradient_changed_after_its_sum_is_not_fed_the_stale_sum() -> None:
     fed = _fed_norms(opt)
     _backward(model)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)  # in place, after the hook
-    # Now under the fused check's size, unread: the first 4096 values of each gradient.
-    expected = sum(
-        float(p.grad.reshape(-1)[:4096].double().square().sum()) for p in model.parameters()
-    )
+    # Now under the fused check's size: read again at the step, whole.
+    expected = _squared_norm(model)
     opt.step(staleness=0)
     assert fed == [pytest.approx(expected, rel=1e-5)]
-    assert expected < 0.01**2  # clipped: the stale sum would be far above
+    assert expected == pytest.approx(0.01**2, rel=1e-3)  # clipped: the stale sum is far above
 
 
-def test_auto_rule_samples_the_gradients_the_check_did_not_read() -> None:
-    # 20000 values in all: under the fused check's size, no hook (min_elements above it).
-    weight = nn.Parameter(torch.zeros(5000, 4))
-    opt = AsyncMomentumSGD([weight], lr=1e-3, momentum=0.9, rule="auto")
+def test_auto_rule_is_fed_the_norm_of_a_sparse_gradient_with_repeated_indices() -> None:
+    embedding = nn.Embedding(100, 8, sparse=True)
+    opt = AsyncMomentumSGD(embedding.parameters(), lr=1e-3, momentum=0.0, rule="auto")
     fed = _fed_norms(opt)
-    weight.grad = torch.arange(20000.0).reshape(5000, 4) / 20000
+    embedding(torch.tensor([1, 2, 2, 2])).square().sum().backward()
+    grad = embedding.weight.grad
+    assert grad.is_sparse
+    assert not grad.is_coalesced()  # row 2 appears three times
+    dense = grad.to_dense()
     opt.step(staleness=0)
-    sample = weight.grad.reshape(-1)[:4096]
-    assert fed == [pytest.approx(float(sample.double().square().sum()), rel=1e-5)]
+    # The norm of the gradient, not the sum of its repeated entries' squares.
+    assert fed == [pytest.approx(float(dense.double().square().sum()), rel=1e-5)]
+    assert fed[0] != pytest.approx(float(grad._values().double().square().sum()), rel=1e-3)

@@ -44,6 +44,10 @@ class StepComponent:
 
     #: Key of this component's entry in the optimizer's state dict.
     name: str = "component"
+    #: Whether :meth:`before_update` reads the gradients' squared norms from the NaN check
+    #: (:attr:`~asyncmomentum.core.finite_gradients.GradientCheck.squared_norm_parts`), which
+    #: the check then collects.
+    reads_norms: bool = False
 
     def __init__(self, param_groups: ParamGroups, tracker: AsynchronyTracker) -> None:
         self.param_groups = param_groups
@@ -264,22 +268,24 @@ class GradientNormFeed(StepComponent):
     """Hands the tracker's rule the squared norm of the gradients about to be applied.
 
     For a rule with ``uses_gradient_norm`` (``rule="auto"``), before the update, every ``every``
-    updates. A gradient the step's NaN check read whole (hooked during backward, or large) counts
-    whole, at no cost: the check's sums are its squared norm. The others, too small for that to
-    pay, count with their first ``per_tensor`` entries, in one fused reduction. It keeps no
-    state of its own (the rule keeps what it makes of the norms).
+    updates. The step's NaN check reads the norms on the way (:attr:`reads_norms`): the sums of
+    the gradients hooked during backward and of large ones, and one sum of the small ones
+    flattened together, which costs what torch's fused check does. A gradient it did not read
+    (a sparse one, coalesced; one whose check was suspect) counts with its first ``per_tensor``
+    entries. It keeps no state of its own
+    (the rule keeps what it makes of the norms).
 
     Args:
         param_groups: the optimizer's parameter groups.
         tracker: the optimizer's tracker.
         every: updates between two feeds (>= 1).
         per_tensor: entries counted of each gradient the check did not read (>= 1): a fixed
-            sample, so that the cost stays small where a large gradient was not read (one
-            changed after backward, on a model the fused check covers whole); 4096 covers every
-            tensor of the sweep's problems.
+            sample, so that the cost stays small where a large one was not read; 4096 covers
+            every tensor of the sweep's problems.
     """
 
     name = "gradient_norm"
+    reads_norms = True
 
     def __init__(
         self,
@@ -303,10 +309,13 @@ class GradientNormFeed(StepComponent):
         if self._calls < self.every:
             return
         self._calls = 0
-        unread = [
-            g for g, read in zip(checked.grads, checked.squared_sums, strict=True) if read is None
-        ]
-        total = squared_norm(unread, self.per_tensor)
-        if len(unread) < len(checked.grads):
-            total += sum_on_host(s for s in checked.squared_sums if s is not None)
+        total = sum_on_host(checked.squared_norm_parts)
+        if not all(checked.read):
+            unread = [
+                # A sparse gradient's values may repeat an index: coalesced, they sum them.
+                g.coalesce().values() if g.is_sparse else g
+                for g, read in zip(checked.grads, checked.read, strict=True)
+                if not read
+            ]
+            total += squared_norm(unread, self.per_tensor)
         self.tracker.observe_gradient_norm(total)

@@ -14,7 +14,8 @@ value, so the verdict is exact.
 The sums are sums of *squares* (:func:`squared_sum`): as cheap as a plain sum (one read of the
 values), as good a check, and they are the squared norms of the gradients. A step that needs
 the gradients' norm (the auto rule's feed) reads it from the check (:class:`GradientCheck`)
-instead of reading the gradients a third time.
+instead of reading the gradients a third time; for such a step the small gradients are summed
+flattened together, in place of torch's fused check (one kernel either way).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._utils import _flatten_dense_tensors
 
 from asyncmomentum.core.update import group_by_device_and_dtype
 
@@ -91,14 +93,17 @@ class GradientCheck:
         nonfinite: ``(group index, index in the group, the parameter's shape)`` of the first
             non-finite gradient, or ``None``.
         grads: every gradient of the step, group after group.
-        squared_sums: for each of ``grads``, its squared norm as a 0-dim tensor where the check
-            read its values whole (a hooked gradient, or one read at the step beyond the fused
-            check's size), else ``None``.
+        read: for each of ``grads``, whether its squared norm is in ``squared_norm_parts``
+            (a hooked gradient, one read at the step beyond the fused check's size, and, when
+            the check was asked for norms, every other dense one).
+        squared_norm_parts: 0-dim tensors whose sum is the squared norm of the gradients
+            ``read`` marks (one per gradient, or one for several read together).
     """
 
     nonfinite: tuple[int, int, torch.Size] | None
     grads: list[Tensor]
-    squared_sums: list[Tensor | None]
+    read: list[bool]
+    squared_norm_parts: list[Tensor]
 
 
 def nonfinite_error(found: tuple[int, int, torch.Size], advice: str) -> NonFiniteGradientError:
@@ -251,13 +256,18 @@ def _one(device: torch.device) -> Tensor:
     return one
 
 
-def _all_finite(grads: list[Tensor], read: list[Tensor | None] | None = None) -> bool:
+def _all_finite(
+    grads: list[Tensor], read: list[bool] | None = None, parts: list[Tensor] | None = None
+) -> bool:
     """Whether no gradient holds NaN or inf (cheap; a ``False`` is confirmed by the caller).
 
     Args:
         grads: the gradients to check.
-        read: where given, gets (at the same positions) the squared norm of each dense gradient
-            this check read whole on the way: those beyond the fused check's size.
+        read: where given with ``parts``, set (at the same positions) for each dense gradient
+            whose squared norm this check added to ``parts``.
+        parts: where given, gets the squared norms of the dense gradients: the small ones
+            flattened into one tensor and summed (one kernel, as cheap as torch's fused check,
+            and a norm besides), the large ones one by one.
     """
     kinds = group_by_device_and_dtype(grads)
     for indices in kinds:
@@ -265,30 +275,62 @@ def _all_finite(grads: list[Tensor], read: list[Tensor | None] | None = None) ->
         sparse = any(map(_IS_SPARSE, same))
         if sparse:
             same = [g._values() if g.is_sparse else g for g in same]
-        device = same[0].device
-        if sum(map(Tensor.numel, same)) <= _FUSED_CHECK_MAX_ELEMENTS:
-            found = torch.zeros(1, device=device)
-            try:
-                # Multiplies by exactly 1 (a no-op on every value) and flags any non-finite one.
-                torch._amp_foreach_non_finite_check_and_unscale_(same, found, _one(device))
-            except (RuntimeError, NotImplementedError):  # a dtype or layout it lacks
-                pass
-            else:
-                if found.item() != 0:
-                    return False
-                continue
-        sums = [squared_sum(g) for g in same]
-        if not bool(torch.isfinite(torch.stack(sums)).all()):
+        # A sparse gradient's values may repeat an index: their sum is not its norm.
+        summing = parts if read is not None and not sparse else None
+        small = sum(map(Tensor.numel, same)) <= _FUSED_CHECK_MAX_ELEMENTS
+        finite, summed = (_small_finite if small else _summed_finite)(same, summing)
+        if not finite:
             return False
-        if read is not None and not sparse:  # a sparse gradient's values may repeat an index
-            for index, total in zip(indices, sums, strict=True):
-                read[index] = total
+        if summed and summing is not None and read is not None:
+            for index in indices:
+                read[index] = True
     return True
+
+
+def _small_finite(same: list[Tensor], parts: list[Tensor] | None) -> tuple[bool, bool]:
+    """Whether small gradients of one device and dtype are finite, and whether it summed them.
+
+    Args:
+        same: the gradients (dense, or a sparse one's values).
+        parts: where given, gets their squared norm, read flattened in one sum; else torch's
+            fused check reads them (no norm).
+    """
+    if parts is not None:
+        total = squared_sum(_flatten_dense_tensors(same))
+        if not bool(torch.isfinite(total)):
+            return False, False
+        parts.append(total)
+        return True, True
+    device = same[0].device
+    found = torch.zeros(1, device=device)
+    try:
+        # Multiplies by exactly 1 (a no-op on every value) and flags any non-finite one.
+        torch._amp_foreach_non_finite_check_and_unscale_(same, found, _one(device))
+    except (RuntimeError, NotImplementedError):  # a dtype or layout it lacks
+        return _summed_finite(same, None)
+    return found.item() == 0, False
+
+
+def _summed_finite(same: list[Tensor], parts: list[Tensor] | None) -> tuple[bool, bool]:
+    """Whether gradients of one device and dtype are finite, from a squared sum of each.
+
+    Args:
+        same: the gradients (dense, or a sparse one's values).
+        parts: where given, gets the sums (their squared norms).
+    """
+    sums = [squared_sum(g) for g in same]
+    if not bool(torch.isfinite(torch.stack(sums)).all()):
+        return False, False
+    if parts is not None:
+        parts.extend(sums)
+    return True, True
 
 
 def check_gradients(
     gathered: Sequence[tuple[list[Tensor], list[Tensor], list[Any]]],
     watch: GradientWatch | None = None,
+    *,
+    norms: bool = False,
 ) -> GradientCheck:
     """Whether a step's gradients are finite, and their squared norms where that read them.
 
@@ -299,49 +341,60 @@ def check_gradients(
         gathered: ``(params, grads, buffers)`` per parameter group, every param with its grad.
         watch: sums taken during backward, which answer for the gradients still as summed;
             settled when every gradient is found finite.
+        norms: collect the squared norms (:attr:`GradientCheck.squared_norm_parts`): those the
+            watch took and those the check reads, and read the small gradients' norm too.
     """
     grads = [g for _, group_grads, _ in gathered for g in group_grads]
     rest = grads if watch is None else watch.unverified(grads)
-    rest_read: list[Tensor | None] = [None] * len(rest)
+    rest_read = [False] * len(rest)
+    parts: list[Tensor] | None = [] if norms else None
     # Unwatched (no watch, or no gradient it answers for), or every pending sum finite.
     if (watch is None or len(rest) == len(grads) or watch.pending_finite()) and (
-        not rest or _all_finite(rest, rest_read)
+        not rest or _all_finite(rest, rest_read, parts)
     ):
         if watch is None or len(rest) == len(grads):
             read = rest_read
         else:
-            read = _with_watched(grads, rest, rest_read, watch)
+            read = _with_watched(grads, rest, rest_read, watch, parts)
         if watch is not None:
             watch.settle()
-        return GradientCheck(None, grads, read)
+        return GradientCheck(None, grads, read if norms else [False] * len(grads), parts or [])
     # A non-finite sum may come from finite values that overflow, or from a gradient since
     # discarded: confirm value by value.
+    unread = [False] * len(grads)
     for group_index, (params, group_grads, _) in enumerate(gathered):
         for index, g in enumerate(group_grads):
             values = g._values() if g.is_sparse else g
             if not bool(torch.isfinite(values).all()):
                 if watch is not None:
                     watch.forget(grads)
-                return GradientCheck(
-                    (group_index, index, params[index].shape), grads, [None] * len(grads)
-                )
+                return GradientCheck((group_index, index, params[index].shape), grads, unread, [])
     if watch is not None:
         watch.settle()
-    return GradientCheck(None, grads, [None] * len(grads))
+    return GradientCheck(None, grads, unread, [])
 
 
 def _with_watched(
-    grads: list[Tensor], rest: list[Tensor], rest_read: list[Tensor | None], watch: GradientWatch
-) -> list[Tensor | None]:
-    """Squared norms of ``grads``: ``rest_read`` for ``rest`` (in order), the watch's otherwise."""
-    read: list[Tensor | None] = []
+    grads: list[Tensor],
+    rest: list[Tensor],
+    rest_read: list[bool],
+    watch: GradientWatch,
+    parts: list[Tensor] | None,
+) -> list[bool]:
+    """Which of ``grads`` were read: ``rest_read`` for ``rest`` (in order), all the others.
+
+    The others are the watch's; their squared norms go to ``parts`` (when given).
+    """
+    read: list[bool] = []
     position = 0
     for grad in grads:
         if position < len(rest) and grad is rest[position]:
             read.append(rest_read[position])
             position += 1
         else:
-            read.append(watch.squared_sum_of(grad))
+            read.append(True)
+            if parts is not None:
+                parts.append(watch.squared_sum_of(grad))
     return read
 
 

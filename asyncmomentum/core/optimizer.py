@@ -516,7 +516,8 @@ class AsyncMomentumSGD(Optimizer):
         if not any(grads for _, grads, _ in gathered):
             return SKIPPED  # no gradient at all: nothing to apply, no update to count
         self._check_before_update(gathered)
-        checked = check_gradients(gathered, run.watch)
+        norms = any(component.reads_norms for component in run.components.values())
+        checked = check_gradients(gathered, run.watch, norms=norms)
         bad = checked.nonfinite
         if bad is not None:
             if run.nonfinite == "skip":

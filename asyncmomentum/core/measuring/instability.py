@@ -53,15 +53,15 @@ def squared_norm(tensors: Sequence[Tensor], per_tensor: int | None = None) -> fl
 
 
 def sum_on_host(values: Iterable[Tensor]) -> float:
-    """The sum of 0-dim tensors, possibly on several devices, as a Python float.
+    """The sum of 0-dim tensors, possibly on several devices and of several dtypes, as a float.
 
     Args:
         values: scalars (the squared norms of gradients).
     """
-    by_device: dict[torch.device, list[Tensor]] = {}
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for value in values:
-        by_device.setdefault(value.device, []).append(value)
-    return sum(float(torch.stack(same).sum()) for same in by_device.values())
+        by_kind.setdefault((value.device, value.dtype), []).append(value)
+    return sum(float(torch.stack(same).sum()) for same in by_kind.values())
 
 
 class GrowthDetector:
@@ -96,32 +96,40 @@ class GrowthDetector:
         """
         if not math.isfinite(value) or value < 0.0:
             return False
-        average, minimum, count, detections = self._state.tolist()
+        state = self._values()
+        average, minimum, count, detections = state.tolist()
         average = value if count == 0 else self.smoothing * average + (1 - self.smoothing) * value
         minimum = average if count == 0 else min(minimum * (1 + self.forgetting), average)
         grew = average > self.threshold * minimum and minimum > 0.0
         if grew:
             detections += 1
             minimum = average  # a persisting growth must grow by `threshold` again
-        self._state.copy_(
-            torch.tensor((average, minimum, count + 1, detections), dtype=torch.float64)
-        )
+        state[:] = (average, minimum, count + 1, detections)
         return grew
+
+    def _values(self) -> Any:
+        """The state as a NumPy view: what the tensor holds, written in place (shared or not).
+
+        Element reads and writes through it cost a fraction of the tensor's own (this runs at
+        every step); made anew each time, it always sees the tensor's current storage, which
+        :meth:`share_memory` moves.
+        """
+        return self._state.numpy()
 
     @property
     def average(self) -> float:
         """The exponential average of the signal now (0 before any observation)."""
-        return float(self._state[_AVERAGE])
+        return float(self._values()[_AVERAGE])
 
     @property
     def reference(self) -> float:
         """The level a growth is measured from: the running minimum, reset at each growth."""
-        return float(self._state[_MINIMUM])
+        return float(self._values()[_MINIMUM])
 
     @property
     def detections(self) -> int:
         """Growths reported so far (less those :meth:`dismiss` took back)."""
-        return int(self._state[_DETECTIONS])
+        return int(self._values()[_DETECTIONS])
 
     def dismiss(self) -> None:
         """Take back the growth :meth:`observe` just reported: the caller found it benign.
@@ -129,13 +137,14 @@ class GrowthDetector:
         It no longer counts in :attr:`detections`; the reference stays where the growth put it,
         so the same climb is not reported again until it grows ``threshold`` times more.
         """
-        if self._state[_DETECTIONS] > 0:
-            self._state[_DETECTIONS] -= 1
+        state = self._values()
+        if state[_DETECTIONS] > 0:
+            state[_DETECTIONS] -= 1
 
     @property
     def count(self) -> int:
         """Observations so far."""
-        return int(self._state[_COUNT])
+        return int(self._values()[_COUNT])
 
     def share_memory(self) -> GrowthDetector:
         """Put the state in shared memory (for Hogwild processes); returns self."""

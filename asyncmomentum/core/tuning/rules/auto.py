@@ -24,7 +24,7 @@ from asyncmomentum.core import formulas
 from asyncmomentum.core.measuring.instability import GrowthDetector
 from asyncmomentum.core.tuning.rules.base import TuningRule
 from asyncmomentum.core.tuning.rules.stability import StabilityRule
-from asyncmomentum.core.validation import check_int, check_real, check_state
+from asyncmomentum.core.validation import check_int, check_momentum, check_real, check_state
 
 __all__ = ["DEFAULT_EFFECTIVE_CURVATURE", "AutoRule"]
 
@@ -238,7 +238,7 @@ class AutoRule(TuningRule):
     @property
     def level(self) -> int:
         """The rung of the ladder of ``a``: 0 at the start, negative below (more momentum)."""
-        return int(self._ladder[0])
+        return int(self._ladder.numpy()[_LEVEL])
 
     @property
     def effective_a(self) -> float:
@@ -268,10 +268,11 @@ class AutoRule(TuningRule):
         Args:
             batch_size: the number of samples (>= 1).
         """
-        largest = float(self._ladder[_LARGEST_BATCH])
+        ladder = self._ladder.numpy()  # a view, written in place (see GrowthDetector._values)
+        largest = float(ladder[_LARGEST_BATCH])
         if batch_size > largest:  # written only when it grows: this runs every update
             largest = float(batch_size)
-            self._ladder[_LARGEST_BATCH] = largest
+            ladder[_LARGEST_BATCH] = largest
         self._short = batch_size < self.short_batch * largest
 
     def observe_gradient_norm(self, squared_norm: float) -> None:
@@ -285,7 +286,7 @@ class AutoRule(TuningRule):
             return
         # The slots before the largest batch, which only observe_batch_size writes (under
         # Hogwild another process may be raising it meanwhile).
-        ladder = self._ladder[:_LARGEST_BATCH]
+        ladder = self._ladder.numpy()[:_LARGEST_BATCH]
         level, quiet, peak, released, binding, lowered, loss_reference = ladder.tolist()
         detector = self.detector
         signal = self._without_spikes(squared_norm)
@@ -313,12 +314,7 @@ class AutoRule(TuningRule):
             lowest = self._lowest if warm else max(self._lowest, 0)
             if quiet >= wait and level > lowest:
                 level, quiet = level - 1, 0.0
-        ladder.copy_(
-            torch.tensor(
-                (level, quiet, max(peak, average), released, binding, lowered, loss_reference),
-                dtype=torch.float64,
-            )
-        )
+        ladder[:] = (level, quiet, max(peak, average), released, binding, lowered, loss_reference)
 
     def _observe_against_loss(
         self, signal: float, loss_reference: float, loss_fall: float
@@ -351,8 +347,9 @@ class AutoRule(TuningRule):
         if self.spike_window == 1 or not math.isfinite(squared_norm) or squared_norm < 0.0:
             return squared_norm
         seen = min(self.detector.count, self.spike_window - 1)
-        recent = self._recent.tolist()
-        self._recent.copy_(torch.tensor([*recent[1:], squared_norm], dtype=torch.float64))
+        view = self._recent.numpy()
+        recent = view.tolist()
+        view[:] = [*recent[1:], squared_norm]
         return min([squared_norm, *recent[len(recent) - seen :]])
 
     def _loss_average(self) -> float:
@@ -376,13 +373,12 @@ class AutoRule(TuningRule):
         """
         if self.loss_watch is None or not self.loss_watch.observe(loss):
             return
-        ladder = self._ladder.tolist()
+        ladder = self._ladder.numpy()
         if ladder[_BINDING]:
             ladder[_LOWERED] += self.floor_step
         else:
-            ladder[_LEVEL] = min(ladder[_LEVEL] + self.backoff, self._highest)
+            ladder[_LEVEL] = min(float(ladder[_LEVEL]) + self.backoff, self._highest)
             ladder[_QUIET] = 0.0
-        self._ladder.copy_(torch.tensor(ladder, dtype=torch.float64))
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -406,9 +402,11 @@ class AutoRule(TuningRule):
             # No delay in the window: the momentum the user tuned, as torch would run it (the
             # additive rule with no implicit momentum), and no bound to compute.
             return formulas.clip_momentum(formulas.additive_momentum(target, implicit), bounds)
-        self._bound.observe_curvature(self.effective_a)
-        bound = self._bound.algorithmic_momentum(target, implicit, lr=1.0, bounds=bounds)
-        if not self.floor_active:
+        target = check_momentum(target)
+        ladder = self._ladder.numpy()  # one view for this call's reads and its write
+        a = self.effective_curvature * self.step_ratio ** int(ladder[_LEVEL])
+        bound = self._bound.bound_at(a, target, bounds)
+        if ladder[_RELEASED]:
             return bound
         # The additive rule's momentum, at the larger of two estimates of the implicit momentum:
         # the optimizer's (a long average, which holds M = 1 through its warm-up) and the
@@ -416,15 +414,16 @@ class AutoRule(TuningRule):
         # the optimizer's alone would apply the target under full asynchrony.
         seen = formulas.implicit_momentum_from_staleness(self.histogram.mean)
         floor = formulas.clip_momentum(
-            formulas.additive_momentum(target, max(implicit, seen)) - self.floor_offset, bounds
+            formulas.additive_momentum(target, max(implicit, seen)) - float(ladder[_LOWERED]),
+            bounds,
         )
-        self._ladder[_BINDING] = float(floor > bound)
+        ladder[_BINDING] = float(floor > bound)
         return max(bound, floor)
 
     @property
     def floor_offset(self) -> float:
         """How far rises of the training loss have lowered the additive floor (0 at first)."""
-        return float(self._ladder[_LOWERED])
+        return float(self._ladder.numpy()[_LOWERED])
 
     @property
     def floor_active(self) -> bool:
@@ -434,7 +433,7 @@ class AutoRule(TuningRule):
         fraction of its peak, while the floor held the momentum above the bound, dropped it for
         the rest of the run. Rises of the loss lower the floor instead (:attr:`floor_offset`).
         """
-        return not self._ladder[_RELEASED]
+        return not self._ladder.numpy()[_RELEASED]
 
     # -- lifecycle ------------------------------------------------------------------------------
 

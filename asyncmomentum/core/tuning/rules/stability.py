@@ -171,17 +171,30 @@ class StabilityRule(TuningRule):
         lr = check_real(lr, "lr", minimum=0.0, allow_tensor=True)
         if not self.ready:
             return formulas.clip_momentum(formulas.additive_momentum(target, implicit), bounds)
-        low, high = bounds
+        return self.bound_at(lr * self._curvature, target, bounds)  # type: ignore[operator]
+
+    def bound_at(self, a: float, target: float, bounds: tuple[float, float]) -> float:
+        """The largest stable momentum at ``a``, capped by ``target``, for the histogram now.
+
+        Computed once per ``a`` (to about 1 %), target and bounds while the histogram holds
+        still (:meth:`algorithmic_momentum`'s cache). The inputs are not checked: this is the
+        per-step path of a caller that has (the auto rule); the rule must have observations.
+
+        Args:
+            a: ``lr * lambda`` (>= 0).
+            target: the cap, in (-1, 1).
+            bounds: ``(low, high)``, checked.
+        """
         self._refresh_pmf()
-        a = lr * self._curvature  # type: ignore[operator]
         key = (round(target, 9), _bucket(a), bounds)
-        if key not in self._cache:
+        cached = self._cache.get(key)
+        if cached is None:
             self.computations += 1
-            cap = min(target, high)
-            self._cache[key] = largest_stable_momentum(
+            low, high = bounds
+            cached = self._cache[key] = largest_stable_momentum(
                 a,
                 self._pmf,
-                cap=max(cap, low),
+                cap=max(min(target, high), low),
                 floor=low,
                 margin=self.margin,
                 curvature_margin=self.curvature_margin,
@@ -189,7 +202,7 @@ class StabilityRule(TuningRule):
                 tail_mass=0.0,  # the histogram's pmf is already truncated
                 grid_step=self.grid_step,
             )
-        return self._cache[key]
+        return cached
 
     def _refresh_pmf(self) -> None:
         """Re-read the histogram; drop the cache if it moved.
