@@ -248,7 +248,7 @@ def _spiky(spike_every: int, updates: int) -> list[float]:
 
 
 def test_one_batchs_spike_is_not_a_growth_but_a_growing_mode_is():
-    filtered, unfiltered = AutoRule(spike_window=2), AutoRule()
+    filtered, unfiltered = AutoRule(spike_window=2, forgive_after=0), AutoRule()
     for value in _spiky(43, 430):
         filtered.observe_gradient_norm(value)
         unfiltered.observe_gradient_norm(value)
@@ -258,7 +258,7 @@ def test_one_batchs_spike_is_not_a_growth_but_a_growing_mode_is():
     # A mode that grows raises every norm: seen one update later than without the filter.
     seen = {}
     for name, window in (("filtered", 2), ("unfiltered", 1)):
-        rule = AutoRule(spike_window=window)
+        rule = AutoRule(spike_window=window, forgive_after=0)
         for _ in range(20):
             rule.observe_gradient_norm(1.0)
         before = rule.detector.detections
@@ -310,18 +310,50 @@ def _growth_with_loss(rule: AutoRule, loss_factor: float, updates: int = 60) -> 
 
 
 def test_a_growth_while_the_loss_falls_is_learning_not_an_instability():
-    learning = AutoRule(loss_fall=0.1)
+    learning = AutoRule(forgive_after=0)
     _growth_with_loss(learning, 0.97)  # the loss falls 3 % per update: a plateau left behind
     assert learning.detector.detections == 0
     assert learning.level < 0  # the ladder walked on
-    flat = AutoRule(loss_fall=0.1)
+    flat = AutoRule(forgive_after=0)
     _growth_with_loss(flat, 1.0)  # the same climb with a flat loss is an instability
     assert flat.detector.detections >= 2
     assert flat.level > learning.level
-    # Without that check (the default, or without a loss) every growth counts.
-    unchecked = AutoRule()
+    # Without that check (or without a loss) every growth counts.
+    unchecked = AutoRule(loss_fall=None, forgive_after=0)
     _growth_with_loss(unchecked, 0.97)
     assert unchecked.detector.detections == flat.detector.detections
+
+
+def _quiet(rule: AutoRule, updates: int) -> None:
+    for _ in range(updates):
+        rule.observe_loss(2.0)
+        rule.observe_gradient_norm(1.0)
+
+
+def test_growths_are_forgiven_only_after_forgive_after_norms():
+    # The default (loss_fall 0.1 from the 100th norm): at the start of a run a climb counts
+    # even while the loss falls, as a run at its stable edge blows up within tens of updates.
+    early = AutoRule()
+    _growth_with_loss(early, 0.97)
+    assert early.detector.detections >= 2
+    # The same climb after 100 quiet norms is a network learning.
+    late = AutoRule()
+    _quiet(late, 100)
+    _growth_with_loss(late, 0.97)
+    assert late.detector.detections == 0
+    # ... and a flat loss still makes it an instability.
+    flat = AutoRule()
+    _quiet(flat, 100)
+    _growth_with_loss(flat, 1.0)
+    assert flat.detector.detections >= 2
+    # The spike filter waits as long: one batch's spike counts early, not later.
+    spiky = AutoRule(spike_window=2, forgive_after=50)
+    for value in [1.0] * 20 + [30.0] + [1.0] * 29:
+        spiky.observe_gradient_norm(value)
+    assert spiky.detector.detections == 1
+    for value in [1.0] * 20 + [30.0] + [1.0] * 29:
+        spiky.observe_gradient_norm(value)
+    assert spiky.detector.detections == 1
 
 
 def test_the_ladder_stops_at_max_curvature():
@@ -348,6 +380,7 @@ def test_the_ladder_stops_at_max_curvature():
         ({"floor_step": 0.0}, "floor_step"),
         ({"spike_window": 0}, "spike_window"),
         ({"loss_fall": 1.0}, "loss_fall"),
+        ({"forgive_after": -1}, "forgive_after"),
         ({"warmup": -1}, "warmup"),
         ({"short_batch": 1.5}, "short_batch"),
         ({"short_batch": -0.1}, "short_batch"),
@@ -618,7 +651,7 @@ class _BolderAutoRule(AutoRule):
     name = "auto_bolder_for_test"
 
     def __init__(self, **options):
-        super().__init__(**{"spike_window": 2, "loss_fall": 0.1, **options})
+        super().__init__(**{"spike_window": 2, "forgive_after": 0, **options})
 
 
 @pytest.mark.slow  # two GRU runs of 400 to 1400 updates: about 10 s

@@ -59,14 +59,16 @@ class AutoRule(TuningRule):
     gradients (handed over by :meth:`observe_gradient_norm`; the optimizer does it when the rule
     is on) grows ``threshold`` times past its running minimum, the signature of an unstable
     mode. Each counted growth doubles the wait before the next step down, at most
-    ``max_doublings`` times. Three options, off by default, make the ladder bolder on networks
-    whose gradient norm is noisy or climbs as they learn (a recurrent net: on the sweep's GRU
-    they halve the steps, and cost the short runs; ``docs/auto-rule.md``): the detector can read
-    the smallest of the last ``spike_window`` norms (an unstable mode raises them all; one
-    batch's outlier, such as an epoch's short last batch, raises one); a growth during which the
-    averaged training loss fell by more than ``loss_fall`` can be taken for a network leaving a
-    plateau and not counted; and for its first ``warmup`` updates the ladder can be kept on its
-    first rung (the staleness histogram and the loss have not seen the run yet). The additive
+    ``max_doublings`` times. A growth during which the averaged training loss fell by more than
+    ``loss_fall`` is a network leaving a plateau, not an instability, and does not count; but
+    only once the detector has read ``forgive_after`` norms: a run at its stable edge blows up
+    within tens of updates, before a loss average means much. Two options, off by default, make
+    the ladder bolder on networks whose gradient norm is noisy or climbs as they learn (a
+    recurrent net; they cost the short runs, ``docs/auto-rule.md``): the detector can read the
+    smallest of the last ``spike_window`` norms (an unstable mode raises them all; one batch's
+    outlier raises one), also from ``forgive_after`` on; and for its first ``warmup`` updates
+    the ladder can be kept on its first rung (the staleness histogram and the loss have not
+    seen the run yet). The additive
     rule is the floor of the result: the bound only ever adds momentum to it (the additive
     rule's implicit momentum is the larger of the optimizer's estimate and the histogram's ``1 -
     1/(1 + mean tau)``, so the optimizer's warm-up at ``M = 1`` does not put the target under
@@ -95,12 +97,14 @@ class AutoRule(TuningRule):
             :class:`~asyncmomentum.core.measuring.instability.GrowthDetector`.
         smoothing: weight of the past in that average, in [0, 1).
         forgetting: relative rise of the detector's reference per update (>= 0).
-        spike_window: the detector reads the smallest of this many latest squared norms (>= 1;
-            1, the default: each norm as it comes).
-        loss_fall: a growth of the gradient norm during which the averaged training loss fell
-            by more than this fraction (from when the growth's reference was set) does not
-            count, in [0, 1) (``None``, the default: every growth counts). Needs the loss
-            watch (``loss_rise``) and a caller that hands the loss.
+        spike_window: from ``forgive_after`` on, the detector reads the smallest of this many
+            latest squared norms (>= 1; 1, the default: each norm as it comes).
+        loss_fall: from ``forgive_after`` on, a growth of the gradient norm during which the
+            averaged training loss fell by more than this fraction (from when the growth's
+            reference was set) does not count, in [0, 1) (``None``: every growth counts).
+            Needs the loss watch (``loss_rise``) and a caller that hands the loss.
+        forgive_after: gradient norms the detector reads before ``spike_window`` and
+            ``loss_fall`` may forgive a growth (>= 0); before that, every growth counts.
         warmup: updates before the ladder may step below its first rung (>= 0; 0, the
             default: from the start).
         release_level: ``None`` (the default) keeps the additive floor for the whole run; a
@@ -123,7 +127,7 @@ class AutoRule(TuningRule):
 
     name: ClassVar[str] = "auto"
     stateful: ClassVar[bool] = True
-    revision: ClassVar[int] = 5
+    revision: ClassVar[int] = 6
     #: The optimizer hands this rule the applied gradients' squared norm before each update.
     uses_gradient_norm: ClassVar[bool] = True
     #: ... and the training loss of their batch, when its caller gives it (``step(loss=...)``,
@@ -147,7 +151,8 @@ class AutoRule(TuningRule):
         smoothing: float = 0.7,
         forgetting: float = 0.0,
         spike_window: int = 1,
-        loss_fall: float | None = None,
+        loss_fall: float | None = 0.1,
+        forgive_after: int = 100,
         warmup: int = 0,
         release_level: float | None = None,
         loss_rise: float | None = 3.0,
@@ -187,6 +192,7 @@ class AutoRule(TuningRule):
             else check_real(loss_fall, "loss_fall", minimum=0.0, maximum=1.0, max_inclusive=False)
         )
         self.warmup = check_int(warmup, "warmup", 0)
+        self.forgive_after = check_int(forgive_after, "forgive_after", 0)
         # The latest squared norms but the current one, oldest first (the spike filter's window).
         self._recent = torch.zeros(self.spike_window - 1, dtype=torch.float64)
         self.loss_rise = (
@@ -289,12 +295,15 @@ class AutoRule(TuningRule):
         ladder = self._ladder.numpy()[:_LARGEST_BATCH]
         level, quiet, peak, released, binding, lowered, loss_reference = ladder.tolist()
         detector = self.detector
-        signal = self._without_spikes(squared_norm)
+        # Before `forgive_after` norms every growth counts (the spike window still fills).
+        forgiving = detector.count >= self.forgive_after
+        filtered = self._without_spikes(squared_norm)
+        signal = filtered if forgiving else squared_norm
         if self.loss_fall is None:
             grew = detector.observe(signal)
         else:
             grew, loss_reference = self._observe_against_loss(
-                signal, loss_reference, self.loss_fall
+                signal, loss_reference, self.loss_fall if forgiving else None
             )
         average = detector.average
         if grew:
@@ -317,14 +326,15 @@ class AutoRule(TuningRule):
         ladder[:] = (level, quiet, max(peak, average), released, binding, lowered, loss_reference)
 
     def _observe_against_loss(
-        self, signal: float, loss_reference: float, loss_fall: float
+        self, signal: float, loss_reference: float, loss_fall: float | None
     ) -> tuple[bool, float]:
         """Feed the detector; a growth during which the loss fell ``loss_fall`` is dismissed.
 
         Args:
             signal: the (spike-filtered) squared norm.
             loss_reference: the loss average when the detector's reference was last set.
-            loss_fall: the rule's ``loss_fall``.
+            loss_fall: the rule's ``loss_fall``; ``None`` before ``forgive_after`` (the loss
+                reference is kept, and every growth counts).
 
         Returns:
             Whether an instability grew, and the loss reference now.
@@ -336,7 +346,7 @@ class AutoRule(TuningRule):
         if observed == 0 or detector.reference < reference:
             loss_reference = loss  # the level a growth is measured from was just set
         if grew:
-            if 0.0 < loss < (1.0 - loss_fall) * loss_reference:
+            if loss_fall is not None and 0.0 < loss < (1.0 - loss_fall) * loss_reference:
                 detector.dismiss()  # the loss fell meanwhile: a network learning, not unstable
                 grew = False
             loss_reference = loss
