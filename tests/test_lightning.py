@@ -249,15 +249,23 @@ def test_staleness_reaches_the_optimizer_with_a_gradient_scaler(digits_loader: D
     assert max(recorder.taus) > 0
 
 
+def _fit_auto(
+    tmp_path: Path, loader: DataLoader, callbacks: list[pl.Callback], max_steps: int
+) -> pl.Trainer:
+    """Fit the digits with ``AsyncMomentumSGD(rule="auto")`` under simulated staleness."""
+    auto = lambda params: AsyncMomentumSGD(params, lr=0.05, momentum=0.9, rule="auto")  # noqa: E731
+    pl.seed_everything(0, verbose=False)
+    stale = StaleGradients(workers=WORKERS, model="exponential", seed=0)
+    trainer = make_trainer(tmp_path, [stale, *callbacks], max_steps=max_steps)
+    trainer.fit(DigitsModule(auto), loader)
+    return trainer
+
+
 def test_lightning_hands_the_auto_rule_each_batchs_loss(
     tmp_path: Path, digits_loader: DataLoader
 ) -> None:
     # Lightning steps the optimizer with a closure: its loss reaches the rule's loss watch.
-    auto = lambda params: AsyncMomentumSGD(params, lr=0.05, momentum=0.9, rule="auto")  # noqa: E731
-    pl.seed_everything(0, verbose=False)
-    stale = StaleGradients(workers=WORKERS, model="exponential", seed=0)
-    trainer = make_trainer(tmp_path, [stale], max_steps=12)
-    trainer.fit(DigitsModule(auto), digits_loader)
+    trainer = _fit_auto(tmp_path, digits_loader, [], max_steps=12)
     watch = trainer.optimizers[0].rule.loss_watch
     assert watch.count == 12
     assert 0.5 < watch.average < 5.0  # the digits' cross-entropy, not a placeholder
@@ -269,20 +277,13 @@ def test_the_callback_hands_the_auto_rule_each_batchs_size(
     # 1,348 digits in batches of 32: the 43rd batch of each epoch holds 4. The callback counts
     # each batch's samples and hands them to the optimizer's rule, which does not read the
     # gradient norm of that short batch.
-    auto = lambda params: AsyncMomentumSGD(params, lr=0.05, momentum=0.9, rule="auto")  # noqa: E731
-    pl.seed_everything(0, verbose=False)
-    stale = StaleGradients(workers=WORKERS, model="exponential", seed=0)
     momentum = AsyncMomentumCallback(0.9, rule="auto", log=False)
-    trainer = make_trainer(tmp_path, [stale, momentum], max_steps=45)
-    trainer.fit(DigitsModule(auto), digits_loader)
+    trainer = _fit_auto(tmp_path, digits_loader, [momentum], max_steps=45)
     rule = trainer.optimizers[0].rule
     assert rule.state_dict()["ladder"][-1] == 32.0  # the largest batch it was handed
     assert rule.detector.count == 44  # 45 updates, the short batch's norm not read
     # Without the callback Lightning hands the optimizer no batch: every norm is read.
-    pl.seed_everything(0, verbose=False)
-    stale = StaleGradients(workers=WORKERS, model="exponential", seed=0)
-    trainer = make_trainer(tmp_path / "without", [stale], max_steps=45)
-    trainer.fit(DigitsModule(auto), digits_loader)
+    trainer = _fit_auto(tmp_path / "without", digits_loader, [], max_steps=45)
     assert trainer.optimizers[0].rule.detector.count == 45
 
 

@@ -352,13 +352,13 @@ def check_gradients(
     if (watch is None or len(rest) == len(grads) or watch.pending_finite()) and (
         not rest or _all_finite(rest, rest_read, parts)
     ):
-        if watch is None or len(rest) == len(grads):
-            read = rest_read
-        else:
-            read = _with_watched(grads, rest, rest_read, watch, parts)
         if watch is not None:
             watch.settle()
-        return GradientCheck(None, grads, read if norms else [False] * len(grads), parts or [])
+        if parts is None:  # nobody reads the norms: nothing to collect
+            return GradientCheck(None, grads, [False] * len(grads), [])
+        if watch is not None and len(rest) < len(grads):
+            rest_read = _with_watched(grads, rest, rest_read, watch, parts)
+        return GradientCheck(None, grads, rest_read, parts)
     # A non-finite sum may come from finite values that overflow, or from a gradient since
     # discarded: confirm value by value.
     unread = [False] * len(grads)
@@ -379,11 +379,11 @@ def _with_watched(
     rest: list[Tensor],
     rest_read: list[bool],
     watch: GradientWatch,
-    parts: list[Tensor] | None,
+    parts: list[Tensor],
 ) -> list[bool]:
     """Which of ``grads`` were read: ``rest_read`` for ``rest`` (in order), all the others.
 
-    The others are the watch's; their squared norms go to ``parts`` (when given).
+    The others are the watch's; their squared norms go to ``parts``.
     """
     read: list[bool] = []
     position = 0
@@ -393,8 +393,7 @@ def _with_watched(
             position += 1
         else:
             read.append(True)
-            if parts is not None:
-                parts.append(watch.squared_sum_of(grad))
+            parts.append(watch.squared_sum_of(grad))
     return read
 
 

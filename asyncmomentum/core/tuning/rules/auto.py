@@ -224,8 +224,8 @@ class AutoRule(TuningRule):
         # batch seen: 0 for none)
         self._ladder = torch.zeros(_SLOTS, dtype=torch.float64)
         self._last_delay: int | None = None  # the histogram's count at the last tau > 0
-        # The bound itself (its histogram, cache and checks): one source of truth. It is fed a
-        # "curvature" of `a` and a learning rate of 1, so that its `lr * lambda_max` is `a`.
+        # The bound itself (its histogram, cache and computation): one source of truth, asked
+        # at the ladder's `a` directly (`bound_at`).
         self._bound = StabilityRule(
             curvature_margin=0.0, window=window, max_staleness=max_staleness
         )
@@ -249,7 +249,11 @@ class AutoRule(TuningRule):
     @property
     def effective_a(self) -> float:
         """The ``a = lr * lambda_eff`` the bound is computed at now."""
-        return self.effective_curvature * self.step_ratio**self.level
+        return self._a_at(self.level)
+
+    def _a_at(self, level: int) -> float:
+        """The ``a`` of a rung of the ladder."""
+        return self.effective_curvature * self.step_ratio**level
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -414,8 +418,7 @@ class AutoRule(TuningRule):
             return formulas.clip_momentum(formulas.additive_momentum(target, implicit), bounds)
         target = check_momentum(target)
         ladder = self._ladder.numpy()  # one view for this call's reads and its write
-        a = self.effective_curvature * self.step_ratio ** int(ladder[_LEVEL])
-        bound = self._bound.bound_at(a, target, bounds)
+        bound = self._bound.bound_at(self._a_at(int(ladder[_LEVEL])), target, bounds)
         if ladder[_RELEASED]:
             return bound
         # The additive rule's momentum, at the larger of two estimates of the implicit momentum:
