@@ -58,6 +58,9 @@ def sum_on_host(values: Iterable[Tensor]) -> float:
     Args:
         values: scalars (the squared norms of gradients).
     """
+    values = list(values)
+    if values and all(v.device == values[0].device and v.dtype == values[0].dtype for v in values):
+        return float(torch.stack(values).sum())  # one kind, the usual case: one stack
     by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for value in values:
         by_kind.setdefault((value.device, value.dtype), []).append(value)

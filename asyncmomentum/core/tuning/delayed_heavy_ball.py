@@ -72,6 +72,8 @@ CRITERIA: tuple[Criterion, ...] = ("mean_square", "mean_field")
 # 2 pi / _FREQUENCIES (8e-4) from the circle and supports of up to ~1000 lags.
 _FREQUENCIES = 8192
 _MAX_FREQUENCIES = 1 << 17
+# Momenta per test of the scan after the cap (see _first_stable).
+_SCAN_CHUNK = 4
 
 
 # -- staleness distributions ----------------------------------------------------------------------
@@ -191,22 +193,27 @@ def _stability_at(
     radius: float | np.ndarray,
     criterion: Criterion,
     points: int | None = None,
+    circle: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Whether each momentum in ``mus`` gives a recursion that decays faster than ``radius^t``.
 
     ``"mean_field"``: every root of the characteristic polynomial lies inside ``|z| < radius``.
     ``"mean_square"``: that, and the second moment for independent delays decays faster than
     ``radius^(2t)`` (the staleness-noise gain on the circle is below 1). ``radius`` is one
-    number, or one per momentum.
+    number, or one per momentum. ``circle``: :func:`_circle` of ``pmf`` at that one radius,
+    when the caller tests many momenta at it in several calls (it depends on neither ``mu``
+    nor ``a``). Each momentum's verdict is computed on its own row, so it does not depend on
+    which others are tested with it.
     """
-    points = points or _points_for(pmf)
     mus = np.asarray(mus, dtype=np.float64)[:, None]
     radius = np.asarray(radius, dtype=np.float64)
     # One radius for every momentum (a scan, a bisection step): one circle, broadcast to the
     # rows, instead of one identical transform per row.
     rows = 1 if radius.ndim == 0 else mus.shape[0]
     radius = np.broadcast_to(radius, (rows,))[:, None]
-    u, transform, tail_weight = _circle(pmf, radius, points)
+    if circle is None:
+        circle = _circle(pmf, radius, points or _points_for(pmf))
+    u, transform, tail_weight = circle
     d = 1.0 - (1.0 + mus) * u + mus * u * u + a * u * transform
     magnitude = np.abs(d)
     # Winding number of D around 0 on the circle: zero iff no root of D inside |u| <= 1/radius,
@@ -340,19 +347,20 @@ def largest_stable_momentum(
     pmf = truncate_pmf(staleness_pmf, tail_mass)
     a_test = a * (1.0 + curvature_margin)
     radius = 1.0 - margin
+    # Every test below is on the one circle of this radius: its transform is taken once.
+    circle = _circle(pmf, np.array([[radius]]), _points_for(pmf))
 
     def stable(mus: np.ndarray) -> np.ndarray:
-        return _stability_at(mus, a_test, pmf, radius, criterion)
+        return _stability_at(mus, a_test, pmf, radius, criterion, circle=circle)
 
     steps = math.floor((cap - floor) / grid_step + 1e-9)
     grid = np.append(cap - grid_step * np.arange(steps + 1), floor)
     grid = grid[grid >= floor - 1e-12]
-    verdict = stable(grid)
-    if verdict[0]:
-        return cap
-    if not verdict.any():
+    index = _first_stable(grid, stable)  # the largest stable momentum of the grid
+    if index is None:
         return _least_unstable(grid, a_test, pmf, criterion)
-    index = int(np.argmax(verdict))  # the first stable one from the top: the largest
+    if index == 0:
+        return cap
     low, high = float(grid[index]), float(grid[index - 1])
     while high - low > tolerance:
         middle = 0.5 * (low + high)
@@ -363,17 +371,48 @@ def largest_stable_momentum(
     return low
 
 
+def _first_stable(grid: np.ndarray, stable: Any) -> int | None:
+    """The index of the first momentum of ``grid`` that ``stable`` passes (``None``: none).
+
+    Tested from the top in chunks, the cap alone first: the answer is often near the top, a
+    momentum costs about as much as the call around it, and the verdicts do not depend on the
+    chunking. A scan of the whole grid costs about 20 ms on a CPU core.
+    """
+    start, size = 0, 1
+    while start < grid.size:
+        verdict = stable(grid[start : start + size])
+        if verdict.any():
+            return start + int(np.argmax(verdict))
+        start, size = start + size, _SCAN_CHUNK
+    return None
+
+
 def _least_unstable(grid: np.ndarray, a: float, pmf: np.ndarray, criterion: Criterion) -> float:
-    """The momentum of ``grid`` with the smallest radius (bisection on all radii at once)."""
+    """The momentum of ``grid`` with the smallest radius (bisection on all radii at once).
+
+    A momentum whose radius is known to exceed another's (its lower end above the other's upper
+    end) cannot be the answer and leaves the bisection: after a few halvings only the close
+    contenders are still tested, each on its own row, so the answer is the one the bisection
+    of every momentum to the end gives.
+    """
     low = np.zeros(grid.size)
     high = np.ones(grid.size)
-    while not _stability_at(grid, a, pmf, high, criterion).all() and high[0] < 1e6:
+    # Double the radius until every momentum is stable on it (one radius for all, where the
+    # bisection starts); a momentum stable on a circle stays stable on the larger ones, so it
+    # is not tested again.
+    unstable = np.arange(grid.size)
+    while high[0] < 1e6:
+        unstable = unstable[~_stability_at(grid[unstable], a, pmf, high[0], criterion)]
+        if not unstable.size:
+            break
         high *= 2.0
+    contenders = np.arange(grid.size)
     for _ in range(30):
-        middle = 0.5 * (low + high)
-        verdict = _stability_at(grid, a, pmf, middle, criterion)
-        high = np.where(verdict, middle, high)
-        low = np.where(verdict, low, middle)
+        middle = 0.5 * (low[contenders] + high[contenders])
+        verdict = _stability_at(grid[contenders], a, pmf, middle, criterion)
+        high[contenders] = np.where(verdict, middle, high[contenders])
+        low[contenders] = np.where(verdict, low[contenders], middle)
+        contenders = contenders[low[contenders] <= high.min()]
     return float(grid[int(np.argmin(high))])
 
 
@@ -399,6 +438,7 @@ class StalenessHistogram:
         self._ring = np.zeros(window, dtype=np.int64)
         self._counts = np.zeros(max_staleness + 1, dtype=np.int64)
         self._observed = 0
+        self._total = 0  # the sum of the window's (capped) observations, kept for `mean`
 
     def observe(self, tau: int) -> None:
         """Count the staleness of one applied gradient.
@@ -409,9 +449,12 @@ class StalenessHistogram:
         value = min(check_staleness(tau), self.max_staleness)
         slot = self._observed % self.window
         if self._observed >= self.window:
-            self._counts[self._ring[slot]] -= 1
+            leaving = int(self._ring[slot])
+            self._counts[leaving] -= 1
+            self._total -= leaving
         self._ring[slot] = value
         self._counts[value] += 1
+        self._total += value
         self._observed += 1
 
     @property
@@ -429,7 +472,7 @@ class StalenessHistogram:
         """Mean staleness of the window (capped values count at the cap); 0 when empty."""
         if self.size == 0:
             return 0.0
-        return float(np.dot(np.arange(self._counts.size), self._counts) / self.size)
+        return self._total / self.size
 
     def pmf(self, tail_mass: float = DEFAULT_TAIL_MASS) -> np.ndarray | None:
         """Empirical ``P(tau = l)`` of the window, truncated by :func:`truncate_pmf`.
@@ -448,6 +491,7 @@ class StalenessHistogram:
         self._ring[:] = 0
         self._counts[:] = 0
         self._observed = 0
+        self._total = 0
 
     def state_dict(self) -> dict[str, Any]:
         """The observations of the window, oldest first, and the total count."""
@@ -478,6 +522,7 @@ class StalenessHistogram:
         # Put the kept observations where the ring's cursor (count % window) expects them.
         self._ring[(count - recent.size + np.arange(recent.size)) % self.window] = recent
         self._counts[:] = np.bincount(recent, minlength=self._counts.size)
+        self._total = int(recent.sum())
         self._observed = count
 
     def __repr__(self) -> str:
