@@ -180,6 +180,33 @@ def test_largest_stable_momentum_respects_cap_floor_and_margins():
 
 
 @pytest.mark.parametrize(
+    "pmf",
+    [workers(4).pmf(), geometric(1.0 - 1.0 / 16).pmf(), round_robin(8).pmf(), [0.2, 0.0, 0.8]],
+    ids=["queue4", "geometric16", "round_robin8", "gapped"],
+)
+@pytest.mark.parametrize("a", [0.02, 0.15, 0.6])
+def test_largest_stable_momentum_is_the_top_down_scan_then_bisection_of_is_stable(pmf, a):
+    # The definition, one momentum at a time with the public test: the first stable momentum
+    # of the grid from the cap down, then the gap above it bisected; with none stable, the
+    # momentum of the grid with the smallest mean-square radius.
+    cap, floor, step = 0.9, -0.9, 0.15  # a coarse grid: the reference is slow
+    grid = [cap - step * k for k in range(int((cap - floor) / step + 1e-9) + 1)]
+    stable = [is_stable(mu, a, pmf, tail_mass=0.0) for mu in grid]
+    answer = largest_stable_momentum(a, pmf, cap=cap, floor=floor, tail_mass=0.0, grid_step=step)
+    if not any(stable):
+        radii = [mean_square_radius(mu, a, pmf, tail_mass=0.0) for mu in grid]
+        assert mean_square_radius(answer, a, pmf, tail_mass=0.0) <= min(radii) + 1e-6
+        return
+    first = stable.index(True)
+    if first == 0:
+        assert answer == cap
+        return
+    assert grid[first] <= answer < grid[first - 1]
+    assert is_stable(answer, a, pmf, tail_mass=0.0)
+    assert not is_stable(answer + 1e-3, a, pmf, tail_mass=0.0)
+
+
+@pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"a": -0.1}, "a = lr"),
@@ -225,6 +252,9 @@ def test_histogram_is_windowed_and_capped():
     assert histogram.count == 7
     assert histogram.pmf(0.0).tolist() == pytest.approx([0.25, 0, 0, 0.5, 0, 0, 0, 0, 0, 0, 0.25])
     assert histogram.mean == pytest.approx((0 + 3 + 3 + 10) / 4)
+    restored = StalenessHistogram(window=4, max_staleness=10)
+    restored.load_state_dict(histogram.state_dict())
+    assert restored.mean == histogram.mean
     with pytest.raises(ValueError, match="non-negative integer"):
         histogram.observe(-1)
     with pytest.raises(ValueError, match="window"):
