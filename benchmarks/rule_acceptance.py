@@ -14,6 +14,17 @@ These are the terms of issue 20's acceptance (``docs/auto-rule.md``). No run is 
 
     asyncmomentum sweep --seeds 3 --rules additive,auto --no-meter --out /tmp/full3
     python benchmarks/rule_acceptance.py /tmp/full3/summary.json --rule auto
+
+The grid is most of a full sweep's cost (11 momenta per cell). To judge a new revision of a rule
+without it, run the rules alone (``--momenta 0.9`` keeps only the baseline) and take the oracle
+of each cell from a recorded full sweep's table, the one this repository keeps:
+
+    asyncmomentum sweep --seeds 3 --rules additive,auto --momenta 0.9 --no-meter --out /tmp/r
+    python benchmarks/rule_acceptance.py /tmp/r/summary.json --oracle docs/sweep-full-auto-table.md
+
+The runs are deterministic for a machine, not across machines: the table's grid may have been
+run on another CPU, whose floating-point sums differ in the last bits (2026-12-07: 4 of 96
+cells of fixed 0.9 needed 3-10 % more or fewer steps on an AMD EPYC core than in that table).
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,6 +86,54 @@ def report(cells: Sequence[Cell], rule: str, tolerance: float) -> list[str]:
     return lines
 
 
+def oracle_from_table(path: Path) -> dict[tuple[str, str, int], float | None]:
+    """Each cell's oracle steps from a full sweep's table (``docs/sweep-full-auto-table.md``).
+
+    Args:
+        path: the table: a section ``### <problem>: ...`` per problem, whose rows start
+            ``| <staleness> | <M> | <oracle momentum> | <within 10 %> | <oracle steps> |``
+            (``-`` where the grid has no oracle).
+    """
+    oracle: dict[tuple[str, str, int], float | None] = {}
+    problem = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        heading = re.match(r"### (\w+): ", line)
+        if heading or line.startswith("### "):
+            problem = heading.group(1) if heading else None
+            continue
+        fields = [field.strip() for field in line.strip().strip("|").split("|")]
+        if problem is None or len(fields) < 5 or not fields[1].isdigit():
+            continue
+        steps = fields[4]
+        oracle[(problem, fields[0], int(fields[1]))] = None if steps == "-" else float(steps)
+    if not oracle:
+        raise ValueError(f"{path}: no cell found (is it a full sweep's table?)")
+    return oracle
+
+
+def with_oracle_from(
+    cells: list[Cell], oracle: dict[tuple[str, str, int], float | None]
+) -> list[Cell]:
+    """``cells`` with the oracle steps (and every method's ratio) of a recorded table.
+
+    Args:
+        cells: cells of a ``summary.json``; those the table lacks are dropped.
+        oracle: :func:`oracle_from_table`'s answer.
+    """
+    out = []
+    for cell in cells:
+        key = (cell["problem"], cell["staleness"], cell["workers"])
+        if key not in oracle:
+            continue
+        steps = oracle[key]
+        methods = {
+            name: {**stats, "ratio": None if steps is None else stats["steps"] / steps}
+            for name, stats in cell["methods"].items()
+        }
+        out.append({**cell, "oracle_steps": steps, "methods": methods})
+    return out
+
+
 def _geomean(values: Sequence[float]) -> float:
     return math.exp(sum(map(math.log, values)) / len(values))
 
@@ -84,9 +144,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("summary", type=Path, help="a sweep's summary.json")
     parser.add_argument("--rule", default="auto", help="the rule's label (default: auto)")
     parser.add_argument("--tolerance", type=float, default=1.1)
+    parser.add_argument(
+        "--oracle",
+        type=Path,
+        help="take the oracle from this full sweep's table instead (a sweep run without the grid)",
+    )
     args = parser.parse_args(argv)
     cells = json.loads(args.summary.read_text(encoding="utf-8"))["cells"]
     cells = [c for c in cells if args.rule in c["methods"] and "additive" in c["methods"]]
+    if args.oracle is not None:
+        cells = with_oracle_from(cells, oracle_from_table(args.oracle))
+    if not cells:
+        parser.error(f"no cell of {args.summary} has runs of both {args.rule!r} and 'additive'")
     subsets: list[tuple[str, Callable[[Cell], bool]]] = [
         ("all", lambda c: True),
         ("design half", is_design),

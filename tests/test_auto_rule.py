@@ -248,7 +248,7 @@ def _spiky(spike_every: int, updates: int) -> list[float]:
 
 
 def test_one_batchs_spike_is_not_a_growth_but_a_growing_mode_is():
-    filtered, unfiltered = AutoRule(spike_window=2, forgive_after=0), AutoRule()
+    filtered, unfiltered = AutoRule(spike_window=2, forgive_after=0), AutoRule(spike_clip=None)
     for value in _spiky(43, 430):
         filtered.observe_gradient_norm(value)
         unfiltered.observe_gradient_norm(value)
@@ -271,7 +271,9 @@ def test_one_batchs_spike_is_not_a_growth_but_a_growing_mode_is():
 
 
 def test_the_norm_of_a_short_batch_is_not_read_but_a_full_batchs_spike_is():
-    told, untold, every = AutoRule(), AutoRule(), AutoRule(short_batch=0.0)
+    # Without the clip of outliers, which would hide most of the spikes from the 100th norm on.
+    told, untold = AutoRule(spike_clip=None), AutoRule(spike_clip=None)
+    every = AutoRule(short_batch=0.0, spike_clip=None)
     for value in _spiky(43, 430):
         size = 4 if value > 1.0 else 32  # the spikes are the epochs' short last batches
         for rule in (told, every):
@@ -356,6 +358,37 @@ def test_growths_are_forgiven_only_after_forgive_after_norms():
     assert spiky.detector.detections == 1
 
 
+def test_from_forgive_after_one_batchs_outlier_is_clipped_but_a_growing_mode_is_read_whole():
+    # Early, a 30x batch counts as a growth: a run at its edge blows up within tens of updates.
+    early = AutoRule()
+    _quiet(early, 20)
+    early.observe_gradient_norm(30.0)
+    assert early.detector.detections == 1
+    # After 100 norms it is read as 3x the average, and the flat loss does not forgive it: with
+    # the clip it is no growth, without it one.
+    clipped, unclipped = AutoRule(), AutoRule(spike_clip=None)
+    for rule in (clipped, unclipped):
+        _quiet(rule, 100)
+        rule.observe_loss(2.0)
+        rule.observe_gradient_norm(30.0)
+        _quiet(rule, 20)
+    assert clipped.detector.detections == 0
+    assert unclipped.detector.detections == 1
+    assert clipped.level < unclipped.level
+    # A mode that grows 1.3x per update is seen on the same update with or without the clip.
+    seen = {}
+    for name, clip in (("clipped", 3.0), ("unclipped", None)):
+        rule = AutoRule(spike_clip=clip)
+        _quiet(rule, 100)
+        for step in range(1, 40):
+            rule.observe_loss(2.0)
+            rule.observe_gradient_norm(1.3**step)
+            if rule.detector.detections:
+                seen[name] = step
+                break
+    assert seen["clipped"] == seen["unclipped"]
+
+
 def test_the_ladder_stops_at_max_curvature():
     rule = AutoRule(effective_curvature=0.3, max_curvature=0.5, backoff=2)
     value = 1.0
@@ -381,6 +414,8 @@ def test_the_ladder_stops_at_max_curvature():
         ({"spike_window": 0}, "spike_window"),
         ({"loss_fall": 1.0}, "loss_fall"),
         ({"forgive_after": -1}, "forgive_after"),
+        ({"spike_clip": 1.0}, "spike_clip"),
+        ({"spike_clip": float("nan")}, "spike_clip"),
         ({"warmup": -1}, "warmup"),
         ({"short_batch": 1.5}, "short_batch"),
         ({"short_batch": -0.1}, "short_batch"),

@@ -136,3 +136,63 @@ def test_charlm_edge_hands_the_momentum_over_at_the_update_asked(monkeypatch):
             assert momenta[1] == momenta[2] != -0.9
         for rule in (late, early, plain):
             rule.observe(3)  # the update is applied, three updates stale
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(
+        f"benchmark_script_{name}", SCRIPTS / f"{name}.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_rule_acceptance_takes_each_cells_oracle_from_a_recorded_table(tmp_path):
+    acceptance = _script("rule_acceptance")
+    table = tmp_path / "table.md"
+    table.write_text(
+        "### quadratic: lr 0.25, cap 1000 steps\n\n"
+        "| staleness | M | oracle mom. | within 10% | oracle steps | fixed 0.9 |\n"
+        "|---|---|---|---|---|---|\n"
+        "| geometric | 2 | 0.8 | 0.8 | 110 | div (>=9.09) |\n"
+        "| round_robin | 16 | none | - | - | div |\n\n"
+        "### Oracle momentum against M\n\n"
+        "| quadratic | geometric | 1: 0.9 | -0.97 |\n",
+        encoding="utf-8",
+    )
+    oracle = acceptance.oracle_from_table(table)
+    assert oracle == {("quadratic", "geometric", 2): 110.0, ("quadratic", "round_robin", 16): None}
+    stats = {"steps": 220.0, "ratio": 0.5, "converged": True, "diverged_runs": 0}
+    cells = [
+        {
+            "problem": p,
+            "staleness": s,
+            "workers": m,
+            "oracle_steps": 440.0,
+            "methods": {"auto": stats},
+        }
+        for p, s, m in (
+            ("quadratic", "geometric", 2),
+            ("quadratic", "round_robin", 16),
+            ("gru", "geometric", 2),
+        )
+    ]
+    judged = acceptance.with_oracle_from(cells, oracle)
+    assert [c["workers"] for c in judged] == [2, 16]  # a cell the table lacks is left out
+    assert judged[0]["oracle_steps"] == 110.0
+    assert judged[0]["methods"]["auto"]["ratio"] == 2.0
+    assert judged[1]["methods"]["auto"]["ratio"] is None
+    # The repository's own table reads, every problem of the sweep in it.
+    recorded = acceptance.oracle_from_table(SCRIPTS.parent / "docs" / "sweep-full-auto-table.md")
+    assert {problem for problem, _, _ in recorded} == {
+        "quadratic",
+        "softmax",
+        "cnn",
+        "resnet",
+        "charlm",
+        "gru",
+    }
+    empty = tmp_path / "empty.md"
+    empty.write_text("# nothing here\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no cell"):
+        acceptance.oracle_from_table(empty)

@@ -62,7 +62,12 @@ class AutoRule(TuningRule):
     ``max_doublings`` times. A growth during which the averaged training loss fell by more than
     ``loss_fall`` is a network leaving a plateau, not an instability, and does not count; but
     only once the detector has read ``forgive_after`` norms: a run at its stable edge blows up
-    within tens of updates, before a loss average means much. Two options, off by default, make
+    within tens of updates, before a loss average means much. From then on, too, the detector
+    reads a squared norm as at most ``spike_clip`` times its average: a network's gradient
+    norm is heavy-tailed (a recurrent net's single batches reach 10-40 times the median), and
+    one such batch then raises the average by a bounded factor instead of passing for a
+    growth, while an unstable mode, which raises the norm by far less than that per update,
+    is read unchanged. Two options, off by default, make
     the ladder bolder on networks whose gradient norm is noisy or climbs as they learn (a
     recurrent net; they cost the short runs, ``docs/auto-rule.md``): the detector can read the
     smallest of the last ``spike_window`` norms (an unstable mode raises them all; one batch's
@@ -103,8 +108,13 @@ class AutoRule(TuningRule):
             averaged training loss fell by more than this fraction (from when the growth's
             reference was set) does not count, in [0, 1) (``None``: every growth counts).
             Needs the loss watch (``loss_rise``) and a caller that hands the loss.
-        forgive_after: gradient norms the detector reads before ``spike_window`` and
-            ``loss_fall`` may forgive a growth (>= 0); before that, every growth counts.
+        forgive_after: gradient norms the detector reads before ``spike_window``,
+            ``loss_fall`` and ``spike_clip`` may forgive a growth (>= 0); before that, every
+            growth counts.
+        spike_clip: from ``forgive_after`` on, a squared norm is read as at most this times
+            the detector's average (> 1; ``None``: as it comes). With the detector's smoothing
+            of 0.7, one batch raises the average by at most ``0.7 + 0.3 * spike_clip`` (1.6x
+            at 3).
         warmup: updates before the ladder may step below its first rung (>= 0; 0, the
             default: from the start).
         release_level: ``None`` (the default) keeps the additive floor for the whole run; a
@@ -127,7 +137,7 @@ class AutoRule(TuningRule):
 
     name: ClassVar[str] = "auto"
     stateful: ClassVar[bool] = True
-    revision: ClassVar[int] = 6
+    revision: ClassVar[int] = 7
     #: The optimizer hands this rule the applied gradients' squared norm before each update.
     uses_gradient_norm: ClassVar[bool] = True
     #: ... and the training loss of their batch, when its caller gives it (``step(loss=...)``,
@@ -153,6 +163,7 @@ class AutoRule(TuningRule):
         spike_window: int = 1,
         loss_fall: float | None = 0.1,
         forgive_after: int = 100,
+        spike_clip: float | None = 3.0,
         warmup: int = 0,
         release_level: float | None = None,
         loss_rise: float | None = 3.0,
@@ -193,6 +204,11 @@ class AutoRule(TuningRule):
         )
         self.warmup = check_int(warmup, "warmup", 0)
         self.forgive_after = check_int(forgive_after, "forgive_after", 0)
+        self.spike_clip = (
+            None
+            if spike_clip is None
+            else check_real(spike_clip, "spike_clip", minimum=1.0, min_inclusive=False)
+        )
         # The latest squared norms but the current one, oldest first (the spike filter's window).
         self._recent = torch.zeros(self.spike_window - 1, dtype=torch.float64)
         self.loss_rise = (
@@ -303,6 +319,10 @@ class AutoRule(TuningRule):
         forgiving = detector.count >= self.forgive_after
         filtered = self._without_spikes(squared_norm)
         signal = filtered if forgiving else squared_norm
+        if forgiving and self.spike_clip is not None and detector.count and math.isfinite(signal):
+            # One batch's outlier moves the average by a bounded factor; an unstable mode grows
+            # the norm far slower than that per update, so its growth is read as it is.
+            signal = min(signal, self.spike_clip * detector.average)
         if self.loss_fall is None:
             grew = detector.observe(signal)
         else:

@@ -52,8 +52,9 @@ class StabilityRule(TuningRule):
     counts (1, 2, 4, ... observations: at start-up it changes fast, and the first delays are
     short because every worker starts from version 0) and then every ``refresh`` observations;
     the cache is dropped when the total-variation distance of its pmf from the one last used
-    exceeds ``pmf_tolerance``. A cached answer costs a few microseconds; a new one 20-30
-    milliseconds (see ``docs/stability-rule.md``).
+    exceeds ``pmf_tolerance``. A cached answer costs a few microseconds; a new one 1-25
+    milliseconds where a momentum of the grid is stable (less the nearer the cap it is),
+    70-330 where none is (see ``docs/stability-rule.md``).
 
     It speaks from ``min_observations`` observations on (by default the first: at start-up the
     staleness grows by one per update, and a warm-up spent at the target momentum is what made
