@@ -398,8 +398,8 @@ def _least_unstable(grid: np.ndarray, a: float, pmf: np.ndarray, criterion: Crit
     low = np.zeros(grid.size)
     high = np.ones(grid.size)
     # Double the radius until every momentum is stable on it (one radius for all, where the
-    # bisection starts); a momentum stable on a circle stays stable on the larger ones, so it
-    # is not tested again.
+    # bisection starts). A momentum stable on a circle is not tested on the larger ones: that
+    # it stays stable there is the premise of the bisection on the radius itself.
     unstable = np.arange(grid.size)
     while high[0] < 1e6:
         unstable = unstable[~_stability_at(grid[unstable], a, pmf, high[0], criterion)]

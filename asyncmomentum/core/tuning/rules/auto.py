@@ -112,9 +112,9 @@ class AutoRule(TuningRule):
             ``loss_fall`` and ``spike_clip`` may forgive a growth (>= 0); before that, every
             growth counts.
         spike_clip: from ``forgive_after`` on, a squared norm is read as at most this times
-            the detector's average (> 1; ``None``: as it comes). With the detector's smoothing
-            of 0.7, one batch raises the average by at most ``0.7 + 0.3 * spike_clip`` (1.6x
-            at 3).
+            the detector's average (> 1; ``None``: as it comes). One batch then raises the
+            average by at most ``smoothing + (1 - smoothing) * spike_clip`` (1.6x with the
+            defaults).
         warmup: updates before the ladder may step below its first rung (>= 0; 0, the
             default: from the start).
         release_level: ``None`` (the default) keeps the additive floor for the whole run; a
