@@ -82,13 +82,19 @@ def test_bench_runs_exactly_the_benchmark_modules_of_the_package():
         assert bench.bench_command(name, quick=True)[:3] == [sys.executable, "-m", module.__name__]
 
 
-@pytest.mark.parametrize("name", sorted(bench.BENCHMARKS))
-def test_each_script_is_a_thin_caller_of_the_package_module(name: str):
+def _script(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (its ``__main__`` guard keeps it idle)."""
     spec = importlib.util.spec_from_file_location(
         f"benchmark_script_{name}", SCRIPTS / f"{name}.py"
     )
     script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)  # the __main__ guard keeps it from running
+    spec.loader.exec_module(script)
+    return script
+
+
+@pytest.mark.parametrize("name", sorted(bench.BENCHMARKS))
+def test_each_script_is_a_thin_caller_of_the_package_module(name: str):
+    script = _script(name)
     assert script.main is importlib.import_module(f"{benchmarks.__name__}.{name}").main
 
 
@@ -119,9 +125,7 @@ def test_charlm_edge_hands_the_momentum_over_at_the_update_asked(monkeypatch):
 
     # The script registers its rules: in a copy of the registry, which the test then drops.
     monkeypatch.setattr(rules, "RULES", dict(rules.RULES))
-    spec = importlib.util.spec_from_file_location("charlm_edge", SCRIPTS / "charlm_edge.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("charlm_edge")
     RULES = rules.RULES
     late = RULES[script.handing_over(-0.9, 4, oracle_first=False)]()
     early = RULES[script.handing_over(-0.9, 4, oracle_first=True)]()
@@ -136,15 +140,6 @@ def test_charlm_edge_hands_the_momentum_over_at_the_update_asked(monkeypatch):
             assert momenta[1] == momenta[2] != -0.9
         for rule in (late, early, plain):
             rule.observe(3)  # the update is applied, three updates stale
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"benchmark_script_{name}", SCRIPTS / f"{name}.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
 
 
 def test_rule_acceptance_takes_each_cells_oracle_from_a_recorded_table(tmp_path):

@@ -316,10 +316,11 @@ class AutoRule(TuningRule):
         level, quiet, peak, released, binding, lowered, loss_reference = ladder.tolist()
         detector = self.detector
         # Before `forgive_after` norms every growth counts (the spike window still fills).
-        forgiving = detector.count >= self.forgive_after
+        count = detector.count  # read once: each read of the detector's state makes a view
+        forgiving = count >= self.forgive_after
         filtered = self._without_spikes(squared_norm)
         signal = filtered if forgiving else squared_norm
-        if forgiving and self.spike_clip is not None and detector.count and math.isfinite(signal):
+        if forgiving and self.spike_clip is not None and count and math.isfinite(signal):
             # One batch's outlier moves the average by a bounded factor; an unstable mode grows
             # the norm far slower than that per update, so its growth is read as it is.
             signal = min(signal, self.spike_clip * detector.average)
