@@ -11,7 +11,7 @@ from conftest import make_cnn
 
 from asyncmomentum.applications.sweep.runs import RunResult, RunSpec, run_one
 from asyncmomentum.core import formulas
-from asyncmomentum.core.measuring.instability import GrowthDetector, squared_norm
+from asyncmomentum.core.measuring.instability import GrowthDetector, squared_norm, sum_on_host
 from asyncmomentum.core.optimizer import AsyncMomentumSGD
 from asyncmomentum.core.tuning.delayed_heavy_ball import largest_stable_momentum
 from asyncmomentum.core.tuning.rules import AutoRule, make_rule
@@ -62,6 +62,25 @@ def test_squared_norm_is_the_sum_of_squares_of_all_tensors():
     assert squared_norm([]) == 0.0
     # A fixed sample: the first entries of each tensor.
     assert squared_norm([torch.full((10,), 2.0), torch.ones(3, 3)], per_tensor=4) == 16.0 + 4.0
+
+
+def test_sum_on_host_adds_scalars_of_every_dtype_at_least_as_precisely_as_each_alone():
+    assert sum_on_host([]) == 0.0
+    # 2049 is not a float16: summed alone in float16 it would round to 2048.
+    values = [torch.tensor(2048.0, dtype=torch.float16), torch.tensor(1.0, dtype=torch.float16)]
+    values += [torch.tensor(0.25), torch.tensor(1e-3, dtype=torch.float64)]
+    assert sum_on_host(values) == pytest.approx(2049.251, rel=1e-12)
+    assert sum_on_host(iter([torch.tensor(1.5), torch.tensor(2.0)])) == 3.5
+
+
+def test_read_is_the_properties_in_one():
+    detector = GrowthDetector(threshold=2.0)
+    assert detector.read() == (0.0, 0.0, 0, 0)
+    for value in (1.0, 1.0, 30.0, 30.0):
+        detector.observe(value)
+    read = detector.read()
+    assert read == (detector.average, detector.reference, detector.count, detector.detections)
+    assert read[2:] == (4, 1)
 
 
 def test_detector_state_round_trips_and_a_corrupt_one_changes_nothing():

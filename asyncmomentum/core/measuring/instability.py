@@ -59,8 +59,14 @@ def sum_on_host(values: Iterable[Tensor]) -> float:
         values: scalars (the squared norms of gradients).
     """
     values = list(values)
-    if values and all(v.device == values[0].device and v.dtype == values[0].dtype for v in values):
-        return float(torch.stack(values).sum())  # one kind, the usual case: one stack
+    if not values:
+        return 0.0
+    try:
+        # One stack, the usual case (one device; several dtypes are promoted to the widest,
+        # which sums them at least as precisely as by kind). Cheaper than asking each value.
+        return float(torch.stack(values).sum())
+    except RuntimeError:  # several devices
+        pass
     by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for value in values:
         by_kind.setdefault((value.device, value.dtype), []).append(value)
@@ -109,6 +115,15 @@ class GrowthDetector:
             minimum = average  # a persisting growth must grow by `threshold` again
         state[:] = (average, minimum, count + 1, detections)
         return grew
+
+    def read(self) -> tuple[float, float, int, int]:
+        """``(average, reference, count, detections)`` in one read of the state.
+
+        What :attr:`average`, :attr:`reference`, :attr:`count` and :attr:`detections` return,
+        for a caller that needs several of them at every step (each property reads the state).
+        """
+        average, minimum, count, detections = self._values().tolist()
+        return average, minimum, int(count), int(detections)
 
     def _values(self) -> Any:
         """The state as a NumPy view: what the tensor holds, written in place (shared or not).

@@ -315,22 +315,23 @@ class AutoRule(TuningRule):
         ladder = self._ladder.numpy()[:_LARGEST_BATCH]
         level, quiet, peak, released, binding, lowered, loss_reference = ladder.tolist()
         detector = self.detector
+        # Read once before and once after: each read of the detector's state makes a view.
+        average, reference, count, _ = detector.read()
         # Before `forgive_after` norms every growth counts (the spike window still fills).
-        count = detector.count  # read once: each read of the detector's state makes a view
         forgiving = count >= self.forgive_after
         filtered = self._without_spikes(squared_norm)
         signal = filtered if forgiving else squared_norm
         if forgiving and self.spike_clip is not None and count and math.isfinite(signal):
             # One batch's outlier moves the average by a bounded factor; an unstable mode grows
             # the norm far slower than that per update, so its growth is read as it is.
-            signal = min(signal, self.spike_clip * detector.average)
+            signal = min(signal, self.spike_clip * average)
         if self.loss_fall is None:
             grew = detector.observe(signal)
         else:
             grew, loss_reference = self._observe_against_loss(
-                signal, loss_reference, self.loss_fall if forgiving else None
+                signal, reference, count, loss_reference, self.loss_fall if forgiving else None
             )
-        average = detector.average
+        average, _, count, detections = detector.read()
         if grew:
             level, quiet = min(level + self.backoff, self._highest), 0.0
             # A growth while the additive floor holds the momentum above the bound. With a
@@ -343,20 +344,27 @@ class AutoRule(TuningRule):
             quiet += 1
             # Each instability doubles the wait before the next probe (up to max_doublings
             # times): a run that sits at its stable edge re-probes it less and less often.
-            wait = self.patience * 2 ** min(detector.detections, self.max_doublings)
-            warm = not self.warmup or detector.count > self.warmup
+            wait = self.patience * 2 ** min(detections, self.max_doublings)
+            warm = not self.warmup or count > self.warmup
             lowest = self._lowest if warm else max(self._lowest, 0)
             if quiet >= wait and level > lowest:
                 level, quiet = level - 1, 0.0
         ladder[:] = (level, quiet, max(peak, average), released, binding, lowered, loss_reference)
 
     def _observe_against_loss(
-        self, signal: float, loss_reference: float, loss_fall: float | None
+        self,
+        signal: float,
+        reference: float,
+        observed: int,
+        loss_reference: float,
+        loss_fall: float | None,
     ) -> tuple[bool, float]:
         """Feed the detector; a growth during which the loss fell ``loss_fall`` is dismissed.
 
         Args:
             signal: the (spike-filtered) squared norm.
+            reference: the detector's reference before this norm.
+            observed: the detector's count before this norm.
             loss_reference: the loss average when the detector's reference was last set.
             loss_fall: the rule's ``loss_fall``; ``None`` before ``forgive_after`` (the loss
                 reference is kept, and every growth counts).
@@ -365,7 +373,6 @@ class AutoRule(TuningRule):
             Whether an instability grew, and the loss reference now.
         """
         detector = self.detector
-        reference, observed = detector.reference, detector.count
         grew = detector.observe(signal)
         loss = self._loss_average()
         if observed == 0 or detector.reference < reference:
@@ -389,8 +396,10 @@ class AutoRule(TuningRule):
 
     def _loss_average(self) -> float:
         """The loss watch's average now (0 without a watch or before the first loss)."""
-        watch = self.loss_watch
-        return watch.average if watch is not None and watch.count else 0.0
+        if self.loss_watch is None:
+            return 0.0
+        average, _, count, _ = self.loss_watch.read()
+        return average if count else 0.0
 
     def observe_loss(self, loss: float) -> None:
         """Take the training loss of the batch whose gradient is about to be applied.
