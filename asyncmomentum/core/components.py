@@ -270,7 +270,8 @@ class GradientNormFeed(StepComponent):
     For a rule with ``uses_gradient_norm`` (``rule="auto"``), before the update, every ``every``
     updates. The step's NaN check reads the norms on the way (:attr:`reads_norms`): the sums of
     the gradients hooked during backward and of large ones, and one sum of the small ones
-    flattened together, which costs what torch's fused check does. A gradient it did not read
+    flattened together (a copy of them: about 2.5x torch's fused check, which reads no norm,
+    on ResNet-18's small tensors). A gradient it did not read
     (a sparse one, coalesced; one whose check was suspect) counts with its first ``per_tensor``
     entries. It keeps no state of its own
     (the rule keeps what it makes of the norms).

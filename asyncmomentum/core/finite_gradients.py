@@ -266,8 +266,9 @@ def _all_finite(
         read: where given with ``parts``, set (at the same positions) for each dense gradient
             whose squared norm this check added to ``parts``.
         parts: where given, gets the squared norms of the dense gradients: the small ones
-            flattened into one tensor and summed (one kernel, as cheap as torch's fused check,
-            and a norm besides), the large ones one by one.
+            flattened into one tensor and summed (a copy and one kernel, where torch's fused
+            check takes one kernel and no norm: about 2.5x its time on ResNet-18's 43 small
+            tensors, 68 us against 28 us warm), the large ones one by one.
     """
     kinds = group_by_device_and_dtype(grads)
     for indices in kinds:

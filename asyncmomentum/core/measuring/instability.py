@@ -62,15 +62,15 @@ def sum_on_host(values: Iterable[Tensor]) -> float:
     if not values:
         return 0.0
     try:
-        # One stack, the usual case (one device; several dtypes are promoted to the widest,
-        # which sums them at least as precisely as by kind). Cheaper than asking each value.
+        # One stack, the usual case: cheaper than asking each value its device first. Several
+        # dtypes are promoted to the widest, which sums them at least as precisely as each alone.
         return float(torch.stack(values).sum())
-    except RuntimeError:  # several devices
+    except RuntimeError:  # several devices: one stack (and the same promotion) per device
         pass
-    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    by_device: dict[torch.device, list[Tensor]] = {}
     for value in values:
-        by_kind.setdefault((value.device, value.dtype), []).append(value)
-    return sum(float(torch.stack(same).sum()) for same in by_kind.values())
+        by_device.setdefault(value.device, []).append(value)
+    return sum(float(torch.stack(same).sum()) for same in by_device.values())
 
 
 class GrowthDetector:
