@@ -26,6 +26,7 @@ averaged inside the group); every ``H`` inner steps the group pushes the pseudo-
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import threading
@@ -78,6 +79,21 @@ _SYNC_DIST_ADVICE = r"It is recommended to use `self\.log\(.*sync_dist=True\)`"
 
 #: The checkpoint's key for what local SGD adds (the outer optimizer, with its tracker).
 LOCAL_SGD_KEY = "async_parameter_server/local_sgd"
+
+_exit_handler_registered = False
+
+
+def _destroy_process_groups() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _destroy_process_groups_at_exit() -> None:
+    """Have every process group destroyed at the process's exit (once, however many fits)."""
+    global _exit_handler_registered
+    if not _exit_handler_registered:
+        atexit.register(_destroy_process_groups)
+        _exit_handler_registered = True
 
 
 class AsyncParameterServerStrategy(DDPStrategy):
@@ -248,6 +264,18 @@ class AsyncParameterServerStrategy(DDPStrategy):
         self._listeners.append(listener)
 
     # -- set-up -------------------------------------------------------------------------------
+
+    @override
+    def setup_distributed(self) -> None:
+        """Set up as DDP does; the process groups are then destroyed when the process exits.
+
+        Lightning destroys them at exit for nccl only. A gloo group left to the interpreter's
+        own teardown can abort a process whose work is done ("terminate called without an
+        active exception", pytorch/pytorch#179291: gloo's threads still hold work whose tensors
+        need the interpreter), so they are destroyed while it is still whole.
+        """
+        super().setup_distributed()
+        _destroy_process_groups_at_exit()
 
     @override
     def configure_ddp(self) -> None:

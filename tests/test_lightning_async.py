@@ -34,6 +34,7 @@ from lightning_callbacks.async_strategy import AsyncParameterServerStrategy
 from lightning_callbacks.compute_groups import assign_groups
 
 ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "lightning_async_digits.py"
 PROCESSES = 4
 TARGET_ACCURACY = 0.8
 # Updates each run may apply: enough for every group count to pass the target with tuning.
@@ -460,10 +461,9 @@ def test_the_example_trains_under_lightnings_own_launcher(tmp_path: Path) -> Non
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
     env.update(OMP_NUM_THREADS="1")
     env.pop("MASTER_PORT", None)
-    example = ROOT / "examples" / "lightning_async_digits.py"
     args = ["--devices", "2", "--groups", "2", "--max-steps", "60", "--out", str(tmp_path)]
     done = subprocess.run(
-        [sys.executable, str(example), *args],
+        [sys.executable, str(EXAMPLE), *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -485,6 +485,36 @@ def test_the_example_trains_under_lightnings_own_launcher(tmp_path: Path) -> Non
     assert "\r" not in output
     warned = [ln for ln in done.stderr.splitlines() if "Warning" in ln]
     assert len(warned) == len(set(warned)), warned
+
+
+@pytest.mark.timeout(120)
+def test_the_process_groups_are_destroyed_before_the_interpreter_ends(tmp_path: Path) -> None:
+    # Lightning destroys them at exit for nccl only; gloo's left to the interpreter's teardown
+    # can abort a finished process (pytorch/pytorch#179291). An exit handler registered before
+    # fit runs after the strategy's (last in, first out) and sees what that left.
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import atexit, runpy, sys\n"
+        "import torch.distributed as dist\n"
+        "atexit.register(lambda: print(f'initialized at exit: {dist.is_initialized()}'))\n"
+        f"sys.argv = [{str(EXAMPLE)!r}, *sys.argv[1:]]\n"
+        f"runpy.run_path({str(EXAMPLE)!r}, run_name='__main__')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
+    env.update(OMP_NUM_THREADS="1")
+    env.pop("MASTER_PORT", None)
+    args = ["--devices", "1", "--max-steps", "5", "--out", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, str(probe), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "updates=5 " in done.stdout
+    assert "initialized at exit: False" in done.stdout, done.stdout[-2000:]
 
 
 # -- one process of the by-hand job (run as a script) -------------------------------------------
