@@ -455,22 +455,28 @@ def test_under_a_launcher_that_ends_every_process_the_last_checkpoint_resumes(
     assert result["server"]["updates"] == 400 - saved["global_step"]
 
 
-@pytest.mark.timeout(180)
-def test_the_example_trains_under_lightnings_own_launcher(tmp_path: Path) -> None:
-    # Lightning's default launcher re-runs the script for every other process, as for DDP.
+def _run_script(script: Path, args: list[str], tmp_path: Path, timeout: float) -> Any:
+    """Run ``script`` in ``tmp_path`` on loopback, one thread per process; its finished run."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
     env.update(OMP_NUM_THREADS="1")
     env.pop("MASTER_PORT", None)
-    args = ["--devices", "2", "--groups", "2", "--max-steps", "60", "--out", str(tmp_path)]
     done = subprocess.run(
-        [sys.executable, str(EXAMPLE), *args],
+        [sys.executable, str(script), *args, "--out", str(tmp_path)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.timeout(180)
+def test_the_example_trains_under_lightnings_own_launcher(tmp_path: Path) -> None:
+    # Lightning's default launcher re-runs the script for every other process, as for DDP.
+    args = ["--devices", "2", "--groups", "2", "--max-steps", "60"]
+    done = _run_script(EXAMPLE, args, tmp_path, timeout=150)
     (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("updates=")]
     fields = dict(item.split("=", 1) for item in line.replace("held-out acc", "acc").split())
     assert fields["updates"] == "60"
@@ -500,19 +506,7 @@ def test_the_process_groups_are_destroyed_before_the_interpreter_ends(tmp_path: 
         f"sys.argv = [{str(EXAMPLE)!r}, *sys.argv[1:]]\n"
         f"runpy.run_path({str(EXAMPLE)!r}, run_name='__main__')\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
-    env.update(OMP_NUM_THREADS="1")
-    env.pop("MASTER_PORT", None)
-    args = ["--devices", "1", "--max-steps", "5", "--out", str(tmp_path)]
-    done = subprocess.run(
-        [sys.executable, str(probe), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _run_script(probe, ["--devices", "1", "--max-steps", "5"], tmp_path, timeout=100)
     assert "updates=5 " in done.stdout
     assert "initialized at exit: False" in done.stdout, done.stdout[-2000:]
 
