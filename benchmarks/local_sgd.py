@@ -113,7 +113,8 @@ def _lm_model(seed: int) -> nn.Module:
 
 
 def _lm_heldout(model: nn.Module) -> float:
-    return float(charlm_loss(model, _lm_heldout_batch()))
+    with torch.no_grad():  # an evaluation: no graph to keep
+        return float(charlm_loss(model, _lm_heldout_batch()))
 
 
 def _classification_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -132,7 +133,8 @@ def _cnn_batches(seed: int) -> Iterator[tuple[Tensor, Tensor]]:
 
 def _cnn_heldout(model: nn.Module) -> float:
     split = load_digits_split()
-    return float(_classification_loss(model, (split.x_test, split.y_test)))
+    with torch.no_grad():  # an evaluation: no graph to keep
+        return float(_classification_loss(model, (split.x_test, split.y_test)))
 
 
 PROBLEMS: dict[str, LocalSGDProblem] = {
