@@ -80,8 +80,6 @@ _SYNC_DIST_ADVICE = r"It is recommended to use `self\.log\(.*sync_dist=True\)`"
 #: The checkpoint's key for what local SGD adds (the outer optimizer, with its tracker).
 LOCAL_SGD_KEY = "async_parameter_server/local_sgd"
 
-_exit_handler_registered = False
-
 
 def _destroy_process_groups() -> None:
     if dist.is_available() and dist.is_initialized():
@@ -90,10 +88,8 @@ def _destroy_process_groups() -> None:
 
 def _destroy_process_groups_at_exit() -> None:
     """Have every process group destroyed at the process's exit (once, however many fits)."""
-    global _exit_handler_registered
-    if not _exit_handler_registered:
-        atexit.register(_destroy_process_groups)
-        _exit_handler_registered = True
+    atexit.unregister(_destroy_process_groups)  # a registration of an earlier fit
+    atexit.register(_destroy_process_groups)
 
 
 class AsyncParameterServerStrategy(DDPStrategy):

@@ -455,7 +455,9 @@ def test_under_a_launcher_that_ends_every_process_the_last_checkpoint_resumes(
     assert result["server"]["updates"] == 400 - saved["global_step"]
 
 
-def _run_script(script: Path, args: list[str], tmp_path: Path, timeout: float) -> Any:
+def _run_script(
+    script: Path, args: list[str], tmp_path: Path, timeout: float
+) -> subprocess.CompletedProcess[str]:
     """Run ``script`` in ``tmp_path`` on loopback, one thread per process; its finished run."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
     env.update(OMP_NUM_THREADS="1")
